@@ -1,0 +1,263 @@
+"""`tuneforge` command line: the only module that imports every stage.
+
+  tuneforge train CONFIG.yaml [key.path=value ...]      prepare data (if needed), train, evaluate, save final/
+  tuneforge prepare CONFIG.yaml [key.path=value ...]    the data stage only
+  tuneforge validate CONFIG.yaml [key.path=value ...]   check a config without loading anything heavy
+  tuneforge generate RUN_DIR --prompt TEXT | --file prompts.jsonl
+  tuneforge reference                                    every config key with its default and meaning
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from tuneforge.config.load import ConfigError, load_config, write_resolved_config
+
+EXIT_CONFIG = 2
+EXIT_FAILED = 1
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def _load(args) -> object:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_config(args.config, args.overrides)
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+    return cfg
+
+
+# ---------------------------------------------------------------------------- validate / reference
+def cmd_validate(args) -> int:
+    cfg = _load(args)
+    kind = cfg.adapter.type
+    src = cfg.model.name_or_path or f"new {cfg.model.init.architecture}"
+    print(f"{args.config}: valid ({kind} fine-tuning of {src}, lr {cfg.train.lr:g}, run dir {cfg.output.dir})")
+    return 0
+
+
+def cmd_reference(args) -> int:
+    from pydantic import BaseModel
+
+    from tuneforge.config.schema import RunConfig
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            sub = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            if sub is not None:
+                print(f"\n{prefix}{name}:  {field.description or ''}")
+                walk(sub, f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            print(f"  {prefix}{name} = {default}\n      {field.description or ''}")
+
+    walk(RunConfig, "")
+    return 0
+
+
+# ---------------------------------------------------------------------------- prepare
+def cmd_prepare(args) -> int:
+    from tuneforge.data.prepare import prepare
+
+    cfg = _load(args)
+    run_dir = Path(cfg.output.dir)
+    write_resolved_config(cfg, run_dir)
+    data = prepare(cfg, run_dir, force=args.force)
+    if data.reused:
+        from tuneforge.data.prepare import summary
+
+        print(summary(data.report))
+    print(f"prepared data: {run_dir / 'data'} (load with datasets.load_from_disk('{run_dir / 'data' / 'train'}'))")
+    return 0
+
+
+# ---------------------------------------------------------------------------- train
+def _held_out_chats(dataset, n: int) -> tuple[list[list[dict]], list[str]]:
+    prompts, refs = [], []
+    for row in dataset.select_columns(["messages"]):
+        msgs = row["messages"]
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if last is None:
+            continue
+        prompts.append(msgs[:last])
+        refs.append(msgs[last]["content"])
+        if len(prompts) == n:
+            break
+    return prompts, refs
+
+
+def _task_eval(model, data, cfg) -> dict:
+    from tuneforge.eval.generation import generate
+    from tuneforge.eval.tasks import exact_match
+
+    prompts, refs = _held_out_chats(data.eval, cfg.eval.generate_rows)
+    if not prompts:
+        return {}
+    preds = generate(model, data.tokenizer, prompts, cfg.eval.max_new_tokens, data.report.get("stop_token_ids"),
+                     batch_size=cfg.eval.batch_size)
+    return {"exact_match": exact_match(preds, refs), "exact_match_normalized": exact_match(preds, refs, normalized=True)}
+
+
+def _print_comparison(before: dict, after: dict) -> None:
+    keys = [k for k in after if k in before and isinstance(after[k], float)]
+    if not keys:
+        return
+    print(f"\n{'metric':<24}{'before':>12}{'after':>12}{'delta':>12}")
+    for k in keys:
+        print(f"{k:<24}{before[k]:>12.4f}{after[k]:>12.4f}{after[k] - before[k]:>+12.4f}")
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from tuneforge.data.collate import PaddedCollator
+    from tuneforge.data.prepare import prepare
+    from tuneforge.eval.generation import generate
+    from tuneforge.eval.perplexity import evaluate_loss
+    from tuneforge.train.loop import Trainer
+
+    cfg = _load(args)
+    run_dir = Path(cfg.output.dir)
+    if (run_dir / "final").exists() and not cfg.output.overwrite:
+        _err(f"{run_dir}/final already exists; choose another output.dir or pass output.overwrite=true")
+        return EXIT_CONFIG
+    write_resolved_config(cfg, run_dir)
+    data = prepare(cfg, run_dir)
+
+    collate = PaddedCollator(data.tokenizer.pad_token_id)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def evaluate(model) -> dict:
+        out = evaluate_loss(model, data.eval, collate, cfg.eval.batch_size, device) if data.eval is not None else {}
+        return out
+
+    trainer = Trainer(cfg, run_dir, data, evaluate if data.eval is not None else None).setup()
+    try:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        before: dict = {}
+        if data.eval is not None and cfg.eval.at_start:
+            before = {**evaluate(model), **(_task_eval(model, data, cfg) if cfg.eval.generate_rows else {})}
+            trainer.monitor.write({"type": "eval", "step": 0, **before})
+            print("before training: " + "  ".join(f"{k}={v:.4g}" for k, v in before.items()))
+        summary = trainer.train()
+        after = {k: v for k, v in summary.items() if k.startswith("eval_")}
+        if data.eval is not None and cfg.eval.generate_rows:
+            after.update(_task_eval(model, data, cfg))
+            trainer.monitor.write({"type": "eval", "step": trainer.total_steps, **after})
+        final = trainer.save_final()
+    finally:
+        trainer.cleanup()
+
+    print(f"\ntrained {summary['steps']} steps in {summary['wall_s']:.1f}s "
+          f"({summary['tokens_per_s']:,.0f} tokens/s); loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
+    _print_comparison(before, after)
+    if cfg.eval.show_samples:
+        source = data.eval if data.eval is not None else data.train
+        prompts, refs = _held_out_chats(source, cfg.eval.show_samples)
+        preds = generate(model, data.tokenizer, prompts, cfg.eval.max_new_tokens, data.report.get("stop_token_ids"))
+        print("\nsample generations:")
+        for p, r, g in zip(prompts, refs, preds):
+            print(f"  prompt:    {p[-1]['content']!r}\n  expected:  {r!r}\n  generated: {g!r}")
+    (run_dir / "run_summary.json").write_text(json.dumps({"before": before, "after": after, **summary}, indent=2))
+    print(f"\nsaved {final} (try: tuneforge generate {run_dir} --prompt \"...\")")
+    return 0
+
+
+# ---------------------------------------------------------------------------- generate
+def cmd_generate(args) -> int:
+    from tuneforge.eval.generation import generate
+    from tuneforge.model.load import load_trained
+
+    if (args.prompt is None) == (args.file is None):
+        _err("give exactly one of --prompt TEXT or --file prompts.jsonl")
+        return EXIT_CONFIG
+    if args.prompt is not None:
+        chats = [[{"role": "user", "content": args.prompt}]]
+    else:
+        chats = []
+        for n, line in enumerate(Path(args.file).read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                chats.append(row["messages"] if "messages" in row else [{"role": "user", "content": row["prompt"]}])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                _err(f"{args.file}:{n}: expected a JSON object with \"prompt\" or \"messages\" ({type(e).__name__}: {e})")
+                return EXIT_CONFIG
+    if args.system:
+        chats = [[{"role": "system", "content": args.system}, *c] for c in chats]
+    model, tok, info = load_trained(args.run_dir)
+    outs = generate(model, tok, chats, args.max_new_tokens, info.get("stop_token_ids"), temperature=args.temperature,
+                    top_p=args.top_p)
+    if args.prompt is not None:
+        print(outs[0])
+    else:
+        for c, o in zip(chats, outs):
+            print(json.dumps({"prompt": c[-1]["content"], "completion": o}, ensure_ascii=False))
+    return 0
+
+
+# ---------------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune causal language models from one YAML file.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("config", help="YAML config file")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 data.max_seq_len=512")
+        return sp
+
+    with_config("train", "prepare data if needed, train, evaluate and save final/").set_defaults(func=cmd_train)
+    with_config("validate", "check a config (no model or data loaded)").set_defaults(func=cmd_validate)
+    sp = with_config("prepare", "run only the data stage into RUN_DIR/data")
+    sp.add_argument("--force", action="store_true", help="prepare again even if the cache is up to date")
+    sp.set_defaults(func=cmd_prepare)
+
+    g = sub.add_parser("generate", help="generate with a trained run (adapter or full weights)")
+    g.add_argument("run_dir", help="run directory (or its final/ directory)")
+    g.add_argument("--prompt", help="a user message")
+    g.add_argument("--file", help="JSONL with one {\"prompt\": ...} or {\"messages\": [...]} per line")
+    g.add_argument("--system", help="system message to put before each prompt")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.set_defaults(func=cmd_generate)
+
+    sub.add_parser("reference", help="print every config key, its default and meaning").set_defaults(func=cmd_reference)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        _err(str(e))
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except Exception as e:  # a clear one-line reason for the known failure kinds; tracebacks for the rest
+        from tuneforge.data.formats import DataFormatError
+        from tuneforge.data.templates import TemplateError
+        from tuneforge.data.tokenizer import TokenizerLoadError
+        from tuneforge.model.load import ModelLoadError
+
+        if isinstance(e, (DataFormatError, TemplateError, TokenizerLoadError, ModelLoadError)):
+            _err(str(e))
+            return EXIT_FAILED
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

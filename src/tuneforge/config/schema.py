@@ -1,0 +1,243 @@
+"""The typed run configuration: one YAML file, one `RunConfig`.
+
+Every field carries a description; `tuneforge reference` prints them, so this file is the reference.
+Unknown keys are errors (`extra="forbid"`). Rules that involve more than one field live at the
+bottom of this file, next to the models they check.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LORA_LR_RANGE = (1e-4, 2e-3)
+FULL_LR_RANGE = (1e-5, 5e-4)
+DEFAULT_LR = {"lora": 2e-4, "dora": 2e-4, "full": 2e-5}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------- model
+class TinyModelConfig(Section):
+    """A randomly initialised model built from sizes (quickstart and tests; no download)."""
+
+    architecture: Literal["llama", "qwen2", "mistral"] = Field(
+        "llama", description="Hugging Face architecture family of the tiny model."
+    )
+    hidden_size: int = Field(128, gt=0, description="Width of the residual stream.")
+    num_layers: int = Field(2, gt=0, description="Number of decoder layers.")
+    num_heads: int = Field(4, gt=0, description="Attention heads (hidden_size must divide by it).")
+    num_kv_heads: int | None = Field(None, gt=0, description="Key/value heads (GQA); default = num_heads.")
+    intermediate_size: int | None = Field(None, gt=0, description="MLP width; default 4 x hidden_size.")
+    max_position_embeddings: int = Field(2048, gt=0, description="Longest sequence the model accepts.")
+    tie_word_embeddings: bool = Field(True, description="Share input embeddings and LM head.")
+    tokenizer_vocab_size: int = Field(
+        1024, ge=300, description="Vocabulary size when tuneforge trains a byte-level BPE tokenizer on the data."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                "pick sizes such that hidden_size % num_heads == 0"
+            )
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={kv}")
+        return self
+
+
+class ModelConfig(Section):
+    name_or_path: str | None = Field(
+        None, description="Hugging Face hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or local model directory."
+    )
+    init: TinyModelConfig | None = Field(
+        None, description="Build a new, randomly initialised model of these sizes instead of loading one."
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer hub id or directory; default: name_or_path. With `init` and no tokenizer, "
+        "a byte-level BPE tokenizer is trained on the training data.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped in the checkpoint repository. Opt-in: it executes remote code."
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; auto = flash_attention_2 on CUDA when installed, else sdpa."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.name_or_path is None) == (self.init is None):
+            raise ValueError(
+                "set exactly one of model.name_or_path (a hub id or local directory to load) "
+                "or model.init (sizes of a new tiny model)"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------- data
+class SyntheticConfig(Section):
+    """A built-in, generated, verifiable instruction task (see tuneforge.data.synthetic)."""
+
+    task: Literal["reverse_words", "sort_words", "add"] = Field(
+        "reverse_words", description="Which generated task to produce."
+    )
+    rows: int = Field(2000, gt=0, description="Number of rows to generate.")
+    seed: int = Field(0, description="Generator seed; the same seed gives the same rows.")
+
+
+class DatasetSource(Section):
+    path: str | None = Field(
+        None,
+        description="A .json/.jsonl/.csv/.parquet file, a directory saved with datasets' save_to_disk, "
+        "or a directory of such files.",
+    )
+    synthetic: SyntheticConfig | None = Field(None, description="Generate a built-in task instead of reading a file.")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "completion"] = Field(
+        "auto",
+        description="Row layout: alpaca (instruction/input/output), messages (role/content list), "
+        "sharegpt (conversations of from/value), completion (raw text). auto detects it from the columns.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map tuneforge's field names to yours, e.g. {instruction: question, output: answer}. "
+        "Fields: instruction, input, output, system, messages, conversations, text.",
+    )
+    split: str = Field("train", description="Split to use when `path` is a DatasetDict directory.")
+    max_rows: int | None = Field(None, gt=0, description="Use at most this many rows (first N).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSource:
+        if (self.path is None) == (self.synthetic is None):
+            raise ValueError("set exactly one of `path` (a data file or directory) or `synthetic` (a built-in task)")
+        return self
+
+
+class DataConfig(Section):
+    train: list[DatasetSource] = Field(..., min_length=1, description="Training sources, concatenated in order.")
+    eval: DatasetSource | None = Field(None, description="Held-out evaluation source; else see eval_fraction.")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Fraction of training rows held out for evaluation when `eval` is not set."
+    )
+    chat_template: str = Field(
+        "auto",
+        description="auto = the tokenizer's own chat template, else the built-in alpaca template; "
+        "or a built-in name (alpaca, chatml), or a path to a .jinja file.",
+    )
+    train_on: Literal["assistant", "last", "all"] = Field(
+        "assistant",
+        description="Where loss is taken: every assistant turn (+ its end-of-turn token), only the last "
+        "assistant turn, or every token.",
+    )
+    max_seq_len: int = Field(1024, gt=8, description="Longest tokenized row, in tokens.")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="What to do with a row longer than max_seq_len: cut it at the end, or drop it."
+    )
+    num_proc: int = Field(1, ge=1, description="Worker processes for tokenization.")
+    seed: int = Field(42, description="Seed of the train/eval split.")
+
+
+# ---------------------------------------------------------------------------- adapter
+class AdapterConfig(Section):
+    type: Literal["lora", "dora", "full"] = Field(
+        "lora", description="lora / dora train a low-rank adapter with peft; full trains every weight."
+    )
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules to adapt: 'all-linear' or a list of module names (q_proj, v_proj, ...)."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    modules_to_save: list[str] | None = Field(
+        None, description="Extra modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens)."
+    )
+
+
+# ---------------------------------------------------------------------------- train
+class TrainConfig(Section):
+    lr: float | None = Field(None, gt=0, description="Peak learning rate; default 2e-4 for LoRA/DoRA, 2e-5 for full.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides epochs.")
+    micro_batch_size: int = Field(4, gt=0, description="Rows per forward/backward pass.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps of linear warmup.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; overrides warmup_ratio.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 where the device runs it natively (recent GPUs), fp16 on older GPUs, fp32 on CPU."
+    )
+    threads: int | None = Field(None, gt=0, description="CPU threads for torch; default: all cores.")
+    seed: int = Field(42, description="Seed of model init, adapter init, shuffling and dropout.")
+
+
+class EvalConfig(Section):
+    every_steps: int | None = Field(None, gt=0, description="Evaluate the loss every N optimizer steps (and at the end).")
+    at_start: bool = Field(True, description="Evaluate before the first step, for a before/after comparison.")
+    batch_size: int = Field(8, gt=0, description="Rows per eval forward pass.")
+    generate_rows: int = Field(
+        0, ge=0, description="Held-out rows scored by generation (exact match) before and after training."
+    )
+    max_new_tokens: int = Field(64, gt=0, description="Generation length limit for eval and samples.")
+    show_samples: int = Field(3, ge=0, description="Sample generations printed after training.")
+
+
+class LogConfig(Section):
+    every_steps: int = Field(10, gt=0, description="Write a metrics line (and refresh the bar) every N steps.")
+    progress: Literal["auto", "bar", "plain", "none"] = Field(
+        "auto", description="auto = a live bar on a terminal, plain lines otherwise (CI logs)."
+    )
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs/default", description="Run directory: config.yaml, data/, final/, metrics.jsonl.")
+    overwrite: bool = Field(False, description="Allow training into a run directory that already holds final/.")
+
+
+# ---------------------------------------------------------------------------- run
+class RunConfig(Section):
+    model: ModelConfig = Field(..., description="What to fine-tune.")
+    data: DataConfig = Field(..., description="What to train and evaluate on.")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="LoRA / DoRA / full fine-tuning.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation during and after training.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Metrics and progress.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where the run is written.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> RunConfig:
+        kind = "full" if self.adapter.type == "full" else "lora"
+        if self.train.lr is None:
+            self.train.lr = DEFAULT_LR[self.adapter.type]
+        lo, hi = LORA_LR_RANGE if kind == "lora" else FULL_LR_RANGE
+        if not lo <= self.train.lr <= hi:
+            warnings.warn(
+                f"train.lr={self.train.lr:g} is outside the usual range {lo:g}-{hi:g} for "
+                f"{self.adapter.type} fine-tuning",
+                UserWarning,
+                stacklevel=2,
+            )
+        if self.model.init is not None and self.model.init.max_position_embeddings < self.data.max_seq_len:
+            raise ValueError(
+                f"data.max_seq_len={self.data.max_seq_len} exceeds model.init.max_position_embeddings="
+                f"{self.model.init.max_position_embeddings}; lower data.max_seq_len or raise the model's limit"
+            )
+        if self.eval.generate_rows and self.data.eval is None and self.data.eval_fraction == 0:
+            raise ValueError(
+                f"eval.generate_rows={self.eval.generate_rows} needs held-out rows: set data.eval "
+                "or data.eval_fraction > 0"
+            )
+        if self.adapter.type == "full" and self.adapter.modules_to_save:
+            raise ValueError("adapter.modules_to_save only applies to lora/dora; full fine-tuning trains every module")
+        return self

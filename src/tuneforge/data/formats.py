@@ -1,0 +1,175 @@
+"""Read data files and bring every row to one shape: `messages` (a chat) or `text` (raw completion).
+
+Supported layouts (after `columns` renaming):
+- alpaca:     {instruction, input?, output, system?}
+- messages:   {messages: [{role, content}, ...]}              (OpenAI style)
+- sharegpt:   {conversations: [{from, value}, ...], system?}
+- completion: {text}
+
+Every normalised row has both columns: `messages` (empty for completion rows) and `text`
+(empty for chat rows), so sources of different layouts can be concatenated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from tuneforge.config.schema import DatasetSource
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+    "bard": "assistant", "model": "assistant", "system": "system", "function_call": "assistant",
+    "observation": "tool", "tool": "tool", "function": "tool",
+}
+CANONICAL_FEATURES = datasets.Features(
+    {
+        "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+        "text": datasets.Value("string"),
+    }
+)
+
+
+class DataFormatError(ValueError):
+    """A data file or row that tuneforge cannot use; the message names the file, row and fix."""
+
+
+def read_source(src: DatasetSource) -> tuple[datasets.Dataset, str]:
+    """Load one source as a `datasets.Dataset` (no normalisation yet). Returns (dataset, name)."""
+    if src.synthetic is not None:
+        from tuneforge.data.synthetic import generate
+
+        rows = generate(src.synthetic.task, src.synthetic.rows, src.synthetic.seed)
+        return datasets.Dataset.from_list(rows), f"synthetic:{src.synthetic.task}"
+    path = Path(src.path).expanduser()
+    if not path.exists():
+        raise DataFormatError(f"{path}: data file not found (data source `path`); check the path or run from the config's folder")
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if src.split not in ds:
+                raise DataFormatError(f"{path}: no split {src.split!r}; it has {sorted(ds)} (set `split:`)")
+            ds = ds[src.split]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.suffix in FILE_BUILDERS) if path.is_dir() else [path]
+        if not files:
+            raise DataFormatError(f"{path}: no .json/.jsonl/.csv/.parquet files in this directory")
+        kinds = {FILE_BUILDERS.get(p.suffix) for p in files}
+        if None in kinds or len(kinds) != 1:
+            raise DataFormatError(
+                f"{path}: unsupported or mixed file types {sorted(p.suffix for p in files)}; "
+                "use .json, .jsonl, .csv or .parquet (one kind per source)"
+            )
+        try:
+            ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+        except Exception as e:  # datasets wraps parser errors in many types
+            raise DataFormatError(f"{path}: could not be read: {type(e).__name__}: {e}") from None
+    if src.max_rows is not None and len(ds) > src.max_rows:
+        ds = ds.select(range(src.max_rows))
+    return ds, str(path)
+
+
+def detect_format(columns: list[str]) -> str:
+    cols = set(columns)
+    if "messages" in cols:
+        return "messages"
+    if "conversations" in cols:
+        return "sharegpt"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if "text" in cols:
+        return "completion"
+    raise DataFormatError(
+        f"cannot tell the data format from columns {sorted(cols)}; set `format:` "
+        "(alpaca, messages, sharegpt, completion) and map your columns with `columns:`"
+    )
+
+
+def _str(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _alpaca(row: dict) -> list[dict]:
+    user = _str(row.get("instruction")).strip()
+    extra = _str(row.get("input")).strip()
+    if extra:
+        user = f"{user}\n\n{extra}" if user else extra
+    msgs = [{"role": "system", "content": _str(row["system"])}] if _str(row.get("system")) else []
+    return [*msgs, {"role": "user", "content": user}, {"role": "assistant", "content": _str(row.get("output"))}]
+
+
+def _messages(row: dict) -> list[dict]:
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError("`messages` must be a non-empty list of {role, content}")
+    out = []
+    for m in msgs:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"each message needs `role` and `content`; got {m!r}")
+        out.append({"role": _str(m["role"]), "content": _str(m["content"])})
+    return out
+
+
+def _sharegpt(row: dict) -> list[dict]:
+    conv = row.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise ValueError("`conversations` must be a non-empty list of {from, value}")
+    out = [{"role": "system", "content": _str(row["system"])}] if _str(row.get("system")) else []
+    for m in conv:
+        who = _str(m.get("from")).lower() if isinstance(m, dict) else ""
+        if who not in SHAREGPT_ROLES:
+            raise ValueError(f"unknown speaker {who!r}; expected one of {sorted(SHAREGPT_ROLES)}")
+        out.append({"role": SHAREGPT_ROLES[who], "content": _str(m.get("value"))})
+    return out
+
+
+def _to_canonical(row: dict, fmt: str) -> dict:
+    if fmt == "completion":
+        text = row.get("text")
+        if not isinstance(text, str):
+            raise ValueError("`text` must be a string")
+        return {"messages": [], "text": text}
+    msgs = {"alpaca": _alpaca, "messages": _messages, "sharegpt": _sharegpt}[fmt](row)
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise ValueError("the row has no assistant turn, so nothing would be trained")
+    return {"messages": msgs, "text": ""}
+
+
+def normalize(ds: datasets.Dataset, src: DatasetSource, name: str, num_proc: int = 1) -> datasets.Dataset:
+    """Rename columns, detect the layout and convert every row to the canonical columns."""
+    rename = {theirs: ours for ours, theirs in src.columns.items() if theirs != ours}
+    missing = [theirs for theirs in rename if theirs not in ds.column_names]
+    if missing:
+        raise DataFormatError(
+            f"{name}: `columns` maps from {missing}, which the data does not have; it has {ds.column_names}"
+        )
+    ds = ds.rename_columns(rename) if rename else ds
+    fmt = src.format if src.format != "auto" else detect_format(ds.column_names)
+    required = {"alpaca": ["instruction", "output"], "messages": ["messages"], "sharegpt": ["conversations"], "completion": ["text"]}[fmt]
+    absent = [c for c in required if c not in ds.column_names]
+    if absent:
+        raise DataFormatError(
+            f"{name}: format {fmt!r} needs column(s) {absent}; the data has {ds.column_names}. "
+            f"Map yours with `columns: {{{absent[0]}: your_column}}`"
+        )
+
+    def convert(batch: dict, idx: list[int]) -> dict:
+        out: dict[str, list] = {"messages": [], "text": []}
+        keys = list(batch)
+        for j, i in enumerate(idx):
+            row = {k: batch[k][j] for k in keys}
+            try:
+                c = _to_canonical(row, fmt)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise DataFormatError(f"{name} row {i} ({fmt} format): {e}") from None
+            out["messages"].append(c["messages"])
+            out["text"].append(c["text"])
+        return out
+
+    return ds.map(
+        convert, batched=True, with_indices=True, remove_columns=ds.column_names,
+        features=CANONICAL_FEATURES, num_proc=num_proc if len(ds) > 1000 else None, desc=f"format {fmt}",
+    )

@@ -1,0 +1,27 @@
+"""Token-weighted eval loss and perplexity: exp(sum of token NLLs / trained tokens), not a mean of batch means."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tuneforge.data.collate import rows_at
+from tuneforge.train.loss import nll_sum, trained_tokens
+
+
+@torch.no_grad()
+def evaluate_loss(model, dataset, collate, batch_size: int, device) -> dict:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for b in range(0, len(dataset), batch_size):
+        batch = collate(rows_at(dataset, list(range(b, min(b + batch_size, len(dataset))))))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total += float(nll_sum(logits, batch["labels"]))
+        count += trained_tokens(batch["labels"])
+    if was_training:
+        model.train()
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}

@@ -1,0 +1,47 @@
+"""LoRA / DoRA (through peft) or full fine-tuning: wrap/freeze the model and report what trains."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedModel
+
+from tuneforge.config.schema import AdapterConfig
+
+
+def apply_adapter(model: PreTrainedModel, cfg: AdapterConfig, gradient_checkpointing: bool = False):
+    """Return the model ready to train: a peft model for lora/dora, or the model itself for full."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.type == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.type == "dora",
+        modules_to_save=cfg.modules_to_save,
+    )
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora)
+
+
+def trainable_report(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / max(total, 1)}
+
+
+def describe(report: dict) -> str:
+    return (
+        f"trainable parameters: {report['trainable_params']:,} of {report['total_params']:,} "
+        f"({report['trainable_pct']:.2f}%)"
+    )

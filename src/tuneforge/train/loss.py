@@ -1,0 +1,30 @@
+"""Token-normalised causal-LM loss over a whole optimizer step.
+
+The loss of a step is (sum of token NLLs over every micro-batch and rank) / (trained tokens in the
+step), not a mean of micro-batch means: a micro-batch with 3 trained tokens must not weigh as much as
+one with 300. Each micro-batch therefore backpropagates `nll_sum / step_tokens`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tuneforge.data.templates import IGNORE_INDEX
+
+
+def trained_tokens(labels: torch.Tensor) -> int:
+    """Positions that contribute to the loss: labels shifted by one, not -100."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum (not mean) of next-token negative log-likelihoods over trained positions, in fp32."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )

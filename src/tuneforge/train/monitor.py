@@ -1,0 +1,77 @@
+"""Metric sinks and progress: metrics.jsonl (always), a live bar on terminals, plain lines in CI logs."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class Monitor:
+    """Writes one JSON line per logged step to `<run>/metrics.jsonl` and shows progress."""
+
+    def __init__(self, run_dir: str | Path, total_steps: int, every: int, progress: str = "auto", enabled: bool = True):
+        self.enabled = enabled
+        self.every = every
+        self.total = total_steps
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.start = time.perf_counter()
+        mode = progress if progress != "auto" else ("bar" if sys.stderr.isatty() else "plain")
+        self.mode = mode if enabled else "none"
+        self._file = open(self.path, "a", encoding="utf-8") if enabled else None
+        self._bar = None
+        if self.mode == "bar":
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False,
+            )
+            self._task = self._bar.add_task("train", total=total_steps, status="")
+            self._bar.start()
+
+    def write(self, record: dict) -> None:
+        """Append a record (a step, an eval, an event) to metrics.jsonl."""
+        if self._file is None:
+            return
+        self._file.write(json.dumps({**record, "time_s": round(time.perf_counter() - self.start, 3)}) + "\n")
+        self._file.flush()
+
+    def step(self, step: int, metrics: dict) -> None:
+        """Record a finished optimizer step; logs every `every` steps and on the last one."""
+        if not self.enabled:
+            return
+        due = step % self.every == 0 or step == self.total
+        if due:
+            self.write({"type": "train", "step": step, **metrics})
+        status = f"loss {metrics['loss']:.4f}  {metrics.get('tokens_per_s', 0):,.0f} tok/s"
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, status=status)
+        elif self.mode == "plain" and due:
+            eta = (time.perf_counter() - self.start) / step * (self.total - step)
+            print(f"step {step}/{self.total}  {status}  eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def event(self, text: str) -> None:
+        if not self.enabled or self.mode == "none":
+            return
+        if self._bar is not None:
+            self._bar.console.print(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def summarize_metrics(record: dict) -> str:
+    return "  ".join(f"{k}={_fmt(v)}" for k, v in record.items())

@@ -221,7 +221,7 @@ class RunConfig(Section):
         if self.train.lr is None:
             self.train.lr = DEFAULT_LR[self.adapter.type]
         lo, hi = LORA_LR_RANGE if kind == "lora" else FULL_LR_RANGE
-        if not lo <= self.train.lr <= hi:
+        if self.model.init is None and not lo <= self.train.lr <= hi:  # a new model trains from scratch
             warnings.warn(
                 f"train.lr={self.train.lr:g} is outside the usual range {lo:g}-{hi:g} for "
                 f"{self.adapter.type} fine-tuning",

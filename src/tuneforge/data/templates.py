@@ -138,8 +138,9 @@ def tokenize_chat(
                 "the chat template emits no end-of-turn marker after assistant turns, so the model could not "
                 "learn where a turn ends; use data.chat_template: chatml or alpaca"
             )
-        ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id)
+        end = max(t for t, lab in enumerate(labels) if lab != IGNORE_INDEX) + 1 if train_on != "all" else len(ids)
+        ids.insert(end, tokenizer.eos_token_id)
+        labels.insert(end, tokenizer.eos_token_id)
     return ids, labels
 
 

@@ -1,0 +1,38 @@
+"""The training loop on a tiny model: accumulation equivalence, precision choice."""
+
+import pytest
+import torch
+
+from tuneforge.config.schema import RunConfig
+from tuneforge.data.prepare import prepare
+from tuneforge.model.load import ModelLoadError, choose_precision
+from tuneforge.train.loop import Trainer
+
+
+def run(cfg_dict, tmp_path, name, **train):
+    d = {**cfg_dict, "train": {**cfg_dict["train"], **train}, "output": {"dir": str(tmp_path / name)}}
+    d["data"] = {**d["data"], "eval_fraction": 0.0}
+    cfg = RunConfig.model_validate(d)
+    data = prepare(cfg, tmp_path / name, log=lambda s: None)
+    trainer = Trainer(cfg, tmp_path / name, data, log=lambda s: None).setup()
+    losses = [trainer._step(s)["loss"] for s in range(1, 3)]
+    params = {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
+    trainer.cleanup()
+    return losses, params
+
+
+def test_micro_batch_times_accumulation_gives_the_same_steps(tiny_config_dict, tmp_path):
+    torch.use_deterministic_algorithms(False)
+    big_losses, big = run(tiny_config_dict, tmp_path, "a", micro_batch_size=8, grad_accum=1)
+    acc_losses, acc = run(tiny_config_dict, tmp_path, "b", micro_batch_size=2, grad_accum=4)
+    assert big_losses == pytest.approx(acc_losses, rel=1e-5)
+    assert big_losses[1] < big_losses[0]
+    for name in big:
+        torch.testing.assert_close(acc[name], big[name], rtol=1e-4, atol=2e-6)
+
+
+def test_precision_is_chosen_per_device():
+    assert choose_precision("auto", "cpu") == "fp32"
+    assert choose_precision("fp32", "cpu") == "fp32"
+    with pytest.raises(ModelLoadError, match="fp16 needs a CUDA GPU"):
+        choose_precision("fp16", "cpu")

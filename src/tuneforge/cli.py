@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
     except Exception as e:  # a clear one-line reason for the known failure kinds; tracebacks for the rest
         from tuneforge.data.formats import DataFormatError
         from tuneforge.data.templates import TemplateError

@@ -140,3 +140,30 @@ def test_validate_entry_point_exits_nonzero_in_a_real_process(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_reference_documents_every_field(capsys):
+    assert main(["reference"]) == 0
+    out = capsys.readouterr().out
+    for section, model in RunConfig.model_fields.items():
+        assert f"\n{section}:" in out
+    assert "  train.lr = None\n      Peak learning rate; default 2e-4 for LoRA/DoRA, 2e-5 for full." in out
+    assert "  data.train.path = None" in out
+
+
+def test_every_config_field_has_a_description():
+    from pydantic import BaseModel
+
+    missing = []
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            if not field.description:
+                missing.append(prefix + name)
+            ann = field.annotation
+            for sub in (ann, *getattr(ann, "__args__", ())):
+                if isinstance(sub, type) and issubclass(sub, BaseModel):
+                    walk(sub, f"{prefix}{name}.")
+
+    walk(RunConfig, "")
+    assert missing == []

@@ -36,3 +36,11 @@ def test_precision_is_chosen_per_device():
     assert choose_precision("fp32", "cpu") == "fp32"
     with pytest.raises(ModelLoadError, match="fp16 needs a CUDA GPU"):
         choose_precision("fp16", "cpu")
+
+
+def test_gradient_checkpointing_changes_nothing_numerically(tiny_config_dict, tmp_path):
+    plain_losses, plain = run(tiny_config_dict, tmp_path, "plain", micro_batch_size=4)
+    ckpt_losses, ckpt = run(tiny_config_dict, tmp_path, "ckpt", micro_batch_size=4, gradient_checkpointing=True)
+    assert ckpt_losses == pytest.approx(plain_losses, rel=1e-6)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7)

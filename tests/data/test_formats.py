@@ -13,9 +13,9 @@ ALPACA = [
 ]
 
 
-def load(src: DatasetSource):
-    ds, name = read_source(src)
-    return normalize(ds, src, name)
+def load(src: DatasetSource, skip_invalid=False):
+    ds, name, _ = read_source(src, skip_invalid)
+    return normalize(ds, src, name, skip_invalid=skip_invalid)[0]
 
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
@@ -25,7 +25,7 @@ def test_alpaca_in_every_file_type(tmp_path, suffix):
     {".json": lambda: path.write_text(json.dumps(ALPACA)), ".jsonl": lambda: frame.to_json(str(path)),
      ".csv": lambda: frame.to_csv(str(path), index=False), ".parquet": lambda: frame.to_parquet(str(path))}[suffix]()
     ds = load(DatasetSource(path=str(path)))
-    assert ds.column_names == ["messages", "text"]
+    assert ds.column_names == ["messages", "text", "score"]
     assert ds[0]["messages"] == [{"role": "user", "content": "Add.\n\n1 + 2"}, {"role": "assistant", "content": "3"}]
     assert ds[1]["messages"][0] == {"role": "user", "content": "Greet."}
 
@@ -49,7 +49,7 @@ def test_messages_sharegpt_completion_and_column_mapping(tmp_path):
 
     (tmp_path / "t.jsonl").write_text('{"body": "raw text"}\n')
     ds = load(DatasetSource(path=str(tmp_path / "t.jsonl"), columns={"text": "body"}))
-    assert ds[0] == {"messages": [], "text": "raw text"}
+    assert ds[0] == {"messages": [], "text": "raw text", "score": None}
 
 
 def test_bad_row_error_names_file_and_row(tmp_path):

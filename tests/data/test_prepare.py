@@ -25,10 +25,10 @@ def test_prepare_writes_load_from_disk_dataset_and_report(tmp_path):
     assert {"input_ids", "labels"} <= set(train.column_names)
     report = json.loads((tmp_path / "run" / "data" / "data_report.json").read_text())
     assert report["chat_template"] == "alpaca" and report["stop_token_ids"] == [2]
-    assert report["train"]["rows"] + report["train"]["dropped_overlong_rows"] + report["train"]["dropped_untrained_rows"] == 30
+    assert report["train"]["rows"] + report["train"]["dropped_overlong_rows"] + report["train"]["dropped_short_or_untrained_rows"] == 30
     assert report["eval"]["rows_in"] == 10
     assert report["train"]["tokens"] == sum(len(x) for x in train["input_ids"])
-    assert report["train"]["trained_tokens"] == sum(sum(1 for v in lab if v != IGNORE_INDEX) for lab in train["labels"])
+    assert report["train"]["trained_tokens"] == sum(sum(1 for v in lab[1:] if v != IGNORE_INDEX) for lab in train["labels"])
     for ids, labels in zip(train["input_ids"], train["labels"]):
         assert len(ids) == len(labels) <= 256
         assert ids[0] == 1 and labels[0] == IGNORE_INDEX  # BOS is never trained
@@ -41,8 +41,8 @@ def test_overlong_drop_counts_rows(tmp_path):
     cfg = alpaca_cfg(tmp_path, overlong="drop", max_seq_len=128)
     report = prepare(cfg, tmp_path / "run", log=lambda s: None).report["train"]
     assert report["dropped_overlong_rows"] > 0 and report["truncated_rows"] == 0
-    assert report["rows"] == 30 - report["dropped_overlong_rows"] - report["dropped_untrained_rows"]
-    assert report["max_tokens"] <= 128
+    assert report["rows"] == 30 - report["dropped_overlong_rows"] - report["dropped_short_or_untrained_rows"]
+    assert report["length"]["max"] <= 128
 
 
 def test_cache_reused_and_rebuilt_when_an_input_changes(tmp_path):
@@ -53,7 +53,7 @@ def test_cache_reused_and_rebuilt_when_an_input_changes(tmp_path):
     assert any("reusing prepared data" in m for m in msgs)
     changed = alpaca_cfg(tmp_path, max_seq_len=300)
     assert prepare(changed, tmp_path / "run", log=msgs.append).reused is False
-    assert any("inputs changed" in m for m in msgs)
+    assert "data: preparing again, changed since the cached data: data config" in msgs
 
 
 def test_prepare_command(tmp_path, capsys, tiny_config_dict):

@@ -22,7 +22,7 @@ class Fixed(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask=None, **kwargs):
         return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 4) + self.w})()
 
 

@@ -120,6 +120,39 @@ class DatasetSource(Section):
         return self
 
 
+class QualityConfig(Section):
+    """Row filters applied before tokenization; each reports how many rows it removed, with examples."""
+
+    min_response_chars: int = Field(1, ge=0, description="Drop rows whose trained text (response) is shorter; 1 drops empty/whitespace-only responses.")
+    max_response_chars: int | None = Field(None, gt=0, description="Drop rows whose response is longer than this many characters.")
+    min_prompt_chars: int = Field(0, ge=0, description="Drop chat rows whose prompt (system + user turns) is shorter.")
+    max_repeated_line_frac: float | None = Field(
+        0.5, gt=0, le=1, description="Drop rows where more than this fraction of non-empty lines are repeats of earlier lines.")
+    max_repeated_ngram_frac: float | None = Field(
+        0.6, gt=0, le=1, description="Drop rows where more than this fraction of word 3-grams are repeats (degenerate loops).")
+    max_garbage_char_frac: float | None = Field(
+        0.2, gt=0, le=1, description="Drop rows where more than this fraction of characters are control/unprintable or U+FFFD.")
+    score_column: str | None = Field(None, description="A numeric column of your data to threshold on (e.g. quality_score).")
+    min_score: float | None = Field(None, description="Keep rows with score_column > min_score (rows without a score are dropped).")
+    min_tokens: int = Field(2, ge=1, description="Drop rows shorter than this many tokens after tokenization.")
+
+
+class DedupConfig(Section):
+    exact: bool = Field(True, description="Drop exact duplicates after normalising case, whitespace and punctuation.")
+    near: bool = Field(False, description="Drop near-duplicates found with MinHash LSH (datasketch).")
+    threshold: float = Field(0.8, gt=0, lt=1, description="Estimated Jaccard similarity at or above which rows are near-duplicates.")
+    shingle_words: int = Field(3, ge=1, description="Word n-gram size of the MinHash shingles.")
+    num_perm: int = Field(128, ge=16, description="MinHash permutations (more = more accurate, slower).")
+    fields: Literal["prompt", "response", "all"] = Field(
+        "all", description="What is compared: the prompt (system + user turns), the response, or both.")
+
+
+class DecontamConfig(Section):
+    against_eval: bool = Field(True, description="Drop training rows that share an n-gram with the eval split.")
+    files: list[str] = Field(default_factory=list, description="Benchmark files (json/jsonl/csv/parquet); every string field is used.")
+    ngram: int = Field(13, ge=3, description="Word n-gram length; texts shorter than this are compared whole.")
+
+
 class DataConfig(Section):
     train: list[DatasetSource] = Field(..., min_length=1, description="Training sources, concatenated in order.")
     eval: DatasetSource | None = Field(None, description="Held-out evaluation source; else see eval_fraction.")
@@ -141,6 +174,11 @@ class DataConfig(Section):
         "truncate", description="What to do with a row longer than max_seq_len: cut it at the end, or drop it."
     )
     num_proc: int = Field(1, ge=1, description="Worker processes for tokenization.")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="Quality filters.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")
+    decontaminate: DecontamConfig = Field(default_factory=DecontamConfig, description="Removal of training rows that overlap eval data or benchmarks.")
+    packing: bool = Field(False, description="Pack tokenized samples into rows of max_seq_len (best-fit decreasing); samples never attend to each other.")
+    skip_invalid: bool = Field(False, description="Skip malformed rows (counted, with reasons, in the report) instead of failing.")
     seed: int = Field(42, description="Seed of the train/eval split.")
 
 

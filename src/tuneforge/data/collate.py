@@ -33,10 +33,38 @@ class PaddedCollator:
             ids[i, :n] = torch.as_tensor(r["input_ids"])
             labels[i, :n] = torch.as_tensor(r["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "num_tokens": mask.sum()}
+
+
+@dataclass
+class PackedCollator:
+    """Right-pads packed rows; `position_ids` restart at 0 for every sample and for the padding tail.
+
+    No attention mask is returned: the model derives a block-diagonal causal mask from the
+    position_ids, so samples (and padding) never attend to each other.
+    Example: rows with position_ids [[0, 1, 0, 1, 2], [0, 1, 2]] give [[0, 1, 0, 1, 2], [0, 1, 2, 0, 1]].
+    """
+
+    pad_id: int
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        real = 0
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            real += n
+            ids[i, :n] = torch.as_tensor(r["input_ids"])
+            labels[i, :n] = torch.as_tensor(r["labels"])
+            pos[i, :n] = torch.as_tensor(r["position_ids"])
+            pos[i, n:] = torch.arange(width - n)
+        return {"input_ids": ids, "labels": labels, "position_ids": pos, "num_tokens": torch.tensor(real)}
 
 
 def rows_at(dataset, indices: list[int]) -> list[dict]:
     """Fetch rows `indices` of a `datasets.Dataset` in one Arrow read, as collator input."""
-    cols = dataset.select_columns(["input_ids", "labels"])[indices]
-    return [{"input_ids": i, "labels": lab} for i, lab in zip(cols["input_ids"], cols["labels"])]
+    names = [c for c in ("input_ids", "labels", "position_ids") if c in dataset.column_names]
+    cols = dataset.select_columns(names)[indices]
+    return [dict(zip(names, values)) for values in zip(*(cols[n] for n in names))]

@@ -12,6 +12,7 @@ Every normalised row has both columns: `messages` (empty for completion rows) an
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ CANONICAL_FEATURES = datasets.Features(
     {
         "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
         "text": datasets.Value("string"),
+        "score": datasets.Value("float64"),
+        "_invalid": datasets.Value("string"),
     }
 )
 
@@ -37,14 +40,57 @@ class DataFormatError(ValueError):
     """A data file or row that tuneforge cannot use; the message names the file, row and fix."""
 
 
-def read_source(src: DatasetSource) -> tuple[datasets.Dataset, str]:
-    """Load one source as a `datasets.Dataset` (no normalisation yet). Returns (dataset, name)."""
+def _scan_json_lines(path: Path) -> tuple[list[dict], list[str]]:
+    """Parse a JSONL file line by line: (rows, problems) where each problem names its line."""
+    rows, problems = [], []
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                problems.append(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start}); re-save the file as UTF-8")
+                continue
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(row, dict):
+                problems.append(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
+                continue
+            rows.append(row)
+    return rows, problems
+
+
+def _diagnose(path: Path, error: Exception) -> str:
+    """Say where a file that datasets could not parse goes wrong."""
+    if path.suffix == ".jsonl" or path.suffix == ".json":
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[: e.start].count(b"\n") + 1
+            return f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); re-save the file as UTF-8"
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as e:
+                return f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})"
+        else:
+            _, problems = _scan_json_lines(path)
+            if problems:
+                return problems[0] + " (or set data.skip_invalid: true to skip bad lines)"
+    return f"{path}: could not be read: {type(error).__name__}: {error}"
+
+
+def read_source(src: DatasetSource, skip_invalid: bool = False) -> tuple[datasets.Dataset, str, list[str]]:
+    """Load one source as a `datasets.Dataset` (no normalisation yet). Returns (dataset, name, skipped lines)."""
     if src.synthetic is not None:
         from tuneforge.data.synthetic import generate
 
         rows = generate(src.synthetic.task, src.synthetic.rows, src.synthetic.seed)
-        return datasets.Dataset.from_list(rows), f"synthetic:{src.synthetic.task}"
+        return datasets.Dataset.from_list(rows), f"synthetic:{src.synthetic.task}", []
     path = Path(src.path).expanduser()
+    skipped: list[str] = []
     if not path.exists():
         raise DataFormatError(f"{path}: data file not found (data source `path`); check the path or run from the config's folder")
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
@@ -63,13 +109,24 @@ def read_source(src: DatasetSource) -> tuple[datasets.Dataset, str]:
                 f"{path}: unsupported or mixed file types {sorted(p.suffix for p in files)}; "
                 "use .json, .jsonl, .csv or .parquet (one kind per source)"
             )
+        empty = [f for f in files if f.stat().st_size == 0 or not f.read_bytes()[:4096].strip()]
+        if empty:
+            raise DataFormatError(f"{empty[0]}: the file is empty; remove it from data.train or fill it")
         try:
             ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
         except Exception as e:  # datasets wraps parser errors in many types
-            raise DataFormatError(f"{path}: could not be read: {type(e).__name__}: {e}") from None
+            if not (skip_invalid and all(f.suffix == ".jsonl" for f in files)):
+                found = [d for d in (_diagnose(f, e) for f in files) if "could not be read" not in d]
+                raise DataFormatError(found[0] if found else _diagnose(files[0], e)) from None
+            rows = []
+            for f in files:
+                r, problems = _scan_json_lines(f)
+                rows.extend(r)
+                skipped.extend(problems)
+            ds = datasets.Dataset.from_list(rows)
     if src.max_rows is not None and len(ds) > src.max_rows:
         ds = ds.select(range(src.max_rows))
-    return ds, str(path)
+    return ds, str(path), skipped
 
 
 def detect_format(columns: list[str]) -> str:
@@ -138,8 +195,13 @@ def _to_canonical(row: dict, fmt: str) -> dict:
     return {"messages": msgs, "text": ""}
 
 
-def normalize(ds: datasets.Dataset, src: DatasetSource, name: str, num_proc: int = 1) -> datasets.Dataset:
-    """Rename columns, detect the layout and convert every row to the canonical columns."""
+def normalize(ds: datasets.Dataset, src: DatasetSource, name: str, num_proc: int = 1, score_column: str | None = None,
+              skip_invalid: bool = False) -> tuple[datasets.Dataset, dict]:
+    """Rename columns, detect the layout and convert every row to the canonical columns.
+
+    Returns (rows, invalid) where invalid = {"skipped": n, "reasons": {reason: count}, "examples": [...]}.
+    A malformed row raises DataFormatError naming the source and row, unless `skip_invalid`.
+    """
     rename = {theirs: ours for ours, theirs in src.columns.items() if theirs != ours}
     missing = [theirs for theirs in rename if theirs not in ds.column_names]
     if missing:
@@ -147,6 +209,8 @@ def normalize(ds: datasets.Dataset, src: DatasetSource, name: str, num_proc: int
             f"{name}: `columns` maps from {missing}, which the data does not have; it has {ds.column_names}"
         )
     ds = ds.rename_columns(rename) if rename else ds
+    if len(ds) == 0:
+        raise DataFormatError(f"{name}: the data source has no rows")
     fmt = src.format if src.format != "auto" else detect_format(ds.column_names)
     required = {"alpaca": ["instruction", "output"], "messages": ["messages"], "sharegpt": ["conversations"], "completion": ["text"]}[fmt]
     absent = [c for c in required if c not in ds.column_names]
@@ -157,19 +221,39 @@ def normalize(ds: datasets.Dataset, src: DatasetSource, name: str, num_proc: int
         )
 
     def convert(batch: dict, idx: list[int]) -> dict:
-        out: dict[str, list] = {"messages": [], "text": []}
+        out: dict[str, list] = {"messages": [], "text": [], "score": [], "_invalid": []}
         keys = list(batch)
         for j, i in enumerate(idx):
             row = {k: batch[k][j] for k in keys}
             try:
                 c = _to_canonical(row, fmt)
+                reason = ""
             except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise DataFormatError(f"{name} row {i} ({fmt} format): {e}") from None
+                if not skip_invalid:
+                    raise DataFormatError(f"{name} row {i} ({fmt} format): {e} (or set data.skip_invalid: true to skip such rows)") from None
+                c, reason = {"messages": [], "text": ""}, str(e).split(";")[0]
             out["messages"].append(c["messages"])
             out["text"].append(c["text"])
+            out["_invalid"].append(reason)
+            value = row.get(score_column) if score_column else None
+            try:
+                out["score"].append(float(value) if value is not None else None)
+            except (TypeError, ValueError):
+                out["score"].append(None)
         return out
 
-    return ds.map(
+    conv = ds.map(
         convert, batched=True, with_indices=True, remove_columns=ds.column_names,
-        features=CANONICAL_FEATURES, num_proc=num_proc if len(ds) > 1000 else None, desc=f"format {fmt}",
+        features=CANONICAL_FEATURES, num_proc=num_proc if len(ds) > 1000 and num_proc > 1 else None, desc=f"format {fmt}",
     )
+    invalid = {"skipped": 0, "reasons": {}, "examples": []}
+    bad = [i for i, r in enumerate(conv["_invalid"]) if r]
+    for i in bad:
+        reason = conv[i]["_invalid"]
+        invalid["reasons"][reason] = invalid["reasons"].get(reason, 0) + 1
+        if len(invalid["examples"]) < 3:
+            invalid["examples"].append(f"{name} row {i}: {reason}")
+    invalid["skipped"] = len(bad)
+    if bad:
+        conv = conv.filter(lambda b: [not r for r in b["_invalid"]], batched=True, desc="skip invalid")
+    return conv.remove_columns("_invalid"), invalid

@@ -20,7 +20,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tuneforge import __version__
 from tuneforge.config.schema import RunConfig
+from tuneforge.data.dedup import decontaminate, deduplicate
 from tuneforge.data.formats import normalize, read_source
+from tuneforge.data.packing import pack_dataset
+from tuneforge.data.quality import apply_quality_filters
 from tuneforge.data.templates import IGNORE_INDEX, end_of_turn_ids, resolve_template, tokenize_chat, tokenize_text
 from tuneforge.data.tokenizer import build_tokenizer
 
@@ -48,40 +51,79 @@ def _hash_path(h: hashlib._Hash, path: Path) -> None:
                 h.update(chunk)
 
 
-def fingerprint(cfg: RunConfig) -> str:
-    """Hash of everything that changes the prepared data: data config, sources' bytes, tokenizer, version."""
+def _digest(parts) -> str:
     h = hashlib.sha256()
-    tok_cfg = {
-        "tokenizer": cfg.model.tokenizer or cfg.model.name_or_path,
-        "revision": cfg.model.revision,
-        "trained_vocab": cfg.model.init.tokenizer_vocab_size if cfg.model.init and not cfg.model.tokenizer else None,
-    }
-    h.update(json.dumps({"data": cfg.data.model_dump(mode="json"), "tok": tok_cfg, "v": __version__}, sort_keys=True).encode())
-    sources = [*cfg.data.train, *([cfg.data.eval] if cfg.data.eval else [])]
-    for src in sources:
-        if src.path and Path(src.path).exists():
-            _hash_path(h, Path(src.path))
-    for p in (tok_cfg["tokenizer"], cfg.data.chat_template):
-        if p and Path(p).exists():
-            _hash_path(h, Path(p))
+    for p in parts:
+        if isinstance(p, Path):
+            _hash_path(h, p)
+        else:
+            h.update(json.dumps(p, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
+def fingerprint_parts(cfg: RunConfig) -> dict[str, str]:
+    """A hash per input that changes the prepared data, so a rebuild can say which one changed."""
+    tok_source = cfg.model.tokenizer or cfg.model.name_or_path
+    parts = {
+        "data config": _digest([cfg.data.model_dump(mode="json")]),
+        "tokenizer": _digest([tok_source, cfg.model.revision,
+                              cfg.model.init.tokenizer_vocab_size if cfg.model.init and not cfg.model.tokenizer else None,
+                              *([Path(tok_source)] if tok_source and Path(tok_source).exists() else [])]),
+        "tuneforge version": __version__,
+    }
+    if cfg.data.chat_template not in ("auto", "alpaca", "chatml") and Path(cfg.data.chat_template).exists():
+        parts["chat template file"] = _digest([Path(cfg.data.chat_template)])
+    sources = [*cfg.data.train, *([cfg.data.eval] if cfg.data.eval else [])]
+    files = [*(s.path for s in sources if s.path), *cfg.data.decontaminate.files]
+    for f in files:
+        parts[f"file {f}"] = _digest([Path(f)]) if Path(f).exists() else "missing"
+    return parts
+
+
+def fingerprint(cfg: RunConfig) -> str:
+    """Hash of everything that changes the prepared data: data config, sources' bytes, tokenizer, version."""
+    return _digest([fingerprint_parts(cfg)])
+
+
+def _what_changed(old: dict, new: dict) -> str:
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return ", ".join(changed) if changed else "unknown"
+
+
 # ---------------------------------------------------------------------------- stages
-def _load_all(cfg: RunConfig) -> tuple[datasets.Dataset, datasets.Dataset | None, list[dict]]:
-    parts, per_source = [], []
-    for src in cfg.data.train:
-        raw, name = read_source(src)
-        parts.append(normalize(raw, src, name, cfg.data.num_proc))
-        per_source.append({"source": name, "rows": len(raw)})
+def _load_all(cfg: RunConfig, log) -> tuple[datasets.Dataset, datasets.Dataset | None, dict]:
+    """Read and normalise every source, then filter, deduplicate, split and decontaminate."""
+    d = cfg.data
+    parts, sources, invalid = [], [], {"skipped": 0, "reasons": {}, "examples": []}
+
+    def read(src):
+        raw, name, bad_lines = read_source(src, d.skip_invalid)
+        rows, bad_rows = normalize(raw, src, name, d.num_proc, d.quality.score_column, d.skip_invalid)
+        invalid["skipped"] += len(bad_lines) + bad_rows["skipped"]
+        for reason, n in bad_rows["reasons"].items():
+            invalid["reasons"][reason] = invalid["reasons"].get(reason, 0) + n
+        if bad_lines:
+            invalid["reasons"]["unreadable line"] = invalid["reasons"].get("unreadable line", 0) + len(bad_lines)
+        invalid["examples"] = (invalid["examples"] + bad_lines + bad_rows["examples"])[:5]
+        sources.append({"source": name, "rows_read": len(raw) + len(bad_lines), "rows_valid": len(rows)})
+        return rows
+
+    for src in d.train:
+        parts.append(read(src))
     train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    if cfg.data.eval is not None:
-        raw, name = read_source(cfg.data.eval)
-        return train, normalize(raw, cfg.data.eval, name, cfg.data.num_proc), per_source
-    if cfg.data.eval_fraction > 0:
-        split = train.train_test_split(test_size=cfg.data.eval_fraction, seed=cfg.data.seed)
-        return split["train"], split["test"], per_source
-    return train, None, per_source
+    report: dict = {"sources": sources, "invalid": invalid, "rows_read": len(train)}
+    train, report["quality"] = apply_quality_filters(train, d.quality, d.num_proc if d.num_proc > 1 else None)
+    train, report["dedup"] = deduplicate(train, d.dedup)
+    eval_ = None
+    if d.eval is not None:
+        eval_ = read(d.eval)
+    elif d.eval_fraction > 0 and len(train) > 1:
+        split = train.train_test_split(test_size=d.eval_fraction, seed=d.seed)
+        train, eval_ = split["train"], split["test"]
+    train, report["decontamination"] = decontaminate(train, eval_, d.decontaminate)
+    if len(train) == 0:
+        raise ValueError(f"data: no training rows left after filtering: {json.dumps(report, default=str)[:2000]}")
+    return train, eval_, report
 
 
 def _corpus(ds: datasets.Dataset):
@@ -91,6 +133,7 @@ def _corpus(ds: datasets.Dataset):
 
 def _tokenize(ds: datasets.Dataset, tok: PreTrainedTokenizerBase, template: str, cfg: RunConfig, split: str) -> tuple[datasets.Dataset, dict]:
     max_len, overlong, train_on = cfg.data.max_seq_len, cfg.data.overlong, cfg.data.train_on
+    min_tokens = cfg.data.quality.min_tokens
 
     def encode(batch: dict) -> dict:
         out: dict[str, list] = {"input_ids": [], "labels": [], "num_tokens": [], "num_trained": [], "truncated": [], "keep": []}
@@ -99,13 +142,13 @@ def _tokenize(ds: datasets.Dataset, tok: PreTrainedTokenizerBase, template: str,
             truncated = len(ids) > max_len
             if truncated and overlong == "truncate":
                 ids, labels = ids[:max_len], labels[:max_len]
-            trained = sum(1 for x in labels if x != IGNORE_INDEX)
+            trained = sum(1 for x in labels[1:] if x != IGNORE_INDEX)  # position 0 is never a target
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["num_tokens"].append(len(ids))
             out["num_trained"].append(trained)
             out["truncated"].append(truncated)
-            out["keep"].append(not (truncated and overlong == "drop") and trained > 0)
+            out["keep"].append(not (truncated and overlong == "drop") and trained > 0 and len(ids) >= min_tokens)
         return out
 
     n_proc = cfg.data.num_proc if len(ds) >= 1000 else None
@@ -113,6 +156,7 @@ def _tokenize(ds: datasets.Dataset, tok: PreTrainedTokenizerBase, template: str,
     truncated = sum(enc["truncated"])
     kept = enc.filter(lambda b: b["keep"], batched=True, desc=f"drop {split}").remove_columns(["keep", "truncated"])
     dropped_overlong = truncated if overlong == "drop" else 0
+    lengths = sorted(kept["num_tokens"])
     report = {
         "rows_in": len(ds),
         "rows": len(kept),
@@ -120,32 +164,39 @@ def _tokenize(ds: datasets.Dataset, tok: PreTrainedTokenizerBase, template: str,
         "trained_tokens": int(sum(kept["num_trained"])),
         "truncated_rows": truncated if overlong == "truncate" else 0,
         "dropped_overlong_rows": dropped_overlong,
-        "dropped_untrained_rows": len(ds) - len(kept) - dropped_overlong,
-        "max_tokens": int(max(kept["num_tokens"], default=0)),
+        "dropped_short_or_untrained_rows": len(ds) - len(kept) - dropped_overlong,
+        "length": {"min": lengths[0] if lengths else 0, "median": lengths[len(lengths) // 2] if lengths else 0,
+                   "p95": lengths[int(0.95 * (len(lengths) - 1))] if lengths else 0, "max": lengths[-1] if lengths else 0},
     }
+    report["trained_fraction"] = report["trained_tokens"] / max(report["tokens"], 1)
     return kept, report
 
 
 def prepare(cfg: RunConfig, run_dir: str | Path, force: bool = False, log=print) -> PreparedData:
     """Run the data stage into `<run_dir>/data`, or reuse it when its fingerprint matches."""
     out = data_dir(run_dir)
-    fp = fingerprint(cfg)
-    fp_file = out / "fingerprint"
+    parts = fingerprint_parts(cfg)
+    fp = _digest([parts])
+    fp_file, parts_file = out / "fingerprint", out / "fingerprint.json"
     if not force and fp_file.exists() and fp_file.read_text().strip() == fp:
-        log(f"data: reusing prepared data in {out} (fingerprint {fp} unchanged)")
+        log(f"data: reusing prepared data in {out} (fingerprint {fp}: inputs unchanged)")
         return load_prepared(run_dir, reused=True)
     if fp_file.exists():
-        log(f"data: inputs changed (fingerprint {fp_file.read_text().strip()} -> {fp}); preparing again")
+        old = json.loads(parts_file.read_text()) if parts_file.exists() else {}
+        log(f"data: preparing again, changed since the cached data: {_what_changed(old, parts)}")
 
-    train, eval_, per_source = _load_all(cfg)
+    train, eval_, report = _load_all(cfg, log)
     tok = build_tokenizer(cfg.model, _corpus(train))
     template, template_name = resolve_template(tok, cfg.data.chat_template)
     if template_name != "tokenizer":
         tok.chat_template = template  # saved with the tokenizer, so generation uses the training template
     train_tok, train_rep = _tokenize(train, tok, template, cfg, "train")
     if len(train_tok) == 0:
-        raise ValueError("data: no training rows left after tokenization (all dropped); see data_report.json")
+        raise ValueError("data: no training rows left after tokenization (all too long, too short or with nothing to "
+                         "train); raise data.max_seq_len or check data.train_on")
     eval_tok, eval_rep = _tokenize(eval_, tok, template, cfg, "eval") if eval_ is not None else (None, None)
+    if cfg.data.packing:
+        train_tok, train_rep["packing"] = pack_dataset(train_tok, cfg.data.max_seq_len)
 
     tmp = out.with_name("data.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -160,11 +211,12 @@ def prepare(cfg: RunConfig, run_dir: str | Path, force: bool = False, log=print)
         "train_on": cfg.data.train_on,
         "max_seq_len": cfg.data.max_seq_len,
         "stop_token_ids": end_of_turn_ids(tok, template),
-        "sources": per_source,
+        **report,
         "train": train_rep,
         "eval": eval_rep,
     }
     (tmp / "data_report.json").write_text(json.dumps(report, indent=2))
+    (tmp / "fingerprint.json").write_text(json.dumps(parts, indent=2))
     (tmp / "fingerprint").write_text(fp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -185,12 +237,24 @@ def load_prepared(run_dir: str | Path, reused: bool = True) -> PreparedData:
 
 def summary(report: dict) -> str:
     lines = [f"data: template={report['chat_template']} train_on={report['train_on']} max_seq_len={report['max_seq_len']}"]
+    if "rows_read" in report:
+        inv, q, dd, dc = report["invalid"], report["quality"], report["dedup"], report["decontamination"]
+        lines.append(f"  read {report['rows_read'] + inv['skipped']} rows; skipped invalid: {inv['skipped']} {inv['reasons'] or ''}")
+        lines.append("  quality filters removed: " + (", ".join(f"{k} {v['removed']}" for k, v in q.items()) or "none"))
+        lines.append(f"  duplicates removed: exact {dd['exact_removed']}, near {dd['near_removed']}; "
+                     f"contaminated rows removed: {dc['removed']}")
     for split in ("train", "eval"):
         r = report.get(split)
         if r:
+            ln = r["length"]
             lines.append(
-                f"  {split}: {r['rows']} rows ({r['rows_in']} in), {r['tokens']} tokens, {r['trained_tokens']} trained, "
-                f"{r['truncated_rows']} truncated, {r['dropped_overlong_rows']} dropped as too long, "
-                f"{r['dropped_untrained_rows']} dropped with nothing to train"
+                f"  {split}: {r['rows']} rows ({r['rows_in']} in), {r['tokens']} tokens, {r['trained_tokens']} trained "
+                f"({100 * r['trained_fraction']:.0f}%), {r['truncated_rows']} truncated, {r['dropped_overlong_rows']} dropped "
+                f"as too long, {r['dropped_short_or_untrained_rows']} dropped as too short or with nothing to train; "
+                f"length min/median/p95/max {ln['min']}/{ln['median']}/{ln['p95']}/{ln['max']}"
             )
+            if "packing" in r:
+                pk = r["packing"]
+                lines.append(f"  packing: {pk['samples']} samples -> {pk['rows']} rows; efficiency {100 * pk['efficiency']:.1f}% "
+                             f"(unpacked, padded to max_seq_len: {100 * pk['efficiency_unpacked']:.1f}%)")
     return "\n".join(lines)

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import re
-import string
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation, collapse whitespace: 'The  answer: 42.' -> 'the answer 42'."""
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return re.sub(r"\s+", " ", text).strip()
+from tuneforge.data.dedup import normalize_text as normalize_answer
 
 
 def exact_match(predictions: list[str], references: list[str], normalized: bool = False) -> float:

@@ -20,12 +20,12 @@ from accelerate import Accelerator
 
 from tuneforge import __version__
 from tuneforge.config.schema import RunConfig
-from tuneforge.data.collate import PaddedCollator, rows_at
+from tuneforge.data.collate import PackedCollator, PaddedCollator, rows_at
 from tuneforge.data.prepare import PreparedData
 from tuneforge.model.adapters import apply_adapter, describe, trainable_report
 from tuneforge.model.load import DTYPES, choose_attention, choose_precision, load_model
 from tuneforge.train.batches import BatchOrder
-from tuneforge.train.loss import nll_sum, trained_tokens
+from tuneforge.train.loss import forward_logits, nll_sum, trained_tokens
 from tuneforge.train.monitor import Monitor
 from tuneforge.train.optim import build_optimizer, build_scheduler
 
@@ -70,7 +70,8 @@ class Trainer:
                                 self.accelerator.num_processes, self.accelerator.process_index)
         self.total_steps = cfg.train.max_steps or max(
             1, math.ceil(cfg.train.epochs * self.order.batches_per_epoch / cfg.train.grad_accum))
-        self.collate = PaddedCollator(self.data.tokenizer.pad_token_id)
+        packed = "position_ids" in self.data.train.column_names
+        self.collate = (PackedCollator if packed else PaddedCollator)(self.data.tokenizer.pad_token_id)
 
         # ---- optimizer and schedule
         optimizer = build_optimizer(model, cfg.train)
@@ -88,11 +89,12 @@ class Trainer:
         step_tokens = torch.tensor(float(sum(trained_tokens(b["labels"]) for b in micro)), device=acc.device)
         step_tokens = float(acc.reduce(step_tokens, "sum")) if acc.num_processes > 1 else float(step_tokens)
         total_nll = 0.0
+        real_tokens = sum(int(b.pop("num_tokens")) for b in micro)
         for i, batch in enumerate(micro):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = i == len(micro) - 1 or acc.num_processes == 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = forward_logits(self.model, batch)
                 nll = nll_sum(logits, batch["labels"])
                 # DDP averages gradients over ranks; multiply back so the result is sum / step_tokens
                 acc.backward(nll * acc.num_processes / max(step_tokens, 1.0))
@@ -106,7 +108,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if acc.num_processes > 1:
             total_nll = float(acc.reduce(torch.tensor(total_nll, device=acc.device), "sum"))
-        real_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
         return {"loss": total_nll / max(step_tokens, 1.0), "lr": lr, "grad_norm": grad_norm,
                 "trained_tokens": int(step_tokens), "tokens": real_tokens * acc.num_processes}
 

@@ -28,3 +28,11 @@ def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
+
+
+def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a padded batch (attention_mask) or a packed one (position_ids restarting per sample)."""
+    if "position_ids" in batch:
+        # no attention mask and no cache: transformers builds the block-diagonal mask from position_ids
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits

@@ -1,0 +1,90 @@
+"""Quality filters on normalised rows, run batched; each rule counts the rows it removes, with examples.
+
+A row is charged to the first rule it fails, in the order of `RULES`, so the counts add up to the
+number of rows removed.
+"""
+
+from __future__ import annotations
+
+import re
+
+import datasets
+
+from tuneforge.config.schema import QualityConfig
+
+RULES = ("min_score", "min_response_chars", "max_response_chars", "min_prompt_chars",
+         "max_garbage_char_frac", "max_repeated_line_frac", "max_repeated_ngram_frac")
+GARBAGE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]")
+EXAMPLES_PER_RULE = 3
+
+
+def prompt_and_response(messages: list[dict], text: str) -> tuple[str, str]:
+    """(prompt, response) of a normalised row: non-assistant turns vs assistant turns; completion = response."""
+    if not messages:
+        return "", text
+    prompt = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
+    response = "\n".join(m["content"] for m in messages if m["role"] == "assistant")
+    return prompt, response
+
+
+def repeated_line_frac(text: str) -> float:
+    lines = [s.strip() for s in text.splitlines() if s.strip()]
+    return (len(lines) - len(set(lines))) / len(lines) if len(lines) >= 3 else 0.0
+
+
+def repeated_ngram_frac(text: str, n: int = 3) -> float:
+    words = text.split()
+    grams = list(zip(*(words[i:] for i in range(n))))
+    return (len(grams) - len(set(grams))) / len(grams) if len(grams) >= 10 else 0.0
+
+
+def garbage_frac(text: str) -> float:
+    return len(GARBAGE.findall(text)) / len(text) if text else 0.0
+
+
+def failed_rule(prompt: str, response: str, score: float | None, q: QualityConfig) -> str:
+    """The first rule the row fails, or '' when it passes every filter."""
+    if q.score_column is not None and q.min_score is not None and (score is None or not score > q.min_score):
+        return "min_score"
+    r = response.strip()
+    if len(r) < q.min_response_chars:
+        return "min_response_chars"
+    if q.max_response_chars is not None and len(r) > q.max_response_chars:
+        return "max_response_chars"
+    if prompt and len(prompt.strip()) < q.min_prompt_chars:
+        return "min_prompt_chars"
+    whole = f"{prompt}\n{response}"
+    if q.max_garbage_char_frac is not None and garbage_frac(whole) > q.max_garbage_char_frac:
+        return "max_garbage_char_frac"
+    if q.max_repeated_line_frac is not None and repeated_line_frac(response) > q.max_repeated_line_frac:
+        return "max_repeated_line_frac"
+    if q.max_repeated_ngram_frac is not None and repeated_ngram_frac(response) > q.max_repeated_ngram_frac:
+        return "max_repeated_ngram_frac"
+    return ""
+
+
+def apply_quality_filters(ds: datasets.Dataset, q: QualityConfig, num_proc: int | None = None) -> tuple[datasets.Dataset, dict]:
+    """Drop rows failing any rule. Returns (kept rows, {rule: {removed, examples}})."""
+
+    def judge(batch: dict) -> dict:
+        scores = batch.get("score") or [None] * len(batch["text"])
+        reasons = []
+        for msgs, text, score in zip(batch["messages"], batch["text"], scores):
+            prompt, response = prompt_and_response(msgs, text)
+            reasons.append(failed_rule(prompt, response, score, q))
+        return {"_drop": reasons}
+
+    judged = ds.map(judge, batched=True, batch_size=1000, num_proc=num_proc, desc="quality filters")
+    reasons = judged["_drop"]
+    report: dict = {}
+    for i, reason in enumerate(reasons):
+        if not reason:
+            continue
+        entry = report.setdefault(reason, {"removed": 0, "examples": []})
+        entry["removed"] += 1
+        if len(entry["examples"]) < EXAMPLES_PER_RULE:
+            _, response = prompt_and_response(ds[i]["messages"], ds[i]["text"])
+            entry["examples"].append({"row": i, "response": response[:120]})
+    keep = [i for i, r in enumerate(reasons) if not r]
+    kept = ds.select(keep) if len(keep) < len(ds) else ds
+    return kept, report

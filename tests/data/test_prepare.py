@@ -67,3 +67,84 @@ def test_prepare_command(tmp_path, capsys, tiny_config_dict):
     ds = datasets.load_from_disk(tiny_config_dict["output"]["dir"] + "/data/train")
     assert len(ds) == 56
     assert (tmp_path / "run" / "config.yaml").exists()
+
+
+def write_cfg(tmp_path, train_path, **data):
+    return RunConfig.model_validate({
+        "model": {"name_or_path": str(shared_path("tokenizers/qwen2.5"))},
+        "data": {"train": [{"path": str(train_path)}], "max_seq_len": 128, **data},
+        "output": {"dir": str(tmp_path / "run")},
+    })
+
+
+GOOD = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
+
+
+def test_malformed_json_line_names_the_line_or_is_skipped_and_counted(tmp_path):
+    import pytest
+
+    from tuneforge.data.formats import DataFormatError
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(f"{GOOD}\n{{\"messages\": [oops\n{GOOD}\n")
+    with pytest.raises(DataFormatError, match=r"chat.jsonl:2: invalid JSON .*skip_invalid"):
+        prepare(write_cfg(tmp_path, path), tmp_path / "run", log=lambda s: None)
+    report = prepare(write_cfg(tmp_path, path, skip_invalid=True), tmp_path / "run", log=lambda s: None).report
+    assert report["invalid"]["skipped"] == 1 and report["invalid"]["reasons"] == {"unreadable line": 1}
+    assert "chat.jsonl:2: invalid JSON" in report["invalid"]["examples"][0]
+    assert report["train"]["rows"] == 1  # the second good row is an exact duplicate of the first
+
+
+def test_non_utf8_empty_file_bad_role_and_no_assistant(tmp_path):
+    import pytest
+
+    from tuneforge.data.formats import DataFormatError
+
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(GOOD.encode() + b"\n" + '{"text": "caf\xe9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(DataFormatError, match=r"latin.jsonl:2: not UTF-8 text .*re-save the file as UTF-8"):
+        prepare(write_cfg(tmp_path, latin), tmp_path / "run", log=lambda s: None)
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    with pytest.raises(DataFormatError, match="empty.json: the file is empty"):
+        prepare(write_cfg(tmp_path, empty), tmp_path / "run", log=lambda s: None)
+    roles = tmp_path / "roles.jsonl"
+    roles.write_text(GOOD + "\n" + GOOD.replace('"user"', '"narrator"') + "\n"
+                     + '{"messages": [{"role": "user", "content": "only a question"}]}\n')
+    with pytest.raises(DataFormatError, match=r"roles.jsonl row 1 \(messages format\): unknown role 'narrator'"):
+        prepare(write_cfg(tmp_path, roles), tmp_path / "run", log=lambda s: None)
+    report = prepare(write_cfg(tmp_path, roles, skip_invalid=True), tmp_path / "run", log=lambda s: None).report
+    assert report["invalid"]["skipped"] == 2
+    assert set(report["invalid"]["reasons"]) == {"unknown role 'narrator'", "the row has no assistant turn, so nothing would be trained"}
+
+
+def test_nothing_left_after_filtering_is_a_clear_error(tmp_path):
+    import pytest
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(GOOD.replace('"hello"', '""') + "\n")
+    with pytest.raises(ValueError, match="no training rows left after filtering"):
+        prepare(write_cfg(tmp_path, path), tmp_path / "run", log=lambda s: None)
+
+
+def test_cache_rebuilds_on_file_tokenizer_and_template_changes(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(GOOD + "\n")
+    msgs = []
+    log = msgs.append
+    cfg = write_cfg(tmp_path, path)
+    prepare(cfg, tmp_path / "run", log=log)
+    assert prepare(cfg, tmp_path / "run", log=log).reused
+    path.write_text(GOOD.replace("hello", "hello there") + "\n")
+    assert not prepare(cfg, tmp_path / "run", log=log).reused
+    assert msgs[-2] == f"data: preparing again, changed since the cached data: file {path}"
+    other_tok = cfg.model_copy(update={"model": cfg.model.model_copy(update={"tokenizer": str(shared_path("tokenizers/llama3"))})})
+    assert not prepare(other_tok, tmp_path / "run", log=log).reused
+    assert msgs[-2] == "data: preparing again, changed since the cached data: tokenizer"
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
+    tcfg = write_cfg(tmp_path, path, chat_template=str(template))
+    prepare(tcfg, tmp_path / "run", log=log)
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|im_end|>{% endfor %}")
+    assert not prepare(tcfg, tmp_path / "run", log=log).reused
+    assert msgs[-2] == "data: preparing again, changed since the cached data: chat template file"

@@ -44,3 +44,11 @@ def test_gradient_checkpointing_changes_nothing_numerically(tiny_config_dict, tm
     assert ckpt_losses == pytest.approx(plain_losses, rel=1e-6)
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_packed_training_step_equals_unpacked(tiny_config_dict, tmp_path):
+    # one micro-batch holding the whole data set, so both runs see exactly the same samples
+    unpacked, _ = run(tiny_config_dict, tmp_path, "unpacked", micro_batch_size=64)
+    packed_cfg = {**tiny_config_dict, "data": {**tiny_config_dict["data"], "packing": True}}
+    packed, _ = run(packed_cfg, tmp_path, "packed", micro_batch_size=64)
+    assert packed == pytest.approx(unpacked, rel=1e-5)

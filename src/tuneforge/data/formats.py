@@ -12,6 +12,7 @@ Every normalised row has both columns: `messages` (empty for completion rows) an
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ SHAREGPT_ROLES = {
     "bard": "assistant", "model": "assistant", "system": "system", "function_call": "assistant",
     "observation": "tool", "tool": "tool", "function": "tool",
 }
+CHAT_ROLES = {"system", "user", "assistant", "tool"}
 CANONICAL_FEATURES = datasets.Features(
     {
         "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
@@ -62,6 +64,22 @@ def _scan_json_lines(path: Path) -> tuple[list[dict], list[str]]:
     return rows, problems
 
 
+def _utf8_problem(path: Path) -> str | None:
+    """The first place a text file is not valid UTF-8, as 'file:line: ...', or None."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = lines = 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                line = lines + chunk[: max(e.start, 0)].count(b"\n") + 1
+                return f"{path}:{line}: not UTF-8 text ({e.reason} at byte {offset + max(e.start, 0)}); re-save the file as UTF-8"
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
+    return None
+
+
 def _diagnose(path: Path, error: Exception) -> str:
     """Say where a file that datasets could not parse goes wrong."""
     if path.suffix == ".jsonl" or path.suffix == ".json":
@@ -80,6 +98,38 @@ def _diagnose(path: Path, error: Exception) -> str:
             if problems:
                 return problems[0] + " (or set data.skip_invalid: true to skip bad lines)"
     return f"{path}: could not be read: {type(error).__name__}: {error}"
+
+
+def _head(path: Path, n: int = 4096) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(n)
+
+
+def _read_files(files: list[Path], builder: str, skip_invalid: bool) -> tuple[datasets.Dataset, list[str]]:
+    """Load data files with `datasets`; name the file and line of the first problem, or (JSONL with
+    skip_invalid) read line by line and return the problems skipped."""
+    empty = [f for f in files if not _head(f).strip()]
+    if empty:
+        raise DataFormatError(f"{empty[0]}: the file is empty; remove it from data.train or fill it")
+    lenient = skip_invalid and all(f.suffix == ".jsonl" for f in files)
+    problem = next((m for m in (_utf8_problem(f) for f in files if f.suffix != ".parquet") if m), None)
+    if problem and not lenient:
+        raise DataFormatError(problem)
+    if not problem:
+        try:
+            return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train"), []
+        except Exception as e:  # datasets wraps parser errors in many types
+            if not lenient:
+                found = [d for d in (_diagnose(f, e) for f in files) if "could not be read" not in d]
+                raise DataFormatError(found[0] if found else _diagnose(files[0], e)) from None
+    rows, skipped = [], []
+    for f in files:
+        r, problems = _scan_json_lines(f)
+        rows.extend(r)
+        skipped.extend(problems)
+    if not rows:
+        raise DataFormatError(f"{files[0]}: no readable rows ({len(skipped)} skipped: {skipped[:1]})")
+    return datasets.Dataset.from_list(rows), skipped
 
 
 def read_source(src: DatasetSource, skip_invalid: bool = False) -> tuple[datasets.Dataset, str, list[str]]:
@@ -109,21 +159,7 @@ def read_source(src: DatasetSource, skip_invalid: bool = False) -> tuple[dataset
                 f"{path}: unsupported or mixed file types {sorted(p.suffix for p in files)}; "
                 "use .json, .jsonl, .csv or .parquet (one kind per source)"
             )
-        empty = [f for f in files if f.stat().st_size == 0 or not f.read_bytes()[:4096].strip()]
-        if empty:
-            raise DataFormatError(f"{empty[0]}: the file is empty; remove it from data.train or fill it")
-        try:
-            ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
-        except Exception as e:  # datasets wraps parser errors in many types
-            if not (skip_invalid and all(f.suffix == ".jsonl" for f in files)):
-                found = [d for d in (_diagnose(f, e) for f in files) if "could not be read" not in d]
-                raise DataFormatError(found[0] if found else _diagnose(files[0], e)) from None
-            rows = []
-            for f in files:
-                r, problems = _scan_json_lines(f)
-                rows.extend(r)
-                skipped.extend(problems)
-            ds = datasets.Dataset.from_list(rows)
+        ds, skipped = _read_files(files, kinds.pop(), skip_invalid)
     if src.max_rows is not None and len(ds) > src.max_rows:
         ds = ds.select(range(src.max_rows))
     return ds, str(path), skipped
@@ -166,6 +202,8 @@ def _messages(row: dict) -> list[dict]:
     for m in msgs:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"each message needs `role` and `content`; got {m!r}")
+        if m["role"] not in CHAT_ROLES:
+            raise ValueError(f"unknown role {m['role']!r}; expected one of {sorted(CHAT_ROLES)}")
         out.append({"role": _str(m["role"]), "content": _str(m["content"])})
     return out
 

@@ -19,8 +19,10 @@ def trained_tokens(labels: torch.Tensor) -> int:
 
 
 def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum (not mean) of next-token negative log-likelihoods over trained positions, in fp32."""
-    shift_logits = logits[:, :-1, :].float()
+    """Sum (not mean) of next-token negative log-likelihoods over trained positions, in fp32 or better."""
+    shift_logits = logits[:, :-1, :]
+    if shift_logits.dtype in (torch.float16, torch.bfloat16):
+        shift_logits = shift_logits.float()
     shift_labels = labels[:, 1:].to(shift_logits.device)
     return F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),

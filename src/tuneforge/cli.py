@@ -3,6 +3,7 @@
   tuneforge train CONFIG.yaml [key.path=value ...]      prepare data (if needed), train, evaluate, save final/
   tuneforge prepare CONFIG.yaml [key.path=value ...]    the data stage only
   tuneforge validate CONFIG.yaml [key.path=value ...]   check a config without loading anything heavy
+  tuneforge data preview CONFIG.yaml [--rows N]          prepared rows with the trained tokens marked
   tuneforge generate RUN_DIR --prompt TEXT | --file prompts.jsonl
   tuneforge reference                                    every config key with its default and meaning
 """
@@ -77,6 +78,25 @@ def cmd_prepare(args) -> int:
 
         print(summary(data.report))
     print(f"prepared data: {run_dir / 'data'} (load with datasets.load_from_disk('{run_dir / 'data' / 'train'}'))")
+    return 0
+
+
+def cmd_data_preview(args) -> int:
+    from tuneforge.data.prepare import prepare
+    from tuneforge.data.preview import render_row
+
+    cfg = _load(args)
+    run_dir = Path(cfg.output.dir)
+    write_resolved_config(cfg, run_dir)
+    data = prepare(cfg, run_dir, log=lambda s: print(s, file=sys.stderr))
+    color = sys.stdout.isatty() if args.color == "auto" else args.color == "always"
+    legend = "trained tokens in green" if color else "trained tokens between [[ and ]]"
+    print(f"{min(args.rows, len(data.train))} of {len(data.train)} training rows ({legend}):")
+    rows = data.train.select(range(min(args.rows, len(data.train))))
+    for k, row in enumerate(rows):
+        trained = sum(1 for x in row["labels"][1:] if x != -100)
+        print(f"\n--- row {k}: {len(row['input_ids'])} tokens, {trained} trained ---")
+        print(render_row(data.tokenizer, row["input_ids"], row["labels"], color))
     return 0
 
 
@@ -222,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config("prepare", "run only the data stage into RUN_DIR/data")
     sp.add_argument("--force", action="store_true", help="prepare again even if the cache is up to date")
     sp.set_defaults(func=cmd_prepare)
+
+    data_cmd = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    pv = data_cmd.add_parser("preview", help="show prepared rows with the trained tokens marked")
+    pv.add_argument("config", help="YAML config file")
+    pv.add_argument("overrides", nargs="*", help="dotted overrides")
+    pv.add_argument("--rows", type=int, default=3, help="rows to show")
+    pv.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    pv.set_defaults(func=cmd_data_preview)
 
     g = sub.add_parser("generate", help="generate with a trained run (adapter or full weights)")
     g.add_argument("run_dir", help="run directory (or its final/ directory)")

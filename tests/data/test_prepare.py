@@ -67,6 +67,8 @@ def test_prepare_command(tmp_path, capsys, tiny_config_dict):
     ds = datasets.load_from_disk(tiny_config_dict["output"]["dir"] + "/data/train")
     assert len(ds) == 56
     assert (tmp_path / "run" / "config.yaml").exists()
+    png = (tmp_path / "run" / "data" / "lengths.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
 def write_cfg(tmp_path, train_path, **data):
@@ -148,3 +150,36 @@ def test_cache_rebuilds_on_file_tokenizer_and_template_changes(tmp_path):
     template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|im_end|>{% endfor %}")
     assert not prepare(tcfg, tmp_path / "run", log=log).reused
     assert msgs[-2] == "data: preparing again, changed since the cached data: chat template file"
+
+
+def test_mixing_samples_per_source_down_and_up(tmp_path, tiny_config_dict):
+    d = dict(tiny_config_dict)
+    d["data"] = {"train": [{"synthetic": {"task": "reverse_words", "rows": 40, "seed": 0}, "samples": 10},
+                           {"synthetic": {"task": "add", "rows": 20, "seed": 0}, "samples": 50}],
+                 "max_seq_len": 64, "dedup": {"exact": False}}
+    cfg = RunConfig.model_validate(d)
+    data = prepare(cfg, tmp_path / "run", log=lambda s: None)
+    assert data.report["mixing"] == [10, 50]
+    assert [s["rows_trained"] for s in data.report["sources"]] == [10, 50]
+    assert len(data.train) == 60
+    source_ids = data.train["source_id"]
+    assert source_ids.count(0) == 10 and source_ids.count(1) == 50
+    adds = [m[0]["content"] for m, s in zip(data.train["messages"], source_ids) if s == 1]
+    assert len(set(adds)) == 20  # 50 = 2 full repeats of the 20 rows + a sample of 10
+
+
+def test_data_preview_marks_exactly_the_trained_tokens(tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(GOOD + "\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"name_or_path": str(shared_path("tokenizers/qwen2.5"))},
+                                   "data": {"train": [{"path": str(path)}], "max_seq_len": 128},
+                                   "output": {"dir": str(tmp_path / "run")}}))
+    assert main(["data", "preview", str(cfg), "--rows", "5", "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 1 training rows (trained tokens between [[ and ]]):" in out
+    assert "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n[[hello<|im_end|>]]\n" in out
+    assert main(["data", "preview", str(cfg), "--color", "always"]) == 0
+    assert "\x1b[1;32mhello<|im_end|>\x1b[0m" in capsys.readouterr().out

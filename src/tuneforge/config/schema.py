@@ -111,7 +111,12 @@ class DatasetSource(Section):
         "Fields: instruction, input, output, system, messages, conversations, text.",
     )
     split: str = Field("train", description="Split to use when `path` is a DatasetDict directory.")
-    max_rows: int | None = Field(None, gt=0, description="Use at most this many rows (first N).")
+    max_rows: int | None = Field(None, gt=0, description="Read at most this many rows (first N).")
+    samples: int | None = Field(
+        None, gt=0,
+        description="Mixing: train on exactly this many rows of this source after filtering and deduplication: "
+        "a seeded sample when fewer than available, whole repeats plus a sample when more (upsampling).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSource:

@@ -1,9 +1,11 @@
-"""STAGE: load -> normalise -> split -> tokenize (+labels) -> truncate/drop -> save + report.
+"""STAGE: read -> normalise -> quality filters -> dedup -> split -> decontaminate -> mix -> tokenize (+labels)
+-> truncate/drop -> pack -> save + report.
 
 Writes `<run>/data/`:
   train/, eval/        `datasets` on disk (load_from_disk): input_ids, labels, messages, text, num_tokens, num_trained
   tokenizer/           the tokenizer used (with its chat template); later stages load it from here
-  data_report.json     rows, tokens, trained tokens, truncated and dropped rows, per source
+  data_report.json     rows read, dropped per reason, duplicates, contamination, lengths, packing
+  lengths.png          histogram of tokenized sample lengths
   fingerprint          hash of every input; an identical fingerprint means the cache is reused
 """
 
@@ -16,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tuneforge import __version__
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.dedup import decontaminate, deduplicate
+from tuneforge.data.histogram import write_length_histogram
 from tuneforge.data.formats import normalize, read_source
 from tuneforge.data.packing import pack_dataset
 from tuneforge.data.quality import apply_quality_filters
@@ -96,9 +100,10 @@ def _load_all(cfg: RunConfig, log) -> tuple[datasets.Dataset, datasets.Dataset |
     d = cfg.data
     parts, sources, invalid = [], [], {"skipped": 0, "reasons": {}, "examples": []}
 
-    def read(src):
+    def read(src, source_id: int):
         raw, name, bad_lines = read_source(src, d.skip_invalid)
         rows, bad_rows = normalize(raw, src, name, d.num_proc, d.quality.score_column, d.skip_invalid)
+        rows = rows.add_column("source_id", [source_id] * len(rows))
         invalid["skipped"] += len(bad_lines) + bad_rows["skipped"]
         for reason, n in bad_rows["reasons"].items():
             invalid["reasons"][reason] = invalid["reasons"].get(reason, 0) + n
@@ -108,22 +113,43 @@ def _load_all(cfg: RunConfig, log) -> tuple[datasets.Dataset, datasets.Dataset |
         sources.append({"source": name, "rows_read": len(raw) + len(bad_lines), "rows_valid": len(rows)})
         return rows
 
-    for src in d.train:
-        parts.append(read(src))
+    for k, src in enumerate(d.train):
+        parts.append(read(src, k))
     train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     report: dict = {"sources": sources, "invalid": invalid, "rows_read": len(train)}
     train, report["quality"] = apply_quality_filters(train, d.quality, d.num_proc if d.num_proc > 1 else None)
     train, report["dedup"] = deduplicate(train, d.dedup)
     eval_ = None
     if d.eval is not None:
-        eval_ = read(d.eval)
+        eval_ = read(d.eval, -1)
     elif d.eval_fraction > 0 and len(train) > 1:
         split = train.train_test_split(test_size=d.eval_fraction, seed=d.seed)
         train, eval_ = split["train"], split["test"]
     train, report["decontamination"] = decontaminate(train, eval_, d.decontaminate)
+    train, report["mixing"] = mix_sources(train, [s.samples for s in d.train], d.seed)
+    for k, n in enumerate(report["mixing"]):
+        sources[k]["rows_trained"] = n
     if len(train) == 0:
         raise ValueError(f"data: no training rows left after filtering: {json.dumps(report, default=str)[:2000]}")
     return train, eval_, report
+
+
+def mix_sources(ds: datasets.Dataset, samples: list[int | None], seed: int) -> tuple[datasets.Dataset, list[int]]:
+    """Per source, keep all rows or exactly `samples` of them (seeded sample, repeats when upsampling)."""
+    rng = np.random.default_rng(seed)
+    by_source = np.asarray(ds["source_id"])
+    keep: list[int] = []
+    counts = []
+    for k, n in enumerate(samples):
+        rows = np.flatnonzero(by_source == k)
+        if n is not None and len(rows):
+            repeats, rest = divmod(n, len(rows))
+            rows = np.concatenate([np.tile(rows, repeats), rng.choice(rows, size=rest, replace=False)])
+        keep.extend(rows.tolist())
+        counts.append(len(rows))
+    if all(n is None for n in samples):
+        return ds, counts
+    return ds.select(sorted(keep)), counts
 
 
 def _corpus(ds: datasets.Dataset):
@@ -195,6 +221,7 @@ def prepare(cfg: RunConfig, run_dir: str | Path, force: bool = False, log=print)
         raise ValueError("data: no training rows left after tokenization (all too long, too short or with nothing to "
                          "train); raise data.max_seq_len or check data.train_on")
     eval_tok, eval_rep = _tokenize(eval_, tok, template, cfg, "eval") if eval_ is not None else (None, None)
+    lengths = list(train_tok["num_tokens"])
     if cfg.data.packing:
         train_tok, train_rep["packing"] = pack_dataset(train_tok, cfg.data.max_seq_len)
 
@@ -205,6 +232,7 @@ def prepare(cfg: RunConfig, run_dir: str | Path, force: bool = False, log=print)
     if eval_tok is not None:
         eval_tok.save_to_disk(str(tmp / "eval"))
     tok.save_pretrained(str(tmp / "tokenizer"))
+    write_length_histogram(lengths, cfg.data.max_seq_len, tmp / "lengths.png", f"training samples ({len(lengths)})")
     report = {
         "fingerprint": fp,
         "chat_template": template_name,
@@ -240,6 +268,8 @@ def summary(report: dict) -> str:
     if "rows_read" in report:
         inv, q, dd, dc = report["invalid"], report["quality"], report["dedup"], report["decontamination"]
         lines.append(f"  read {report['rows_read'] + inv['skipped']} rows; skipped invalid: {inv['skipped']} {inv['reasons'] or ''}")
+        lines.append("  sources: " + "; ".join(f"{x['source']} {x['rows_read']} read -> {x.get('rows_trained', '?')} trained"
+                                              for x in report["sources"] if "rows_trained" in x))
         lines.append("  quality filters removed: " + (", ".join(f"{k} {v['removed']}" for k, v in q.items()) or "none"))
         lines.append(f"  duplicates removed: exact {dd['exact_removed']}, near {dd['near_removed']}; "
                      f"contaminated rows removed: {dc['removed']}")

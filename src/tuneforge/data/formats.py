@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,11 @@ CANONICAL_FEATURES = datasets.Features(
 
 class DataFormatError(ValueError):
     """A data file or row that tuneforge cannot use; the message names the file, row and fix."""
+
+
+def column(ds: datasets.Dataset, name: str) -> list:
+    """A column as a plain Python list, in one Arrow read (iterating ds[name] reads row by row)."""
+    return ds.select_columns([name])[:][name]
 
 
 def _scan_json_lines(path: Path) -> tuple[list[dict], list[str]]:
@@ -283,15 +289,17 @@ def normalize(ds: datasets.Dataset, src: DatasetSource, name: str, num_proc: int
     conv = ds.map(
         convert, batched=True, with_indices=True, remove_columns=ds.column_names,
         features=CANONICAL_FEATURES, num_proc=num_proc if len(ds) > 1000 and num_proc > 1 else None, desc=f"format {fmt}",
+        new_fingerprint=uuid.uuid4().hex,  # tuneforge caches the stage itself; skip hashing the closure
     )
     invalid = {"skipped": 0, "reasons": {}, "examples": []}
-    bad = [i for i, r in enumerate(conv["_invalid"]) if r]
+    reasons = column(conv, "_invalid")
+    bad = [i for i, r in enumerate(reasons) if r]
     for i in bad:
-        reason = conv[i]["_invalid"]
+        reason = reasons[i]
         invalid["reasons"][reason] = invalid["reasons"].get(reason, 0) + 1
         if len(invalid["examples"]) < 3:
             invalid["examples"].append(f"{name} row {i}: {reason}")
     invalid["skipped"] = len(bad)
     if bad:
-        conv = conv.filter(lambda b: [not r for r in b["_invalid"]], batched=True, desc="skip invalid")
+        conv = conv.select([i for i, r in enumerate(reasons) if not r])
     return conv.remove_columns("_invalid"), invalid

@@ -37,7 +37,8 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def pack_dataset(ds: datasets.Dataset, capacity: int) -> tuple[datasets.Dataset, dict]:
     """Pack a tokenized dataset (input_ids, labels) into rows with position_ids and seq_lens."""
-    ids_col, labels_col = ds["input_ids"], ds["labels"]
+    cols = ds.select_columns(["input_ids", "labels"])[:]  # plain lists: one Arrow read, not one per row
+    ids_col, labels_col = cols["input_ids"], cols["labels"]
     lengths = [len(x) for x in ids_col]
     bins = best_fit_decreasing(lengths, capacity)
     rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": [], "num_tokens": [], "num_trained": []}

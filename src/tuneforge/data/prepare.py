@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +25,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from tuneforge import __version__
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.dedup import decontaminate, deduplicate
+from tuneforge.data.formats import column, normalize, read_source
 from tuneforge.data.histogram import write_length_histogram
-from tuneforge.data.formats import normalize, read_source
 from tuneforge.data.packing import pack_dataset
 from tuneforge.data.quality import apply_quality_filters
-from tuneforge.data.templates import IGNORE_INDEX, end_of_turn_ids, resolve_template, tokenize_chat, tokenize_text
+from tuneforge.data.templates import IGNORE_INDEX, end_of_turn_ids, resolve_template, tokenize_chats, tokenize_text
 from tuneforge.data.tokenizer import build_tokenizer
 
 
@@ -137,7 +138,7 @@ def _load_all(cfg: RunConfig, log) -> tuple[datasets.Dataset, datasets.Dataset |
 def mix_sources(ds: datasets.Dataset, samples: list[int | None], seed: int) -> tuple[datasets.Dataset, list[int]]:
     """Per source, keep all rows or exactly `samples` of them (seeded sample, repeats when upsampling)."""
     rng = np.random.default_rng(seed)
-    by_source = np.asarray(ds["source_id"])
+    by_source = np.asarray(column(ds, "source_id"))
     keep: list[int] = []
     counts = []
     for k, n in enumerate(samples):
@@ -162,9 +163,11 @@ def _tokenize(ds: datasets.Dataset, tok: PreTrainedTokenizerBase, template: str,
     min_tokens = cfg.data.quality.min_tokens
 
     def encode(batch: dict) -> dict:
+        chats = [i for i, m in enumerate(batch["messages"]) if m]
+        encoded = dict(zip(chats, tokenize_chats(tok, template, [batch["messages"][i] for i in chats], train_on)))
         out: dict[str, list] = {"input_ids": [], "labels": [], "num_tokens": [], "num_trained": [], "truncated": [], "keep": []}
-        for msgs, text in zip(batch["messages"], batch["text"]):
-            ids, labels = tokenize_chat(tok, template, msgs, train_on) if msgs else tokenize_text(tok, text)
+        for i, text in enumerate(batch["text"]):
+            ids, labels = encoded[i] if i in encoded else tokenize_text(tok, text)
             truncated = len(ids) > max_len
             if truncated and overlong == "truncate":
                 ids, labels = ids[:max_len], labels[:max_len]
@@ -177,17 +180,20 @@ def _tokenize(ds: datasets.Dataset, tok: PreTrainedTokenizerBase, template: str,
             out["keep"].append(not (truncated and overlong == "drop") and trained > 0 and len(ids) >= min_tokens)
         return out
 
-    n_proc = cfg.data.num_proc if len(ds) >= 1000 else None
-    enc = ds.map(encode, batched=True, batch_size=256, num_proc=n_proc, desc=f"tokenize {split}")
-    truncated = sum(enc["truncated"])
-    kept = enc.filter(lambda b: b["keep"], batched=True, desc=f"drop {split}").remove_columns(["keep", "truncated"])
+    n_proc = cfg.data.num_proc if len(ds) >= 1000 and cfg.data.num_proc > 1 else None
+    # new_fingerprint: tuneforge caches the whole stage itself; skip datasets' hashing of the closure (slow)
+    enc = ds.map(encode, batched=True, batch_size=256, num_proc=n_proc, desc=f"tokenize {split}",
+                 new_fingerprint=uuid.uuid4().hex)
+    truncated = sum(column(enc, "truncated"))
+    keep = column(enc, "keep")
+    kept = (enc.select([i for i, k in enumerate(keep) if k]) if not all(keep) else enc).remove_columns(["keep", "truncated"])
     dropped_overlong = truncated if overlong == "drop" else 0
-    lengths = sorted(kept["num_tokens"])
+    lengths = sorted(column(kept, "num_tokens"))
     report = {
         "rows_in": len(ds),
         "rows": len(kept),
-        "tokens": int(sum(kept["num_tokens"])),
-        "trained_tokens": int(sum(kept["num_trained"])),
+        "tokens": int(sum(lengths)),
+        "trained_tokens": int(sum(column(kept, "num_trained"))),
         "truncated_rows": truncated if overlong == "truncate" else 0,
         "dropped_overlong_rows": dropped_overlong,
         "dropped_short_or_untrained_rows": len(ds) - len(kept) - dropped_overlong,
@@ -221,7 +227,7 @@ def prepare(cfg: RunConfig, run_dir: str | Path, force: bool = False, log=print)
         raise ValueError("data: no training rows left after tokenization (all too long, too short or with nothing to "
                          "train); raise data.max_seq_len or check data.train_on")
     eval_tok, eval_rep = _tokenize(eval_, tok, template, cfg, "eval") if eval_ is not None else (None, None)
-    lengths = list(train_tok["num_tokens"])
+    lengths = column(train_tok, "num_tokens")
     if cfg.data.packing:
         train_tok, train_rep["packing"] = pack_dataset(train_tok, cfg.data.max_seq_len)
 

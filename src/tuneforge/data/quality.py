@@ -7,10 +7,12 @@ number of rows removed.
 from __future__ import annotations
 
 import re
+import uuid
 
 import datasets
 
 from tuneforge.config.schema import QualityConfig
+from tuneforge.data.formats import column
 
 RULES = ("min_score", "min_response_chars", "max_response_chars", "min_prompt_chars",
          "max_garbage_char_frac", "max_repeated_line_frac", "max_repeated_ngram_frac")
@@ -74,8 +76,9 @@ def apply_quality_filters(ds: datasets.Dataset, q: QualityConfig, num_proc: int 
             reasons.append(failed_rule(prompt, response, score, q))
         return {"_drop": reasons}
 
-    judged = ds.map(judge, batched=True, batch_size=1000, num_proc=num_proc, desc="quality filters")
-    reasons = judged["_drop"]
+    judged = ds.map(judge, batched=True, batch_size=1000, num_proc=num_proc, desc="quality filters",
+                    new_fingerprint=uuid.uuid4().hex)  # tuneforge caches the stage itself
+    reasons = column(judged, "_drop")
     report: dict = {}
     for i, reason in enumerate(reasons):
         if not reason:

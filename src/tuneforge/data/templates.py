@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
@@ -112,36 +113,54 @@ def _turn_end(tokenizer, template: str, messages: list[dict], i: int, through: s
     return a["offset_mapping"][n - 1][1] if n else 0
 
 
+def _labels(ids: list[int], offsets, spans: list[tuple[int, int, bool]], train_on: str) -> list[int]:
+    if train_on == "all":
+        return list(ids)
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    trained = np.zeros(len(ids), dtype=bool)
+    for start, end, _ in spans:  # a token is trained when it overlaps a trained character span
+        trained |= (off[:, 0] < end) & (off[:, 1] > start)
+    return np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+
+
+def _close_turn(tokenizer, ids: list[int], labels: list[int], spans, train_on: str) -> None:
+    """When the template closes assistant turns with nothing, append a trained EOS so stopping is learned."""
+    if not spans or spans[-1][2]:
+        return
+    if tokenizer.eos_token_id is None:
+        raise TemplateError("the chat template emits no end-of-turn marker and the tokenizer has no eos_token")
+    if any(not sp[2] for sp in spans[:-1]):
+        raise TemplateError(
+            "the chat template emits no end-of-turn marker after assistant turns, so the model could not "
+            "learn where a turn ends; use data.chat_template: chatml or alpaca"
+        )
+    end = max(t for t, lab in enumerate(labels) if lab != IGNORE_INDEX) + 1 if train_on != "all" else len(ids)
+    ids.insert(end, tokenizer.eos_token_id)
+    labels.insert(end, tokenizer.eos_token_id)
+
+
+def tokenize_chats(
+    tokenizer: PreTrainedTokenizerBase, template: str, conversations: list[list[dict]], train_on: str
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels of many conversations (one batched tokenizer call); -100 outside trained turns."""
+    rendered = [assistant_spans(tokenizer, template, msgs, train_on) for msgs in conversations]
+    if not rendered:
+        return []
+    enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+        ids = list(ids)
+        labels = _labels(ids, offsets, spans, train_on)
+        _close_turn(tokenizer, ids, labels, spans, train_on)
+        out.append((ids, labels))
+    return out
+
+
 def tokenize_chat(
     tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict], train_on: str
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels of one conversation; labels are -100 outside the trained turns."""
-    text, spans = assistant_spans(tokenizer, template, messages, train_on)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    if train_on == "all":
-        labels = list(ids)
-    else:
-        labels = [IGNORE_INDEX] * len(ids)
-        k = 0
-        for t, (s, e) in enumerate(enc["offset_mapping"]):
-            while k < len(spans) and spans[k][1] <= s:
-                k += 1
-            if k < len(spans) and s < spans[k][1] and e > spans[k][0]:
-                labels[t] = ids[t]
-    if spans and not spans[-1][2]:
-        # the template closes assistant turns with nothing: append EOS so that stopping is learned
-        if tokenizer.eos_token_id is None:
-            raise TemplateError("the chat template emits no end-of-turn marker and the tokenizer has no eos_token")
-        if any(not sp[2] for sp in spans[:-1]):
-            raise TemplateError(
-                "the chat template emits no end-of-turn marker after assistant turns, so the model could not "
-                "learn where a turn ends; use data.chat_template: chatml or alpaca"
-            )
-        end = max(t for t, lab in enumerate(labels) if lab != IGNORE_INDEX) + 1 if train_on != "all" else len(ids)
-        ids.insert(end, tokenizer.eos_token_id)
-        labels.insert(end, tokenizer.eos_token_id)
-    return ids, labels
+    return tokenize_chats(tokenizer, template, [messages], train_on)[0]
 
 
 def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[int]]:

@@ -136,6 +136,51 @@ def _print_comparison(before: dict, after: dict) -> None:
         print(f"{k:<24}{before[k]:>12.4f}{after[k]:>12.4f}{after[k] - before[k]:>+12.4f}")
 
 
+def _resume_point(resume: str, run_dir: Path, overwrite: bool) -> Path | None:
+    """Which checkpoint `train` continues from (None = a fresh start), per --resume and what the run dir holds.
+    A fresh start over an earlier run's results needs output.overwrite=true, and then clears them."""
+    from tuneforge.train.checkpoint import CheckpointError, clean_partial, find_latest, read_manifest
+
+    ckpts = run_dir / "checkpoints"
+    clean_partial(ckpts)
+    if resume not in ("auto", "never"):
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(f"--resume {resume}: no such checkpoint directory")
+        read_manifest(path)
+        return path
+    latest = find_latest(ckpts)
+    finished = (run_dir / "final").exists()
+    if resume == "auto" and latest is not None and not finished:
+        return latest
+    if finished or latest is not None:
+        what = f"{run_dir}/final already exists" if finished else f"{run_dir} has checkpoints up to {latest.name}"
+        if not overwrite:
+            hint = ("choose another output.dir or pass output.overwrite=true to train again from scratch" if finished
+                    else "run without --resume never to continue it, or pass output.overwrite=true to start over")
+            raise CheckpointError(f"{what}; {hint}")
+        import shutil
+
+        shutil.rmtree(ckpts, ignore_errors=True)
+        shutil.rmtree(run_dir / "final", ignore_errors=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return None
+
+
+def _start_eval(metrics_path: Path) -> dict:
+    """The before-training eval a resumed run recorded at step 0."""
+    if not metrics_path.exists():
+        return {}
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("type") == "eval" and rec.get("step") == 0:
+            return {k: v for k, v in rec.items() if k not in ("type", "step", "time_s")}
+    return {}
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -147,9 +192,7 @@ def cmd_train(args) -> int:
 
     cfg = _load(args)
     run_dir = Path(cfg.output.dir)
-    if (run_dir / "final").exists() and not cfg.output.overwrite:
-        _err(f"{run_dir}/final already exists; choose another output.dir or pass output.overwrite=true")
-        return EXIT_CONFIG
+    resume_from = _resume_point(args.resume, run_dir, cfg.output.overwrite)
     write_resolved_config(cfg, run_dir)
     data = prepare(cfg, run_dir)
 
@@ -163,12 +206,12 @@ def cmd_train(args) -> int:
     trainer = Trainer(cfg, run_dir, data, evaluate if data.eval is not None else None).setup()
     try:
         model = trainer.accelerator.unwrap_model(trainer.model)
-        before: dict = {}
-        if data.eval is not None and cfg.eval.at_start:
+        before: dict = _start_eval(trainer.monitor.path) if resume_from else {}
+        if data.eval is not None and cfg.eval.at_start and not resume_from:
             before = {**evaluate(model), **(_task_eval(model, data, cfg) if cfg.eval.generate_rows else {})}
             trainer.monitor.write({"type": "eval", "step": 0, **before})
             print("before training: " + "  ".join(f"{k}={v:.4g}" for k, v in before.items()))
-        summary = trainer.train()
+        summary = trainer.train(resume_from)
         after = {k: v for k, v in summary.items() if k.startswith("eval_")}
         if data.eval is not None and cfg.eval.generate_rows:
             after.update(_task_eval(model, data, cfg))
@@ -237,7 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 data.max_seq_len=512")
         return sp
 
-    with_config("train", "prepare data if needed, train, evaluate and save final/").set_defaults(func=cmd_train)
+    tr = with_config("train", "prepare data if needed, train (resuming from the latest checkpoint), evaluate, save final/")
+    tr.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                    help="auto: continue from <run>/checkpoints/latest if the run is unfinished (default); "
+                    "never: start from step 0; PATH: continue from that checkpoint directory")
+    tr.set_defaults(func=cmd_train)
     with_config("validate", "check a config (no model or data loaded)").set_defaults(func=cmd_validate)
     sp = with_config("prepare", "run only the data stage into RUN_DIR/data")
     sp.add_argument("--force", action="store_true", help="prepare again even if the cache is up to date")
@@ -266,7 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # dotted overrides may come after options (train CONFIG --resume never train.lr=1e-4)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ConfigError as e:
@@ -283,8 +336,16 @@ def main(argv: list[str] | None = None) -> int:
         from tuneforge.data.templates import TemplateError
         from tuneforge.data.tokenizer import TokenizerLoadError
         from tuneforge.model.load import ModelLoadError
+        from tuneforge.train.checkpoint import CheckpointError
+        from tuneforge.train.signals import BadStepsError, TrainingStopped
 
-        if isinstance(e, (DataFormatError, TemplateError, TokenizerLoadError, ModelLoadError)):
+        if isinstance(e, TrainingStopped):
+            _err(str(e))
+            return e.exit_code
+        if isinstance(e, CheckpointError):
+            _err(str(e))
+            return EXIT_CONFIG
+        if isinstance(e, (DataFormatError, TemplateError, TokenizerLoadError, ModelLoadError, BadStepsError)):
             _err(str(e))
             return EXIT_FAILED
         raise

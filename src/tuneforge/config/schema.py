@@ -223,6 +223,11 @@ class TrainConfig(Section):
     )
     threads: int | None = Field(None, gt=0, description="CPU threads for torch; default: all cores.")
     seed: int = Field(42, description="Seed of model init, adapter init, shuffling and dropout.")
+    max_bad_steps: int = Field(
+        10, ge=0, description="Steps whose loss or gradient is NaN/inf are skipped (no weight update) and counted; "
+        "the run stops after more than this many, keeping the last good checkpoint.")
+    loss_spike_factor: float | None = Field(
+        3.0, gt=1.0, description="Log a loss spike when a step's loss exceeds this multiple of the recent average; null disables.")
 
 
 class EvalConfig(Section):
@@ -234,6 +239,20 @@ class EvalConfig(Section):
     )
     max_new_tokens: int = Field(64, gt=0, description="Generation length limit for eval and samples.")
     show_samples: int = Field(3, ge=0, description="Sample generations printed after training.")
+    metric: str = Field("eval_loss", description="Metric that decides the best checkpoint and early stopping.")
+    greater_is_better: bool | None = Field(
+        None, description="Whether a larger `metric` is better; default: false for *loss/*ppl, true otherwise.")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after this many evaluations without an improvement of at least min_delta.")
+    early_stopping_min_delta: float = Field(0.0, ge=0.0, description="Smallest change of `metric` that counts as an improvement.")
+    load_best_at_end: bool = Field(
+        False, description="Save final/ from the best evaluated checkpoint instead of the last step.")
+
+    @property
+    def higher_is_better(self) -> bool:
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not self.metric.endswith(("loss", "ppl"))
 
 
 class LogConfig(Section):
@@ -241,6 +260,13 @@ class LogConfig(Section):
     progress: Literal["auto", "bar", "plain", "none"] = Field(
         "auto", description="auto = a live bar on a terminal, plain lines otherwise (CI logs)."
     )
+
+
+class CheckpointConfig(Section):
+    every_steps: int | None = Field(500, gt=0, description="Write a resumable checkpoint every N optimizer steps (and at the last step).")
+    every_minutes: float | None = Field(None, gt=0, description="Also write one when this many minutes passed since the last.")
+    keep_last: int = Field(3, ge=1, description="Checkpoints kept (newest first); older ones are deleted after a save succeeds.")
+    keep_best: bool = Field(True, description="Also keep the checkpoint with the best eval `metric`.")
 
 
 class OutputConfig(Section):
@@ -256,6 +282,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation during and after training.")
     log: LogConfig = Field(default_factory=LogConfig, description="Metrics and progress.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Resumable checkpoints under <run>/checkpoints.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where the run is written.")
 
     @model_validator(mode="after")
@@ -281,6 +308,11 @@ class RunConfig(Section):
                 f"eval.generate_rows={self.eval.generate_rows} needs held-out rows: set data.eval "
                 "or data.eval_fraction > 0"
             )
+        for key in ("early_stopping_patience", "load_best_at_end"):
+            if getattr(self.eval, key) and not self.eval.every_steps:
+                raise ValueError(f"eval.{key} needs periodic evaluation: set eval.every_steps (e.g. 100)")
+            if getattr(self.eval, key) and self.data.eval is None and self.data.eval_fraction == 0:
+                raise ValueError(f"eval.{key} needs held-out rows: set data.eval or data.eval_fraction > 0")
         if self.adapter.type == "full" and self.adapter.modules_to_save:
             raise ValueError("adapter.modules_to_save only applies to lora/dora; full fine-tuning trains every module")
         return self

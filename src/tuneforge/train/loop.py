@@ -25,8 +25,11 @@ from tuneforge.data.prepare import PreparedData
 from tuneforge.model.adapters import apply_adapter, describe, trainable_report
 from tuneforge.model.load import DTYPES, choose_attention, choose_precision, load_model
 from tuneforge.train.batches import BatchOrder
+from tuneforge.train.checkpoint import (TrainState, check_resume_key, find_latest, flat_config, load_checkpoint,
+                                        load_trainable_state, prune, read_manifest, save_checkpoint, step_dir_name)
 from tuneforge.train.loss import forward_logits, nll_sum, trained_tokens
 from tuneforge.train.monitor import Monitor
+from tuneforge.train.signals import BadStepsError, StopSignals, TrainingStopped
 from tuneforge.train.optim import build_optimizer, build_scheduler
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -82,6 +85,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------ one optimizer step
     def _step(self, step: int) -> dict:
+        """Forward/backward over grad_accum micro-batches, then one optimizer update. A step whose loss or
+        gradient is not finite updates nothing (its gradients are dropped) and returns skipped=True."""
         acc, cfg = self.accelerator, self.cfg.train
         first = (step - 1) * cfg.grad_accum
         micro = [self.collate(rows_at(self.data.train, self.order.micro_batch(first + i))) for i in range(cfg.grad_accum)]
@@ -103,47 +108,179 @@ class Trainer:
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
         grad_norm = float(acc.clip_grad_norm_(params, max_norm))
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         if acc.num_processes > 1:
             total_nll = float(acc.reduce(torch.tensor(total_nll, device=acc.device), "sum"))
-        return {"loss": total_nll / max(step_tokens, 1.0), "lr": lr, "grad_norm": grad_norm,
+        loss = total_nll / max(step_tokens, 1.0)
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if not skipped:
+            self.optimizer.step()
+        self.scheduler.step()  # the schedule follows the step count, skipped steps included
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
                 "trained_tokens": int(step_tokens), "tokens": real_tokens * acc.num_processes}
 
     # ------------------------------------------------------------------------ the loop
-    def train(self) -> dict:
+    def train(self, resume_from: str | Path | None = None) -> dict:
+        """Run to total_steps (or an early stop), from step 1 or from a checkpoint. Raises TrainingStopped after
+        a SIGTERM/SIGINT (checkpoint written) and BadStepsError after too many non-finite steps."""
         self.model.train()
-        history: list[dict] = []
-        seen_tokens = trained = 0
-        t0 = time.perf_counter()
-        every = self.cfg.eval.every_steps
-        for step in range(1, self.total_steps + 1):
-            t = time.perf_counter()
-            m = self._step(step)
-            dt = time.perf_counter() - t
-            seen_tokens += m["tokens"]
-            trained += m["trained_tokens"]
-            m.update(step_time_s=dt, tokens_per_s=m["tokens"] / dt, trained_tokens_total=trained,
-                     tokens_total=seen_tokens, epoch=step * self.cfg.train.grad_accum / self.order.batches_per_epoch)
-            if not math.isfinite(m["loss"]):
-                raise FloatingPointError(f"step {step}: loss is {m['loss']}; lower train.lr or check the data")
-            self.monitor.step(step, m)
-            history.append({"step": step, "loss": m["loss"]})
-            if self.evaluate is not None and every and step % every == 0 and step != self.total_steps:
-                self._eval(step)
+        st = self.state = self.resume(resume_from) if resume_from else TrainState()
+        every_eval, ck = self.cfg.eval.every_steps, self.cfg.checkpoint
+        last_save = time.monotonic()
+        t0 = time.perf_counter() - st.train_seconds
+        with StopSignals() as stop:
+            for step in range(st.step + 1, self.total_steps + 1):
+                t = time.perf_counter()
+                m = self._step(step)
+                dt = time.perf_counter() - t
+                st.step = step
+                st.tokens_total += m["tokens"]
+                st.trained_tokens_total += m["trained_tokens"]
+                m.update(step_time_s=dt, tokens_per_s=m["tokens"] / dt, trained_tokens_total=st.trained_tokens_total,
+                         tokens_total=st.tokens_total, epoch=step * self.cfg.train.grad_accum / self.order.batches_per_epoch)
+                if m["skipped"]:
+                    self._bad_step(step, m)
+                else:
+                    del m["skipped"]
+                    self._track_loss(step, m["loss"])
+                self.monitor.step(step, m)
+                st.train_seconds = time.perf_counter() - t0
+                new_best = False
+                if self.evaluate is not None and every_eval and (step % every_eval == 0 or step == self.total_steps):
+                    new_best = self._eval(step)
+                    if self._should_stop_early():
+                        st.stopped_early = True
+                due = (step == self.total_steps or st.stopped_early or stop.requested
+                       or (ck.every_steps and step % ck.every_steps == 0)
+                       or (ck.every_minutes and time.monotonic() - last_save >= 60 * ck.every_minutes)
+                       or (new_best and self.cfg.eval.load_best_at_end))
+                if due:
+                    saved = self.save_checkpoint()
+                    last_save = time.monotonic()
+                    if stop.requested:
+                        raise TrainingStopped(stop.requested, step, saved)
+                if st.stopped_early:
+                    self.monitor.event(f"early stopping at step {step}: {self.cfg.eval.metric} did not improve by "
+                                       f"{self.cfg.eval.early_stopping_min_delta:g} in "
+                                       f"{self.cfg.eval.early_stopping_patience} evaluations (best "
+                                       f"{st.best_metric:.4g} at step {st.best_step})")
+                    break
         wall = time.perf_counter() - t0
-        final_eval = self._eval(self.total_steps) if self.evaluate is not None else {}
-        self.summary = {"steps": self.total_steps, "wall_s": wall, "tokens": seen_tokens, "trained_tokens": trained,
-                        "tokens_per_s": seen_tokens / max(wall, 1e-9), "first_loss": history[0]["loss"],
-                        "last_loss": history[-1]["loss"], **final_eval}
+        final_eval = st.last_eval if st.last_eval.get("step") == st.step else {}
+        if self.evaluate is not None and not final_eval:
+            self._eval(st.step)
+            final_eval = st.last_eval
+        if self.cfg.eval.load_best_at_end and st.best_step is not None and st.best_step != st.step:
+            self._load_best()
+        self.summary = {"steps": st.step, "wall_s": wall, "tokens": st.tokens_total,
+                        "trained_tokens": st.trained_tokens_total, "tokens_per_s": st.tokens_total / max(wall, 1e-9),
+                        "first_loss": st.first_loss, "last_loss": st.last_loss, "bad_steps": st.bad_steps,
+                        "stopped_early": st.stopped_early, "best_step": st.best_step,
+                        **{k: v for k, v in final_eval.items() if k != "step"}}
         return self.summary
 
-    def _eval(self, step: int) -> dict:
+    def _track_loss(self, step: int, loss: float) -> None:
+        st, factor = self.state, self.cfg.train.loss_spike_factor
+        if st.first_loss is None:
+            st.first_loss = loss
+        st.last_loss = loss
+        if factor and st.loss_avg is not None and step > 10 and loss > factor * st.loss_avg:
+            self.monitor.write({"type": "loss_spike", "step": step, "loss": loss, "recent_avg": st.loss_avg})
+            self.monitor.event(f"loss spike at step {step}: {loss:.4g} vs a recent average of {st.loss_avg:.4g}")
+        st.loss_avg = loss if st.loss_avg is None else 0.9 * st.loss_avg + 0.1 * loss
+
+    def _bad_step(self, step: int, m: dict) -> None:
+        st = self.state
+        st.bad_steps += 1
+        self.monitor.write({"type": "bad_step", "step": step, "loss": m["loss"], "grad_norm": m["grad_norm"],
+                            "bad_steps": st.bad_steps})
+        self.monitor.event(f"step {step}: non-finite loss {m['loss']} / grad norm {m['grad_norm']}; skipped "
+                           f"(no weight update), {st.bad_steps} so far (limit train.max_bad_steps="
+                           f"{self.cfg.train.max_bad_steps})")
+        if st.bad_steps > self.cfg.train.max_bad_steps:
+            latest = find_latest(self.ckpt_root)
+            raise BadStepsError(
+                f"stopped at step {step}: {st.bad_steps} steps had a non-finite loss or gradient (more than "
+                f"train.max_bad_steps={self.cfg.train.max_bad_steps}). "
+                + (f"The last good checkpoint is {latest}. " if latest else "No checkpoint was written yet. ")
+                + "Lower train.lr, keep train.max_grad_norm set, or check the data (tuneforge data preview).")
+
+    def _eval(self, step: int) -> bool:
+        """Evaluate, log, update best/early-stop bookkeeping; True when this is a new best."""
         result = self.evaluate(self.accelerator.unwrap_model(self.model))
         self.monitor.write({"type": "eval", "step": step, **result})
         self.monitor.event(f"eval @ step {step}: " + "  ".join(f"{k}={v:.4g}" for k, v in result.items()))
-        return result
+        st, ev = self.state, self.cfg.eval
+        st.last_eval = {"step": step, **result}
+        value = result.get(ev.metric)
+        if value is None:
+            return False
+        sign = 1.0 if ev.higher_is_better else -1.0
+        if st.best_metric is None or sign * (value - st.best_metric) > ev.early_stopping_min_delta:
+            st.best_metric, st.best_step, st.evals_without_improvement = value, step, 0
+            return True
+        st.evals_without_improvement += 1
+        return False
+
+    def _should_stop_early(self) -> bool:
+        patience = self.cfg.eval.early_stopping_patience
+        return bool(patience) and self.state.evals_without_improvement >= patience
+
+    # ------------------------------------------------------------------------ checkpoints
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def resume_key(self) -> dict:
+        dump = self.cfg.model_dump(mode="json")
+        return {"model": dump["model"], "adapter": dump["adapter"], "data_fingerprint": self.data.report.get("fingerprint"),
+                "train.micro_batch_size": self.cfg.train.micro_batch_size, "train.grad_accum": self.cfg.train.grad_accum,
+                "world_size": self.accelerator.num_processes, "train.seed": self.cfg.train.seed,
+                "precision": self.precision, "config": flat_config(dump)}
+
+    def save_checkpoint(self) -> Path | None:
+        """Save a checkpoint of the current step; on a disk error say so, keep the previous one, and go on."""
+        acc, st = self.accelerator, self.state
+        try:
+            path = save_checkpoint(
+                self.ckpt_root, st.step, model=acc.unwrap_model(self.model), optimizer=self.optimizer,
+                scheduler=self.scheduler, scaler=getattr(acc, "scaler", None), state=st, resume_key=self.resume_key(),
+                is_main=self.is_main, rank=acc.process_index, barrier=acc.wait_for_everyone)
+        except OSError as e:
+            latest = find_latest(self.ckpt_root)
+            self.monitor.write({"type": "checkpoint_failed", "step": st.step, "error": str(e)})
+            self.monitor.event(f"warning: checkpoint at step {st.step} could not be written ({e}); "
+                               + (f"the previous checkpoint {latest} is intact. " if latest else "")
+                               + "Free disk space or fix permissions on " + str(self.ckpt_root))
+            return None
+        if self.is_main:
+            keep = {st.best_step} if self.cfg.checkpoint.keep_best and st.best_step is not None else set()
+            prune(self.ckpt_root, self.cfg.checkpoint.keep_last, keep)
+        self.monitor.write({"type": "checkpoint", "step": st.step, "path": str(path)})
+        return path
+
+    def resume(self, path: str | Path) -> TrainState:
+        path = Path(path)
+        manifest = read_manifest(path)
+        changes = check_resume_key(path, manifest.get("resume_key", {}), self.resume_key())
+        acc = self.accelerator
+        state = load_checkpoint(path, model=acc.unwrap_model(self.model), optimizer=self.optimizer,
+                                scheduler=self.scheduler, scaler=getattr(acc, "scaler", None), rank=acc.process_index)
+        if self.is_main:
+            self.monitor.truncate_after(state.step)
+        self.log(f"resuming from {path} (step {state.step} of {self.total_steps}, "
+                 f"{state.tokens_total:,} tokens seen)" + ("; changed since: " + "; ".join(changes) if changes else ""))
+        return state
+
+    def _load_best(self) -> None:
+        best = self.ckpt_root / step_dir_name(self.state.best_step)
+        if not (best / "trainable.safetensors").exists():
+            self.monitor.event(f"warning: best checkpoint {best} is missing; final/ holds the last step")
+            return
+        from safetensors.torch import load_file
+
+        load_trainable_state(self.accelerator.unwrap_model(self.model), load_file(str(best / "trainable.safetensors")), best)
+        self.monitor.event(f"loaded the best checkpoint {best.name} ({self.cfg.eval.metric}={self.state.best_metric:.4g})")
 
     # ------------------------------------------------------------------------ results
     def save_final(self) -> Path:
@@ -163,7 +300,7 @@ class Trainer:
         model.save_pretrained(str(tmp), safe_serialization=True)
         self.data.tokenizer.save_pretrained(str(tmp))
         info = {"tuneforge_version": __version__, "adapter": self.cfg.adapter.type, "stop_token_ids": stops,
-                "steps": self.total_steps, "precision": self.precision, **self.params_report}
+                "steps": self.state.step, "best_step": self.state.best_step, "precision": self.precision, **self.params_report}
         (tmp / "tuneforge.json").write_text(json.dumps(info, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

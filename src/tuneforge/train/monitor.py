@@ -35,6 +35,24 @@ class Monitor:
             self._task = self._bar.add_task("train", total=total_steps, status="")
             self._bar.start()
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after `step` (written by a run that died before its next checkpoint)."""
+        if self._file is None:
+            return
+        self._file.close()
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if not isinstance(rec.get("step"), int) or rec["step"] <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        tmp.replace(self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
     def write(self, record: dict) -> None:
         """Append a record (a step, an eval, an event) to metrics.jsonl."""
         if self._file is None:

@@ -1,0 +1,317 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is a directory `<run>/checkpoints/step-XXXXXX/` holding everything the loop needs to
+continue as if it had never stopped:
+
+  trainable.safetensors   the trainable parameters by name (adapter weights, or every weight in full FT)
+  optimizer.pt            optimizer state;  scheduler.pt  schedule state;  scaler.pt  fp16 loss scaler
+  rng-rank{R}.pt          python, numpy, torch CPU and CUDA generator states of rank R
+  state.json              TrainState: step, token counters, bad steps, best-eval and early-stop bookkeeping
+  manifest.json           step, tokens, last eval, what the run must not change to resume, library versions
+
+It is written into `.tmp-step-XXXXXX/`, every file fsynced, `manifest.json` last, then renamed into
+place; `checkpoints/latest` (a one-line file naming the directory) is replaced after the rename. A
+crash at any moment leaves `latest` naming a complete checkpoint (or none), and a directory without a
+manifest is never resumed from. The data position is the step number: `BatchOrder` computes any
+micro-batch in O(1), so nothing is replayed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from tuneforge import __version__
+
+LATEST = "latest"
+MANIFEST = "manifest.json"
+# what a resumed run must share with the checkpoint; anything else (steps, logging, eval, ...) may change
+RESUME_CRITICAL = ("model", "adapter", "data_fingerprint", "train.micro_batch_size", "train.grad_accum",
+                   "world_size", "train.seed", "precision")
+WHY_CRITICAL = {
+    "model": "the checkpoint's weights belong to another model",
+    "adapter": "the trainable parameters would not match",
+    "data_fingerprint": "the prepared data changed, so step N would read different rows",
+    "train.micro_batch_size": "each step would read different rows",
+    "train.grad_accum": "each step would read different rows",
+    "world_size": "each step would read different rows",
+    "train.seed": "the data order and dropout would differ",
+    "precision": "the numbers would differ from the run that wrote it",
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or resumed from; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Counters and bookkeeping the loop carries from step to step (saved as state.json)."""
+
+    step: int = 0
+    tokens_total: int = 0
+    trained_tokens_total: int = 0
+    bad_steps: int = 0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    loss_avg: float | None = None  # running average for loss-spike detection
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    last_eval: dict = dataclasses.field(default_factory=dict)
+    train_seconds: float = 0.0
+    stopped_early: bool = False
+
+
+def _reached(stage: str) -> None:
+    """Called between the stages of a save. A seam for tests that crash or fail a save at a given stage."""
+
+
+# ---------------------------------------------------------------------------- durable file writes
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
+    _fsync_file(path)
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Atomically replace a small text file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# ---------------------------------------------------------------------------- what is saved
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or extra:
+        raise CheckpointError(
+            f"{where}: trainable parameters do not match the model (missing {missing[:3]}, unexpected {extra[:3]}); "
+            "the checkpoint was written for another model or adapter")
+    with torch.no_grad():
+        for n, p in params.items():
+            if p.shape != tensors[n].shape:
+                raise CheckpointError(f"{where}: {n} has shape {tuple(tensors[n].shape)}, the model has {tuple(p.shape)}")
+            p.copy_(tensors[n].to(p.device, p.dtype))
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import transformers
+
+    return {"tuneforge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__}
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+# ---------------------------------------------------------------------------- save
+def save_checkpoint(ckpt_root: Path, step: int, *, model, optimizer, scheduler, scaler, state: TrainState,
+                    resume_key: dict, is_main: bool = True, rank: int = 0, barrier=lambda: None) -> Path:
+    """Write checkpoint `step` atomically; returns its directory. Raises OSError if the disk refuses it,
+    in which case the previous checkpoints and `latest` are untouched (the partial `.tmp-*` is removed)."""
+    ckpt_root = Path(ckpt_root)
+    name = step_dir_name(step)
+    final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
+    try:
+        if is_main:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        _reached("start")
+        torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+        _fsync_file(tmp / f"rng-rank{rank}.pt")
+        if is_main:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            _fsync_file(tmp / "trainable.safetensors")
+            _reached("weights")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            _fsync_file(tmp / "optimizer.pt")
+            _reached("optimizer")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            _fsync_file(tmp / "scheduler.pt")
+            if scaler is not None:
+                torch.save(scaler.state_dict(), tmp / "scaler.pt")
+                _fsync_file(tmp / "scaler.pt")
+            _write_json(tmp / "state.json", dataclasses.asdict(state))
+        barrier()
+        if is_main:
+            _reached("manifest")
+            _write_json(tmp / MANIFEST, {
+                "step": step, "tokens_seen": state.tokens_total, "trained_tokens": state.trained_tokens_total,
+                "eval": state.last_eval, "resume_key": resume_key, "versions": library_versions(),
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            })
+            _fsync_dir(tmp)
+            _reached("rename")
+            if final.exists():  # the same step saved again (e.g. a stop right after a scheduled save)
+                old = ckpt_root / f".old-{name}"
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            tmp.rename(final)
+            _fsync_dir(ckpt_root)
+            _reached("latest")
+            _replace_text(ckpt_root / LATEST, name + "\n")
+        barrier()
+    except BaseException:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def prune(ckpt_root: Path, keep_last: int, keep: set[int] = frozenset()) -> list[Path]:
+    """Delete complete checkpoints beyond the newest `keep_last`, except the steps in `keep`."""
+    done = complete_checkpoints(ckpt_root)
+    removed = []
+    for step, path in done[:-keep_last] if keep_last else done:
+        if step not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+# ---------------------------------------------------------------------------- find and load
+def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every checkpoint with a manifest, oldest first."""
+    out = []
+    if not Path(ckpt_root).is_dir():
+        return out
+    for p in Path(ckpt_root).iterdir():
+        if p.is_dir() and p.name.startswith("step-") and (p / MANIFEST).is_file():
+            try:
+                out.append((int(p.name[5:]), p))
+            except ValueError:
+                continue
+    return sorted(out)
+
+
+def find_latest(ckpt_root: Path) -> Path | None:
+    """The checkpoint `latest` names if it is complete, else the newest complete one, else None."""
+    ckpt_root = Path(ckpt_root)
+    pointer = ckpt_root / LATEST
+    if pointer.is_file():
+        named = ckpt_root / pointer.read_text(encoding="utf-8").strip()
+        if (named / MANIFEST).is_file():
+            return named
+    done = complete_checkpoints(ckpt_root)
+    return done[-1][1] if done else None
+
+
+def clean_partial(ckpt_root: Path) -> None:
+    """Remove what an interrupted save left behind (temporary directories)."""
+    if Path(ckpt_root).is_dir():
+        for p in Path(ckpt_root).iterdir():
+            if p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def read_manifest(path: Path) -> dict:
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise CheckpointError(f"{path} is not a complete tuneforge checkpoint (no {MANIFEST}); "
+                              f"pick a step-XXXXXX directory under <run>/checkpoints")
+    return json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+
+
+def check_resume_key(path: Path, saved: dict, current: dict) -> list[str]:
+    """Raise CheckpointError naming each setting that changed and forbids resuming; return the allowed changes."""
+    bad = []
+    for key in RESUME_CRITICAL:
+        if saved.get(key) != current.get(key):
+            bad.append(f"  {key}: {_short(saved.get(key))} -> {_short(current.get(key))} ({WHY_CRITICAL[key]})")
+    if bad:
+        raise CheckpointError(
+            f"cannot resume from {path}: the config changed in ways the checkpoint cannot follow:\n" + "\n".join(bad)
+            + "\nrestore those settings to resume, or start over with --resume never and output.overwrite=true "
+            "(or a new output.dir)")
+    old, new = saved.get("config", {}), current.get("config", {})
+    return [f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+
+
+def _short(v) -> str:
+    s = json.dumps(v, sort_keys=True, default=str) if not isinstance(v, str) else v
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, rank: int = 0) -> TrainState:
+    """Restore weights, optimizer, schedule, scaler and RNG from `path`; return its TrainState."""
+    path = Path(path)
+    read_manifest(path)
+    load_trainable_state(model, load_file(str(path / "trainable.safetensors")), path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+    if scaler is not None and (path / "scaler.pt").exists():
+        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
+    rng_file = path / f"rng-rank{rank}.pt"
+    if not rng_file.exists():
+        raise CheckpointError(f"{path} has no RNG state for rank {rank}; it was written by fewer processes")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    fields = {f.name for f in dataclasses.fields(TrainState)}
+    raw = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    return TrainState(**{k: v for k, v in raw.items() if k in fields})
+
+
+def flat_config(cfg_dump: dict, prefix: str = "") -> dict:
+    """{'train.lr': 1e-3, ...} from a nested config dump."""
+    out = {}
+    for k, v in cfg_dump.items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,230 @@
+"""Checkpoints in-process: atomic saves at every stage, disk errors, bad steps, early stopping, resume rules."""
+
+import errno
+import json
+import math
+
+import pytest
+import torch
+
+import tuneforge.train.checkpoint as checkpoint
+import tuneforge.train.loop as loop
+from tuneforge.cli import main
+from tuneforge.config.schema import RunConfig
+from tuneforge.data.prepare import prepare
+from tuneforge.train.checkpoint import (CheckpointError, TrainState, check_resume_key, clean_partial, find_latest,
+                                        load_checkpoint, save_checkpoint)
+from tuneforge.train.loop import Trainer
+from tuneforge.train.signals import BadStepsError
+
+STAGES = ["start", "weights", "optimizer", "manifest", "rename", "latest"]
+
+
+def tiny_parts(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    return model, opt, sched
+
+
+def take_step(model, opt, sched):
+    model(torch.ones(2, 4)).pow(2).sum().backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+
+
+def save(root, step, model, opt, sched):
+    return save_checkpoint(root, step, model=model, optimizer=opt, scheduler=sched, scaler=None,
+                           state=TrainState(step=step), resume_key={})
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_save_interrupted_at_any_stage_leaves_a_loadable_latest(tmp_path, monkeypatch, stage):
+    model, opt, sched = tiny_parts()
+    take_step(model, opt, sched)
+    save(tmp_path, 1, model, opt, sched)
+    at_step1 = {k: v.clone() for k, v in model.state_dict().items()}
+    take_step(model, opt, sched)
+
+    def crash(s):
+        if s == stage:
+            raise RuntimeError(f"crash at {s}")
+
+    monkeypatch.setattr(checkpoint, "_reached", crash)
+    with pytest.raises(RuntimeError, match=f"crash at {stage}"):
+        save(tmp_path, 2, model, opt, sched)
+    monkeypatch.setattr(checkpoint, "_reached", lambda s: None)
+
+    latest = find_latest(tmp_path)
+    # before the rename the new checkpoint does not exist; after it, `latest` still names the old one
+    assert latest.name == "step-000001"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    fresh, fopt, fsched = tiny_parts(seed=5)
+    state = load_checkpoint(latest, model=fresh, optimizer=fopt, scheduler=fsched, scaler=None)
+    assert state.step == 1
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, at_step1[k])
+    assert fsched.last_epoch == 1
+
+
+def test_a_killed_save_leaves_a_partial_directory_that_is_ignored_and_cleaned(tmp_path):
+    model, opt, sched = tiny_parts()
+    save(tmp_path, 1, model, opt, sched)
+    (tmp_path / ".tmp-step-000002").mkdir()
+    (tmp_path / ".tmp-step-000002" / "trainable.safetensors").write_bytes(b"\0" * 10)
+    (tmp_path / "step-000003").mkdir()  # a directory without manifest is never resumed from
+    (tmp_path / "latest").write_text("step-000003\n")
+    assert find_latest(tmp_path).name == "step-000001"
+    clean_partial(tmp_path)
+    assert not (tmp_path / ".tmp-step-000002").exists()
+
+
+def test_prune_keeps_the_newest_and_the_best(tmp_path):
+    model, opt, sched = tiny_parts()
+    for step in range(1, 6):
+        save(tmp_path, step, model, opt, sched)
+    checkpoint.prune(tmp_path, keep_last=2, keep={2})
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step-000002", "step-000004", "step-000005"]
+
+
+def test_resume_key_refuses_critical_changes_and_lists_allowed_ones():
+    saved = {"model": {"a": 1}, "adapter": {"r": 8}, "data_fingerprint": "f1", "train.micro_batch_size": 4,
+             "train.grad_accum": 2, "world_size": 1, "train.seed": 1, "precision": "fp32",
+             "config": {"train.max_steps": 10, "log.every_steps": 1, "train.micro_batch_size": 4}}
+    allowed = {**saved, "config": {**saved["config"], "train.max_steps": 20, "log.every_steps": 5}}
+    assert check_resume_key("ck", saved, allowed) == ["log.every_steps: 1 -> 5", "train.max_steps: 10 -> 20"]
+    with pytest.raises(CheckpointError) as e:
+        check_resume_key("ck", saved, {**saved, "train.micro_batch_size": 8, "data_fingerprint": "f2"})
+    msg = str(e.value)
+    assert "train.micro_batch_size: 4 -> 8 (each step would read different rows)" in msg
+    assert "data_fingerprint: f1 -> f2 (the prepared data changed" in msg
+    assert "--resume never and output.overwrite=true" in msg
+
+
+# ---------------------------------------------------------------------------- with the real loop
+def trainer_for(cfg_dict, tmp_path, evaluate=None, **sections):
+    d = {**cfg_dict, "output": {"dir": str(tmp_path / "run")}}
+    for sec, vals in sections.items():
+        d[sec] = {**d.get(sec, {}), **vals}
+    cfg = RunConfig.model_validate(d)
+    data = prepare(cfg, tmp_path / "run", log=lambda s: None)
+    return Trainer(cfg, tmp_path / "run", data, evaluate, log=lambda s: None).setup()
+
+
+def test_a_failed_save_warns_keeps_the_previous_checkpoint_and_training_goes_on(tiny_config_dict, tmp_path, monkeypatch,
+                                                                                 capsys):
+    tr = trainer_for(tiny_config_dict, tmp_path, checkpoint={"every_steps": 2}, log={"progress": "plain"})
+    saves = {"n": 0}
+
+    def disk_full(stage):
+        if stage == "start":
+            saves["n"] += 1
+        if stage == "optimizer" and saves["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_reached", disk_full)
+    summary = tr.train()
+    tr.cleanup()
+    assert summary["steps"] == 4
+    assert find_latest(tr.ckpt_root).name == "step-000002"
+    err = capsys.readouterr().err
+    assert "warning: checkpoint at step 4 could not be written ([Errno 28] No space left on device)" in err
+    assert "step-000002 is intact" in err
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "checkpoint_failed"] == [4]
+
+
+def nan_at_steps(monkeypatch, steps, grad_accum=1):
+    calls = {"n": 0}
+    real = loop.nll_sum
+
+    def nll(logits, labels):
+        calls["n"] += 1
+        out = real(logits, labels)
+        step = (calls["n"] - 1) // grad_accum + 1
+        return out * float("nan") if step in steps else out
+
+    monkeypatch.setattr(loop, "nll_sum", nll)
+
+
+def test_a_nan_step_is_skipped_and_counted_without_touching_the_weights(tiny_config_dict, tmp_path, monkeypatch):
+    tr = trainer_for(tiny_config_dict, tmp_path)
+    nan_at_steps(monkeypatch, {2})
+    m1 = tr._step(1)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    m2 = tr._step(2)
+    assert m2["skipped"] and math.isnan(m2["loss"]) and not m1["skipped"]
+    for n, p in tr.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert all(p.grad is None for p in tr.model.parameters())
+    assert not tr._step(3)["skipped"]
+    tr.cleanup()
+
+
+def test_too_many_bad_steps_stop_the_run_with_the_last_good_checkpoint_intact(tiny_config_dict, tmp_path, monkeypatch):
+    tr = trainer_for(tiny_config_dict, tmp_path, train={"max_steps": 6, "max_bad_steps": 1},
+                     checkpoint={"every_steps": 2})
+    nan_at_steps(monkeypatch, {3, 4})
+    with pytest.raises(BadStepsError, match=r"stopped at step 4: 2 steps had a non-finite loss.*step-000002"):
+        tr.train()
+    tr.cleanup()
+    assert find_latest(tr.ckpt_root).name == "step-000002"
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["bad_steps"]) for r in records if r["type"] == "bad_step"] == [(3, 1), (4, 2)]
+
+
+def scripted_eval(values):
+    it = iter(values)
+    return lambda model: {"eval_loss": next(it)}
+
+
+def test_early_stopping_stops_at_the_expected_step_and_loads_the_best(tiny_config_dict, tmp_path):
+    # evals at steps 1..: 1.0, 0.9 (best), 0.95, 0.91 -> two evals without improvement -> stop after step 4
+    tr = trainer_for(tiny_config_dict, tmp_path, scripted_eval([1.0, 0.9, 0.95, 0.91, 0.5, 0.5]),
+                     train={"max_steps": 10}, checkpoint={"every_steps": 100},
+                     eval={"every_steps": 1, "early_stopping_patience": 2, "load_best_at_end": True})
+    summary = tr.train()
+    assert summary["steps"] == 4 and summary["stopped_early"] and summary["best_step"] == 2
+    best = checkpoint.load_file(str(tr.ckpt_root / "step-000002" / "trainable.safetensors"))
+    for n, p in tr.accelerator.unwrap_model(tr.model).named_parameters():
+        assert torch.equal(p.detach(), best[n]), n
+    tr.cleanup()
+
+
+def test_min_delta_decides_what_counts_as_an_improvement(tiny_config_dict, tmp_path):
+    tr = trainer_for(tiny_config_dict, tmp_path, scripted_eval([1.0, 0.99, 0.98, 0.5]),
+                     train={"max_steps": 4}, checkpoint={"every_steps": 100},
+                     eval={"every_steps": 1, "early_stopping_patience": 2, "early_stopping_min_delta": 0.05})
+    summary = tr.train()
+    assert summary["steps"] == 3 and summary["best_step"] == 1
+    tr.cleanup()
+
+
+def test_train_resumes_refuses_incompatible_changes_and_accepts_more_steps(tiny_config_dict, tmp_path, capsys):
+    import yaml
+
+    cfg = {**tiny_config_dict, "checkpoint": {"every_steps": 2}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 0
+    run = tmp_path / "run"
+    assert main(["train", str(path)]) == 2  # finished, no overwrite
+    assert "run/final already exists" in capsys.readouterr().err
+    import shutil
+
+    shutil.rmtree(run / "final")  # as if it crashed after the last checkpoint
+    assert main(["train", str(path), "train.micro_batch_size=2"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume from" in err and "train.micro_batch_size: 4 -> 2" in err
+    assert main(["train", str(path), "train.max_steps=6"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "step 4 of 6" in out and "train.max_steps: 4 -> 6" in out
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["type"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert main(["train", str(path), "--resume", "never", "output.overwrite=true"]) == 0
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["type"] == "train"]
+    assert steps == [1, 2, 3, 4]

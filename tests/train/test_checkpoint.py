@@ -228,3 +228,13 @@ def test_train_resumes_refuses_incompatible_changes_and_accepts_more_steps(tiny_
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["type"] == "train"]
     assert steps == [1, 2, 3, 4]
+
+
+def test_loss_spikes_are_logged(tiny_config_dict, tmp_path):
+    tr = trainer_for(tiny_config_dict, tmp_path, train={"loss_spike_factor": 2.0})
+    for step, loss in enumerate([1.0] * 12 + [1.5, 2.5, 1.0], start=1):
+        tr._track_loss(step, loss)
+    tr.cleanup()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    spikes = [(r["step"], r["loss"]) for r in records if r["type"] == "loss_spike"]
+    assert spikes == [(14, 2.5)]

@@ -31,7 +31,7 @@ CONFIG = {
     "train": {"lr": 1e-3, "max_steps": 20, "micro_batch_size": 2, "grad_accum": 2, "warmup_steps": 2, "seed": 3,
               "threads": 1},
     "eval": {"every_steps": 4, "at_start": True, "show_samples": 0},
-    "checkpoint": {"every_steps": 3, "keep_last": 2},
+    "checkpoint": {"every_steps": 3, "save_total_limit": 2},
     "log": {"every_steps": 1, "progress": "none"},
 }
 

@@ -265,7 +265,7 @@ class LogConfig(Section):
 class CheckpointConfig(Section):
     every_steps: int | None = Field(500, gt=0, description="Write a resumable checkpoint every N optimizer steps (and at the last step).")
     every_minutes: float | None = Field(None, gt=0, description="Also write one when this many minutes passed since the last.")
-    keep_last: int = Field(3, ge=1, description="Checkpoints kept (newest first); older ones are deleted after a save succeeds.")
+    save_total_limit: int = Field(3, ge=1, description="Checkpoints kept (the newest); older ones are deleted after a save succeeds.")
     keep_best: bool = Field(True, description="Also keep the checkpoint with the best eval `metric`.")
 
 

@@ -81,6 +81,7 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg.train, self.total_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.monitor = Monitor(self.run_dir, self.total_steps, cfg.log.every_steps, cfg.log.progress, self.is_main)
+        self.state = TrainState()
         return self
 
     # ------------------------------------------------------------------------ one optimizer step
@@ -254,8 +255,9 @@ class Trainer:
                                + "Free disk space or fix permissions on " + str(self.ckpt_root))
             return None
         if self.is_main:
-            keep = {st.best_step} if self.cfg.checkpoint.keep_best and st.best_step is not None else set()
-            prune(self.ckpt_root, self.cfg.checkpoint.keep_last, keep)
+            want_best = self.cfg.checkpoint.keep_best or self.cfg.eval.load_best_at_end
+            keep = {st.best_step} if want_best and st.best_step is not None else set()
+            prune(self.ckpt_root, self.cfg.checkpoint.save_total_limit, keep)
         self.monitor.write({"type": "checkpoint", "step": st.step, "path": str(path)})
         return path
 

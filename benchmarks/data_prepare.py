@@ -16,6 +16,7 @@ and prints rows/s, the ratio, and recall / false-positive rate of the planted ne
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import random
 import sys
@@ -47,15 +48,36 @@ def base_rows() -> list[dict]:
     return out
 
 
+def _words(row: dict) -> int:
+    return len(row["instruction"].split()) + len(row["output"].split())
+
+
 def build_corpus(n_rows: int, seed: int = 0) -> tuple[list[dict], list[str]]:
-    """Rows and their kind: unique | exact | near."""
+    """Rows and their kind: unique | exact | near.
+
+    Unique rows beyond the real ones are composites of two different real rows whose word counts are
+    within 1.5x of each other, each unordered pair used once. So two composites sharing a component
+    (or a composite and its component) have shingle Jaccard of at most about 0.6, well below the dedup
+    threshold: without the length rule, a long component paired with short ones made composites that
+    are genuine near-duplicates of each other, and "unique rows wrongly removed" counted them.
+    """
     rng = random.Random(seed)
     base = base_rows()
     n_exact = n_near = n_rows // 10
     unique = list(base)
-    while len(unique) < n_rows - n_exact - n_near:  # composites of two different real rows
-        a, b = rng.sample(base, 2)
-        unique.append({"instruction": a["instruction"] + "\n" + b["instruction"], "output": a["output"] + "\n" + b["output"]})
+    by_len = sorted(range(len(base)), key=lambda i: _words(base[i]))
+    lens = [_words(base[i]) for i in by_len]
+    used: set[tuple[int, int]] = set()
+    while len(unique) < n_rows - n_exact - n_near:
+        a = rng.randrange(len(base))
+        n = _words(base[a])
+        lo, hi = bisect.bisect_left(lens, n / 1.5), bisect.bisect_right(lens, n * 1.5)
+        b = by_len[rng.randrange(lo, hi)]
+        if a == b or (min(a, b), max(a, b)) in used:
+            continue
+        used.add((min(a, b), max(a, b)))
+        ra, rb = base[a], base[b]
+        unique.append({"instruction": ra["instruction"] + "\n" + rb["instruction"], "output": ra["output"] + "\n" + rb["output"]})
     rows, kinds = [dict(r) for r in unique], ["unique"] * len(unique)
     for _ in range(n_exact):
         r = rng.choice(unique)

@@ -16,14 +16,21 @@ def test_exact_match_raw_and_normalized():
 
 
 class Fixed(torch.nn.Module):
-    """A 'model' whose next-token distribution is uniform over 4 tokens: every trained token costs log 4."""
+    """A 'model' whose next-token distribution is uniform over 4 tokens: every trained token costs log 4.
+    Its LM head is a zero Linear, so the loss can run the head only at trained positions."""
 
     def __init__(self):
         super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.lm_head = torch.nn.Linear(1, 4)
+        torch.nn.init.zeros_(self.lm_head.weight)
+        torch.nn.init.zeros_(self.lm_head.bias)
+
+    def get_output_embeddings(self):
+        return self.lm_head
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
-        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 4) + self.w})()
+        hidden = torch.zeros(*input_ids.shape, 1)
+        return type("Out", (), {"logits": self.lm_head(hidden)})()
 
 
 def test_perplexity_is_token_weighted_over_uneven_batches():

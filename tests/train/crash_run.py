@@ -20,15 +20,15 @@ def die() -> None:
 
 def kill_in_micro_batch(n: int) -> None:
     calls = {"n": 0}
-    real = loop.nll_sum
+    real = loop.trained_nll_sum
 
-    def nll_sum(logits, labels):
+    def trained_nll_sum(model, batch):
         calls["n"] += 1
         if calls["n"] == n:
             die()
-        return real(logits, labels)
+        return real(model, batch)
 
-    loop.nll_sum = nll_sum
+    loop.trained_nll_sum = trained_nll_sum
 
 
 def kill_in_save(stage: str, n: int) -> None:

@@ -138,15 +138,15 @@ def test_a_failed_save_warns_keeps_the_previous_checkpoint_and_training_goes_on(
 
 def nan_at_steps(monkeypatch, steps, grad_accum=1):
     calls = {"n": 0}
-    real = loop.nll_sum
+    real = loop.trained_nll_sum
 
-    def nll(logits, labels):
+    def nll(model, batch):
         calls["n"] += 1
-        out = real(logits, labels)
+        out = real(model, batch)
         step = (calls["n"] - 1) // grad_accum + 1
         return out * float("nan") if step in steps else out
 
-    monkeypatch.setattr(loop, "nll_sum", nll)
+    monkeypatch.setattr(loop, "trained_nll_sum", nll)
 
 
 def test_a_nan_step_is_skipped_and_counted_without_touching_the_weights(tiny_config_dict, tmp_path, monkeypatch):

@@ -52,3 +52,25 @@ def test_packed_training_step_equals_unpacked(tiny_config_dict, tmp_path):
     packed_cfg = {**tiny_config_dict, "data": {**tiny_config_dict["data"], "packing": True}}
     packed, _ = run(packed_cfg, tmp_path, "packed", micro_batch_size=64)
     assert packed == pytest.approx(unpacked, rel=1e-5)
+
+
+def test_accumulation_equivalence_holds_with_very_different_sample_lengths(tiny_config_dict, tmp_path):
+    # 1 x 8 vs 8 x 1 on rows whose trained lengths range from 1 to ~60 tokens: a mean of micro-batch
+    # means (transformers #37197) would weigh the 1-token rows like the long ones and fail this
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    rows = [{"instruction": " ".join(rng.choices(words, k=rng.randint(1, 12))),
+             "output": " ".join(rng.choices(words, k=rng.choice([1, 2, 30, 45])))} for _ in range(8)]
+    path = tmp_path / "varied.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = {**tiny_config_dict, "data": {"train": [{"path": str(path)}], "max_seq_len": 128, "dedup": {"exact": False},
+                                        "quality": {"max_repeated_ngram_frac": None, "max_repeated_line_frac": None}}}
+    cfg["model"] = {"init": {**tiny_config_dict["model"]["init"], "tokenizer_vocab_size": 300}}
+    one_losses, one = run(cfg, tmp_path, "one", micro_batch_size=8, grad_accum=1)
+    acc_losses, acc = run(cfg, tmp_path, "acc", micro_batch_size=1, grad_accum=8)
+    assert acc_losses == pytest.approx(one_losses, rel=1e-5)
+    for name in one:
+        torch.testing.assert_close(acc[name], one[name], rtol=1e-4, atol=2e-6)

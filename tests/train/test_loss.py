@@ -24,3 +24,93 @@ def test_step_loss_is_token_weighted_not_mean_of_micro_batch_means():
     assert torch.allclose(step_loss, flat, atol=1e-6)
     mean_of_means = (nll_sum(a_logits, a_labels) / 4 + nll_sum(b_logits, b_labels) / 1) / 2
     assert not torch.allclose(step_loss, mean_of_means, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------- LM head only at trained positions
+import datasets  # noqa: E402
+import pytest  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from tuneforge.data.collate import PackedCollator, PaddedCollator, rows_at  # noqa: E402
+from tuneforge.data.packing import pack_dataset  # noqa: E402
+from tuneforge.train.loss import forward_logits, output_layer, trained_nll_sum  # noqa: E402
+
+
+def varied_rows(n=10, seed=3):
+    """Rows of 3..40 tokens with prompts of varying length (very different trained-token counts)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(3, 40, (1,), generator=g))
+        ids = torch.randint(3, 50, (length,), generator=g).tolist()
+        prompt = int(torch.randint(1, length - 1, (1,), generator=g))
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def tiny_llama(lora=False):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).double()
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False))
+    return model
+
+
+def batches(rows):
+    ds = datasets.Dataset.from_list(rows)
+    padded = PaddedCollator(0)(rows_at(ds, list(range(len(ds)))))
+    packed_ds, _ = pack_dataset(ds, 48)
+    packed = PackedCollator(0)(rows_at(packed_ds, list(range(len(packed_ds)))))
+    return {"padded": padded, "packed": packed}
+
+
+def grads_of(model, fn):
+    model.zero_grad()
+    loss = fn()
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_selecting_trained_positions_before_the_lm_head_equals_the_full_logit_loss(lora, layout):
+    model = tiny_llama(lora)
+    batch = batches(varied_rows())[layout]
+    full, g_full = grads_of(model, lambda: nll_sum(forward_logits(model, batch), batch["labels"]))
+    sel, g_sel = grads_of(model, lambda: trained_nll_sum(model, batch))
+    assert sel == pytest.approx(full, rel=1e-12)
+    assert g_full.keys() == g_sel.keys() and len(g_full) > 0
+    for name in g_full:
+        torch.testing.assert_close(g_sel[name], g_full[name], rtol=1e-10, atol=1e-12)
+
+
+def test_the_lm_head_sees_only_trained_positions():
+    model = tiny_llama()
+    batch = batches(varied_rows())["padded"]
+    seen = []
+    handle = output_layer(model).register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
+    trained_nll_sum(model, batch)
+    handle.remove()
+    assert seen == [(trained_tokens(batch["labels"]), 64)]
+    assert trained_tokens(batch["labels"]) < batch["input_ids"].numel() // 2
+
+
+def test_packed_sdpa_attention_equals_running_each_sample_alone():
+    model = tiny_llama()
+    model.config._attn_implementation = "sdpa"
+    rows = varied_rows(8, seed=5)
+    packed_ds, _ = pack_dataset(datasets.Dataset.from_list(rows), 48)
+    assert any(len(r["seq_lens"]) > 1 for r in packed_ds)  # really packed
+    with torch.no_grad():
+        for row in packed_ds:
+            batch = PackedCollator(0)([row])
+            logits = forward_logits(model, batch)[0]
+            start = 0
+            for n in row["seq_lens"]:
+                ids = torch.tensor([row["input_ids"][start:start + n]])
+                alone = model(input_ids=ids, use_cache=False).logits[0]
+                torch.testing.assert_close(logits[start:start + n], alone, rtol=1e-10, atol=1e-11)
+                start += n

@@ -222,6 +222,12 @@ class TrainConfig(Section):
         "auto", description="auto = bf16 where the device runs it natively (recent GPUs), fp16 on older GPUs, fp32 on CPU."
     )
     threads: int | None = Field(None, gt=0, description="CPU threads for torch; default: all cores.")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Device peak TFLOP/s for the MFU estimate; default: a datasheet value for known GPUs, "
+        "else a measured matmul peak.")
+    logits: Literal["trained", "full"] = Field(
+        "trained", description="trained = compute the LM head only where loss is taken (less memory and time); "
+        "full = logits at every position (for models whose LM head the selection cannot hook).")
     seed: int = Field(42, description="Seed of model init, adapter init, shuffling and dropout.")
     max_bad_steps: int = Field(
         10, ge=0, description="Steps whose loss or gradient is NaN/inf are skipped (no weight update) and counted; "

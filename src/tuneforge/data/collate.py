@@ -16,6 +16,7 @@ class PaddedCollator:
     Example: rows [[5, 6, 7], [8]] with labels [[-100, 6, 7], [8]] and pad_id 0 give
     input_ids [[5, 6, 7], [8, 0, 0]], labels [[-100, 6, 7], [8, -100, -100]],
     attention_mask [[1, 1, 1], [1, 0, 0]]. Padding is never trained, even when pad_id == eos_id.
+    `num_tokens` (real tokens) and `num_attended` (causal attention pairs) are for throughput accounting.
     """
 
     pad_id: int
@@ -33,7 +34,9 @@ class PaddedCollator:
             ids[i, :n] = torch.as_tensor(r["input_ids"])
             labels[i, :n] = torch.as_tensor(r["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "num_tokens": mask.sum()}
+        lengths = [len(r["input_ids"]) for r in rows]
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "num_tokens": mask.sum(),
+                "num_attended": torch.tensor(sum(n * (n + 1) // 2 for n in lengths))}
 
 
 @dataclass
@@ -52,15 +55,17 @@ class PackedCollator:
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         pos = torch.zeros((len(rows), width), dtype=torch.long)
-        real = 0
+        real = attended = 0
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
             real += n
+            attended += sum(r["position_ids"]) + n  # a token at position p attends to p + 1 tokens
             ids[i, :n] = torch.as_tensor(r["input_ids"])
             labels[i, :n] = torch.as_tensor(r["labels"])
             pos[i, :n] = torch.as_tensor(r["position_ids"])
             pos[i, n:] = torch.arange(width - n)
-        return {"input_ids": ids, "labels": labels, "position_ids": pos, "num_tokens": torch.tensor(real)}
+        return {"input_ids": ids, "labels": labels, "position_ids": pos, "num_tokens": torch.tensor(real),
+                "num_attended": torch.tensor(attended)}
 
 
 def rows_at(dataset, indices: list[int]) -> list[dict]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,25 @@ def _what_changed(old: dict, new: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- stages
-def _load_all(cfg: RunConfig, log) -> tuple[datasets.Dataset, datasets.Dataset | None, dict]:
+class StageClock:
+    """Seconds per stage (wall clock), for the report: `with clock("dedup"): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._name, self._start = "", 0.0
+
+    def __call__(self, name: str) -> StageClock:
+        self._name = name
+        return self
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.seconds[self._name] = round(self.seconds.get(self._name, 0.0) + time.perf_counter() - self._start, 3)
+
+
+def _load_all(cfg: RunConfig, log, clock: StageClock) -> tuple[datasets.Dataset, datasets.Dataset | None, dict]:
     """Read and normalise every source, then filter, deduplicate, split and decontaminate."""
     d = cfg.data
     parts, sources, invalid = [], [], {"skipped": 0, "reasons": {}, "examples": []}
@@ -114,19 +133,24 @@ def _load_all(cfg: RunConfig, log) -> tuple[datasets.Dataset, datasets.Dataset |
         sources.append({"source": name, "rows_read": len(raw) + len(bad_lines), "rows_valid": len(rows)})
         return rows
 
-    for k, src in enumerate(d.train):
-        parts.append(read(src, k))
-    train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    with clock("read"):
+        for k, src in enumerate(d.train):
+            parts.append(read(src, k))
+        train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     report: dict = {"sources": sources, "invalid": invalid, "rows_read": len(train)}
-    train, report["quality"] = apply_quality_filters(train, d.quality, d.num_proc if d.num_proc > 1 else None)
-    train, report["dedup"] = deduplicate(train, d.dedup)
+    with clock("quality"):
+        train, report["quality"] = apply_quality_filters(train, d.quality, d.num_proc if d.num_proc > 1 else None)
+    with clock("dedup"):
+        train, report["dedup"] = deduplicate(train, d.dedup)
     eval_ = None
-    if d.eval is not None:
-        eval_ = read(d.eval, -1)
-    elif d.eval_fraction > 0 and len(train) > 1:
-        split = train.train_test_split(test_size=d.eval_fraction, seed=d.seed)
-        train, eval_ = split["train"], split["test"]
-    train, report["decontamination"] = decontaminate(train, eval_, d.decontaminate)
+    with clock("read"):
+        if d.eval is not None:
+            eval_ = read(d.eval, -1)
+        elif d.eval_fraction > 0 and len(train) > 1:
+            split = train.train_test_split(test_size=d.eval_fraction, seed=d.seed)
+            train, eval_ = split["train"], split["test"]
+    with clock("decontaminate"):
+        train, report["decontamination"] = decontaminate(train, eval_, d.decontaminate)
     train, report["mixing"] = mix_sources(train, [s.samples for s in d.train], d.seed)
     for k, n in enumerate(report["mixing"]):
         sources[k]["rows_trained"] = n
@@ -171,7 +195,8 @@ def _tokenize(ds: datasets.Dataset, tok: PreTrainedTokenizerBase, template: str,
             truncated = len(ids) > max_len
             if truncated and overlong == "truncate":
                 ids, labels = ids[:max_len], labels[:max_len]
-            trained = sum(1 for x in labels[1:] if x != IGNORE_INDEX)  # position 0 is never a target
+            # position 0 is never a target
+            trained = len(labels) - labels.count(IGNORE_INDEX) - (1 if labels and labels[0] != IGNORE_INDEX else 0)
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["num_tokens"].append(len(ids))
@@ -217,28 +242,32 @@ def prepare(cfg: RunConfig, run_dir: str | Path, force: bool = False, log=print)
         old = json.loads(parts_file.read_text()) if parts_file.exists() else {}
         log(f"data: preparing again, changed since the cached data: {_what_changed(old, parts)}")
 
-    train, eval_, report = _load_all(cfg, log)
-    tok = build_tokenizer(cfg.model, _corpus(train))
-    template, template_name = resolve_template(tok, cfg.data.chat_template)
-    if template_name != "tokenizer":
-        tok.chat_template = template  # saved with the tokenizer, so generation uses the training template
-    train_tok, train_rep = _tokenize(train, tok, template, cfg, "train")
-    if len(train_tok) == 0:
-        raise ValueError("data: no training rows left after tokenization (all too long, too short or with nothing to "
-                         "train); raise data.max_seq_len or check data.train_on")
-    eval_tok, eval_rep = _tokenize(eval_, tok, template, cfg, "eval") if eval_ is not None else (None, None)
-    lengths = column(train_tok, "num_tokens")
+    clock = StageClock()
+    train, eval_, report = _load_all(cfg, log, clock)
+    with clock("tokenize"):
+        tok = build_tokenizer(cfg.model, _corpus(train))
+        template, template_name = resolve_template(tok, cfg.data.chat_template)
+        if template_name != "tokenizer":
+            tok.chat_template = template  # saved with the tokenizer, so generation uses the training template
+        train_tok, train_rep = _tokenize(train, tok, template, cfg, "train")
+        if len(train_tok) == 0:
+            raise ValueError("data: no training rows left after tokenization (all too long, too short or with nothing to "
+                             "train); raise data.max_seq_len or check data.train_on")
+        eval_tok, eval_rep = _tokenize(eval_, tok, template, cfg, "eval") if eval_ is not None else (None, None)
+        lengths = column(train_tok, "num_tokens")
     if cfg.data.packing:
-        train_tok, train_rep["packing"] = pack_dataset(train_tok, cfg.data.max_seq_len)
+        with clock("pack"):
+            train_tok, train_rep["packing"] = pack_dataset(train_tok, cfg.data.max_seq_len)
 
-    tmp = out.with_name("data.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    train_tok.save_to_disk(str(tmp / "train"))
-    if eval_tok is not None:
-        eval_tok.save_to_disk(str(tmp / "eval"))
-    tok.save_pretrained(str(tmp / "tokenizer"))
-    write_length_histogram(lengths, cfg.data.max_seq_len, tmp / "lengths.png", f"training samples ({len(lengths)})")
+    with clock("save"):
+        tmp = out.with_name("data.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        train_tok.save_to_disk(str(tmp / "train"))
+        if eval_tok is not None:
+            eval_tok.save_to_disk(str(tmp / "eval"))
+        tok.save_pretrained(str(tmp / "tokenizer"))
+        write_length_histogram(lengths, cfg.data.max_seq_len, tmp / "lengths.png", f"training samples ({len(lengths)})")
     report = {
         "fingerprint": fp,
         "chat_template": template_name,
@@ -248,6 +277,7 @@ def prepare(cfg: RunConfig, run_dir: str | Path, force: bool = False, log=print)
         **report,
         "train": train_rep,
         "eval": eval_rep,
+        "seconds": clock.seconds,  # wall clock per stage of this preparation
     }
     (tmp / "data_report.json").write_text(json.dumps(report, indent=2))
     (tmp / "fingerprint.json").write_text(json.dumps(parts, indent=2))
@@ -293,4 +323,6 @@ def summary(report: dict) -> str:
                 pk = r["packing"]
                 lines.append(f"  packing: {pk['samples']} samples -> {pk['rows']} rows; efficiency {100 * pk['efficiency']:.1f}% "
                              f"(unpacked, padded to max_seq_len: {100 * pk['efficiency_unpacked']:.1f}%)")
+    if report.get("seconds"):
+        lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
     return "\n".join(lines)

@@ -12,6 +12,7 @@ end-of-turn marker at all, the tokenizer's EOS is appended and trained, so the m
 
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -68,42 +69,97 @@ def render(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dic
     )
 
 
+def _render_many(tokenizer, template: str, requests: list[tuple[list[dict], bool]]) -> list[str]:
+    """`render` of many (messages, generation_prompt) pairs: one batched apply_chat_template call per flag,
+    the same text without the per-call overhead. An empty conversation is rendered alone, to fail as alone."""
+    out = [""] * len(requests)
+    for flag in (False, True):
+        idx = [k for k, (msgs, g) in enumerate(requests) if g is flag and msgs]
+        if idx:
+            texts = tokenizer.apply_chat_template([requests[k][0] for k in idx], chat_template=template,
+                                                  tokenize=False, add_generation_prompt=flag)
+            for k, text in zip(idx, texts):
+                out[k] = text
+    for k, (msgs, g) in enumerate(requests):
+        if not msgs:
+            out[k] = render(tokenizer, template, msgs, g)
+    return out
+
+
+def _render_followed(tokenizer, template: str, conversations: list[list[dict]]) -> list[str | None]:
+    """Each conversation followed by a user turn; None where the template refuses a trailing user turn."""
+    followed = [([*msgs, {"role": "user", "content": "x"}], False) for msgs in conversations]
+    try:
+        return list(_render_many(tokenizer, template, followed))
+    except Exception:  # some conversation is refused: find which, one by one
+        out: list[str | None] = []
+        for msgs, _ in followed:
+            try:
+                out.append(render(tokenizer, template, msgs, False))
+            except Exception:
+                out.append(None)
+        return out
+
+
+def assistant_spans_many(
+    tokenizer: PreTrainedTokenizerBase, template: str, conversations: list[list[dict]], train_on: str
+) -> list[tuple[str, list[tuple[int, int, bool]]]]:
+    """Render each conversation and return (text, [(start, end, has_end_marker)]) of its trained turns.
+
+    Assistant turn i spans `through[len(before):end]`, where before = the conversation up to turn i with
+    the generation prompt, through = the conversation through turn i (the full rendering for the last
+    turn), and `end` is where `through` stops agreeing with a rendering in which another message follows.
+    """
+    requests: list[tuple[list[dict], bool]] = []
+
+    def need(msgs: list[dict], generation_prompt: bool) -> int:
+        requests.append((msgs, generation_prompt))
+        return len(requests) - 1
+
+    plans, ends_last = [], []
+    for msgs in conversations:
+        turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        if train_on == "last":
+            turns = turns[-1:]
+        full = need(msgs, False)
+        steps = [(i, need(msgs[:i], True), full if i == len(msgs) - 1 else need(msgs[: i + 1], False)) for i in turns]
+        plans.append((full, steps))
+        ends_last.append(bool(turns) and turns[-1] == len(msgs) - 1)
+    texts = _render_many(tokenizer, template, requests)
+    followed = iter(_render_followed(tokenizer, template, [m for m, last in zip(conversations, ends_last) if last]))
+    out = []
+    for msgs, (full_k, steps), last in zip(conversations, plans, ends_last):
+        full, spans = texts[full_k], []
+        follow_last = next(followed) if last else None
+        for i, before_k, through_k in steps:
+            before, through = texts[before_k], texts[through_k]
+            end = _turn_end(tokenizer, through, follow_last if i == len(msgs) - 1 else full)
+            if not (through.startswith(before) and full.startswith(through[:end])) or end < len(before):
+                raise TemplateError(
+                    f"the chat template renders assistant turn {i} differently depending on what follows it, so its "
+                    "tokens cannot be located; use data.chat_template: chatml (or alpaca), or a template file"
+                )
+            turn = through[len(before):end].rstrip()
+            content = msgs[i]["content"].strip()
+            at = turn.find(content) if content else 0
+            has_marker = bool(turn[at + len(content):].strip()) if at >= 0 else True
+            spans.append((len(before), len(before) + len(turn), has_marker))
+        out.append((full, spans))
+    return out
+
+
 def assistant_spans(
     tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict], train_on: str
 ) -> tuple[str, list[tuple[int, int, bool]]]:
     """Render `messages` and return (text, [(start, end, has_end_marker)]) of the trained turns."""
-    full = render(tokenizer, template, messages, False)
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if train_on == "last":
-        turns = turns[-1:]
-    spans = []
-    for i in turns:
-        before = render(tokenizer, template, messages[:i], True)
-        through = render(tokenizer, template, messages[: i + 1], False)
-        end = _turn_end(tokenizer, template, messages, i, through, full)
-        if not (through.startswith(before) and full.startswith(through[:end])) or end < len(before):
-            raise TemplateError(
-                f"the chat template renders assistant turn {i} differently depending on what follows it, so its "
-                "tokens cannot be located; use data.chat_template: chatml (or alpaca), or a template file"
-            )
-        turn = through[len(before):end].rstrip()
-        content = messages[i]["content"].strip()
-        at = turn.find(content) if content else 0
-        has_marker = bool(turn[at + len(content):].strip()) if at >= 0 else True
-        spans.append((len(before), len(before) + len(turn), has_marker))
-    return full, spans
+    return assistant_spans_many(tokenizer, template, [messages], train_on)[0]
 
 
-def _turn_end(tokenizer, template: str, messages: list[dict], i: int, through: str, full: str) -> int:
-    """Where assistant turn i ends in `through`: where it stops agreeing, token by token, with a rendering
-    in which another message follows (some templates close the whole conversation with an extra EOS)."""
-    follow = full
-    if i == len(messages) - 1:
-        try:
-            follow = render(tokenizer, template, [*messages, {"role": "user", "content": "x"}], False)
-        except Exception:  # a template that refuses a trailing user turn: keep the whole rendering
-            return len(through)
-    if follow.startswith(through):
+def _turn_end(tokenizer, through: str, follow: str | None) -> int:
+    """Where an assistant turn ends in `through`: where it stops agreeing, token by token, with `follow`, a
+    rendering in which another message follows (some templates close the whole conversation with an extra
+    EOS). `follow` is None when the template refuses a following user turn: keep the whole rendering."""
+    if follow is None or follow.startswith(through):
         return len(through)
     a = tokenizer(through, add_special_tokens=False, return_offsets_mapping=True)
     b = tokenizer(follow, add_special_tokens=False)["input_ids"]
@@ -113,14 +169,24 @@ def _turn_end(tokenizer, template: str, messages: list[dict], i: int, through: s
     return a["offset_mapping"][n - 1][1] if n else 0
 
 
-def _labels(ids: list[int], offsets, spans: list[tuple[int, int, bool]], train_on: str) -> list[int]:
+def _labels_many(ids: list[list[int]], offsets: list, spans: list[list[tuple[int, int, bool]]], train_on: str) -> list[list[int]]:
+    """Labels of many tokenized conversations at once: a token is trained when it overlaps a trained
+    character span (numpy over the whole batch)."""
     if train_on == "all":
-        return list(ids)
-    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    trained = np.zeros(len(ids), dtype=bool)
-    for start, end, _ in spans:  # a token is trained when it overlaps a trained character span
+        return [list(x) for x in ids]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    n = int(lengths.sum())
+    flat_ids = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=n)
+    off = np.fromiter(chain.from_iterable(chain.from_iterable(offsets)), dtype=np.int64, count=2 * n).reshape(n, 2)
+    row = np.repeat(np.arange(len(ids)), lengths)
+    trained = np.zeros(n, dtype=bool)
+    for k in range(max(map(len, spans), default=0)):  # the k-th trained span of every row; (0, 0) overlaps nothing
+        start = np.array([s[k][0] if k < len(s) else 0 for s in spans], dtype=np.int64)[row]
+        end = np.array([s[k][1] if k < len(s) else 0 for s in spans], dtype=np.int64)[row]
         trained |= (off[:, 0] < end) & (off[:, 1] > start)
-    return np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+    labels = np.where(trained, flat_ids, IGNORE_INDEX).tolist()
+    bounds = [0, *np.cumsum(lengths).tolist()]
+    return [labels[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _close_turn(tokenizer, ids: list[int], labels: list[int], spans, train_on: str) -> None:
@@ -142,16 +208,16 @@ def _close_turn(tokenizer, ids: list[int], labels: list[int], spans, train_on: s
 def tokenize_chats(
     tokenizer: PreTrainedTokenizerBase, template: str, conversations: list[list[dict]], train_on: str
 ) -> list[tuple[list[int], list[int]]]:
-    """Token ids and labels of many conversations (one batched tokenizer call); -100 outside trained turns."""
-    rendered = [assistant_spans(tokenizer, template, msgs, train_on) for msgs in conversations]
+    """Token ids and labels of many conversations (batched rendering and tokenization); -100 outside trained turns."""
+    rendered = assistant_spans_many(tokenizer, template, conversations, train_on)
     if not rendered:
         return []
     enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    spans = [sp for _, sp in rendered]
     out = []
-    for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+    for sp, ids, labels in zip(spans, enc["input_ids"], _labels_many(enc["input_ids"], enc["offset_mapping"], spans, train_on)):
         ids = list(ids)
-        labels = _labels(ids, offsets, spans, train_on)
-        _close_turn(tokenizer, ids, labels, spans, train_on)
+        _close_turn(tokenizer, ids, labels, sp, train_on)
         out.append((ids, labels))
     return out
 

@@ -7,7 +7,7 @@ import math
 import torch
 
 from tuneforge.data.collate import rows_at
-from tuneforge.train.loss import forward_logits, nll_sum, trained_tokens
+from tuneforge.train.loss import trained_nll_sum, trained_tokens
 
 
 @torch.no_grad()
@@ -17,9 +17,8 @@ def evaluate_loss(model, dataset, collate, batch_size: int, device) -> dict:
     total, count = 0.0, 0
     for b in range(0, len(dataset), batch_size):
         batch = collate(rows_at(dataset, list(range(b, min(b + batch_size, len(dataset))))))
-        batch = {k: v.to(device) for k, v in batch.items() if k != "num_tokens"}
-        logits = forward_logits(model, batch)
-        total += float(nll_sum(logits, batch["labels"]))
+        batch = {k: v.to(device) for k, v in batch.items() if not k.startswith("num_")}
+        total += float(trained_nll_sum(model, batch))
         count += trained_tokens(batch["labels"])
     if was_training:
         model.train()

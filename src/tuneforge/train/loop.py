@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -27,9 +26,10 @@ from tuneforge.model.load import DTYPES, choose_attention, choose_precision, loa
 from tuneforge.train.batches import BatchOrder
 from tuneforge.train.checkpoint import (TrainState, check_resume_key, find_latest, flat_config, load_checkpoint,
                                         load_trainable_state, prune, read_manifest, save_checkpoint, step_dir_name)
-from tuneforge.train.loss import forward_logits, nll_sum, trained_tokens
+from tuneforge.train.loss import forward_logits, nll_sum, trained_nll_sum, trained_tokens
 from tuneforge.train.monitor import Monitor
 from tuneforge.train.signals import BadStepsError, StopSignals, TrainingStopped
+from tuneforge.train.throughput import default_threads, device_peak_tflops, flop_model, peak_memory_gb
 from tuneforge.train.optim import build_optimizer, build_scheduler
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -47,8 +47,9 @@ class Trainer:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.precision = choose_precision(cfg.train.precision, device)
         self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision=MIXED_PRECISION[self.precision])
+        self.device = device
         if device == "cpu":
-            torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // self.accelerator.num_processes))
+            torch.set_num_threads(cfg.train.threads or default_threads(self.accelerator.num_processes))
         self.is_main = self.accelerator.is_main_process
 
         # ---- model and adapter
@@ -65,8 +66,11 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = apply_adapter(model, cfg.adapter, cfg.train.gradient_checkpointing)
         self.params_report = trainable_report(model)
+        self.flops = flop_model(model)
+        self.peak_tflops, peak_source = device_peak_tflops(device, self.precision, cfg.train.peak_tflops)
         self.log(f"model: {cfg.model.name_or_path or cfg.model.init.architecture + ' (new)'} on {device}, "
-                 f"precision {self.precision}, attention {attention}; {describe(self.params_report)}")
+                 f"precision {self.precision}, attention {attention}, {torch.get_num_threads()} threads; "
+                 f"{describe(self.params_report)}; MFU against {self.peak_tflops:.3g} TFLOP/s ({peak_source})")
 
         # ---- data order and length of the run
         self.order = BatchOrder(len(self.data.train), cfg.train.micro_batch_size, cfg.train.seed,
@@ -96,12 +100,18 @@ class Trainer:
         step_tokens = float(acc.reduce(step_tokens, "sum")) if acc.num_processes > 1 else float(step_tokens)
         total_nll = 0.0
         real_tokens = sum(int(b.pop("num_tokens")) for b in micro)
+        attended = sum(int(b.pop("num_attended")) for b in micro)
+        local_trained = sum(trained_tokens(b["labels"]) for b in micro)
+        head_positions = local_trained if cfg.logits == "trained" else sum(b["input_ids"].numel() for b in micro)
+        flops = self.flops.step_flops(real_tokens, local_trained, attended, head_positions) * acc.num_processes
         for i, batch in enumerate(micro):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = i == len(micro) - 1 or acc.num_processes == 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                logits = forward_logits(self.model, batch)
-                nll = nll_sum(logits, batch["labels"])
+                if cfg.logits == "trained":
+                    nll = trained_nll_sum(self.model, batch)
+                else:
+                    nll = nll_sum(forward_logits(self.model, batch), batch["labels"])
                 # DDP averages gradients over ranks; multiply back so the result is sum / step_tokens
                 acc.backward(nll * acc.num_processes / max(step_tokens, 1.0))
             total_nll += float(nll.detach())
@@ -118,7 +128,7 @@ class Trainer:
         self.scheduler.step()  # the schedule follows the step count, skipped steps included
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
-                "trained_tokens": int(step_tokens), "tokens": real_tokens * acc.num_processes}
+                "trained_tokens": int(step_tokens), "tokens": real_tokens * acc.num_processes, "flops": flops}
 
     # ------------------------------------------------------------------------ the loop
     def train(self, resume_from: str | Path | None = None) -> dict:
@@ -137,7 +147,10 @@ class Trainer:
                 st.step = step
                 st.tokens_total += m["tokens"]
                 st.trained_tokens_total += m["trained_tokens"]
-                m.update(step_time_s=dt, tokens_per_s=m["tokens"] / dt, trained_tokens_total=st.trained_tokens_total,
+                flops = m.pop("flops")
+                m.update(step_time_s=dt, tokens_per_s=m["tokens"] / dt, trained_tokens_per_s=m["trained_tokens"] / dt,
+                         mfu=flops / dt / (self.peak_tflops * 1e12 * self.accelerator.num_processes),
+                         peak_mem_gb=peak_memory_gb(self.device), trained_tokens_total=st.trained_tokens_total,
                          tokens_total=st.tokens_total, epoch=step * self.cfg.train.grad_accum / self.order.batches_per_epoch)
                 if m["skipped"]:
                     self._bad_step(step, m)

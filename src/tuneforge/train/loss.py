@@ -3,6 +3,11 @@
 The loss of a step is (sum of token NLLs over every micro-batch and rank) / (trained tokens in the
 step), not a mean of micro-batch means: a micro-batch with 3 trained tokens must not weigh as much as
 one with 300. Each micro-batch therefore backpropagates `nll_sum / step_tokens`.
+
+`trained_nll_sum` computes the LM head only at positions whose next token is trained: prompt and
+padding positions never get full-vocabulary logits (with a 32k-128k vocabulary those logits are most
+of a step's activation memory). It hooks the model's own output layer, so whatever the model does
+after it (logit scaling, soft-capping) still applies.
 """
 
 from __future__ import annotations
@@ -32,9 +37,50 @@ def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of a padded batch (attention_mask) or a packed one (position_ids restarting per sample)."""
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     if "position_ids" in batch:
         # no attention mask and no cache: transformers builds the block-diagonal mask from position_ids
-        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
+def output_layer(model) -> torch.nn.Module:
+    """The LM head of a (peft-, DDP- or compile-wrapped) causal LM."""
+    inner = model
+    while not hasattr(inner, "get_output_embeddings") and hasattr(inner, "module"):
+        inner = inner.module
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None:
+        raise TypeError(f"{type(model).__name__} has no output embeddings (LM head); is it a causal LM?")
+    return head
+
+
+def trained_nll_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token NLLs over trained positions, running the LM head only at those positions."""
+    labels = batch["labels"]
+    targets_mask = labels[:, 1:] != IGNORE_INDEX
+    select = torch.zeros_like(labels, dtype=torch.bool)
+    select[:, :-1] = targets_mask
+    select = select.to(batch["input_ids"].device)
+
+    def keep_trained(module, args):
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[:2] != select.shape:
+            raise RuntimeError(f"LM head got hidden states of shape {tuple(hidden.shape)}, expected "
+                               f"{tuple(select.shape)} + (hidden,); use train.logits=full for this model")
+        return (hidden[select], *args[1:])
+
+    handle = output_layer(model).register_forward_pre_hook(keep_trained)
+    try:
+        logits = model(**_model_inputs(batch)).logits  # (trained positions, vocab)
+    finally:
+        handle.remove()
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    targets = labels[:, 1:][targets_mask].to(logits.device)
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a padded batch (attention_mask) or a packed one (position_ids restarting per sample)."""
+    return model(**_model_inputs(batch)).logits

@@ -68,6 +68,8 @@ class Monitor:
         if due:
             self.write({"type": "train", "step": step, **metrics})
         status = f"loss {metrics['loss']:.4f}  {metrics.get('tokens_per_s', 0):,.0f} tok/s"
+        if "mfu" in metrics:
+            status += f"  MFU {100 * metrics['mfu']:.0f}%  mem {metrics.get('peak_mem_gb', 0):.1f}G"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, status=status)
         elif self.mode == "plain" and due:

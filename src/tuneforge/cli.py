@@ -269,6 +269,36 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- export
+def cmd_export(args) -> int:
+    from tuneforge.export import ExportError, ExportParityError, export_run
+
+    prompts = None
+    if args.prompts:
+        prompts = []
+        for n, line in enumerate(Path(args.prompts).read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompts.append(row["messages"] if "messages" in row else row["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                _err(f"{args.prompts}:{n}: expected a JSON object with \"prompt\" or \"messages\" ({type(e).__name__}: {e})")
+                return EXIT_CONFIG
+    try:
+        result = export_run(args.run_dir, args.out, args.dtype, prompts, base_model=args.base,
+                            max_shard_size=args.max_shard_size)
+    except ExportParityError as e:
+        _err(str(e))
+        return EXIT_FAILED
+    except ExportError as e:
+        _err(str(e))
+        return EXIT_CONFIG
+    print(f"export ok: {result.out_dir} ({result.dtype}{', merged ' + result.adapter if result.merged else ''}); "
+          f"parity report in {result.out_dir / 'parity.json'}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune causal language models from one YAML file.")
@@ -307,6 +337,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.set_defaults(func=cmd_generate)
+
+    ex = sub.add_parser("export", help="merge the adapter (if any) and write a Hugging Face model directory, "
+                        "checked for logit parity", description="merge the adapter (if any) into its base in fp32, "
+                        "write RUN/export (safetensors, config, generation_config with the stop ids, tokenizer with "
+                        "its chat template), and compare its logits with base + adapter; exit 1 if they disagree")
+    ex.add_argument("run_dir", help="run directory (or its final/ directory)")
+    ex.add_argument("--out", help="output directory (default: RUN/export)")
+    ex.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="weights dtype of the export (auto: the run's training precision)")
+    ex.add_argument("--base", help="the adapter's base model directory, if it moved since training")
+    ex.add_argument("--prompts", help="JSONL of {\"prompt\": ...} or {\"messages\": [...]} for the parity check "
+                    "(default: held-out rows of the run's data)")
+    ex.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 2GB)")
+    ex.set_defaults(func=cmd_export)
 
     sub.add_parser("reference", help="print every config key, its default and meaning").set_defaults(func=cmd_reference)
     return p

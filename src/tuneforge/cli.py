@@ -6,6 +6,11 @@
   tuneforge data preview CONFIG.yaml [--rows N]          prepared rows with the trained tokens marked
   tuneforge generate RUN_DIR --prompt TEXT | --file prompts.jsonl
   tuneforge reference                                    every config key with its default and meaning
+  tuneforge eval RUN_DIR [--base] [--lm-eval TASKS]      held-out loss/ppl + task metrics, base vs tuned
+  tuneforge report RUN_DIR                               plots + report.md + self-contained report.html
+  tuneforge compare RUN_A RUN_B ...                      final metrics side by side, loss curves in one PNG
+  tuneforge serve RUN_OR_MODEL_DIR [--port 8000]         OpenAI-compatible HTTP API (batched, streaming)
+  tuneforge chat RUN_OR_MODEL_DIR                        terminal chat with history
 """
 
 from __future__ import annotations
@@ -117,14 +122,14 @@ def _held_out_chats(dataset, n: int) -> tuple[list[list[dict]], list[str]]:
 
 def _task_eval(model, data, cfg) -> dict:
     from tuneforge.eval.generation import generate
-    from tuneforge.eval.tasks import exact_match
+    from tuneforge.eval.tasks import task_metrics
 
     prompts, refs = _held_out_chats(data.eval, cfg.eval.generate_rows)
     if not prompts:
         return {}
     preds = generate(model, data.tokenizer, prompts, cfg.eval.max_new_tokens, data.report.get("stop_token_ids"),
-                     batch_size=cfg.eval.batch_size)
-    return {"exact_match": exact_match(preds, refs), "exact_match_normalized": exact_match(preds, refs, normalized=True)}
+                     batch_size=cfg.eval.batch_size, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p)
+    return task_metrics(preds, refs)
 
 
 def _print_comparison(before: dict, after: dict) -> None:
@@ -136,13 +141,14 @@ def _print_comparison(before: dict, after: dict) -> None:
         print(f"{k:<24}{before[k]:>12.4f}{after[k]:>12.4f}{after[k] - before[k]:>+12.4f}")
 
 
-def _resume_point(resume: str, run_dir: Path, overwrite: bool) -> Path | None:
+def _resume_point(resume: str, run_dir: Path, overwrite: bool, clear: bool = True) -> Path | None:
     """Which checkpoint `train` continues from (None = a fresh start), per --resume and what the run dir holds.
     A fresh start over an earlier run's results needs output.overwrite=true, and then clears them."""
     from tuneforge.train.checkpoint import CheckpointError, clean_partial, find_latest, read_manifest
 
     ckpts = run_dir / "checkpoints"
-    clean_partial(ckpts)
+    if clear:
+        clean_partial(ckpts)
     if resume not in ("auto", "never"):
         path = Path(resume)
         if not path.is_dir():
@@ -159,6 +165,8 @@ def _resume_point(resume: str, run_dir: Path, overwrite: bool) -> Path | None:
             hint = ("choose another output.dir or pass output.overwrite=true to train again from scratch" if finished
                     else "run without --resume never to continue it, or pass output.overwrite=true to start over")
             raise CheckpointError(f"{what}; {hint}")
+        if not clear:
+            return None
         import shutil
 
         shutil.rmtree(ckpts, ignore_errors=True)
@@ -181,48 +189,91 @@ def _start_eval(metrics_path: Path) -> dict:
     return {}
 
 
+def _launch_processes(args, cfg, run_dir: Path) -> int:
+    """`train --nproc N`: resolve the resume point and prepare the data here, once, then start N ranks."""
+    from tuneforge.data.prepare import prepare
+    from tuneforge.train.launch import LaunchSpec, launch
+
+    spec = LaunchSpec(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    resume_from = None
+    if args.node_rank == 0:
+        resume_from = _resume_point(args.resume, run_dir, cfg.output.overwrite)
+        write_resolved_config(cfg, run_dir)
+        prepare(cfg, run_dir)  # the ranks find it cached (other nodes' ranks wait for it on the shared file system)
+    elif args.resume not in ("auto", "never"):
+        resume_from = Path(args.resume)
+    cli_args = ["train", args.config, *args.overrides, "--resume", args.resume]
+    print(f"launching {spec.nproc} processes on node {spec.node_rank} of {spec.nnodes} (world size {spec.world_size})")
+    rc = launch(spec, cli_args, str(resume_from) if resume_from else None, cfg.train.threads)
+    if rc != 0:
+        _err(f"training on {spec.world_size} processes failed (exit code {rc}); the launcher's report above names "
+             "the failed rank and its error. Run the same command again to resume from the latest checkpoint.")
+        return EXIT_FAILED
+    return 0
+
+
 def cmd_train(args) -> int:
-    import torch
+    import os
 
     from tuneforge.data.collate import PaddedCollator
-    from tuneforge.data.prepare import prepare
+    from tuneforge.data.prepare import prepare, wait_for_prepared
     from tuneforge.eval.generation import generate
     from tuneforge.eval.perplexity import evaluate_loss
+    from tuneforge.train.launch import RESUME_ENV, adopt_slurm_env, rank, under_launcher
     from tuneforge.train.loop import Trainer
 
     cfg = _load(args)
     run_dir = Path(cfg.output.dir)
-    resume_from = _resume_point(args.resume, run_dir, cfg.output.overwrite)
-    write_resolved_config(cfg, run_dir)
-    data = prepare(cfg, run_dir)
+    adopt_slurm_env()
+    if (args.nproc > 1 or args.nnodes > 1) and not under_launcher():
+        return _launch_processes(args, cfg, run_dir)
+    main_rank = rank() == 0
+    say = print if main_rank else (lambda *a, **k: None)
+    if RESUME_ENV in os.environ:  # started by our own launcher, which resolved it
+        resume_from = Path(os.environ[RESUME_ENV]) if os.environ[RESUME_ENV] else None
+    else:  # every rank reaches the same answer; only rank 0 clears an overwritten run
+        resume_from = _resume_point(args.resume, run_dir, cfg.output.overwrite, clear=main_rank)
+    if main_rank:
+        write_resolved_config(cfg, run_dir)
+        from tuneforge.train.monitor import stage_status
+
+        with stage_status("preparing data", cfg.log.progress) as log:
+            data = prepare(cfg, run_dir, log=log)
+    else:
+        data = wait_for_prepared(cfg, run_dir, timeout_s=60 * cfg.dist.timeout_minutes)
 
     collate = PaddedCollator(data.tokenizer.pad_token_id)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    trainer = Trainer(cfg, run_dir, data, None, log=say).setup()
+    device = trainer.accelerator.device
 
     def evaluate(model) -> dict:
-        out = evaluate_loss(model, data.eval, collate, cfg.eval.batch_size, device) if data.eval is not None else {}
-        return out
+        return evaluate_loss(model, data.eval, collate, cfg.eval.batch_size, device)
 
-    trainer = Trainer(cfg, run_dir, data, evaluate if data.eval is not None else None).setup()
+    trainer.evaluate = evaluate if data.eval is not None else None
     try:
         model = trainer.accelerator.unwrap_model(trainer.model)
         before: dict = _start_eval(trainer.monitor.path) if resume_from else {}
         if data.eval is not None and cfg.eval.at_start and not resume_from:
-            before = {**evaluate(model), **(_task_eval(model, data, cfg) if cfg.eval.generate_rows else {})}
+            before = evaluate(model)
+            if cfg.eval.generate_rows and main_rank:
+                before.update(_task_eval(model, data, cfg))
             trainer.monitor.write({"type": "eval", "step": 0, **before})
-            print("before training: " + "  ".join(f"{k}={v:.4g}" for k, v in before.items()))
+            say("before training: " + "  ".join(f"{k}={v:.4g}" for k, v in before.items()))
         summary = trainer.train(resume_from)
         after = {k: v for k, v in summary.items() if k.startswith("eval_")}
-        if data.eval is not None and cfg.eval.generate_rows:
+        if data.eval is not None and cfg.eval.generate_rows and main_rank:
             after.update(_task_eval(model, data, cfg))
             trainer.monitor.write({"type": "eval", "step": trainer.total_steps, **after})
         final = trainer.save_final()
     finally:
         trainer.cleanup()
+    if not main_rank:
+        return 0
 
     print(f"\ntrained {summary['steps']} steps in {summary['wall_s']:.1f}s "
           f"({summary['tokens_per_s']:,.0f} tokens/s); loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
     _print_comparison(before, after)
+    samples = []
     if cfg.eval.show_samples:
         source = data.eval if data.eval is not None else data.train
         prompts, refs = _held_out_chats(source, cfg.eval.show_samples)
@@ -230,8 +281,110 @@ def cmd_train(args) -> int:
         print("\nsample generations:")
         for p, r, g in zip(prompts, refs, preds):
             print(f"  prompt:    {p[-1]['content']!r}\n  expected:  {r!r}\n  generated: {g!r}")
-    (run_dir / "run_summary.json").write_text(json.dumps({"before": before, "after": after, **summary}, indent=2))
+            samples.append({"prompt": p[-1]["content"], "reference": r, "generated": g})
+    (run_dir / "run_summary.json").write_text(json.dumps({"before": before, "after": after, **summary,
+                                                          "samples": samples}, indent=2))
+    _write_report_quietly(run_dir)
     print(f"\nsaved {final} (try: tuneforge generate {run_dir} --prompt \"...\")")
+    return 0
+
+
+# ---------------------------------------------------------------------------- eval / report / compare
+def _write_report_quietly(run_dir: Path) -> None:
+    """The run report after training; a report problem is a warning, never a failed run."""
+    from tuneforge.eval.report import write_report
+
+    try:
+        md, page = write_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - the weights are saved; the report can be rebuilt with `tuneforge report`
+        print(f"warning: the run report was not written ({type(e).__name__}: {e}); "
+              f"retry with: tuneforge report {run_dir}", file=sys.stderr)
+        return
+    print(f"report: {md} and {page.name} (plots in {run_dir / 'plots'})")
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from tuneforge.data.prepare import load_prepared
+    from tuneforge.eval.harness import LmEvalMissing, require_lm_eval, run_lm_eval
+    from tuneforge.eval.runner import (EvalError, ModelEval, base_model, comparison_table, evaluate_model,
+                                       write_eval_json)
+    from tuneforge.model.load import load_trained
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").exists():
+        _err(f"{run_dir}: no config.yaml here; give a run directory written by `tuneforge train`")
+        return EXIT_CONFIG
+    if not (run_dir / "data" / "eval").exists():
+        _err(f"{run_dir}: no held-out set in {run_dir / 'data' / 'eval'}; train with data.eval_fraction > 0 "
+             "or data.eval set to have one")
+        return EXIT_CONFIG
+    tasks = [t for t in (args.lm_eval or "").split(",") if t]
+    if tasks:
+        try:
+            require_lm_eval()
+        except LmEvalMissing as e:
+            _err(str(e))
+            return EXIT_CONFIG
+    # trackers play no part in eval: a tracker package missing here must not block it
+    cfg = load_config(run_dir / "config.yaml", ["log.report_to=[jsonl]"])
+    for key in ("max_new_tokens", "temperature", "top_p", "batch_size"):
+        if getattr(args, key) is not None:
+            setattr(cfg.eval, key, getattr(args, key))
+    progress = args.progress or cfg.log.progress
+    rows = args.rows or cfg.eval.generate_rows or None
+    data = load_prepared(run_dir)
+    model, tok, info = load_trained(run_dir)
+    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    stops = info.get("stop_token_ids") or data.report.get("stop_token_ids")
+
+    def run(m, label: str) -> ModelEval:
+        result = evaluate_model(m, tok, data.eval, cfg.eval, stops, rows, progress, label)
+        if tasks:
+            result.metrics.update(run_lm_eval(m, tok, tasks, args.lm_eval_limit, cfg.eval.batch_size))
+        return result
+
+    try:
+        base = None
+        if args.base:
+            with base_model(model, cfg, tok) as m:
+                base = run(m, "base")
+        tuned = run(model, "tuned")
+    except EvalError as e:
+        _err(str(e))
+        return EXIT_FAILED
+    settings = {"rows": len(data.eval), "generated_rows": tuned.metrics.get("generated_rows", 0),
+                "max_new_tokens": cfg.eval.max_new_tokens, "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p}
+    out = write_eval_json(run_dir, tuned, base, settings)
+    print(f"held-out set: {len(data.eval)} rows ({settings['generated_rows']} generated, "
+          f"max_new_tokens {cfg.eval.max_new_tokens}, temperature {cfg.eval.temperature:g})\n")
+    print(comparison_table(base.metrics if base else None, tuned.metrics))
+    print(f"\nwrote {out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from tuneforge.eval.report import write_report
+
+    if not (Path(args.run_dir) / "metrics.jsonl").exists() and not (Path(args.run_dir) / "config.yaml").exists():
+        _err(f"{args.run_dir}: not a run directory (no metrics.jsonl or config.yaml)")
+        return EXIT_CONFIG
+    md, page = write_report(args.run_dir)
+    print(f"wrote {md}, {page} and {Path(args.run_dir) / 'plots'}/*.png")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from tuneforge.eval.compare import compare_runs
+
+    try:
+        table, png = compare_runs(args.runs, args.out)
+    except FileNotFoundError as e:
+        _err(str(e))
+        return EXIT_CONFIG
+    print(table)
+    print(f"\nloss curves: {png}")
     return 0
 
 
@@ -299,6 +452,39 @@ def cmd_export(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- serve / chat
+def cmd_serve(args) -> int:
+    import os
+
+    from tuneforge.serve import SERVE_EXTRA_HINT, missing_serve_deps
+
+    missing = missing_serve_deps()
+    if missing:
+        _err(f"tuneforge serve needs {' and '.join(missing)} (not installed): {SERVE_EXTRA_HINT}")
+        return EXIT_FAILED
+    from tuneforge.serve.loading import load_served
+    from tuneforge.serve.server import run_server
+
+    served = load_served(args.run_dir, name=args.model_name, device=args.device)
+    api_key = args.api_key or os.environ.get("TUNEFORGE_API_KEY") or None
+    run_server(served, args.host, args.port, api_key, args.max_batch_size, args.batch_window_ms)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from tuneforge.serve.chat import run_chat
+    from tuneforge.serve.engine import Engine
+    from tuneforge.serve.loading import load_served
+
+    served = load_served(args.run_dir, device=args.device)
+    engine = Engine(served.model, served.tokenizer, served.stop_token_ids, served.context_length, max_batch_size=1)
+    engine.start()
+    try:
+        return run_chat(served, engine, args.max_new_tokens, args.temperature, args.top_p, args.system)
+    finally:
+        engine.stop()
+
+
 # ---------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune causal language models from one YAML file.")
@@ -314,6 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", default="auto", metavar="auto|never|PATH",
                     help="auto: continue from <run>/checkpoints/latest if the run is unfinished (default); "
                     "never: start from step 0; PATH: continue from that checkpoint directory")
+    tr.add_argument("--nproc", type=int, default=1, metavar="N",
+                    help="processes (GPUs, or CPU processes) on this node; >1 launches torchrun (DDP)")
+    tr.add_argument("--nnodes", type=int, default=1, help="nodes in the job (multi-node: run the same command on each)")
+    tr.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1")
+    tr.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (multi-node)")
+    tr.add_argument("--master-port", type=int, default=None, help="port on node 0 (default: a free one; 29500 multi-node)")
     tr.set_defaults(func=cmd_train)
     with_config("validate", "check a config (no model or data loaded)").set_defaults(func=cmd_validate)
     sp = with_config("prepare", "run only the data stage into RUN_DIR/data")
@@ -351,6 +543,54 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: held-out rows of the run's data)")
     ex.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 2GB)")
     ex.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP API (batched, streaming) over a run or model directory",
+                        description="serve RUN (adapter + base or full weights) or an exported directory at "
+                        "/v1/chat/completions, /v1/completions, /v1/models and /health (needs the serve extra)")
+    sv.add_argument("run_dir", help="run directory, its final/ directory, or an exported model directory")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to accept other machines)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: env TUNEFORGE_API_KEY)")
+    sv.add_argument("--model-name", help="the model id clients send (default: the run's name)")
+    sv.add_argument("--max-batch-size", type=int, default=32, help="most sequences generated together")
+    sv.add_argument("--batch-window-ms", type=float, default=5.0, help="how long an idle server waits to batch arrivals")
+    sv.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    sv.set_defaults(func=cmd_serve)
+
+    ch = sub.add_parser("chat", help="chat with a run or model directory in the terminal (streaming, with history)")
+    ch.add_argument("run_dir", help="run directory, its final/ directory, or an exported model directory")
+    ch.add_argument("--system", help="system message")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    ch.add_argument("--top-p", type=float, default=1.0)
+    ch.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    ch.set_defaults(func=cmd_chat)
+
+    ev = sub.add_parser("eval", help="evaluate a run on its held-out set (and the base model with --base)",
+                        description="token-weighted loss/perplexity over RUN/data/eval and generation metrics (exact "
+                        "match, normalised match, ROUGE-L, chrF, BLEU) for the fine-tuned model and, with --base, the "
+                        "model before fine-tuning; prints metric/base/tuned/delta and writes RUN/eval.json")
+    ev.add_argument("run_dir", help="run directory")
+    ev.add_argument("--base", action="store_true", help="also evaluate the base model on the same rows")
+    ev.add_argument("--rows", type=int, help="held-out rows to generate for (default: eval.generate_rows, else all)")
+    ev.add_argument("--max-new-tokens", type=int, help="default: the run's eval.max_new_tokens")
+    ev.add_argument("--temperature", type=float, help="default: the run's eval.temperature (0 = greedy)")
+    ev.add_argument("--top-p", type=float, help="default: the run's eval.top_p")
+    ev.add_argument("--batch-size", type=int, help="default: the run's eval.batch_size")
+    ev.add_argument("--progress", choices=["auto", "bar", "plain", "json", "none"], help="default: the run's log.progress")
+    ev.add_argument("--lm-eval", metavar="TASK[,TASK]", help="also run lm-evaluation-harness tasks (needs `pip install "
+                    "lm-eval` and network access for its datasets)")
+    ev.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task (default: all)")
+    ev.set_defaults(func=cmd_eval)
+
+    rp = sub.add_parser("report", help="write RUN/plots/*.png, RUN/report.md and a self-contained RUN/report.html")
+    rp.add_argument("run_dir", help="run directory")
+    rp.set_defaults(func=cmd_report)
+
+    cp = sub.add_parser("compare", help="final metrics of several runs side by side and their loss curves in one PNG")
+    cp.add_argument("runs", nargs="+", help="run directories")
+    cp.add_argument("--out", default="compare_loss.png", help="PNG to write (default: ./compare_loss.png)")
+    cp.set_defaults(func=cmd_compare)
 
     sub.add_parser("reference", help="print every config key, its default and meaning").set_defaults(func=cmd_reference)
     return p

@@ -241,9 +241,12 @@ class EvalConfig(Section):
     at_start: bool = Field(True, description="Evaluate before the first step, for a before/after comparison.")
     batch_size: int = Field(8, gt=0, description="Rows per eval forward pass.")
     generate_rows: int = Field(
-        0, ge=0, description="Held-out rows scored by generation (exact match) before and after training."
+        0, ge=0, description="Held-out rows scored by generation (exact match, normalised match, ROUGE-L, chrF, "
+        "BLEU) before and after training; `tuneforge eval` uses all held-out rows when this is 0."
     )
     max_new_tokens: int = Field(64, gt=0, description="Generation length limit for eval and samples.")
+    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature for eval generations; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold when temperature > 0.")
     show_samples: int = Field(3, ge=0, description="Sample generations printed after training.")
     metric: str = Field("eval_loss", description="Metric that decides the best checkpoint and early stopping.")
     greater_is_better: bool | None = Field(
@@ -261,11 +264,53 @@ class EvalConfig(Section):
         return not self.metric.endswith(("loss", "ppl"))
 
 
+# tracker name -> (module that must be importable, what to pip install); jsonl needs nothing
+TRACKER_PACKAGES: dict[str, tuple[str, str]] = {
+    "tensorboard": ("tensorboard", "tuneforge[tensorboard]"),
+    "mlflow": ("mlflow", "tuneforge[mlflow]"),
+    "wandb": ("wandb", "tuneforge[wandb]"),
+    # other trackers accelerate integrates, driven through accelerate's tracker classes
+    "aim": ("aim", "aim"),
+    "comet_ml": ("comet_ml", "comet-ml"),
+    "clearml": ("clearml", "clearml"),
+    "dvclive": ("dvclive", "dvclive"),
+    "swanlab": ("swanlab", "swanlab"),
+    "trackio": ("trackio", "trackio"),
+}
+
+
 class LogConfig(Section):
     every_steps: int = Field(10, gt=0, description="Write a metrics line (and refresh the bar) every N steps.")
-    progress: Literal["auto", "bar", "plain", "none"] = Field(
-        "auto", description="auto = a live bar on a terminal, plain lines otherwise (CI logs)."
+    progress: Literal["auto", "bar", "plain", "json", "none"] = Field(
+        "auto", description="auto = a live bar on a terminal, plain lines otherwise (CI logs); "
+        "json = one JSON object per logged record on stderr; none = quiet."
     )
+    report_to: list[Literal["jsonl", "tensorboard", "mlflow", "wandb", "aim", "comet_ml", "clearml", "dvclive",
+                            "swanlab", "trackio"]] = Field(
+        default_factory=lambda: ["jsonl"],
+        description="Metric trackers. jsonl (<run>/metrics.jsonl) is always written; tensorboard writes "
+        "<run>/tensorboard, mlflow a local store (<run>/mlruns unless mlflow_tracking_uri / MLFLOW_TRACKING_URI), "
+        "wandb an offline run in <run>/wandb unless wandb_mode=online; others go through accelerate.")
+    project: str = Field("tuneforge", description="Project (W&B) / experiment (MLflow) name the run is filed under.")
+    run_name: str | None = Field(None, description="Run name shown by trackers; default: the run directory's name.")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else a file store in <run>/mlruns.")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline writes <run>/wandb with no network (upload later with `wandb sync`).")
+
+    @model_validator(mode="after")
+    def _trackers_installed(self) -> LogConfig:
+        import importlib.util
+
+        for name in self.report_to:
+            if name == "jsonl":
+                continue
+            module, pip_name = TRACKER_PACKAGES[name]
+            if importlib.util.find_spec(module) is None:
+                raise ValueError(
+                    f"report_to includes {name!r} but the {module} package is not installed; "
+                    f"pip install '{pip_name}' or remove {name} from log.report_to")
+        return self
 
 
 class CheckpointConfig(Section):
@@ -273,6 +318,17 @@ class CheckpointConfig(Section):
     every_minutes: float | None = Field(None, gt=0, description="Also write one when this many minutes passed since the last.")
     save_total_limit: int = Field(3, ge=1, description="Checkpoints kept (the newest); older ones are deleted after a save succeeds.")
     keep_best: bool = Field(True, description="Also keep the checkpoint with the best eval `metric`.")
+
+
+class DistConfig(Section):
+    """Several processes (`tuneforge train CONFIG --nproc N`, or started by torchrun / accelerate launch / SLURM)."""
+
+    strategy: Literal["auto", "ddp"] = Field(
+        "auto", description="auto = DDP when there is more than one process: each rank holds the whole model and "
+        "gradients are averaged (the step's loss stays sum of token losses / trained tokens over all ranks).")
+    timeout_minutes: float = Field(
+        30.0, gt=0, description="How long a rank waits in a collective (or for rank 0's data preparation) before "
+        "the job fails instead of hanging.")
 
 
 class OutputConfig(Section):
@@ -289,6 +345,7 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation during and after training.")
     log: LogConfig = Field(default_factory=LogConfig, description="Metrics and progress.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Resumable checkpoints under <run>/checkpoints.")
+    dist: DistConfig = Field(default_factory=DistConfig, description="Training on several processes / GPUs / nodes.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where the run is written.")
 
     @model_validator(mode="after")

@@ -288,6 +288,22 @@ def prepare(cfg: RunConfig, run_dir: str | Path, force: bool = False, log=print)
     return load_prepared(run_dir, reused=False)
 
 
+def wait_for_prepared(cfg: RunConfig, run_dir: str | Path, timeout_s: float, poll_s: float = 0.5) -> PreparedData:
+    """A file barrier for ranks other than 0: wait until `<run_dir>/data` holds data whose fingerprint matches
+    this config (rank 0 prepares it), then load it. No collective, so no collective timeout during a long
+    preparation; raises TimeoutError naming the directory after `timeout_s`."""
+    import time
+
+    fp_file, fp = data_dir(run_dir) / "fingerprint", _digest([fingerprint_parts(cfg)])
+    deadline = time.monotonic() + timeout_s
+    while not (fp_file.exists() and fp_file.read_text().strip() == fp):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f}s for rank 0 to prepare {data_dir(run_dir)}; is the run "
+                               "directory on a file system every node shares? (raise dist.timeout_minutes for huge data)")
+        time.sleep(poll_s)
+    return load_prepared(run_dir, reused=True)
+
+
 def load_prepared(run_dir: str | Path, reused: bool = True) -> PreparedData:
     out = data_dir(run_dir)
     report = json.loads((out / "data_report.json").read_text())

@@ -12,10 +12,11 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, InitProcessGroupKwargs
 
 from tuneforge import __version__
 from tuneforge.config.schema import RunConfig
@@ -28,6 +29,7 @@ from tuneforge.train.checkpoint import (TrainState, check_resume_key, find_lates
                                         load_trainable_state, prune, read_manifest, save_checkpoint, step_dir_name)
 from tuneforge.train.loss import forward_logits, nll_sum, trained_nll_sum, trained_tokens
 from tuneforge.train.monitor import Monitor
+from tuneforge.train.trackers import open_trackers
 from tuneforge.train.signals import BadStepsError, StopSignals, TrainingStopped
 from tuneforge.train.throughput import default_threads, device_peak_tflops, flop_model, peak_memory_gb
 from tuneforge.train.optim import build_optimizer, build_scheduler
@@ -46,7 +48,12 @@ class Trainer:
         # ---- device, precision, threads
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.precision = choose_precision(cfg.train.precision, device)
-        self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision=MIXED_PRECISION[self.precision])
+        # a collective that waits longer than dist.timeout_minutes fails the job instead of hanging it
+        timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist.timeout_minutes))
+        # step_scheduler_with_optimizer=False: accelerate would otherwise advance the schedule num_processes
+        # times per optimizer step (it assumes the per-rank batch count shrinks with the world size; ours doesn't)
+        self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision=MIXED_PRECISION[self.precision],
+                                       kwargs_handlers=[timeout], step_scheduler_with_optimizer=False)
         self.device = device
         if device == "cpu":
             torch.set_num_threads(cfg.train.threads or default_threads(self.accelerator.num_processes))
@@ -60,8 +67,10 @@ class Trainer:
         if cfg.model.init is not None and cfg.adapter.type != "full":
             # an adapter needs its base on disk: save the freshly initialised model beside the run
             base_dir = (self.run_dir / "base").resolve()
-            model.save_pretrained(str(base_dir))
-            self.data.tokenizer.save_pretrained(str(base_dir))
+            if self.is_main:
+                model.save_pretrained(str(base_dir))
+                self.data.tokenizer.save_pretrained(str(base_dir))
+            self.accelerator.wait_for_everyone()
             model.name_or_path = str(base_dir)
         torch.manual_seed(cfg.train.seed)
         model = apply_adapter(model, cfg.adapter, cfg.train.gradient_checkpointing)
@@ -84,7 +93,17 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.train)
         scheduler = build_scheduler(optimizer, cfg.train, self.total_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
-        self.monitor = Monitor(self.run_dir, self.total_steps, cfg.log.every_steps, cfg.log.progress, self.is_main)
+        # what actually wraps the model (DistributedDataParallel with several processes), recorded in the summary
+        self.wrapper = type(self.model).__name__
+        if self.accelerator.num_processes > 1:
+            self.log(f"distributed: {self.accelerator.num_processes} processes, {self.wrapper}, backend "
+                     f"{torch.distributed.get_backend()}; global micro-batch "
+                     f"{cfg.train.micro_batch_size * self.accelerator.num_processes} rows")
+        # trackers (log.report_to) on the main process; a run with checkpoints continues its tracker runs
+        trackers = open_trackers(cfg.log, self.run_dir, flat_config(cfg.model_dump(mode="json")),
+                                 resume=find_latest(self.ckpt_root) is not None) if self.is_main else []
+        self.monitor = Monitor(self.run_dir, self.total_steps, cfg.log.every_steps, cfg.log.progress, self.is_main,
+                               trackers=trackers)
         self.state = TrainState()
         return self
 
@@ -95,15 +114,17 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg.train
         first = (step - 1) * cfg.grad_accum
         micro = [self.collate(rows_at(self.data.train, self.order.micro_batch(first + i))) for i in range(cfg.grad_accum)]
-        # token-normalised over the whole step: every micro-batch and every rank
-        step_tokens = torch.tensor(float(sum(trained_tokens(b["labels"]) for b in micro)), device=acc.device)
-        step_tokens = float(acc.reduce(step_tokens, "sum")) if acc.num_processes > 1 else float(step_tokens)
-        total_nll = 0.0
         real_tokens = sum(int(b.pop("num_tokens")) for b in micro)
         attended = sum(int(b.pop("num_attended")) for b in micro)
         local_trained = sum(trained_tokens(b["labels"]) for b in micro)
         head_positions = local_trained if cfg.logits == "trained" else sum(b["input_ids"].numel() for b in micro)
-        flops = self.flops.step_flops(real_tokens, local_trained, attended, head_positions) * acc.num_processes
+        flops = self.flops.step_flops(real_tokens, local_trained, attended, head_positions)
+        # token-normalised over the whole step: every micro-batch and every rank (one all-reduce for the counts)
+        counts = [float(local_trained), float(real_tokens), float(flops)]
+        if acc.num_processes > 1:
+            counts = acc.reduce(torch.tensor(counts, dtype=torch.float64, device=acc.device), "sum").tolist()
+        step_tokens, real_tokens, flops = counts[0], int(counts[1]), counts[2]
+        total_nll = 0.0
         for i, batch in enumerate(micro):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = i == len(micro) - 1 or acc.num_processes == 1
@@ -128,7 +149,7 @@ class Trainer:
         self.scheduler.step()  # the schedule follows the step count, skipped steps included
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
-                "trained_tokens": int(step_tokens), "tokens": real_tokens * acc.num_processes, "flops": flops}
+                "trained_tokens": int(step_tokens), "tokens": real_tokens, "flops": flops}
 
     # ------------------------------------------------------------------------ the loop
     def train(self, resume_from: str | Path | None = None) -> dict:
@@ -190,6 +211,7 @@ class Trainer:
                         "trained_tokens": st.trained_tokens_total, "tokens_per_s": st.tokens_total / max(wall, 1e-9),
                         "first_loss": st.first_loss, "last_loss": st.last_loss, "bad_steps": st.bad_steps,
                         "stopped_early": st.stopped_early, "best_step": st.best_step,
+                        "world_size": self.accelerator.num_processes, "wrapper": self.wrapper,
                         **{k: v for k, v in final_eval.items() if k != "step"}}
         return self.summary
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 LORA_LR_RANGE = (1e-4, 2e-3)
 FULL_LR_RANGE = (1e-5, 5e-4)
-DEFAULT_LR = {"lora": 2e-4, "dora": 2e-4, "full": 2e-5}
+DEFAULT_LR = {"lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "full": 2e-5}
 
 
 class Section(BaseModel):
@@ -189,9 +189,12 @@ class DataConfig(Section):
 
 # ---------------------------------------------------------------------------- adapter
 class AdapterConfig(Section):
-    type: Literal["lora", "dora", "full"] = Field(
-        "lora", description="lora / dora train a low-rank adapter with peft; full trains every weight."
+    type: Literal["lora", "dora", "qlora", "full"] = Field(
+        "lora", description="lora / dora train a low-rank adapter with peft; qlora trains LoRA on a base loaded in "
+        "4 bits with bitsandbytes (CUDA or CPU; pip install 'tuneforge[qlora]'); full trains every weight."
     )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="qlora: 4-bit data type of the frozen base weights.")
+    double_quant: bool = Field(True, description="qlora: also quantise the quantisation constants (saves ~0.4 bit/weight).")
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
@@ -218,6 +221,9 @@ class TrainConfig(Section):
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="adamw (torch); adamw_8bit / paged_adamw_8bit keep Adam's moments in 8 bits "
+        "(bitsandbytes; paged also pages them to CPU memory under GPU memory pressure).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 where the device runs it natively (recent GPUs), fp16 on older GPUs, fp32 on CPU."
     )
@@ -376,6 +382,15 @@ class RunConfig(Section):
                 raise ValueError(f"eval.{key} needs periodic evaluation: set eval.every_steps (e.g. 100)")
             if getattr(self.eval, key) and self.data.eval is None and self.data.eval_fraction == 0:
                 raise ValueError(f"eval.{key} needs held-out rows: set data.eval or data.eval_fraction > 0")
+        needs_bnb = [what for what, used in (("adapter.type=qlora", self.adapter.type == "qlora"),
+                                             (f"train.optimizer={self.train.optimizer}", self.train.optimizer != "adamw"))
+                     if used]
+        if needs_bnb:
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ValueError(f"{' and '.join(needs_bnb)} need the bitsandbytes package, which is not installed; "
+                                 "pip install 'tuneforge[qlora]' (or use adapter.type=lora / train.optimizer=adamw)")
         if self.adapter.type == "full" and self.adapter.modules_to_save:
             raise ValueError("adapter.modules_to_save only applies to lora/dora; full fine-tuning trains every module")
         return self

@@ -109,6 +109,29 @@ def load_pretrained(source: str, dtype: torch.dtype, attention: str = "sdpa", re
         raise ModelLoadError(f"could not load model {source!r}: {e}\n{hint}") from None
 
 
+def load_quantized(source: str, compute_dtype: torch.dtype, device: str, quant_type: str = "nf4",
+                   double_quant: bool = True, attention: str = "sdpa", revision: str | None = None,
+                   trust_remote_code: bool = False) -> PreTrainedModel:
+    """The frozen base of a QLoRA run: linear weights in 4 bits (bitsandbytes), computed in `compute_dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, quantization_config=quant, dtype=compute_dtype, device_map={"": device},
+            attn_implementation=attention, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelLoadError(f"could not load model {source!r} for 4-bit QLoRA: {e}") from None
+    # bitsandbytes (0.50) repacks a CPU Linear4bit's weight for a faster kernel on its first eval-mode forward,
+    # and keeps that layout when training resumes: the kernel has no autograd, so gradients stop flowing
+    # through the frozen layers (LoRA below them silently stops learning). Keep the trainable layout.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def load_trained(run_or_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
     """Load a run's result for inference: `<run>/final` (adapter + its base, or full weights) and tokenizer.
 

@@ -23,7 +23,7 @@ from tuneforge.config.schema import RunConfig
 from tuneforge.data.collate import PackedCollator, PaddedCollator, rows_at
 from tuneforge.data.prepare import PreparedData
 from tuneforge.model.adapters import apply_adapter, describe, trainable_report
-from tuneforge.model.load import DTYPES, choose_attention, choose_precision, load_model
+from tuneforge.model.load import DTYPES, choose_attention, choose_precision, load_model, load_quantized
 from tuneforge.train.batches import BatchOrder
 from tuneforge.train.checkpoint import (TrainState, check_resume_key, find_latest, flat_config, load_checkpoint,
                                         load_trainable_state, prune, read_manifest, save_checkpoint, step_dir_name)
@@ -63,7 +63,11 @@ class Trainer:
         attention = choose_attention(cfg.model.attn_implementation, device)
         frozen_low_precision = cfg.adapter.type != "full" and self.precision != "fp32"
         dtype = DTYPES[self.precision] if frozen_low_precision else torch.float32
-        model = load_model(cfg.model, self.data.tokenizer, dtype, attention, seed=cfg.train.seed)
+        qlora = cfg.adapter.type == "qlora"
+        if qlora and cfg.model.init is None:  # straight from the hub/directory into 4 bits
+            model = self._load_4bit(cfg.model.name_or_path, device, attention)
+        else:
+            model = load_model(cfg.model, self.data.tokenizer, dtype, attention, seed=cfg.train.seed)
         if cfg.model.init is not None and cfg.adapter.type != "full":
             # an adapter needs its base on disk: save the freshly initialised model beside the run
             base_dir = (self.run_dir / "base").resolve()
@@ -72,6 +76,15 @@ class Trainer:
                 self.data.tokenizer.save_pretrained(str(base_dir))
             self.accelerator.wait_for_everyone()
             model.name_or_path = str(base_dir)
+        if qlora:
+            from peft import prepare_model_for_kbit_training
+
+            if cfg.model.init is not None:  # the new model's saved base, reloaded in 4 bits
+                source = model.name_or_path
+                del model
+                model = self._load_4bit(source, device, attention)
+            # frozen 4-bit linears; norms and embeddings in fp32; input grads on for checkpointing
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
         torch.manual_seed(cfg.train.seed)
         model = apply_adapter(model, cfg.adapter, cfg.train.gradient_checkpointing)
         self.params_report = trainable_report(model)
@@ -106,6 +119,14 @@ class Trainer:
                                trackers=trackers)
         self.state = TrainState()
         return self
+
+    def _load_4bit(self, source: str, device: str, attention: str):
+        cfg = self.cfg
+        model = load_quantized(source, DTYPES[self.precision], device, cfg.adapter.quant_type, cfg.adapter.double_quant,
+                               attention, cfg.model.revision, cfg.model.trust_remote_code)
+        if len(self.data.tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(self.data.tokenizer))
+        return model
 
     # ------------------------------------------------------------------------ one optimizer step
     def _step(self, step: int) -> dict:

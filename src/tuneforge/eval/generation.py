@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -18,8 +20,10 @@ def generate(
     batch_size: int = 8,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Continue each conversation with an assistant turn; returns the generated texts (specials removed)."""
+    """Continue each conversation with an assistant turn; returns the generated texts (specials removed).
+    `on_batch(n)` is called after each batch of n conversations (progress display)."""
     device = next(model.parameters()).device
     stops = stop_ids or [tokenizer.eos_token_id]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
@@ -41,6 +45,8 @@ def generate(
         )
         for row in out[:, width:]:
             outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        if on_batch is not None:
+            on_batch(len(prompts))
     if was_training:
         model.train()
     return outputs

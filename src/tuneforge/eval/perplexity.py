@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -11,7 +12,9 @@ from tuneforge.train.loss import trained_nll_sum, trained_tokens
 
 
 @torch.no_grad()
-def evaluate_loss(model, dataset, collate, batch_size: int, device) -> dict:
+def evaluate_loss(model, dataset, collate, batch_size: int, device, on_batch: Callable[[int], None] | None = None) -> dict:
+    """eval_loss = sum of token NLLs over every trained position / number of trained positions; eval_ppl = exp of it
+    (capped at exp(50)); eval_tokens = that count. `on_batch(n)` is called after each batch of n rows."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -20,6 +23,8 @@ def evaluate_loss(model, dataset, collate, batch_size: int, device) -> dict:
         batch = {k: v.to(device) for k, v in batch.items() if not k.startswith("num_")}
         total += float(trained_nll_sum(model, batch))
         count += trained_tokens(batch["labels"])
+        if on_batch is not None:
+            on_batch(len(batch["labels"]))
     if was_training:
         model.train()
     loss = total / max(count, 1)

@@ -1,11 +1,16 @@
-"""Metric sinks and progress: metrics.jsonl (always), a live bar on terminals, plain lines in CI logs."""
+"""Metric sinks and progress: metrics.jsonl (always) plus the trackers in log.report_to (train/trackers.py);
+a live bar on terminals, plain lines in CI logs, JSON lines (progress: json) for log collectors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from tuneforge.train.trackers import record_metrics
 
 
 def _fmt(v) -> str:
@@ -15,13 +20,15 @@ def _fmt(v) -> str:
 class Monitor:
     """Writes one JSON line per logged step to `<run>/metrics.jsonl` and shows progress."""
 
-    def __init__(self, run_dir: str | Path, total_steps: int, every: int, progress: str = "auto", enabled: bool = True):
+    def __init__(self, run_dir: str | Path, total_steps: int, every: int, progress: str = "auto", enabled: bool = True,
+                 trackers: list | None = None):
         self.enabled = enabled
+        self.trackers = list(trackers or []) if enabled else []
         self.every = every
         self.total = total_steps
         self.path = Path(run_dir) / "metrics.jsonl"
         self.start = time.perf_counter()
-        mode = progress if progress != "auto" else ("bar" if sys.stderr.isatty() else "plain")
+        mode = resolve_progress(progress)
         self.mode = mode if enabled else "none"
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None
         self._bar = None
@@ -54,11 +61,18 @@ class Monitor:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        """Append a record (a step, an eval, an event) to metrics.jsonl."""
+        """Append a record (a step, an eval, an event) to metrics.jsonl and send its numbers to the trackers."""
         if self._file is None:
             return
-        self._file.write(json.dumps({**record, "time_s": round(time.perf_counter() - self.start, 3)}) + "\n")
+        line = json.dumps({**record, "time_s": round(time.perf_counter() - self.start, 3)})
+        self._file.write(line + "\n")
         self._file.flush()
+        if self.mode == "json":
+            print(line, file=sys.stderr, flush=True)
+        tracked = record_metrics(record) if self.trackers else None
+        if tracked is not None:
+            for t in self.trackers:
+                t.log(*tracked)
 
     def step(self, step: int, metrics: dict) -> None:
         """Record a finished optimizer step; logs every `every` steps and on the last one."""
@@ -79,7 +93,9 @@ class Monitor:
     def event(self, text: str) -> None:
         if not self.enabled or self.mode == "none":
             return
-        if self._bar is not None:
+        if self.mode == "json":
+            print(json.dumps({"type": "event", "text": text}), file=sys.stderr, flush=True)
+        elif self._bar is not None:
             self._bar.console.print(text)
         else:
             print(text, file=sys.stderr, flush=True)
@@ -88,6 +104,9 @@ class Monitor:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+        trackers, self.trackers = self.trackers, []
+        for t in trackers:
+            t.close()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -95,3 +114,67 @@ class Monitor:
 
 def summarize_metrics(record: dict) -> str:
     return "  ".join(f"{k}={_fmt(v)}" for k, v in record.items())
+
+
+def resolve_progress(progress: str) -> str:
+    """auto -> a live bar when stderr is a terminal, plain lines otherwise (CI logs, pipes)."""
+    return progress if progress != "auto" else ("bar" if sys.stderr.isatty() else "plain")
+
+
+class TaskProgress:
+    """Progress of a counted task outside the training loop (eval batches, generation), in the log.progress style:
+    a rich bar on a terminal, a plain line every ~10% in logs, JSON lines, or nothing."""
+
+    def __init__(self, description: str, total: int, progress: str = "auto"):
+        self.description, self.total, self.done = description, total, 0
+        self.mode = resolve_progress(progress)
+        self.start = time.perf_counter()
+        self._next_line = 0.0
+        self._bar = None
+        if self.mode == "bar" and total > 0:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                                 TimeRemainingColumn(), transient=True)
+            self._task = self._bar.add_task(description, total=total)
+            self._bar.start()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done)
+            return
+        fraction = self.done / max(self.total, 1)
+        if self.mode in ("plain", "json") and (fraction >= self._next_line or self.done >= self.total):
+            self._next_line = fraction + 0.1
+            elapsed = time.perf_counter() - self.start
+            if self.mode == "json":
+                print(json.dumps({"type": "progress", "task": self.description, "done": self.done, "total": self.total,
+                                  "elapsed_s": round(elapsed, 3)}), file=sys.stderr, flush=True)
+            else:
+                eta = elapsed / max(self.done, 1) * (self.total - self.done)
+                print(f"{self.description}: {self.done}/{self.total}  eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+@contextlib.contextmanager
+def stage_status(description: str, progress: str = "auto") -> Iterator[Callable[[str], None]]:
+    """A spinner with elapsed time while a stage without step counts runs (data preparation); yields the `log`
+    function the stage should print through, so its lines appear above the spinner (or as JSON lines)."""
+    mode = resolve_progress(progress)
+    if mode == "json":
+        yield lambda text: print(json.dumps({"type": "event", "stage": description, "text": text}), file=sys.stderr,
+                                 flush=True)
+        return
+    if mode != "bar":
+        yield print
+        return
+    from rich.console import Console
+
+    console = Console()
+    with console.status(f"{description}...") as status:
+        yield lambda text: status.console.print(text, highlight=False, markup=False)

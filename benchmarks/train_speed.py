@@ -123,7 +123,7 @@ def lora_config():
 
 def hf_args(cls, out: Path, **kw):
     return cls(output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=4, num_train_epochs=1,
-               learning_rate=2e-4, lr_scheduler_type="cosine", warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0,
+               learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0, max_grad_norm=1.0,
                logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False, seed=0,
                dataloader_num_workers=0, disable_tqdm=True, **kw)
 

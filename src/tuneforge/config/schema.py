@@ -221,6 +221,9 @@ class TrainConfig(Section):
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (dynamic shapes, so new lengths don't recompile). Off "
+        "by default: the first steps pay a compile (20-40 s on a CPU) that short runs never earn back.")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw", description="adamw (torch); adamw_8bit / paged_adamw_8bit keep Adam's moments in 8 bits "
         "(bitsandbytes; paged also pages them to CPU memory under GPU memory pressure).")

@@ -32,7 +32,7 @@ from tuneforge.train.monitor import Monitor
 from tuneforge.train.trackers import open_trackers
 from tuneforge.train.signals import BadStepsError, StopSignals, TrainingStopped
 from tuneforge.train.throughput import default_threads, device_peak_tflops, flop_model, peak_memory_gb
-from tuneforge.train.optim import build_optimizer, build_scheduler
+from tuneforge.train.optim import build_optimizer, build_scheduler, compile_layers
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -87,6 +87,9 @@ class Trainer:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
         torch.manual_seed(cfg.train.seed)
         model = apply_adapter(model, cfg.adapter, cfg.train.gradient_checkpointing)
+        if cfg.train.compile:
+            compiled = compile_layers(model)
+            self.log(f"torch.compile: {compiled} decoder layers (compiled on first use)")
         self.params_report = trainable_report(model)
         self.flops = flop_model(model)
         self.peak_tflops, peak_source = device_peak_tflops(device, self.precision, cfg.train.peak_tflops)

@@ -37,3 +37,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
     return get_scheduler(
         SCHEDULES[cfg.scheduler], optimizer, num_warmup_steps=warmup_steps(cfg, total_steps), num_training_steps=total_steps
     )
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """torch.compile every decoder layer in place (`nn.Module.compile`): parameter names, peft wrappers and hooks
+    stay as they are, only the layers' forward runs compiled. Returns how many layers were compiled."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise ValueError(f"train.compile: no decoder layers found in {type(model).__name__}; set train.compile=false")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)

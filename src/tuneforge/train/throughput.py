@@ -109,7 +109,10 @@ def device_peak_tflops(device: str, precision: str, configured: float | None) ->
                 return peak, f"{gpu} {prec} datasheet"
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         return measure_matmul_tflops("cuda", dtype, 4096), "measured matmul"
-    return measure_matmul_tflops("cpu"), "measured fp32 matmul"
+    # the best of two sizes: small matmuls run faster on CPUs (cache), and one short sample is easily
+    # disturbed by another process; a peak measured too low would inflate MFU
+    return max(measure_matmul_tflops("cpu", size=512, seconds=0.2),
+               measure_matmul_tflops("cpu", size=1024, seconds=0.2)), "measured fp32 matmul, best of 512/1024"
 
 
 # ---------------------------------------------------------------------------- memory

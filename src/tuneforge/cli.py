@@ -212,6 +212,12 @@ def _launch_processes(args, cfg, run_dir: Path) -> int:
     return 0
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def cmd_train(args) -> int:
     import os
 
@@ -241,6 +247,18 @@ def cmd_train(args) -> int:
             data = prepare(cfg, run_dir, log=log)
     else:
         data = wait_for_prepared(cfg, run_dir, timeout_s=60 * cfg.dist.timeout_minutes)
+
+    if main_rank:  # before loading the model: will it fit?
+        from tuneforge.train.planner import available_bytes, check_fits
+
+        device = "cuda" if torch_cuda_available() else "cpu"
+        try:
+            warning = check_fits(_memory_plan(cfg, run_dir, device, available_bytes(device)))
+        except Exception as e:  # noqa: BLE001 - the plan is advice; a model it cannot build is loaded below anyway
+            warning = None
+            print(f"memory plan skipped ({type(e).__name__}: {e})", file=sys.stderr)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
 
     collate = PaddedCollator(data.tokenizer.pad_token_id)
     trainer = Trainer(cfg, run_dir, data, None, log=say).setup()
@@ -422,6 +440,40 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- plan
+def _memory_plan(cfg, run_dir: Path | None, device: str, device_bytes: float | None, gpus: int = 1):
+    from tuneforge.train.planner import plan_memory
+
+    fraction = 1.0
+    report = (run_dir / "data" / "data_report.json") if run_dir else None
+    if report is not None and report.exists() and not cfg.data.packing:
+        fraction = json.loads(report.read_text()).get("train", {}).get("trained_fraction", 1.0)
+    import torch
+
+    precision = None
+    if device == "cuda" and cfg.train.precision == "auto" and not torch.cuda.is_available():
+        precision = "bf16"  # planning for a GPU from a machine without one: assume a bf16-capable GPU
+    plan = plan_memory(cfg, device, precision, gpus=gpus, device_bytes=device_bytes, trained_fraction=fraction)
+    if fraction == 1.0:
+        plan.notes.append("LM head sized for every position trained (prepare the data first for the real fraction)")
+    return plan
+
+
+def cmd_plan(args) -> int:
+    from tuneforge.train.planner import available_bytes, parse_size
+
+    cfg = _load(args)
+    device = "cuda" if (args.gpus or args.gpu_mem) else "cpu"
+    try:
+        device_bytes = parse_size(args.gpu_mem) if args.gpu_mem else available_bytes(device)
+    except ValueError as e:
+        _err(f"--gpu-mem: {e}")
+        return EXIT_CONFIG
+    plan = _memory_plan(cfg, Path(cfg.output.dir), device, device_bytes, args.gpus or 1)
+    print(plan.table())
+    return EXIT_FAILED if plan.fits is False else 0
+
+
 # ---------------------------------------------------------------------------- export
 def cmd_export(args) -> int:
     from tuneforge.export import ExportError, ExportParityError, export_run
@@ -508,6 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--master-port", type=int, default=None, help="port on node 0 (default: a free one; 29500 multi-node)")
     tr.set_defaults(func=cmd_train)
     with_config("validate", "check a config (no model or data loaded)").set_defaults(func=cmd_validate)
+    pl = with_config("plan", "estimate peak memory per device (weights, gradients, optimizer, activations, logits) "
+                     "before loading anything; exit 1 when it does not fit")
+    pl.add_argument("--gpus", type=int, default=None, help="plan for N GPUs (DDP: the same per device)")
+    pl.add_argument("--gpu-mem", default=None, help="memory per device, e.g. 80GiB (default: what this machine has free)")
+    pl.set_defaults(func=cmd_plan)
     sp = with_config("prepare", "run only the data stage into RUN_DIR/data")
     sp.add_argument("--force", action="store_true", help="prepare again even if the cache is up to date")
     sp.set_defaults(func=cmd_prepare)
@@ -553,7 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: env TUNEFORGE_API_KEY)")
     sv.add_argument("--model-name", help="the model id clients send (default: the run's name)")
     sv.add_argument("--max-batch-size", type=int, default=32, help="most sequences generated together")
-    sv.add_argument("--batch-window-ms", type=float, default=5.0, help="how long an idle server waits to batch arrivals")
+    sv.add_argument("--batch-window-ms", type=float, default=0.0,
+                    help="how long an idle server waits for more arrivals before starting a batch (later arrivals "
+                    "join the running batch between decode steps anyway)")
     sv.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     sv.set_defaults(func=cmd_serve)
 

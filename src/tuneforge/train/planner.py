@@ -1,0 +1,285 @@
+"""Peak training memory per device, estimated before anything is loaded: `tuneforge plan CONFIG`.
+
+The parts of a step's peak, per device:
+- weights: frozen ones in their storage dtype (4-bit QLoRA linears: 0.5 byte + quantisation constants),
+  trainable ones in fp32 (tuneforge keeps trainable weights in fp32 and autocasts the compute);
+- gradients: fp32, one per trainable weight;
+- optimizer: AdamW's two fp32 moments per trainable weight (8-bit optimizers: two bytes);
+- activations: what autograd keeps for backward. Not guessed from a formula: one decoder layer of the
+  real architecture runs forward on the `meta` device (shapes only, no memory, milliseconds) under
+  `saved_tensors_hooks`, which sees exactly the tensors the layer saves; times the number of layers
+  (with gradient checkpointing: each layer's input, plus one layer recomputed in backward);
+- LM head and loss: logits only at trained positions (fp32), the log-softmax cross-entropy keeps, and
+  the logits' gradient.
+
+The model itself is built on `meta` from its config (no weights read), with the run's adapter applied,
+so parameter counts are exact. `benchmarks/memory_planner.py` compares the estimate with measured bytes
+of real runs (saved tensors, parameters, gradients, optimizer state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tuneforge.config.schema import RunConfig
+
+GIB = 2**30
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+NF4_BYTES = 0.5 + 4 / 64  # 4-bit weights + one fp32 absmax per 64 weights
+NF4_DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # absmax in 8 bits, one fp32 per 256 of them
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per device of each part of the peak, for one micro-batch of `micro_batch` rows x `seq_len` tokens."""
+
+    parts: dict[str, float]
+    micro_batch: int
+    seq_len: int
+    per_row_activation_bytes: float  # how the activations grow with the micro-batch
+    device: str
+    precision: str
+    device_bytes: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_bytes is None else self.total <= self.device_bytes
+
+    def largest_micro_batch(self) -> int | None:
+        """The largest micro-batch that fits (same sequence length), or None without a device size."""
+        if self.device_bytes is None:
+            return None
+        fixed = self.total - self.per_row_activation_bytes * self.micro_batch
+        return max(0, int((self.device_bytes - fixed) // self.per_row_activation_bytes))
+
+    def table(self) -> str:
+        lines = [f"memory plan per device ({self.device}, {self.precision}; micro-batch {self.micro_batch} x "
+                 f"{self.seq_len} tokens)", f"  {'part':<34}{'GiB':>10}"]
+        for name, b in self.parts.items():
+            lines.append(f"  {name:<34}{b / GIB:>10.3f}")
+        lines.append(f"  {'total (peak)':<34}{self.total / GIB:>10.3f}")
+        if self.device_bytes is not None:
+            verdict = "fits" if self.fits else "does NOT fit"
+            lines.append(f"  device memory {self.device_bytes / GIB:.1f} GiB: {verdict}; largest micro-batch that fits: "
+                         f"{self.largest_micro_batch()}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- the model on meta
+def _model_config(cfg: RunConfig):
+    from transformers import AutoConfig
+
+    if cfg.model.init is not None:
+        from tuneforge.model.load import tiny_config
+
+        init = cfg.model.init
+
+        class _Vocab:  # tiny_config reads these from a tokenizer; the trained tokenizer's size is configured
+            bos_token_id, eos_token_id, pad_token_id = 0, 1, 1
+
+            def __len__(self):
+                return init.tokenizer_vocab_size
+
+        return tiny_config(init, _Vocab())
+    return AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                      trust_remote_code=cfg.model.trust_remote_code)
+
+
+def meta_model(cfg: RunConfig):
+    """The run's model and adapter with shapes only (device `meta`): exact parameter counts, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.model.adapters import apply_adapter
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_model_config(cfg), attn_implementation="sdpa",
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+        model = apply_adapter(model, cfg.adapter, gradient_checkpointing=False)
+    return model
+
+
+def _inner(model):
+    """The decoder (model.model of a causal LM) under peft wrappers."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base, base.model
+
+
+class _FusedAttentionSaves(torch.autograd.Function):
+    """What a fused SDPA kernel (flash / memory-efficient, CPU or CUDA) keeps for backward: q, k, v, the output
+    and one fp32 log-sum-exp per query. On `meta` SDPA falls back to the math path, which would instead count
+    the (rows, heads, seq, seq) attention probabilities that the real kernels never store."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: the plan only counts what forward saves
+        raise NotImplementedError
+
+
+def _fused_sdpa(q, k, v, *args, **kwargs):
+    return _FusedAttentionSaves.apply(q, k, v)
+
+
+def _run_layer(layer, decoder, h, pos, dtype, pack) -> None:
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kwargs = {"attention_mask": None, "position_ids": pos}
+        if hasattr(decoder, "rotary_emb"):
+            kwargs["position_embeddings"] = decoder.rotary_emb(h, pos)
+        layer(h.to(dtype), **kwargs)
+
+
+def layer_activation_bytes(model, rows: int, seq_len: int, dtype: torch.dtype) -> float:
+    """Bytes one decoder layer saves for backward in training mode, measured on meta with saved_tensors_hooks."""
+    base, decoder = _inner(model)
+    layer = decoder.layers[0]
+    hidden = base.config.hidden_size
+    h = torch.zeros(rows, seq_len, hidden, device="meta", dtype=dtype, requires_grad=True)
+    pos = torch.arange(seq_len, device="meta")[None].expand(rows, seq_len)
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    layer.train()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = _fused_sdpa
+    try:
+        _run_layer(layer, decoder, h, pos, dtype, pack)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+    seen, total = set(), 0
+    for t in saved:
+        b = t._base if t._base is not None else t
+        if id(b) in seen or b.device.type != "meta":  # parameters saved for backward are counted as weights
+            continue
+        if isinstance(b, torch.nn.Parameter):
+            continue
+        seen.add(id(b))
+        total += b.numel() * b.element_size()
+    return float(total)
+
+
+# ---------------------------------------------------------------------------- the plan
+def plan_memory(cfg: RunConfig, device: str = "cpu", precision: str | None = None, gpus: int = 1,
+                device_bytes: float | None = None, trained_fraction: float = 1.0) -> MemoryPlan:
+    """Estimate peak memory per device of a training step of this config (DDP: every rank holds everything)."""
+    from tuneforge.model.load import choose_precision
+
+    precision = precision or choose_precision(cfg.train.precision, device)
+    model = meta_model(cfg)
+    base, decoder = _inner(model)
+    hidden, vocab, layers = base.config.hidden_size, base.get_output_embeddings().weight.shape[0], len(decoder.layers)
+    adapter = cfg.adapter.type
+    frozen_bytes = DTYPE_BYTES[precision] if adapter != "full" else 4
+    quant = NF4_DOUBLE_QUANT_BYTES if cfg.adapter.double_quant else NF4_BYTES
+
+    weights = trainable = 0.0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            trainable += p.numel()
+            weights += 4 * p.numel()
+        elif adapter == "qlora" and p.ndim == 2 and ".layers." in name:  # a frozen decoder linear in 4 bits
+            weights += quant * p.numel()
+        else:
+            weights += frozen_bytes * p.numel()
+    optim_bytes = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}[cfg.train.optimizer]
+
+    rows, seq = cfg.train.micro_batch_size, cfg.data.max_seq_len
+    act_dtype = torch.float32 if precision == "fp32" else torch.bfloat16 if precision == "bf16" else torch.float16
+    per_layer = layer_activation_bytes(model, rows, seq, act_dtype)
+    layer_input = rows * seq * hidden * DTYPE_BYTES[precision]
+    # kept through the forward: every layer's saves (checkpointing: only its input), and the final norm's input;
+    # with checkpointing, backward recomputes one layer at a time on top of that
+    recompute = per_layer if cfg.train.gradient_checkpointing else 0.0
+    activations = layers * (layer_input if cfg.train.gradient_checkpointing else per_layer) + layer_input
+    positions = rows * seq * trained_fraction if cfg.train.logits == "trained" else rows * seq
+    head_kept = positions * hidden * DTYPE_BYTES[precision] + positions * vocab * 4  # head input; fp32 log-softmax
+    head_transient = 2 * positions * vocab * 4  # the logits beside their log-softmax, then their gradient
+    per_row = (activations + recompute + head_kept + head_transient) / rows
+
+    parts = {"weights": weights, "gradients": 4 * trainable, f"optimizer ({cfg.train.optimizer})": optim_bytes * trainable,
+             "activations (decoder)": activations, "activations (LM head, loss)": head_kept,
+             "logits and their gradient": head_transient}
+    if recompute:
+        parts["recomputed layer (checkpointing)"] = recompute
+    notes = []
+    if precision != "fp32":
+        notes.append("activations estimated in the compute dtype; norms and softmax kept in fp32 add a few percent")
+    if gpus > 1:
+        notes.append(f"DDP on {gpus} devices: every device holds the whole model and optimizer (no sharding)")
+    return MemoryPlan(parts, rows, seq, per_row, device, precision, device_bytes, notes)
+
+
+def parse_size(text: str) -> float:
+    """'80GiB', '24GB', '512MiB' -> bytes."""
+    units = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+             "tib": 2**40}
+    t = text.strip().lower().replace(" ", "")
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    if unit not in units or not num:
+        raise ValueError(f"memory size {text!r}: use a number with a unit, e.g. 80GiB, 24GB or 512MiB")
+    return float(num) * units[unit]
+
+
+def available_bytes(device: str) -> float | None:
+    """Memory this process can use on the device: free CUDA memory, or available RAM."""
+    if device == "cuda" and torch.cuda.is_available():
+        return float(torch.cuda.mem_get_info()[0])
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+    except ImportError:
+        return None
+
+
+def check_fits(plan: MemoryPlan) -> str | None:
+    """A warning for `train` when the plan exceeds the device, with what to change; None when it fits."""
+    if plan.fits is not False:
+        return None
+    fits = plan.largest_micro_batch()
+    fixes = [f"train.micro_batch_size={fits} with train.grad_accum raised to keep the batch" if fits else None,
+             "train.gradient_checkpointing=true", "adapter.type=qlora", "a shorter data.max_seq_len"]
+    return (f"memory plan: this run needs about {plan.total / GIB:.1f} GiB per device but {plan.device_bytes / GIB:.1f} "
+            f"GiB are available; it will probably run out of memory. Try: " + "; ".join(f for f in fixes if f)
+            + f". (tuneforge plan CONFIG shows the breakdown.)")
+
+
+# ---------------------------------------------------------------------------- measurement, to check the plan
+def measure_step_memory(model, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Bytes of a real training step, counted from tensors (any device): weights, gradients, optimizer state,
+    and everything autograd saved for backward (each storage once, parameters excluded)."""
+    from tuneforge.train.loss import trained_nll_sum
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = trained_nll_sum(model, batch)
+    loss.backward()
+    optimizer.step()
+    state = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+                if torch.is_tensor(t) and t.numel() > 1)
+    return {"weights": float(sum(p.numel() * p.element_size() for p in model.parameters())),
+            "gradients": float(sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)),
+            "optimizer": float(state), "saved activations": float(sum(storages.values()))}

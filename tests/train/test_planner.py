@@ -1,0 +1,72 @@
+"""The memory planner against measured bytes of real steps (tiny models, CPU, fp32): within 15%."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuneforge.cli import main
+from tuneforge.config.schema import RunConfig
+from tuneforge.model.adapters import apply_adapter
+from tuneforge.model.load import load_model
+from tuneforge.train.optim import build_optimizer
+from tuneforge.train.planner import GIB, measure_step_memory, parse_size, plan_memory
+
+
+class _Tok:
+    bos_token_id, eos_token_id, pad_token_id = 0, 1, 1
+
+    def __len__(self):
+        return 512
+
+
+def _cfg(adapter: str, checkpointing: bool) -> RunConfig:
+    return RunConfig.model_validate({
+        "model": {"init": {"architecture": "llama", "hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
+                           "max_position_embeddings": 256, "tokenizer_vocab_size": 512}},
+        "data": {"train": [{"synthetic": {"task": "reverse_words", "rows": 8}}], "max_seq_len": 128},
+        "adapter": {"type": adapter, "r": 8, "alpha": 16, "dropout": 0.0},
+        "train": {"micro_batch_size": 4, "gradient_checkpointing": checkpointing, "lr": 1e-3},
+    })
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_plan_is_within_15_percent_of_measured_bytes(adapter, checkpointing):
+    cfg = _cfg(adapter, checkpointing)
+    plan = plan_memory(cfg, device="cpu", precision="fp32")
+
+    torch.manual_seed(0)
+    model = load_model(cfg.model, _Tok(), torch.float32, "sdpa")
+    model = apply_adapter(model, cfg.adapter, checkpointing)
+    model.train()
+    ids = torch.randint(0, 512, (4, 128), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    measured = measure_step_memory(model, batch, build_optimizer(model, cfg.train))
+
+    p = plan.parts
+    planned = {"weights": p["weights"], "gradients": p["gradients"], "optimizer": p["optimizer (adamw)"],
+               "saved activations": p["activations (decoder)"] + p["activations (LM head, loss)"]}
+    # what stays saved through the forward (with checkpointing: the layers' inputs; their recompute comes later)
+    assert ("recomputed layer (checkpointing)" in p) == checkpointing
+    for k, m in measured.items():
+        assert m > 0 and abs(planned[k] - m) <= 0.15 * m, f"{k}: planned {planned[k]:,.0f} vs measured {m:,.0f} bytes"
+
+
+def test_plan_command_prints_the_breakdown_and_the_largest_micro_batch(tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_cfg("lora", False).model_dump(mode="json", exclude_defaults=True)))
+    assert main(["plan", str(path), "--gpu-mem", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan per device (cuda, bf16; micro-batch 4 x 128 tokens)" in out
+    assert "device memory 1.0 GiB: fits; largest micro-batch that fits:" in out
+    assert main(["plan", str(path), "--gpu-mem", "1MiB"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_memory_sizes_parse_with_units():
+    assert parse_size("80GiB") == 80 * GIB and parse_size("24GB") == 24e9 and parse_size("512 MiB") == 512 * 2**20
+    with pytest.raises(ValueError, match="use a number with a unit, e.g. 80GiB"):
+        parse_size("lots")

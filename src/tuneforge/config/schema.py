@@ -221,6 +221,10 @@ class TrainConfig(Section):
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    group_by_length: bool = Field(
+        True, description="Padded data: fill each optimizer step with rows of similar length (sorted within chunks of "
+        "16 steps, steps shuffled), so micro-batches carry little padding. A step holds the same rows however it is "
+        "split into micro-batches, accumulation and processes. Ignored with data.packing.")
     compile: bool = Field(
         False, description="torch.compile each decoder layer (dynamic shapes, so new lengths don't recompile). Off "
         "by default: the first steps pay a compile (20-40 s on a CPU) that short runs never earn back.")

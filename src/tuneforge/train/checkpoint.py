@@ -36,13 +36,14 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 # what a resumed run must share with the checkpoint; anything else (steps, logging, eval, ...) may change
 RESUME_CRITICAL = ("model", "adapter", "data_fingerprint", "train.micro_batch_size", "train.grad_accum",
-                   "world_size", "train.seed", "precision")
+                   "train.group_by_length", "world_size", "train.seed", "precision")
 WHY_CRITICAL = {
     "model": "the checkpoint's weights belong to another model",
     "adapter": "the trainable parameters would not match",
     "data_fingerprint": "the prepared data changed, so step N would read different rows",
     "train.micro_batch_size": "each step would read different rows",
     "train.grad_accum": "each step would read different rows",
+    "train.group_by_length": "each step would read different rows",
     "world_size": "each step would read different rows",
     "train.seed": "the data order and dropout would differ",
     "precision": "the numbers would differ from the run that wrote it",

@@ -21,6 +21,7 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 from tuneforge import __version__
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.collate import PackedCollator, PaddedCollator, rows_at
+from tuneforge.data.formats import column
 from tuneforge.data.prepare import PreparedData
 from tuneforge.model.adapters import apply_adapter, describe, trainable_report
 from tuneforge.model.load import DTYPES, choose_attention, choose_precision, load_model, load_quantized
@@ -98,11 +99,15 @@ class Trainer:
                  f"{describe(self.params_report)}; MFU against {self.peak_tflops:.3g} TFLOP/s ({peak_source})")
 
         # ---- data order and length of the run
+        packed = "position_ids" in self.data.train.column_names
+        lengths = None
+        if cfg.train.group_by_length and not packed:
+            lengths = tuple(column(self.data.train, "num_tokens"))
         self.order = BatchOrder(len(self.data.train), cfg.train.micro_batch_size, cfg.train.seed,
-                                self.accelerator.num_processes, self.accelerator.process_index)
+                                self.accelerator.num_processes, self.accelerator.process_index,
+                                cfg.train.grad_accum, lengths)
         self.total_steps = cfg.train.max_steps or max(
             1, math.ceil(cfg.train.epochs * self.order.batches_per_epoch / cfg.train.grad_accum))
-        packed = "position_ids" in self.data.train.column_names
         self.collate = (PackedCollator if packed else PaddedCollator)(self.data.tokenizer.pad_token_id)
 
         # ---- optimizer and schedule
@@ -295,6 +300,7 @@ class Trainer:
         dump = self.cfg.model_dump(mode="json")
         return {"model": dump["model"], "adapter": dump["adapter"], "data_fingerprint": self.data.report.get("fingerprint"),
                 "train.micro_batch_size": self.cfg.train.micro_batch_size, "train.grad_accum": self.cfg.train.grad_accum,
+                "train.group_by_length": self.cfg.train.group_by_length,
                 "world_size": self.accelerator.num_processes, "train.seed": self.cfg.train.seed,
                 "precision": self.precision, "config": flat_config(dump)}
 

@@ -175,6 +175,7 @@ def main() -> int:
           f"unique rows wrongly removed: {100 * false_pos:.2f}%")
     print(f"prepare report: exact removed {rep['dedup']['exact_removed']}, near removed {rep['dedup']['near_removed']}, "
           f"train rows {rep['train']['rows_in']}, packing efficiency {100 * rep['train']['packing']['efficiency']:.1f}%")
+    print("tuneforge seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in rep.get("seconds", {}).items()))
     return 0
 
 

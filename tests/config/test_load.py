@@ -65,7 +65,8 @@ def test_wrong_type_names_key_and_value(tmp_path):
 
 
 def test_literal_choice_lists_valid_values(tmp_path):
-    with pytest.raises(ConfigError, match=r"adapter.type: Input should be 'lora', 'dora' or 'full' \(got 'qlorra'\)"):
+    with pytest.raises(ConfigError, match=r"adapter.type: Input should be 'lora', 'dora', 'qlora' or 'full' "
+                                          r"\(got 'qlorra'\)"):
         load_config(write(tmp_path, MINIMAL), ["adapter.type=qlorra"])
 
 

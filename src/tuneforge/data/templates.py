@@ -205,6 +205,18 @@ def _close_turn(tokenizer, ids: list[int], labels: list[int], spans, train_on: s
     labels.insert(end, tokenizer.eos_token_id)
 
 
+def _encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids and character offsets of many texts, no special tokens added. A fast tokenizer is called
+    through its Rust backend directly: the same ids and offsets as `tokenizer(..., return_offsets_mapping=True)`
+    without converting every encoding to a Python dict first (a third of the tokenization time)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    return [e.ids for e in encodings], [e.offsets for e in encodings]
+
+
 def tokenize_chats(
     tokenizer: PreTrainedTokenizerBase, template: str, conversations: list[list[dict]], train_on: str
 ) -> list[tuple[list[int], list[int]]]:
@@ -212,10 +224,10 @@ def tokenize_chats(
     rendered = assistant_spans_many(tokenizer, template, conversations, train_on)
     if not rendered:
         return []
-    enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    all_ids, all_offsets = _encode_with_offsets(tokenizer, [text for text, _ in rendered])
     spans = [sp for _, sp in rendered]
     out = []
-    for sp, ids, labels in zip(spans, enc["input_ids"], _labels_many(enc["input_ids"], enc["offset_mapping"], spans, train_on)):
+    for sp, ids, labels in zip(spans, all_ids, _labels_many(all_ids, all_offsets, spans, train_on)):
         ids = list(ids)
         _close_turn(tokenizer, ids, labels, sp, train_on)
         out.append((ids, labels))

@@ -4,7 +4,6 @@ one process with the same global batch, data prepared once, and a dead rank ends
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

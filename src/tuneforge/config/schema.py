@@ -222,9 +222,10 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     group_by_length: bool = Field(
-        True, description="Padded data: fill each optimizer step with rows of similar length (sorted within chunks of "
-        "16 steps, steps shuffled), so micro-batches carry little padding. A step holds the same rows however it is "
-        "split into micro-batches, accumulation and processes. Ignored with data.packing.")
+        False, description="Padded data: fill each optimizer step with rows of similar length (sorted within chunks of "
+        "16 steps, steps shuffled), so micro-batches carry little padding: ~1.3x faster on Alpaca-like data, but less "
+        "varied steps (measured: held-out loss 0.02-0.03 higher after 20 steps). A step holds the same rows however "
+        "it is split into micro-batches, accumulation and processes. Ignored with data.packing.")
     compile: bool = Field(
         False, description="torch.compile each decoder layer (dynamic shapes, so new lengths don't recompile). Off "
         "by default: the first steps pay a compile (20-40 s on a CPU) that short runs never earn back.")

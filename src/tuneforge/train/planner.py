@@ -256,7 +256,7 @@ def check_fits(plan: MemoryPlan) -> str | None:
              "train.gradient_checkpointing=true", "adapter.type=qlora", "a shorter data.max_seq_len"]
     return (f"memory plan: this run needs about {plan.total / GIB:.1f} GiB per device but {plan.device_bytes / GIB:.1f} "
             f"GiB are available; it will probably run out of memory. Try: " + "; ".join(f for f in fixes if f)
-            + f". (tuneforge plan CONFIG shows the breakdown.)")
+            + ". (tuneforge plan CONFIG shows the breakdown.)")
 
 
 # ---------------------------------------------------------------------------- measurement, to check the plan

@@ -1,0 +1,71 @@
+"""export, serve, chat."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tuneforge.cli.common import EXIT_CONFIG, EXIT_FAILED, _err
+
+
+# ---------------------------------------------------------------------------- export
+def cmd_export(args) -> int:
+    from tuneforge.export import ExportError, ExportParityError, export_run
+
+    prompts = None
+    if args.prompts:
+        prompts = []
+        for n, line in enumerate(Path(args.prompts).read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompts.append(row["messages"] if "messages" in row else row["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                _err(f"{args.prompts}:{n}: expected a JSON object with \"prompt\" or \"messages\" ({type(e).__name__}: {e})")
+                return EXIT_CONFIG
+    try:
+        result = export_run(args.run_dir, args.out, args.dtype, prompts, base_model=args.base,
+                            max_shard_size=args.max_shard_size)
+    except ExportParityError as e:
+        _err(str(e))
+        return EXIT_FAILED
+    except ExportError as e:
+        _err(str(e))
+        return EXIT_CONFIG
+    print(f"export ok: {result.out_dir} ({result.dtype}{', merged ' + result.adapter if result.merged else ''}); "
+          f"parity report in {result.out_dir / 'parity.json'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- serve / chat
+def cmd_serve(args) -> int:
+    import os
+
+    from tuneforge.serve import SERVE_EXTRA_HINT, missing_serve_deps
+
+    missing = missing_serve_deps()
+    if missing:
+        _err(f"tuneforge serve needs {' and '.join(missing)} (not installed): {SERVE_EXTRA_HINT}")
+        return EXIT_FAILED
+    from tuneforge.serve.loading import load_served
+    from tuneforge.serve.server import run_server
+
+    served = load_served(args.run_dir, name=args.model_name, device=args.device)
+    api_key = args.api_key or os.environ.get("TUNEFORGE_API_KEY") or None
+    run_server(served, args.host, args.port, api_key, args.max_batch_size, args.batch_window_ms)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from tuneforge.serve.chat import run_chat
+    from tuneforge.serve.engine import Engine
+    from tuneforge.serve.loading import load_served
+
+    served = load_served(args.run_dir, device=args.device)
+    engine = Engine(served.model, served.tokenizer, served.stop_token_ids, served.context_length, max_batch_size=1)
+    engine.start()
+    try:
+        return run_chat(served, engine, args.max_new_tokens, args.temperature, args.top_p, args.system)
+    finally:
+        engine.stop()

@@ -1,0 +1,236 @@
+"""train (one process or a launch of several) and plan."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tuneforge.cli.common import EXIT_CONFIG, EXIT_FAILED, _err, _load
+from tuneforge.config.load import write_resolved_config
+from tuneforge.cli.eval_commands import _write_report_quietly
+
+
+# ---------------------------------------------------------------------------- train
+def _task_eval(model, data, cfg) -> dict:
+    from tuneforge.eval.runner import held_out_chats
+    from tuneforge.eval.generation import generate
+    from tuneforge.eval.tasks import task_metrics
+
+    prompts, refs = held_out_chats(data.eval, cfg.eval.generate_rows)
+    if not prompts:
+        return {}
+    preds = generate(model, data.tokenizer, prompts, cfg.eval.max_new_tokens, data.report.get("stop_token_ids"),
+                     batch_size=cfg.eval.batch_size, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p)
+    return task_metrics(preds, refs)
+
+
+def _print_comparison(before: dict, after: dict) -> None:
+    keys = [k for k in after if k in before and isinstance(after[k], float)]
+    if not keys:
+        return
+    print(f"\n{'metric':<24}{'before':>12}{'after':>12}{'delta':>12}")
+    for k in keys:
+        print(f"{k:<24}{before[k]:>12.4f}{after[k]:>12.4f}{after[k] - before[k]:>+12.4f}")
+
+
+def _resume_point(resume: str, run_dir: Path, overwrite: bool, clear: bool = True) -> Path | None:
+    """Which checkpoint `train` continues from (None = a fresh start), per --resume and what the run dir holds.
+    A fresh start over an earlier run's results needs output.overwrite=true, and then clears them."""
+    from tuneforge.train.checkpoint import CheckpointError, clean_partial, find_latest, read_manifest
+
+    ckpts = run_dir / "checkpoints"
+    if clear:
+        clean_partial(ckpts)
+    if resume not in ("auto", "never"):
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(f"--resume {resume}: no such checkpoint directory")
+        read_manifest(path)
+        return path
+    latest = find_latest(ckpts)
+    finished = (run_dir / "final").exists()
+    if resume == "auto" and latest is not None and not finished:
+        return latest
+    if finished or latest is not None:
+        what = f"{run_dir}/final already exists" if finished else f"{run_dir} has checkpoints up to {latest.name}"
+        if not overwrite:
+            hint = ("choose another output.dir or pass output.overwrite=true to train again from scratch" if finished
+                    else "run without --resume never to continue it, or pass output.overwrite=true to start over")
+            raise CheckpointError(f"{what}; {hint}")
+        if not clear:
+            return None
+        import shutil
+
+        shutil.rmtree(ckpts, ignore_errors=True)
+        shutil.rmtree(run_dir / "final", ignore_errors=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return None
+
+
+def _start_eval(metrics_path: Path) -> dict:
+    """The before-training eval a resumed run recorded at step 0."""
+    if not metrics_path.exists():
+        return {}
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("type") == "eval" and rec.get("step") == 0:
+            return {k: v for k, v in rec.items() if k not in ("type", "step", "time_s")}
+    return {}
+
+
+def _launch_processes(args, cfg, run_dir: Path) -> int:
+    """`train --nproc N`: resolve the resume point and prepare the data here, once, then start N ranks."""
+    from tuneforge.data.prepare import prepare
+    from tuneforge.train.launch import LaunchSpec, launch
+
+    spec = LaunchSpec(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    resume_from = None
+    if args.node_rank == 0:
+        resume_from = _resume_point(args.resume, run_dir, cfg.output.overwrite)
+        write_resolved_config(cfg, run_dir)
+        prepare(cfg, run_dir)  # the ranks find it cached (other nodes' ranks wait for it on the shared file system)
+    elif args.resume not in ("auto", "never"):
+        resume_from = Path(args.resume)
+    cli_args = ["train", args.config, *args.overrides, "--resume", args.resume]
+    print(f"launching {spec.nproc} processes on node {spec.node_rank} of {spec.nnodes} (world size {spec.world_size})")
+    rc = launch(spec, cli_args, str(resume_from) if resume_from else None, cfg.train.threads)
+    if rc != 0:
+        _err(f"training on {spec.world_size} processes failed (exit code {rc}); the launcher's report above names "
+             "the failed rank and its error. Run the same command again to resume from the latest checkpoint.")
+        return EXIT_FAILED
+    return 0
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cmd_train(args) -> int:
+    import os
+
+    from tuneforge.data.collate import PaddedCollator
+    from tuneforge.data.prepare import prepare, wait_for_prepared
+    from tuneforge.eval.generation import generate
+    from tuneforge.eval.perplexity import evaluate_loss
+    from tuneforge.train.launch import RESUME_ENV, adopt_slurm_env, rank, under_launcher
+    from tuneforge.train.loop import Trainer
+
+    cfg = _load(args)
+    run_dir = Path(cfg.output.dir)
+    adopt_slurm_env()
+    if (args.nproc > 1 or args.nnodes > 1) and not under_launcher():
+        return _launch_processes(args, cfg, run_dir)
+    main_rank = rank() == 0
+    say = print if main_rank else (lambda *a, **k: None)
+    if RESUME_ENV in os.environ:  # started by our own launcher, which resolved it
+        resume_from = Path(os.environ[RESUME_ENV]) if os.environ[RESUME_ENV] else None
+    else:  # every rank reaches the same answer; only rank 0 clears an overwritten run
+        resume_from = _resume_point(args.resume, run_dir, cfg.output.overwrite, clear=main_rank)
+    if main_rank:
+        write_resolved_config(cfg, run_dir)
+        from tuneforge.train.monitor import stage_status
+
+        with stage_status("preparing data", cfg.log.progress) as log:
+            data = prepare(cfg, run_dir, log=log)
+    else:
+        data = wait_for_prepared(cfg, run_dir, timeout_s=60 * cfg.dist.timeout_minutes)
+
+    if main_rank:  # before loading the model: will it fit?
+        from tuneforge.train.planner import available_bytes, check_fits
+
+        device = "cuda" if torch_cuda_available() else "cpu"
+        try:
+            warning = check_fits(_memory_plan(cfg, run_dir, device, available_bytes(device)))
+        except Exception as e:  # noqa: BLE001 - the plan is advice; a model it cannot build is loaded below anyway
+            warning = None
+            print(f"memory plan skipped ({type(e).__name__}: {e})", file=sys.stderr)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+
+    collate = PaddedCollator(data.tokenizer.pad_token_id)
+    trainer = Trainer(cfg, run_dir, data, None, log=say).setup()
+    device = trainer.accelerator.device
+
+    def evaluate(model) -> dict:
+        return evaluate_loss(model, data.eval, collate, cfg.eval.batch_size, device)
+
+    trainer.evaluate = evaluate if data.eval is not None else None
+    try:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        before: dict = _start_eval(trainer.monitor.path) if resume_from else {}
+        if data.eval is not None and cfg.eval.at_start and not resume_from:
+            before = evaluate(model)
+            if cfg.eval.generate_rows and main_rank:
+                before.update(_task_eval(model, data, cfg))
+            trainer.monitor.write({"type": "eval", "step": 0, **before})
+            say("before training: " + "  ".join(f"{k}={v:.4g}" for k, v in before.items()))
+        summary = trainer.train(resume_from)
+        after = {k: v for k, v in summary.items() if k.startswith("eval_")}
+        if data.eval is not None and cfg.eval.generate_rows and main_rank:
+            after.update(_task_eval(model, data, cfg))
+            trainer.monitor.write({"type": "eval", "step": trainer.total_steps, **after})
+        final = trainer.save_final()
+    finally:
+        trainer.cleanup()
+    if not main_rank:
+        return 0
+
+    print(f"\ntrained {summary['steps']} steps in {summary['wall_s']:.1f}s "
+          f"({summary['tokens_per_s']:,.0f} tokens/s); loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
+    _print_comparison(before, after)
+    samples = []
+    if cfg.eval.show_samples:
+        source = data.eval if data.eval is not None else data.train
+        from tuneforge.eval.runner import held_out_chats
+
+        prompts, refs = held_out_chats(source, cfg.eval.show_samples)
+        preds = generate(model, data.tokenizer, prompts, cfg.eval.max_new_tokens, data.report.get("stop_token_ids"))
+        print("\nsample generations:")
+        for p, r, g in zip(prompts, refs, preds):
+            print(f"  prompt:    {p[-1]['content']!r}\n  expected:  {r!r}\n  generated: {g!r}")
+            samples.append({"prompt": p[-1]["content"], "reference": r, "generated": g})
+    (run_dir / "run_summary.json").write_text(json.dumps({"before": before, "after": after, **summary,
+                                                          "samples": samples}, indent=2))
+    _write_report_quietly(run_dir)
+    print(f"\nsaved {final} (try: tuneforge generate {run_dir} --prompt \"...\")")
+    return 0
+
+
+# ---------------------------------------------------------------------------- plan
+def _memory_plan(cfg, run_dir: Path | None, device: str, device_bytes: float | None, gpus: int = 1):
+    from tuneforge.train.planner import plan_memory
+
+    fraction = 1.0
+    report = (run_dir / "data" / "data_report.json") if run_dir else None
+    if report is not None and report.exists() and not cfg.data.packing:
+        fraction = json.loads(report.read_text()).get("train", {}).get("trained_fraction", 1.0)
+    import torch
+
+    precision = None
+    if device == "cuda" and cfg.train.precision == "auto" and not torch.cuda.is_available():
+        precision = "bf16"  # planning for a GPU from a machine without one: assume a bf16-capable GPU
+    plan = plan_memory(cfg, device, precision, gpus=gpus, device_bytes=device_bytes, trained_fraction=fraction)
+    if fraction == 1.0:
+        plan.notes.append("LM head sized for every position trained (prepare the data first for the real fraction)")
+    return plan
+
+
+def cmd_plan(args) -> int:
+    from tuneforge.train.planner import available_bytes, parse_size
+
+    cfg = _load(args)
+    device = "cuda" if (args.gpus or args.gpu_mem) else "cpu"
+    try:
+        device_bytes = parse_size(args.gpu_mem) if args.gpu_mem else available_bytes(device)
+    except ValueError as e:
+        _err(f"--gpu-mem: {e}")
+        return EXIT_CONFIG
+    plan = _memory_plan(cfg, Path(cfg.output.dir), device, device_bytes, args.gpus or 1)
+    print(plan.table())
+    return EXIT_FAILED if plan.fits is False else 0

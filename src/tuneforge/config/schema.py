@@ -185,6 +185,26 @@ class DataConfig(Section):
     packing: bool = Field(False, description="Pack tokenized samples into rows of max_seq_len (best-fit decreasing); samples never attend to each other.")
     skip_invalid: bool = Field(False, description="Skip malformed rows (counted, with reasons, in the report) instead of failing.")
     seed: int = Field(42, description="Seed of the train/eval split.")
+    streaming: bool = Field(
+        False, description="Read raw-text (completion) sources as a stream, chunk by chunk, for corpora larger than "
+        "memory: quality filters, exact dedup, decontamination, tokenization and packing (within each chunk) never "
+        "hold the corpus in memory. Needs data.eval (a file) for held-out rows.")
+    stream_chunk_rows: int = Field(10_000, ge=100, description="Rows per chunk with data.streaming (also the packing window).")
+
+    @model_validator(mode="after")
+    def _streamable(self) -> DataConfig:
+        if not self.streaming:
+            return self
+        refused = [why for why, bad in (
+            ("data.dedup.near (near-duplicates are found across the whole corpus)", self.dedup.near),
+            ("data.eval_fraction (a split needs the whole corpus; give data.eval instead)", self.eval_fraction > 0),
+            ("per-source `samples` (mixing needs each source's size)", any(s.samples for s in self.train)),
+            ("`synthetic` sources (nothing to stream)", any(s.synthetic for s in self.train)),
+        ) if bad]
+        if refused:
+            raise ValueError("data.streaming=true cannot be combined with " + "; ".join(refused)
+                             + ". Set data.streaming=false, or drop those settings")
+        return self
 
 
 # ---------------------------------------------------------------------------- adapter

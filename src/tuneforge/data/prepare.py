@@ -229,6 +229,33 @@ def _tokenize(ds: datasets.Dataset, tok: PreTrainedTokenizerBase, template: str,
     return kept, report
 
 
+def _template(tok, cfg: RunConfig) -> tuple[str, str]:
+    template, template_name = resolve_template(tok, cfg.data.chat_template)
+    if template_name != "tokenizer":
+        tok.chat_template = template  # saved with the tokenizer, so generation uses the training template
+    return template, template_name
+
+
+def _streamed(cfg: RunConfig, clock: StageClock, tmp: Path):
+    """The streaming path (data.streaming): the training corpus chunk by chunk, data.eval read whole."""
+    from tuneforge.data.dedup import _texts
+    from tuneforge.data.streaming import first_texts, prepare_streamed
+
+    d = cfg.data
+    eval_ = None
+    with clock("read"):
+        if d.eval is not None:
+            raw, name, _ = read_source(d.eval, d.skip_invalid)
+            eval_, _ = normalize(raw, d.eval, name, 1, d.quality.score_column, d.skip_invalid)
+    with clock("stream: filter, dedup, tokenize, pack"):
+        tok = build_tokenizer(cfg.model, first_texts(cfg))
+        template, template_name = _template(tok, cfg)
+        train_tok, train_rep, report, lengths = prepare_streamed(cfg, tok, _texts(eval_, "all") if eval_ else [], tmp)
+    with clock("tokenize"):
+        eval_tok, eval_rep = _tokenize(eval_, tok, template, cfg, "eval") if eval_ is not None else (None, None)
+    return train_tok, eval_tok, tok, template, template_name, train_rep, eval_rep, report, lengths
+
+
 def prepare(cfg: RunConfig, run_dir: str | Path, force: bool = False, log=print) -> PreparedData:
     """Run the data stage into `<run_dir>/data`, or reuse it when its fingerprint matches."""
     out = data_dir(run_dir)
@@ -243,27 +270,29 @@ def prepare(cfg: RunConfig, run_dir: str | Path, force: bool = False, log=print)
         log(f"data: preparing again, changed since the cached data: {_what_changed(old, parts)}")
 
     clock = StageClock()
-    train, eval_, report = _load_all(cfg, log, clock)
-    with clock("tokenize"):
-        tok = build_tokenizer(cfg.model, _corpus(train))
-        template, template_name = resolve_template(tok, cfg.data.chat_template)
-        if template_name != "tokenizer":
-            tok.chat_template = template  # saved with the tokenizer, so generation uses the training template
-        train_tok, train_rep = _tokenize(train, tok, template, cfg, "train")
-        if len(train_tok) == 0:
-            raise ValueError("data: no training rows left after tokenization (all too long, too short or with nothing to "
-                             "train); raise data.max_seq_len or check data.train_on")
-        eval_tok, eval_rep = _tokenize(eval_, tok, template, cfg, "eval") if eval_ is not None else (None, None)
-        lengths = column(train_tok, "num_tokens")
-    if cfg.data.packing:
-        with clock("pack"):
-            train_tok, train_rep["packing"] = pack_dataset(train_tok, cfg.data.max_seq_len)
+    tmp = out.with_name("data.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if cfg.data.streaming:
+        train_tok, eval_tok, tok, template, template_name, train_rep, eval_rep, report, lengths = _streamed(cfg, clock, tmp)
+    else:
+        train, eval_, report = _load_all(cfg, log, clock)
+        with clock("tokenize"):
+            tok = build_tokenizer(cfg.model, _corpus(train))
+            template, template_name = _template(tok, cfg)
+            train_tok, train_rep = _tokenize(train, tok, template, cfg, "train")
+            eval_tok, eval_rep = _tokenize(eval_, tok, template, cfg, "eval") if eval_ is not None else (None, None)
+            lengths = column(train_tok, "num_tokens")
+        if cfg.data.packing:
+            with clock("pack"):
+                train_tok, train_rep["packing"] = pack_dataset(train_tok, cfg.data.max_seq_len)
+    if len(train_tok) == 0:
+        raise ValueError("data: no training rows left after tokenization (all too long, too short or with nothing to "
+                         "train); raise data.max_seq_len or check data.train_on")
 
     with clock("save"):
-        tmp = out.with_name("data.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         train_tok.save_to_disk(str(tmp / "train"))
+        shutil.rmtree(tmp / "stream-cache", ignore_errors=True)
         if eval_tok is not None:
             eval_tok.save_to_disk(str(tmp / "eval"))
         tok.save_pretrained(str(tmp / "tokenizer"))

@@ -70,3 +70,15 @@ def test_memory_sizes_parse_with_units():
     assert parse_size("80GiB") == 80 * GIB and parse_size("24GB") == 24e9 and parse_size("512 MiB") == 512 * 2**20
     with pytest.raises(ValueError, match="use a number with a unit, e.g. 80GiB"):
         parse_size("lots")
+
+
+def test_a_model_whose_config_cannot_be_read_is_a_clear_error(tmp_path, capsys):
+    import yaml
+
+    cfg = _cfg("lora", False).model_dump(mode="json", exclude_defaults=True)
+    cfg["model"] = {"name_or_path": str(tmp_path / "no-such-model")}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["plan", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "memory plan: could not read the config of model" in err and "set model.name_or_path to that directory" in err

@@ -89,8 +89,16 @@ def _model_config(cfg: RunConfig):
                 return init.tokenizer_vocab_size
 
         return tiny_config(init, _Vocab())
-    return AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
-                                      trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                          trust_remote_code=cfg.model.trust_remote_code)
+    except OSError as e:
+        from tuneforge.model.load import ModelLoadError
+
+        raise ModelLoadError(
+            f"memory plan: could not read the config of model {cfg.model.name_or_path!r} ({str(e).splitlines()[0]}). "
+            "The plan needs only its config.json: download the model (`hf download "
+            f"{cfg.model.name_or_path} --local-dir DIR`) and set model.name_or_path to that directory") from None
 
 
 def meta_model(cfg: RunConfig):

@@ -53,3 +53,15 @@ def test_a_grouped_step_holds_the_same_rows_however_it_is_split():
         rows_b = sorted(b.micro_batch(step))
         rows_r = sorted(i for k in range(2 * step, 2 * step + 2) for o in r for i in o.micro_batch(k))
         assert rows_a == rows_b == rows_r
+
+
+def test_layout_names_what_fixes_each_step():
+    assert BatchOrder(64, 4, 0, grad_accum=2).layout() == BatchOrder(64, 2, 0, world_size=2, grad_accum=2).layout()
+    assert BatchOrder(64, 4, 0, grad_accum=2).layout() == BatchOrder(64, 8, 0).layout()
+    assert BatchOrder(64, 4, 0).layout() != BatchOrder(64, 8, 0).layout()
+    # 60 rows: a global micro-batch of 8 leaves a short one at each epoch end, so the split matters
+    assert BatchOrder(60, 8, 0).layout() != BatchOrder(60, 4, 0, grad_accum=2).layout()
+    # steps hold the same rows across epochs when the global micro-batch divides the rows
+    a, b = BatchOrder(64, 8, 3), BatchOrder(64, 2, 3, grad_accum=4)
+    for step in range(20):
+        assert sorted(a.micro_batch(step)) == sorted(i for k in range(4 * step, 4 * step + 4) for i in b.micro_batch(k))

@@ -90,15 +90,19 @@ def test_prune_keeps_the_newest_and_the_best(tmp_path):
 
 
 def test_resume_key_refuses_critical_changes_and_lists_allowed_ones():
-    saved = {"model": {"a": 1}, "adapter": {"r": 8}, "data_fingerprint": "f1", "train.micro_batch_size": 4,
-             "train.grad_accum": 2, "world_size": 1, "train.seed": 1, "precision": "fp32",
+    order = {"rows": 64, "rows_per_step": 8, "global_micro_batch": None}
+    saved = {"model": {"a": 1}, "adapter": {"r": 8}, "data_fingerprint": "f1", "data_order": order,
+             "train.group_by_length": False, "world_size": 1, "train.seed": 1, "precision": "fp32",
              "config": {"train.max_steps": 10, "log.every_steps": 1, "train.micro_batch_size": 4}}
-    allowed = {**saved, "config": {**saved["config"], "train.max_steps": 20, "log.every_steps": 5}}
-    assert check_resume_key("ck", saved, allowed) == ["log.every_steps: 1 -> 5", "train.max_steps: 10 -> 20"]
+    allowed = {**saved, "world_size": 2, "config": {**saved["config"], "train.max_steps": 20, "log.every_steps": 5,
+                                                     "train.micro_batch_size": 2}}
+    assert check_resume_key("ck", saved, allowed) == ["log.every_steps: 1 -> 5", "train.max_steps: 10 -> 20",
+                                                      "train.micro_batch_size: 4 -> 2"]
     with pytest.raises(CheckpointError) as e:
-        check_resume_key("ck", saved, {**saved, "train.micro_batch_size": 8, "data_fingerprint": "f2"})
+        check_resume_key("ck", saved, {**saved, "data_order": {**order, "rows_per_step": 16}, "data_fingerprint": "f2"})
     msg = str(e.value)
-    assert "train.micro_batch_size: 4 -> 8 (each step would read different rows)" in msg
+    assert 'data_order: {"global_micro_batch": null, "rows": 64, "rows_per_step": 8} -> ' in msg
+    assert "(each step would read different rows (micro_batch_size x processes x grad_accum must stay" in msg
     assert "data_fingerprint: f1 -> f2 (the prepared data changed" in msg
     assert "--resume never and output.overwrite=true" in msg
 
@@ -217,7 +221,7 @@ def test_train_resumes_refuses_incompatible_changes_and_accepts_more_steps(tiny_
     shutil.rmtree(run / "final")  # as if it crashed after the last checkpoint
     assert main(["train", str(path), "train.micro_batch_size=2"]) == 2
     err = capsys.readouterr().err
-    assert "cannot resume from" in err and "train.micro_batch_size: 4 -> 2" in err
+    assert "cannot resume from" in err and "data_order: " in err and "\"rows_per_step\": 4} -> " in err
     assert main(["train", str(path), "train.max_steps=6"]) == 0
     out = capsys.readouterr().out
     assert "resuming from" in out and "step 4 of 6" in out and "train.max_steps: 4 -> 6" in out

@@ -88,6 +88,15 @@ def test_two_processes_give_the_same_losses_and_weights_as_one(tmp_path, adapter
     # only rank 0 writes: one line per step, one summary
     assert len(records(tmp_path / "two", "train")) == 6
 
+    # the 2-process run's step-2 checkpoint continues on 1 process (same rows per step): the 1-process losses
+    cont = tuneforge("train", config(tmp_path, "cont", adapter, micro=4), "--resume",
+                     tmp_path / "two" / "checkpoints" / "step-000002")
+    assert cont.returncode == 0, cont.stderr[-3000:]
+    assert "resuming from" in cont.stdout and "train.micro_batch_size: 2 -> 4" in cont.stdout
+    l3 = [r["loss"] for r in records(tmp_path / "cont", "train")]
+    assert len(l3) == 4
+    torch.testing.assert_close(torch.tensor(l3), torch.tensor(l1[2:]), rtol=1e-5, atol=0)
+
 
 def _worker(root_pid: int, rank: int) -> psutil.Process | None:
     for p in psutil.Process(root_pid).children(recursive=True):

@@ -44,6 +44,13 @@ class BatchOrder:
     def batches_per_epoch(self) -> int:
         return math.ceil(self.num_rows / self.global_batch)
 
+    def layout(self) -> dict:
+        """What fixes the rows of every optimizer step. Two orders with the same layout give each step the same
+        rows, however the step is split into micro-batches x processes x accumulation: the rows per step, and
+        the global micro-batch only when it does not divide the rows (then epoch ends fall differently)."""
+        return {"rows": self.num_rows, "rows_per_step": self.step_rows,
+                "global_micro_batch": self.global_batch if self.num_rows % self.global_batch else None}
+
     def permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.num_rows, generator=g)

@@ -35,16 +35,15 @@ from tuneforge import __version__
 LATEST = "latest"
 MANIFEST = "manifest.json"
 # what a resumed run must share with the checkpoint; anything else (steps, logging, eval, ...) may change
-RESUME_CRITICAL = ("model", "adapter", "data_fingerprint", "train.micro_batch_size", "train.grad_accum",
-                   "train.group_by_length", "world_size", "train.seed", "precision")
+RESUME_CRITICAL = ("model", "adapter", "data_fingerprint", "data_order", "train.group_by_length", "train.seed",
+                   "precision")
 WHY_CRITICAL = {
     "model": "the checkpoint's weights belong to another model",
     "adapter": "the trainable parameters would not match",
     "data_fingerprint": "the prepared data changed, so step N would read different rows",
-    "train.micro_batch_size": "each step would read different rows",
-    "train.grad_accum": "each step would read different rows",
+    "data_order": "each step would read different rows (micro_batch_size x processes x grad_accum must stay the "
+                  "same, and divide the rows evenly, to change how a step is split)",
     "train.group_by_length": "each step would read different rows",
-    "world_size": "each step would read different rows",
     "train.seed": "the data order and dropout would differ",
     "precision": "the numbers would differ from the run that wrote it",
 }
@@ -298,13 +297,18 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, rank: in
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
     if scaler is not None and (path / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
-    rng_file = path / f"rng-rank{rank}.pt"
-    if not rng_file.exists():
-        raise CheckpointError(f"{path} has no RNG state for rank {rank}; it was written by fewer processes")
-    set_rng_state(torch.load(rng_file, weights_only=False))
     fields = {f.name for f in dataclasses.fields(TrainState)}
     raw = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    return TrainState(**{k: v for k, v in raw.items() if k in fields})
+    state = TrainState(**{k: v for k, v in raw.items() if k in fields})
+    rng_file = path / f"rng-rank{rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    else:  # written by fewer processes: this rank's random stream (dropout) starts afresh, seeded by step and rank
+        seed = 1_000_003 * (state.step + 1) + rank
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+    return state
 
 
 def flat_config(cfg_dump: dict, prefix: str = "") -> dict:

@@ -299,8 +299,7 @@ class Trainer:
     def resume_key(self) -> dict:
         dump = self.cfg.model_dump(mode="json")
         return {"model": dump["model"], "adapter": dump["adapter"], "data_fingerprint": self.data.report.get("fingerprint"),
-                "train.micro_batch_size": self.cfg.train.micro_batch_size, "train.grad_accum": self.cfg.train.grad_accum,
-                "train.group_by_length": self.cfg.train.group_by_length,
+                "data_order": self.order.layout(), "train.group_by_length": self.cfg.train.group_by_length,
                 "world_size": self.accelerator.num_processes, "train.seed": self.cfg.train.seed,
                 "precision": self.precision, "config": flat_config(dump)}
 

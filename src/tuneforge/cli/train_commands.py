@@ -158,7 +158,13 @@ def cmd_train(args) -> int:
     device = trainer.accelerator.device
 
     def evaluate(model) -> dict:
-        return evaluate_loss(model, data.eval, collate, cfg.eval.batch_size, device)
+        done = [0]
+
+        def tick(rows: int) -> None:  # eval progress in the training bar (one live display at a time)
+            done[0] += rows
+            trainer.monitor.status(f"evaluating {done[0]}/{len(data.eval)} rows")
+
+        return evaluate_loss(model, data.eval, collate, cfg.eval.batch_size, device, on_batch=tick)
 
     trainer.evaluate = evaluate if data.eval is not None else None
     try:

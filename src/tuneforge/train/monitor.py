@@ -90,6 +90,12 @@ class Monitor:
             eta = (time.perf_counter() - self.start) / step * (self.total - step)
             print(f"step {step}/{self.total}  {status}  eta {eta:.0f}s", file=sys.stderr, flush=True)
 
+    def status(self, text: str) -> None:
+        """Show a passing state (evaluation progress inside training) in the live bar's status field; the bar's
+        next step replaces it. Without a bar it does nothing: plain and JSON logs get the eval result instead."""
+        if self.enabled and self._bar is not None:
+            self._bar.update(self._task, status=text)
+
     def event(self, text: str) -> None:
         if not self.enabled or self.mode == "none":
             return

@@ -69,17 +69,39 @@ def render(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dic
     )
 
 
+def _direct_renderer(tokenizer, template: str):
+    """The compiled jinja template called directly with what apply_chat_template passes it (the messages, no
+    tools or documents, the tokenizer's special tokens): the same text for tuneforge's plain string messages,
+    without transformers' per-conversation normalisation (60% of rendering time). None if unavailable."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        compiled = _compile_jinja_template(template)
+    except Exception:  # a transformers without this helper: the public path only
+        return None
+    special = dict(tokenizer.special_tokens_map)
+    return lambda msgs, flag: compiled.render(messages=msgs, tools=None, documents=None, add_generation_prompt=flag,
+                                              **special)
+
+
 def _render_many(tokenizer, template: str, requests: list[tuple[list[dict], bool]]) -> list[str]:
-    """`render` of many (messages, generation_prompt) pairs: one batched apply_chat_template call per flag,
-    the same text without the per-call overhead. An empty conversation is rendered alone, to fail as alone."""
+    """`render` of many (messages, generation_prompt) pairs, the same text without the per-call overhead: the
+    template is called directly when its first rendering equals apply_chat_template's, else one batched
+    apply_chat_template call per flag. An empty conversation is rendered alone, to fail as alone."""
     out = [""] * len(requests)
+    direct = _direct_renderer(tokenizer, template)
     for flag in (False, True):
         idx = [k for k, (msgs, g) in enumerate(requests) if g is flag and msgs]
-        if idx:
+        if not idx:
+            continue
+        first = render(tokenizer, template, requests[idx[0]][0], flag)
+        if direct is not None and direct(requests[idx[0]][0], flag) == first:
+            texts = [first] + [direct(requests[k][0], flag) for k in idx[1:]]
+        else:
             texts = tokenizer.apply_chat_template([requests[k][0] for k in idx], chat_template=template,
                                                   tokenize=False, add_generation_prompt=flag)
-            for k, text in zip(idx, texts):
-                out[k] = text
+        for k, text in zip(idx, texts):
+            out[k] = text
     for k, (msgs, g) in enumerate(requests):
         if not msgs:
             out[k] = render(tokenizer, template, msgs, g)

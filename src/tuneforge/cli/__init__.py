@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tuneforge.cli.common import EXIT_CONFIG, EXIT_FAILED, _err
+from tuneforge.cli.console import EXIT_CONFIG, EXIT_FAILED, _err
 from tuneforge.cli.data_commands import cmd_data_preview, cmd_prepare, cmd_reference, cmd_validate
 from tuneforge.cli.deploy_commands import cmd_chat, cmd_export, cmd_serve
 from tuneforge.cli.eval_commands import cmd_compare, cmd_eval, cmd_generate, cmd_report

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tuneforge.cli.common import _load
+from tuneforge.cli.console import _load
 from tuneforge.config.load import write_resolved_config
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tuneforge.cli.common import EXIT_CONFIG, EXIT_FAILED, _err
+from tuneforge.cli.console import EXIT_CONFIG, EXIT_FAILED, _err
 
 
 # ---------------------------------------------------------------------------- export

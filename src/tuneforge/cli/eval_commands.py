@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from tuneforge.cli.common import EXIT_CONFIG, EXIT_FAILED, _err
+from tuneforge.cli.console import EXIT_CONFIG, EXIT_FAILED, _err
 from tuneforge.config.load import load_config
 
 

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from tuneforge.cli.common import EXIT_CONFIG, EXIT_FAILED, _err, _load
+from tuneforge.cli.console import EXIT_CONFIG, EXIT_FAILED, _err, _load
 from tuneforge.config.load import write_resolved_config
 from tuneforge.cli.eval_commands import _write_report_quietly
 

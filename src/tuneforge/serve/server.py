@@ -52,6 +52,17 @@ def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _chunker(rid: str, obj: str, model: str):
+    """The SSE line maker of one streamed response: chunk(choices, usage=None) -> 'data: {...}'."""
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        body = {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return _sse(body)
+
+    return chunk
+
+
 class _Generation:
     """The sequences of one request (n per prompt) and the asyncio queue their events arrive on."""
 
@@ -226,12 +237,7 @@ def create_app(served: ServedModel, engine: Engine, api_key: str | None = None) 
                                  "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))],
                     "usage": gen.usage(completion)}
 
-        def chunk(choices: list[dict], usage: dict | None = None) -> str:
-            body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-                    "choices": choices}
-            if usage is not None:
-                body["usage"] = usage
-            return _sse(body)
+        chunk = _chunker(rid, "chat.completion.chunk", model)
 
         async def stream() -> AsyncIterator[str]:
             completion = 0
@@ -275,12 +281,7 @@ def create_app(served: ServedModel, engine: Engine, api_key: str | None = None) 
                                 for i, (t, r) in enumerate(zip(texts, reasons))],
                     "usage": gen.usage(completion)}
 
-        def chunk(choices: list[dict], usage: dict | None = None) -> str:
-            body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-                    "choices": choices}
-            if usage is not None:
-                body["usage"] = usage
-            return _sse(body)
+        chunk = _chunker(rid, "text_completion", model)
 
         async def stream() -> AsyncIterator[str]:
             completion = 0

@@ -1,4 +1,4 @@
-"""What every command shares: exit codes, error printing, config loading."""
+"""What a command says and returns: exit codes, error and warning lines on stderr, the config loaded with its warnings shown."""
 
 from __future__ import annotations
 

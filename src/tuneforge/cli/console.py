@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
+from pathlib import Path
 
-from tuneforge.config.load import load_config
+from tuneforge.config.load import ConfigError, load_config
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -23,3 +25,19 @@ def _load(args) -> object:
         if issubclass(w.category, UserWarning):
             print(f"warning: {w.message}", file=sys.stderr)
     return cfg
+
+
+def read_prompt_file(path: str) -> list[str | list[dict]]:
+    """The prompts of a JSONL file, one per line: {"prompt": TEXT} gives the text, {"messages": [...]} the chat.
+    A bad line is a ConfigError naming the file and line (exit 2, like any input error)."""
+    prompts: list[str | list[dict]] = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompts.append(row["messages"] if "messages" in row else row["prompt"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"{path}:{n}: expected a JSON object with \"prompt\" or \"messages\" "
+                              f"({type(e).__name__}: {e})") from None
+    return prompts

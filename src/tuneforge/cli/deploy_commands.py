@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from tuneforge.cli.console import EXIT_CONFIG, EXIT_FAILED, _err
+from tuneforge.cli.console import EXIT_CONFIG, EXIT_FAILED, _err, read_prompt_file
 
 
 # ---------------------------------------------------------------------------- export
 def cmd_export(args) -> int:
     from tuneforge.export import ExportError, ExportParityError, export_run
 
-    prompts = None
-    if args.prompts:
-        prompts = []
-        for n, line in enumerate(Path(args.prompts).read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompts.append(row["messages"] if "messages" in row else row["prompt"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                _err(f"{args.prompts}:{n}: expected a JSON object with \"prompt\" or \"messages\" ({type(e).__name__}: {e})")
-                return EXIT_CONFIG
+    prompts = read_prompt_file(args.prompts) if args.prompts else None
     try:
         result = export_run(args.run_dir, args.out, args.dtype, prompts, base_model=args.base,
                             max_shard_size=args.max_shard_size)

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from tuneforge.cli.console import EXIT_CONFIG, EXIT_FAILED, _err
+from tuneforge.cli.console import EXIT_CONFIG, EXIT_FAILED, _err, read_prompt_file
 from tuneforge.config.load import load_config
 
 
@@ -120,16 +120,7 @@ def cmd_generate(args) -> int:
     if args.prompt is not None:
         chats = [[{"role": "user", "content": args.prompt}]]
     else:
-        chats = []
-        for n, line in enumerate(Path(args.file).read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                chats.append(row["messages"] if "messages" in row else [{"role": "user", "content": row["prompt"]}])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                _err(f"{args.file}:{n}: expected a JSON object with \"prompt\" or \"messages\" ({type(e).__name__}: {e})")
-                return EXIT_CONFIG
+        chats = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in read_prompt_file(args.file)]
     if args.system:
         chats = [[{"role": "system", "content": args.system}, *c] for c in chats]
     model, tok, info = load_trained(args.run_dir)

@@ -20,9 +20,8 @@ import xxhash
 from tuneforge.config.schema import DatasetSource, RunConfig
 from tuneforge.data.dedup import NgramIndex, benchmark_texts, normalize_text
 from tuneforge.data.formats import DataFormatError
-from tuneforge.data.packing import best_fit_decreasing
+from tuneforge.data.packing import pack_dataset
 from tuneforge.data.quality import failed_rule
-from tuneforge.data.templates import IGNORE_INDEX
 
 STREAM_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
@@ -157,23 +156,20 @@ def _tokenized(state: StreamState, tok, texts: list[str]) -> list[list[int]]:
 
 
 def _rows(state: StreamState, samples: list[list[int]]) -> Iterator[dict]:
-    """Training rows of one chunk: the samples themselves, or packed (best-fit within the chunk)."""
+    """Training rows of one chunk: the samples themselves, or packed (best-fit decreasing within the chunk)."""
     d = state.cfg.data
     if not d.packing:
         for ids in samples:
             yield {"input_ids": ids, "labels": ids, "num_tokens": len(ids), "num_trained": len(ids) - 1}
         return
-    for members in best_fit_decreasing([len(s) for s in samples], d.max_seq_len):
-        ids, labels, pos, lens = [], [], [], []
-        for i in members:
-            s = samples[i]
-            ids.extend(s)
-            labels.extend([IGNORE_INDEX, *s[1:]])  # a sample's first token has no predecessor in it
-            pos.extend(range(len(s)))
-            lens.append(len(s))
-        state.packed_rows += 1
-        yield {"input_ids": ids, "labels": labels, "position_ids": pos, "seq_lens": lens, "num_tokens": len(ids),
-               "num_trained": len(ids) - len(lens)}
+    if not samples:
+        return
+    # the packing rules (whole samples, labels cut at sample starts, positions restarting) are pack_dataset's own
+    packed, _ = pack_dataset(datasets.Dataset.from_dict({"input_ids": samples, "labels": samples}), d.max_seq_len)
+    state.packed_rows += len(packed)
+    cols = packed[:]
+    for k in range(len(packed)):
+        yield {name: cols[name][k] for name in cols}
 
 
 def generate_rows(cfg: RunConfig, tok, state: StreamState) -> Iterator[dict]:

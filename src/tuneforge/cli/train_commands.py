@@ -168,19 +168,32 @@ def cmd_train(args) -> int:
 
     trainer.evaluate = evaluate if data.eval is not None else None
     try:
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        model = trainer.parallel.module()
+        # a sharded model (FSDP2, ZeRO-3) runs a forward pass on every rank together, generation included
+        gen_here = main_rank or trainer.parallel.sharded
         before: dict = _start_eval(trainer.monitor.path) if resume_from else {}
         if data.eval is not None and cfg.eval.at_start and not resume_from:
             before = evaluate(model)
-            if cfg.eval.generate_rows and main_rank:
-                before.update(_task_eval(model, data, cfg))
+            if cfg.eval.generate_rows and gen_here:
+                with trainer.parallel.generation():
+                    before.update(_task_eval(model, data, cfg))
             trainer.monitor.write({"type": "eval", "step": 0, **before})
             say("before training: " + "  ".join(f"{k}={v:.4g}" for k, v in before.items()))
         summary = trainer.train(resume_from)
         after = {k: v for k, v in summary.items() if k.startswith("eval_")}
-        if data.eval is not None and cfg.eval.generate_rows and main_rank:
-            after.update(_task_eval(model, data, cfg))
+        if data.eval is not None and cfg.eval.generate_rows and gen_here:
+            with trainer.parallel.generation():
+                after.update(_task_eval(model, data, cfg))
             trainer.monitor.write({"type": "eval", "step": trainer.total_steps, **after})
+        samples_source = data.eval if data.eval is not None else data.train
+        shown = None
+        if cfg.eval.show_samples and gen_here:
+            from tuneforge.eval.runner import held_out_chats
+
+            prompts, refs = held_out_chats(samples_source, cfg.eval.show_samples)
+            with trainer.parallel.generation():
+                shown = prompts, refs, generate(model, data.tokenizer, prompts, cfg.eval.max_new_tokens,
+                                                data.report.get("stop_token_ids"))
         final = trainer.save_final()
     finally:
         trainer.cleanup()
@@ -191,12 +204,8 @@ def cmd_train(args) -> int:
           f"({summary['tokens_per_s']:,.0f} tokens/s); loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
     _print_comparison(before, after)
     samples = []
-    if cfg.eval.show_samples:
-        source = data.eval if data.eval is not None else data.train
-        from tuneforge.eval.runner import held_out_chats
-
-        prompts, refs = held_out_chats(source, cfg.eval.show_samples)
-        preds = generate(model, data.tokenizer, prompts, cfg.eval.max_new_tokens, data.report.get("stop_token_ids"))
+    if shown is not None:
+        prompts, refs, preds = shown
         print("\nsample generations:")
         for p, r, g in zip(prompts, refs, preds):
             print(f"  prompt:    {p[-1]['content']!r}\n  expected:  {r!r}\n  generated: {g!r}")

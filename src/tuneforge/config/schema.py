@@ -238,12 +238,33 @@ class CheckpointConfig(Section):
 class DistConfig(Section):
     """Several processes (`tuneforge train CONFIG --nproc N`, or started by torchrun / accelerate launch / SLURM)."""
 
-    strategy: Literal["auto", "ddp"] = Field(
+    strategy: Literal["auto", "ddp", "fsdp2", "deepspeed"] = Field(
         "auto", description="auto = DDP when there is more than one process: each rank holds the whole model and "
-        "gradients are averaged (the step's loss stays sum of token losses / trained tokens over all ranks).")
+        "gradients are averaged. fsdp2 = PyTorch FSDP2 (`fully_shard` per decoder layer, then the root): parameters, "
+        "gradients and optimizer state sharded over the ranks. deepspeed = DeepSpeed ZeRO (dist.zero_stage; "
+        "`pip install 'tuneforge[deepspeed]'`). Every strategy keeps the step's loss = sum of token losses / trained "
+        "tokens over all ranks, so the numbers match one process with the same global batch.")
     timeout_minutes: float = Field(
         30.0, gt=0, description="How long a rank waits in a collective (or for rank 0's data preparation) before "
         "the job fails instead of hanging.")
+    zero_stage: Literal[1, 2, 3] | None = Field(
+        None, description="deepspeed: ZeRO stage (1 = optimizer state sharded, 2 = + gradients, 3 = + parameters). "
+        "Default 2, or the stage of dist.deepspeed_config.")
+    deepspeed_config: str | None = Field(
+        None, description="deepspeed: a DeepSpeed JSON (e.g. configs/deepspeed/zero3-offload.json, or your own). Its "
+        "\"auto\" values are filled from this config (micro-batch, grad_accum, clipping, precision, bucket sizes); "
+        "an explicit value that contradicts this config is an error. Optimizer and schedule always come from train.*.")
+    offload_optimizer: bool = Field(
+        False, description="deepspeed: keep optimizer state (and the fp32 master weights) in CPU RAM. fsdp2: offload "
+        "parameters, gradients and optimizer state to the CPU (FSDP2's CPUOffloadPolicy).")
+    offload_params: bool = Field(
+        False, description="deepspeed ZeRO-3: keep the parameters in CPU RAM too (slowest, smallest GPU footprint).")
+    fsdp_reshard_after_forward: bool = Field(
+        True, description="fsdp2: free each layer's gathered parameters after its forward (ZeRO-3 like; least "
+        "memory) instead of keeping them until the backward (ZeRO-2 like; less communication).")
+    fsdp_reduce_dtype: Literal["fp32", "same"] = Field(
+        "fp32", description="fsdp2 with bf16: reduce gradients in fp32 (exact sums) or in the compute dtype (half the "
+        "traffic).")
 
 
 class OutputConfig(Section):
@@ -300,6 +321,22 @@ class RunConfig(Section):
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise ValueError(f"{' and '.join(needs_bnb)} need the bitsandbytes package, which is not installed; "
                                  "pip install 'tuneforge[qlora]' (or use adapter.type=lora / train.optimizer=adamw)")
+        d = self.dist
+        if d.strategy != "deepspeed":
+            used = [k for k in ("zero_stage", "deepspeed_config", "offload_params") if getattr(d, k)]
+            if used:
+                raise ValueError(f"dist.{used[0]} only applies to dist.strategy=deepspeed (it is {d.strategy})")
+        else:
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ValueError("dist.strategy=deepspeed needs the deepspeed package, which is not installed; "
+                                 "pip install 'tuneforge[deepspeed]' (or use dist.strategy=ddp / fsdp2)")
+            if d.offload_params and d.zero_stage not in (3, None):
+                raise ValueError(f"dist.offload_params needs ZeRO-3 (dist.zero_stage=3), not {d.zero_stage}")
+        if d.strategy in ("fsdp2", "deepspeed") and self.adapter.type == "qlora":
+            raise ValueError(f"adapter.type=qlora with dist.strategy={d.strategy} is not supported: bitsandbytes 4-bit "
+                             "weights cannot be sharded here; use dist.strategy=ddp (each rank holds the 4-bit base)")
         if self.adapter.type == "full" and self.adapter.modules_to_save:
             raise ValueError("adapter.modules_to_save only applies to lora/dora; full fine-tuning trains every module")
         return self

@@ -5,6 +5,8 @@ continue as if it had never stopped:
 
   trainable.safetensors   the trainable parameters by name (adapter weights, or every weight in full FT)
   optimizer.pt            optimizer state;  scheduler.pt  schedule state;  scaler.pt  fp16 loss scaler
+  sharded/                instead of the two above under FSDP2 / DeepSpeed: each rank's shards of the trainable
+                          weights and optimizer state (torch.distributed.checkpoint, or DeepSpeed's ZeRO files)
   rng-rank{R}.pt          python, numpy, torch CPU and CUDA generator states of rank R
   state.json              TrainState: step, token counters, bad steps, best-eval and early-stop bookkeeping
   manifest.json           step, tokens, last eval, what the run must not change to resume, library versions
@@ -36,7 +38,9 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 # what a resumed run must share with the checkpoint; anything else (steps, logging, eval, ...) may change
 RESUME_CRITICAL = ("model", "adapter", "data_fingerprint", "data_order", "train.group_by_length", "train.seed",
-                   "precision")
+                   "precision", "checkpoint_layout")
+# written before the key existed: replicated (DDP / one process) checkpoints
+RESUME_DEFAULTS = {"checkpoint_layout": "full"}
 WHY_CRITICAL = {
     "model": "the checkpoint's weights belong to another model",
     "adapter": "the trainable parameters would not match",
@@ -46,6 +50,8 @@ WHY_CRITICAL = {
     "train.group_by_length": "each step would read different rows",
     "train.seed": "the data order and dropout would differ",
     "precision": "the numbers would differ from the run that wrote it",
+    "checkpoint_layout": "the checkpoint's weights and optimizer state are stored for another dist.strategy (DeepSpeed "
+                         "ZeRO partitions also for one world size and stage); resume with the strategy that wrote it",
 }
 
 
@@ -158,9 +164,11 @@ def step_dir_name(step: int) -> str:
 
 # ---------------------------------------------------------------------------- save
 def save_checkpoint(ckpt_root: Path, step: int, *, model, optimizer, scheduler, scaler, state: TrainState,
-                    resume_key: dict, is_main: bool = True, rank: int = 0, barrier=lambda: None) -> Path:
+                    resume_key: dict, is_main: bool = True, rank: int = 0, barrier=lambda: None,
+                    shards=None) -> Path:
     """Write checkpoint `step` atomically; returns its directory. Raises OSError if the disk refuses it,
-    in which case the previous checkpoints and `latest` are untouched (the partial `.tmp-*` is removed)."""
+    in which case the previous checkpoints and `latest` are untouched (the partial `.tmp-*` is removed).
+    `shards(dir)`, when given, is called on every rank to write the sharded weights and optimizer state."""
     ckpt_root = Path(ckpt_root)
     name = step_dir_name(step)
     final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
@@ -173,13 +181,20 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, optimizer, scheduler, 
         _reached("start")
         torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
         _fsync_file(tmp / f"rng-rank{rank}.pt")
-        if is_main:
+        if shards is not None:
+            shards(tmp / "sharded")
+            _reached("weights")
+            for f in sorted((tmp / "sharded").rglob("*")):
+                if f.is_file():
+                    _fsync_file(f)
+        if is_main and shards is None:
             save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
             _fsync_file(tmp / "trainable.safetensors")
             _reached("weights")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             _fsync_file(tmp / "optimizer.pt")
             _reached("optimizer")
+        if is_main:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             _fsync_file(tmp / "scheduler.pt")
             if scaler is not None:
@@ -271,8 +286,9 @@ def check_resume_key(path: Path, saved: dict, current: dict) -> list[str]:
     """Raise CheckpointError naming each setting that changed and forbids resuming; return the allowed changes."""
     bad = []
     for key in RESUME_CRITICAL:
-        if saved.get(key) != current.get(key):
-            bad.append(f"  {key}: {_short(saved.get(key))} -> {_short(current.get(key))} ({WHY_CRITICAL[key]})")
+        old, new = saved.get(key, RESUME_DEFAULTS.get(key)), current.get(key, RESUME_DEFAULTS.get(key))
+        if old != new:
+            bad.append(f"  {key}: {_short(old)} -> {_short(new)} ({WHY_CRITICAL[key]})")
     if bad:
         raise CheckpointError(
             f"cannot resume from {path}: the config changed in ways the checkpoint cannot follow:\n" + "\n".join(bad)
@@ -288,12 +304,16 @@ def _short(v) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, rank: int = 0) -> TrainState:
-    """Restore weights, optimizer, schedule, scaler and RNG from `path`; return its TrainState."""
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, rank: int = 0, shards=None) -> TrainState:
+    """Restore weights, optimizer, schedule, scaler and RNG from `path`; return its TrainState. `shards(dir, False)`,
+    when given, loads the sharded weights and optimizer state on every rank."""
     path = Path(path)
     read_manifest(path)
-    load_trainable_state(model, load_file(str(path / "trainable.safetensors")), path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    if shards is not None:
+        shards(path / "sharded", False)
+    else:
+        load_trainable_state(model, load_file(str(path / "trainable.safetensors")), path)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
     if scaler is not None and (path / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))

@@ -6,7 +6,6 @@ order), `train()` runs optimizer steps, `save_final()` writes `<run>/final` in H
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -30,6 +29,7 @@ from tuneforge.train.checkpoint import (TrainState, check_resume_key, find_lates
                                         load_trainable_state, prune, read_manifest, save_checkpoint, step_dir_name)
 from tuneforge.train.loss import forward_logits, nll_sum, trained_nll_sum, trained_tokens
 from tuneforge.train.monitor import Monitor
+from tuneforge.train.parallel import build_parallel
 from tuneforge.train.trackers import open_trackers
 from tuneforge.train.signals import BadStepsError, StopSignals, TrainingStopped
 from tuneforge.train.throughput import default_threads, device_peak_tflops, flop_model, peak_memory_gb
@@ -59,6 +59,9 @@ class Trainer:
         if device == "cpu":
             torch.set_num_threads(cfg.train.threads or default_threads(self.accelerator.num_processes))
         self.is_main = self.accelerator.is_main_process
+        # how the model is spread over the processes (dist.strategy): DDP, FSDP2 or DeepSpeed ZeRO
+        self.parallel = build_parallel(self.accelerator, cfg, self.precision, device)
+        self.parallel.before_load()
 
         # ---- model and adapter
         attention = choose_attention(cfg.model.attn_implementation, device)
@@ -111,15 +114,18 @@ class Trainer:
         self.collate = (PackedCollator if packed else PaddedCollator)(self.data.tokenizer.pad_token_id)
 
         # ---- optimizer and schedule
-        optimizer = build_optimizer(model, cfg.train)
-        scheduler = build_scheduler(optimizer, cfg.train, self.total_steps)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
-        # what actually wraps the model (DistributedDataParallel with several processes), recorded in the summary
-        self.wrapper = type(self.model).__name__
-        if self.accelerator.num_processes > 1:
+        self.model, self.optimizer, self.scheduler = self.parallel.wrap(
+            model, lambda m: build_optimizer(m, cfg.train), lambda o: build_scheduler(o, cfg.train, self.total_steps))
+        # what actually wraps the model (DistributedDataParallel, FSDP..., DeepSpeedEngine), recorded in the summary
+        self.wrapper = self.parallel.wrapper
+        self.local_fraction = self.parallel.local_fraction()
+        for note in getattr(self.parallel, "notes", []):
+            self.log(f"deepspeed: {note}")
+        if self.accelerator.num_processes > 1 or self.parallel.name != "ddp":
             self.log(f"distributed: {self.accelerator.num_processes} processes, {self.wrapper}, backend "
-                     f"{torch.distributed.get_backend()}; global micro-batch "
-                     f"{cfg.train.micro_batch_size * self.accelerator.num_processes} rows")
+                     f"{torch.distributed.get_backend() if torch.distributed.is_initialized() else 'none'}; global micro-batch "
+                     f"{cfg.train.micro_batch_size * self.accelerator.num_processes} rows; this rank holds "
+                     f"{self.local_fraction:.1%} of the parameters")
         # trackers (log.report_to) on the main process; a run with checkpoints continues its tracker runs
         trackers = open_trackers(cfg.log, self.run_dir, flat_config(cfg.model_dump(mode="json")),
                                  resume=find_latest(self.ckpt_root) is not None) if self.is_main else []
@@ -156,27 +162,21 @@ class Trainer:
         total_nll = 0.0
         for i, batch in enumerate(micro):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
-            sync = i == len(micro) - 1 or acc.num_processes == 1
-            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+            last = i == len(micro) - 1
+            with self.parallel.micro_batch(sync=last):
                 if cfg.logits == "trained":
                     nll = trained_nll_sum(self.model, batch)
                 else:
                     nll = nll_sum(forward_logits(self.model, batch), batch["labels"])
-                # DDP averages gradients over ranks; multiply back so the result is sum / step_tokens
-                acc.backward(nll * acc.num_processes / max(step_tokens, 1.0))
+                # every strategy averages gradients over ranks; multiply back so the result is sum / step_tokens
+                self.parallel.backward(nll * acc.num_processes / max(step_tokens, 1.0), last)
             total_nll += float(nll.detach())
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-        grad_norm = float(acc.clip_grad_norm_(params, max_norm))
         lr = self.scheduler.get_last_lr()[0]
         if acc.num_processes > 1:
             total_nll = float(acc.reduce(torch.tensor(total_nll, device=acc.device), "sum"))
         loss = total_nll / max(step_tokens, 1.0)
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if not skipped:
-            self.optimizer.step()
-        self.scheduler.step()  # the schedule follows the step count, skipped steps included
-        self.optimizer.zero_grad(set_to_none=True)
+        # clip, step (unless the loss or gradient norm is not finite), advance the schedule, clear gradients
+        grad_norm, skipped = self.parallel.update(cfg.max_grad_norm, math.isfinite(loss))
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
                 "trained_tokens": int(step_tokens), "tokens": real_tokens, "flops": flops}
 
@@ -241,6 +241,7 @@ class Trainer:
                         "first_loss": st.first_loss, "last_loss": st.last_loss, "bad_steps": st.bad_steps,
                         "stopped_early": st.stopped_early, "best_step": st.best_step,
                         "world_size": self.accelerator.num_processes, "wrapper": self.wrapper,
+                        "params_held_per_rank": self.local_fraction,
                         **{k: v for k, v in final_eval.items() if k != "step"}}
         return self.summary
 
@@ -272,7 +273,7 @@ class Trainer:
 
     def _eval(self, step: int) -> bool:
         """Evaluate, log, update best/early-stop bookkeeping; True when this is a new best."""
-        result = self.evaluate(self.accelerator.unwrap_model(self.model))
+        result = self.evaluate(self.parallel.module())
         self.monitor.write({"type": "eval", "step": step, **result})
         self.monitor.event(f"eval @ step {step}: " + "  ".join(f"{k}={v:.4g}" for k, v in result.items()))
         st, ev = self.state, self.cfg.eval
@@ -301,6 +302,7 @@ class Trainer:
         return {"model": dump["model"], "adapter": dump["adapter"], "data_fingerprint": self.data.report.get("fingerprint"),
                 "data_order": self.order.layout(), "train.group_by_length": self.cfg.train.group_by_length,
                 "world_size": self.accelerator.num_processes, "train.seed": self.cfg.train.seed,
+                "checkpoint_layout": self.parallel.checkpoint_layout(),
                 "precision": self.precision, "config": flat_config(dump)}
 
     def save_checkpoint(self) -> Path | None:
@@ -308,9 +310,10 @@ class Trainer:
         acc, st = self.accelerator, self.state
         try:
             path = save_checkpoint(
-                self.ckpt_root, st.step, model=acc.unwrap_model(self.model), optimizer=self.optimizer,
+                self.ckpt_root, st.step, model=self.parallel.module(), optimizer=self.optimizer,
                 scheduler=self.scheduler, scaler=getattr(acc, "scaler", None), state=st, resume_key=self.resume_key(),
-                is_main=self.is_main, rank=acc.process_index, barrier=acc.wait_for_everyone)
+                is_main=self.is_main, rank=acc.process_index, barrier=acc.wait_for_everyone,
+                shards=self.parallel.save_shards)
         except OSError as e:
             latest = find_latest(self.ckpt_root)
             self.monitor.write({"type": "checkpoint_failed", "step": st.step, "error": str(e)})
@@ -330,8 +333,9 @@ class Trainer:
         manifest = read_manifest(path)
         changes = check_resume_key(path, manifest.get("resume_key", {}), self.resume_key())
         acc = self.accelerator
-        state = load_checkpoint(path, model=acc.unwrap_model(self.model), optimizer=self.optimizer,
-                                scheduler=self.scheduler, scaler=getattr(acc, "scaler", None), rank=acc.process_index)
+        state = load_checkpoint(path, model=self.parallel.module(), optimizer=self.optimizer,
+                                scheduler=self.scheduler, scaler=getattr(acc, "scaler", None), rank=acc.process_index,
+                                shards=self.parallel.load_shards)
         if self.is_main:
             self.monitor.truncate_after(state.step)
         self.log(f"resuming from {path} (step {state.step} of {self.total_steps}, "
@@ -340,30 +344,42 @@ class Trainer:
 
     def _load_best(self) -> None:
         best = self.ckpt_root / step_dir_name(self.state.best_step)
-        if not (best / "trainable.safetensors").exists():
+        sharded = self.parallel.load_shards is not None
+        if not (best / ("sharded" if sharded else "trainable.safetensors")).exists():
             self.monitor.event(f"warning: best checkpoint {best} is missing; final/ holds the last step")
             return
-        from safetensors.torch import load_file
+        if sharded:
+            self.parallel.load_shards(best / "sharded", True)
+        else:
+            from safetensors.torch import load_file
 
-        load_trainable_state(self.accelerator.unwrap_model(self.model), load_file(str(best / "trainable.safetensors")), best)
+            load_trainable_state(self.parallel.module(), load_file(str(best / "trainable.safetensors")), best)
         self.monitor.event(f"loaded the best checkpoint {best.name} ({self.cfg.eval.metric}={self.state.best_metric:.4g})")
 
     # ------------------------------------------------------------------------ results
     def save_final(self) -> Path:
         """Write `<run>/final`: adapter or full weights (safetensors) + tokenizer + tuneforge.json, atomically."""
         self.accelerator.wait_for_everyone()
+        # sharded strategies gather every weight onto rank 0 first (a collective: all ranks take part)
+        state_dict = self.parallel.full_state_dict()
         final = self.run_dir / "final"
         if not self.is_main:
             return final
         tmp = self.run_dir / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.parallel.module()
         stops = self.data.report.get("stop_token_ids") or [self.data.tokenizer.eos_token_id]
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.eos_token_id = stops
             gen.pad_token_id = self.data.tokenizer.pad_token_id
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        if state_dict is None:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        else:  # a gathered state dict names tied weights twice (e.g. lm_head = embed_tokens): keep the first name
+            tied = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
+                    - {n for n, _ in model.named_parameters()})
+            state_dict = {k: v for k, v in state_dict.items() if k not in tied}
+            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         self.data.tokenizer.save_pretrained(str(tmp))
         info = {"tuneforge_version": __version__, "adapter": self.cfg.adapter.type, "stop_token_ids": stops,
                 "steps": self.state.step, "best_step": self.state.best_step, "precision": self.precision, **self.params_report}

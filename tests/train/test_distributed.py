@@ -84,7 +84,7 @@ def test_two_processes_give_the_same_losses_and_weights_as_one(tmp_path, adapter
         # Adam divides by sqrt(v): a gradient entry within rounding of zero can move its weight by a fraction of
         # lr either way (gloo sums in another order than one process). Everything else must agree to 1e-6.
         diff = (w2[k] - w1[k]).abs()
-        assert float((diff > 1e-6).float().mean()) < 1e-3 and float(diff.max()) < 6 * 5e-3, k
+        assert int((diff > 1e-6).sum()) <= max(2, diff.numel() // 1000) and float(diff.max()) < 6 * 5e-3, k
     # only rank 0 writes: one line per step, one summary
     assert len(records(tmp_path / "two", "train")) == 6
 

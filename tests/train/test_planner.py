@@ -82,3 +82,33 @@ def test_a_model_whose_config_cannot_be_read_is_a_clear_error(tmp_path, capsys):
     assert main(["plan", str(path)]) == 1
     err = capsys.readouterr().err
     assert "memory plan: could not read the config of model" in err and "set model.name_or_path to that directory" in err
+
+
+def test_sharded_strategies_divide_what_they_shard_and_offload_leaves_the_device():
+    base = _cfg("full", False).model_dump()
+    ddp = plan_memory(_cfg("full", False), device="cuda", precision="fp32", gpus=4).parts
+
+    def plan(**dist):
+        return plan_memory(RunConfig.model_validate({**base, "dist": dist}), device="cuda", precision="fp32", gpus=4)
+
+    fsdp = plan(strategy="fsdp2")
+    for key in ("weights", "gradients", "optimizer (adamw)"):
+        assert fsdp.parts[key] == pytest.approx(ddp[key] / 4)
+    # one decoder layer's weights (fp32), gathered whole for its forward and backward
+    cfg = _cfg("full", False)
+    from tuneforge.train.planner import meta_model
+
+    layer = sum(p.numel() for p in meta_model(cfg).model.layers[0].parameters()) * 4
+    assert fsdp.parts["gathered layer (all-gather)"] == layer
+    assert "FSDP2 on 4 devices: weights, gradients, optimizer divided over the devices" in fsdp.notes
+
+    zero2 = plan(strategy="deepspeed", zero_stage=2).parts
+    assert zero2["weights"] == ddp["weights"] and zero2["gradients"] == pytest.approx(ddp["gradients"] / 4)
+    assert "gathered layer (all-gather)" not in zero2
+    zero3 = plan(strategy="deepspeed", zero_stage=3, offload_optimizer=True, offload_params=True)
+    assert zero3.parts["weights"] == 0.0 and zero3.parts["optimizer (adamw)"] == 0.0
+    assert zero3.parts["gradients"] == pytest.approx(ddp["gradients"] / 4)
+    assert zero3.notes[-1] == ("DeepSpeed ZeRO-3 on 4 devices: optimizer, gradients, weights divided over the devices; "
+                               "optimizer, weights in CPU RAM")
+    assert zero3.total < plan(strategy="deepspeed", zero_stage=3).total < zero2["weights"] + sum(
+        v for k, v in zero2.items() if k != "weights")

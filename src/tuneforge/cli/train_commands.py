@@ -146,7 +146,8 @@ def cmd_train(args) -> int:
 
         device = "cuda" if torch_cuda_available() else "cpu"
         try:
-            warning = check_fits(_memory_plan(cfg, run_dir, device, available_bytes(device)))
+            world = int(os.environ.get("WORLD_SIZE", "1"))  # sharded strategies divide by it
+            warning = check_fits(_memory_plan(cfg, run_dir, device, available_bytes(device), gpus=world))
         except Exception as e:  # noqa: BLE001 - the plan is advice; a model it cannot build is loaded below anyway
             warning = None
             print(f"memory plan skipped ({type(e).__name__}: {e})", file=sys.stderr)

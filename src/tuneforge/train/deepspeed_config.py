@@ -14,12 +14,13 @@ import copy
 import json
 from pathlib import Path
 
+from tuneforge.config.load import ConfigError
 from tuneforge.config.schema import RunConfig
 
 AUTO = "auto"
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(ConfigError):
     """The DeepSpeed JSON cannot be used with this run; the message names the key and the fix."""
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from tuneforge.config.load import ConfigError
 from tuneforge.config.schema import RunConfig
 
 # what a checkpoint written by each strategy holds; resuming needs the same layout (see checkpoint.py)
@@ -31,8 +32,8 @@ LAYOUT_FULL = "full"  # trainable.safetensors + optimizer.pt: any world size, an
 LAYOUT_DCP = "dcp"  # torch.distributed.checkpoint shards: any world size (DCP reshards on load)
 
 
-class ParallelError(RuntimeError):
-    """A strategy cannot run as configured; the message says why and what to change."""
+class ParallelError(ConfigError):
+    """A strategy cannot run as configured; the message says why and what to change (exit code 2, no traceback)."""
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -58,6 +59,9 @@ def ensure_process_group(device: str) -> None:
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+    for key in ("RANK", "LOCAL_RANK"):  # DeepSpeed reads them from the environment
+        os.environ.setdefault(key, "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
 
 
@@ -287,7 +291,10 @@ class DeepSpeed(Replicated):
             # ZeRO-3: weights are partitioned while from_pretrained loads them (no rank holds the whole model)
             from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-            import_deepspeed()
+            deepspeed = import_deepspeed()
+            ensure_process_group(self.device)
+            # DeepSpeed's own view of the process group (its config checks the batch sizes against the world size)
+            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # kept alive: transformers holds a weak reference
 
     def wrap(self, model, make_optimizer: Callable, make_scheduler: Callable):
@@ -321,7 +328,9 @@ class DeepSpeed(Replicated):
     def update(self, max_norm: float | None, loss_finite: bool) -> tuple[float, bool]:
         if not loss_finite and self.precision != "fp16":
             # ZeRO has already reduced this step's gradients into its partitions; it cannot drop them
-            raise ParallelError("non-finite loss under dist.strategy=deepspeed, which cannot skip a step's gradients "
+            from tuneforge.train.signals import BadStepsError
+
+            raise BadStepsError("non-finite loss under dist.strategy=deepspeed, which cannot skip a step's gradients "
                                 "without an fp16 loss scaler; resume from the last checkpoint with a lower train.lr")
         # the boundary step: DeepSpeed clips (gradient_clipping), steps the optimizer and the schedule, zeroes grads
         self.model.step()
@@ -378,4 +387,11 @@ STRATEGIES = {"ddp": Replicated, "fsdp2": FSDP2, "deepspeed": DeepSpeed}
 def build_parallel(accelerator, cfg: RunConfig, precision: str, device: str) -> Replicated:
     """The strategy `dist.strategy` names (auto = DDP, or a single process)."""
     name = cfg.dist.strategy if cfg.dist.strategy != "auto" else "ddp"
+    for env, what in (("ACCELERATE_USE_DEEPSPEED", "deepspeed"), ("ACCELERATE_USE_FSDP", "fsdp2")):
+        if os.environ.get(env, "").lower() in ("1", "true", "yes"):
+            raise ParallelError(
+                f"started by an accelerate config that turns on {what} ({env}=true): tuneforge chooses the engine "
+                f"from the run config instead. Launch with a plain multi-process accelerate config (e.g. "
+                f"configs/accelerate/multi_gpu.yaml) and set dist.strategy={what}"
+                + (" (dist.deepspeed_config=your.json)" if what == "deepspeed" else ""))
     return STRATEGIES[name](accelerator, cfg, precision, device)

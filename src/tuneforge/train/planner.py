@@ -226,9 +226,48 @@ def plan_memory(cfg: RunConfig, device: str = "cpu", precision: str | None = Non
     notes = []
     if precision != "fp32":
         notes.append("activations estimated in the compute dtype; norms and softmax kept in fp32 add a few percent")
-    if gpus > 1:
-        notes.append(f"DDP on {gpus} devices: every device holds the whole model and optimizer (no sharding)")
+    _shard(parts, cfg, gpus, notes, sum(p.numel() for p in decoder.layers[0].parameters()) * frozen_bytes)
     return MemoryPlan(parts, rows, seq, per_row, device, precision, device_bytes, notes)
+
+
+def zero_stage(cfg: RunConfig) -> int:
+    """The ZeRO stage a deepspeed run will use: dist.zero_stage, else its JSON's, else 2."""
+    if cfg.dist.zero_stage:
+        return cfg.dist.zero_stage
+    if cfg.dist.deepspeed_config:
+        from tuneforge.train.deepspeed_config import read_json
+
+        stage = read_json(cfg.dist.deepspeed_config).get("zero_optimization", {}).get("stage", 2)
+        return stage if stage in (1, 2, 3) else 2
+    return 2
+
+
+def _shard(parts: dict, cfg: RunConfig, gpus: int, notes: list[str], layer_bytes: float) -> None:
+    """Divide what dist.strategy shards over `gpus` devices; what is offloaded leaves the device (in place)."""
+    strategy, d = cfg.dist.strategy, cfg.dist
+    optim = next(k for k in parts if k.startswith("optimizer"))
+    if strategy in ("auto", "ddp"):
+        if gpus > 1:
+            notes.append(f"DDP on {gpus} devices: every device holds the whole model and optimizer (no sharding)")
+        return
+    if strategy == "fsdp2":
+        sharded, what = ["weights", "gradients", optim], "FSDP2"
+        offloaded = sharded if d.offload_optimizer else []
+        gathered = layer_bytes * (1 if d.fsdp_reshard_after_forward else 2)
+    else:
+        stage = zero_stage(cfg)
+        sharded = [optim] + (["gradients"] if stage >= 2 else []) + (["weights"] if stage == 3 else [])
+        what = f"DeepSpeed ZeRO-{stage}"
+        offloaded = ([optim] if d.offload_optimizer else []) + (["weights"] if d.offload_params else [])
+        gathered = layer_bytes if stage == 3 else 0.0
+    for key in sharded:
+        parts[key] /= gpus
+    for key in offloaded:
+        parts[key] = 0.0
+    if gathered and gpus > 1:
+        parts["gathered layer (all-gather)"] = gathered
+    notes.append(f"{what} on {gpus} devices: {', '.join(k.split(' ')[0] for k in sharded)} divided over the devices"
+                 + (f"; {', '.join(k.split(' ')[0] for k in offloaded)} in CPU RAM" if offloaded else ""))
 
 
 def parse_size(text: str) -> float:

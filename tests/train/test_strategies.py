@@ -1,0 +1,163 @@
+"""FSDP2 and DeepSpeed ZeRO-2/3 on 2 CPU processes (gloo): the per-step losses of one process with the same global
+batch, the wrapper really used and really sharding, sharded checkpoints that resume (FSDP2 at another world size),
+and a final directory that plain transformers / peft load with the run's own eval loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.train.test_distributed import final_weights, records, tuneforge
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+LORA = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
+FULL = {"type": "full"}
+
+
+def config(tmp_path: Path, name: str, adapter: dict, micro: int, dist: dict | None = None) -> Path:
+    cfg = {
+        "model": {"init": {"architecture": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+                           "max_position_embeddings": 128, "tokenizer_vocab_size": 400}},
+        "data": {"train": [{"synthetic": {"task": "sort_words", "rows": 72, "seed": 0}}], "eval_fraction": 0.125,
+                 "max_seq_len": 64},
+        "adapter": adapter,
+        "train": {"lr": 5e-3, "max_steps": 6, "micro_batch_size": micro, "grad_accum": 2, "warmup_steps": 0, "seed": 3},
+        "eval": {"at_start": False, "show_samples": 0, "every_steps": 3},
+        "log": {"every_steps": 1, "progress": "none"},
+        "checkpoint": {"every_steps": 2, "save_total_limit": 5},
+        "dist": dist or {},
+        "output": {"dir": str(tmp_path / name)},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict[str, Path]:
+    """The 1-process DDP-free baselines (micro-batch 4 x accumulation 2), LoRA and full."""
+    tmp = tmp_path_factory.mktemp("one")
+    runs = {}
+    for kind, adapter in (("lora", LORA), ("full", FULL)):
+        done = tuneforge("train", config(tmp, kind, adapter, micro=4))
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[kind] = tmp / kind
+    return runs
+
+
+def losses(run: Path) -> torch.Tensor:
+    return torch.tensor([r["loss"] for r in records(run, "train")], dtype=torch.float64)
+
+
+def eval_losses(run: Path) -> torch.Tensor:
+    return torch.tensor([r["eval_loss"] for r in records(run, "eval")], dtype=torch.float64)
+
+
+def assert_same_weights(w1: dict, w2: dict) -> None:
+    assert w1.keys() == w2.keys()
+    for k in w1:  # Adam amplifies rounding of near-zero gradient entries (a few per tensor); the rest agree to 1e-6
+        diff = (w2[k] - w1[k]).abs()
+        assert int((diff > 1e-6).sum()) <= max(2, diff.numel() // 1000) and float(diff.max()) < 6 * 5e-3, k
+
+
+def reloaded_eval_loss(run: Path, kind: str) -> float:
+    """The final directory loaded the way a user would (transformers, + peft for an adapter), on the run's eval rows."""
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.data.collate import PaddedCollator
+    from tuneforge.eval.perplexity import evaluate_loss
+
+    final = run / "final"
+    if kind == "full":
+        model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base", dtype=torch.float32), final)
+    tok = AutoTokenizer.from_pretrained(final)
+    return evaluate_loss(model, load_from_disk(str(run / "data" / "eval")), PaddedCollator(tok.pad_token_id), 8, "cpu")["eval_loss"]
+
+
+CASES = {
+    "fsdp2-lora": ("lora", {"strategy": "fsdp2"}, "FSDPPeftModelForCausalLM", 0.5),
+    "fsdp2-full": ("full", {"strategy": "fsdp2"}, "FSDPLlamaForCausalLM", 0.5),
+    # the seed-style ZeRO-2 file, "auto" values and optimizer/scheduler sections included, used as given
+    "zero2-lora": ("lora", {"strategy": "deepspeed", "deepspeed_config": str(ROOT / "configs/deepspeed/zero2.json")},
+                   "DeepSpeedEngine(ZeRO-2)", 1.0),
+    "zero2-full": ("full", {"strategy": "deepspeed", "zero_stage": 2}, "DeepSpeedEngine(ZeRO-2)", 1.0),
+    "zero3-lora": ("lora", {"strategy": "deepspeed", "zero_stage": 3}, "DeepSpeedEngine(ZeRO-3)", 0.5),
+    "zero3-full": ("full", {"strategy": "deepspeed", "deepspeed_config": str(ROOT / "configs/deepspeed/zero3.json")},
+                   "DeepSpeedEngine(ZeRO-3)", 0.5),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_sharded_processes_match_one(tmp_path, one_process, case):
+    kind, dist, wrapper, held = CASES[case]
+    adapter = LORA if kind == "lora" else FULL
+    run = tmp_path / case
+    two = tuneforge("train", config(tmp_path, case, adapter, micro=2, dist=dist), "--nproc", "2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert f"distributed: 2 processes, {wrapper}, backend gloo; global micro-batch 4 rows" in two.stdout
+    summary = json.loads((run / "run_summary.json").read_text())
+    # the strategy really shards (FSDP2 / ZeRO-3 hold half of every sharded tensor; ZeRO-2 keeps whole weights)
+    assert (summary["world_size"], summary["wrapper"]) == (2, wrapper)
+    assert summary["params_held_per_rank"] == pytest.approx(held, abs=0.02)
+
+    base = one_process[kind]
+    torch.testing.assert_close(losses(run), losses(base), rtol=1e-5, atol=0)
+    assert len(losses(run)) == 6 and losses(run)[-1] < losses(run)[0]
+    torch.testing.assert_close(eval_losses(run), eval_losses(base), rtol=1e-5, atol=0)
+    assert_same_weights(final_weights(base), final_weights(run))
+    # final/ is a plain consolidated directory: reloaded, it gives the run's own last eval loss
+    assert reloaded_eval_loss(run, kind) == pytest.approx(float(eval_losses(run)[-1]), rel=1e-5)
+
+    ckpt = run / "checkpoints" / "step-000002"
+    assert (ckpt / "sharded").is_dir() and not (ckpt / "trainable.safetensors").exists()
+    if case == "fsdp2-full":
+        # DCP shards written by 2 processes resume on 1 (resharded on load): the 1-process losses of steps 3-6
+        cont = tuneforge("train", config(tmp_path, "cont", adapter, micro=4, dist=dist), "--resume", ckpt)
+        assert cont.returncode == 0, cont.stderr[-3000:]
+        assert "resuming from" in cont.stdout
+        torch.testing.assert_close(losses(tmp_path / "cont"), losses(base)[2:], rtol=1e-5, atol=0)
+    if case == "zero3-lora":
+        # ZeRO partitions belong to one world size: resuming on 2 processes continues exactly ...
+        cont = tuneforge("train", config(tmp_path, "cont", adapter, micro=2, dist=dist), "--nproc", "2",
+                         "--resume", run / "checkpoints" / "step-000004")
+        assert cont.returncode == 0, cont.stderr[-3000:]
+        torch.testing.assert_close(losses(tmp_path / "cont"), losses(base)[4:], rtol=1e-5, atol=0)
+        # ... and 1 process is refused before training, with the reason
+        one = tuneforge("train", config(tmp_path, "cont1", adapter, micro=4, dist=dist), "--resume", ckpt)
+        assert one.returncode == 2, one.stdout[-2000:]
+        assert "checkpoint_layout: deepspeed zero-3 x2 -> deepspeed zero-3 x1" in one.stderr
+        # and the export merges the gathered adapter into its base, parity checked
+        export = tuneforge("export", run)
+        assert export.returncode == 0, export.stderr[-3000:]
+        assert (run / "export" / "config.json").exists() and json.loads((run / "export" / "parity.json").read_text())
+
+
+def test_zero3_partitions_a_pretrained_model_while_loading_it(tmp_path, one_process):
+    """From a model directory, ZeRO-3 loads under HfDeepSpeedConfig (weights partitioned as they load) and peft
+    puts LoRA on the partitioned layers; losses match the same LoRA run on one process."""
+    pretrained = one_process["full"] / "final"
+    runs = {}
+    for name, micro, dist, extra in (("one", 4, {}, []), ("two", 2, {"strategy": "deepspeed", "zero_stage": 3},
+                                                          ["--nproc", "2"])):
+        path = config(tmp_path, name, LORA, micro=micro, dist=dist)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["model"] = {"name_or_path": str(pretrained)}
+        cfg["train"]["max_steps"] = 4
+        path.write_text(yaml.safe_dump(cfg))
+        done = tuneforge("train", path, *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = tmp_path / name
+    assert "DeepSpeedEngine(ZeRO-3), backend gloo; global micro-batch 4 rows; this rank holds 50.0%" in done.stdout
+    torch.testing.assert_close(losses(runs["two"]), losses(runs["one"]), rtol=1e-5, atol=0)
+    assert_same_weights(final_weights(runs["one"]), final_weights(runs["two"]))

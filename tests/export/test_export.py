@@ -8,39 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from tuneforge.cli import main
 from tuneforge.export import ExportError, ExportParityError, export_run
 from tuneforge.export.parity import THRESHOLDS, compare
-
-
-def _train(root: Path, adapter: dict, name: str) -> Path:
-    cfg = {
-        "model": {"init": {"architecture": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-                           "max_position_embeddings": 128, "tokenizer_vocab_size": 400}},
-        "data": {"train": [{"synthetic": {"task": "reverse_words", "rows": 48, "seed": 0}}],
-                 "eval_fraction": 0.125, "max_seq_len": 64},
-        "adapter": adapter,
-        "train": {"lr": 1e-2, "max_steps": 5, "micro_batch_size": 4, "warmup_steps": 0, "seed": 1},
-        "eval": {"at_start": False, "show_samples": 0},
-        "log": {"every_steps": 1, "progress": "none"},
-        "output": {"dir": str(root / name)},
-    }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert main(["train", str(path)]) == 0
-    return root / name
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory) -> Path:
-    return _train(tmp_path_factory.mktemp("export"), {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, "lora")
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory) -> Path:
-    return _train(tmp_path_factory.mktemp("export"), {"type": "full"}, "full")
 
 
 def _adapter_logits(run: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -174,3 +145,37 @@ def test_compare_judges_by_the_logit_scale():
     assert compare("x", ref, close, "fp32").passed
     c = compare("x", ref, far, "fp32")
     assert not c.passed and c.top1_agreement == 0.5 and c.max_abs_diff == 20.0
+
+
+def test_export_and_adapter_directories_hold_what_vllm_reads(lora_run, tmp_path):
+    """`vllm serve RUN/export` reads config.json (architectures), the safetensors, the tokenizer with its chat
+    template (tokenizer_config.json for older transformers) and generation_config's eos ids; `vllm serve BASE
+    --enable-lora --lora-modules name=RUN/final` reads adapter_config.json and adapter_model.safetensors."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "export"
+    export_run(lora_run, out, "bf16", max_shard_size="100KB", log=lambda _: None)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["max_position_embeddings"] == 128
+    assert config["dtype"] == "bfloat16"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in out.glob("model-*.safetensors")}
+    stored = {k for f in out.glob("model-*.safetensors") for k in safe_open(str(f), "pt").keys()}
+    assert stored == set(index["weight_map"]) and not any("lora" in k for k in stored)
+
+    tok = AutoTokenizer.from_pretrained(lora_run / "final")
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_config["chat_template"] == tok.chat_template == (out / "chat_template.jinja").read_text()
+    assert AutoTokenizer.from_pretrained(out).chat_template == tok.chat_template  # both copies load as one
+    stops = json.loads((lora_run / "final" / "tuneforge.json").read_text())["stop_token_ids"]
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == stops == [tok.eos_token_id]
+
+    adapter = json.loads((lora_run / "final" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and (adapter["r"], adapter["lora_alpha"]) == (4, 8)
+    assert (Path(adapter["base_model_name_or_path"]) / "config.json").exists()
+    assert {m.rsplit(".", 1)[-1] for m in adapter["target_modules"]} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    with safe_open(str(lora_run / "final" / "adapter_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)

@@ -9,9 +9,11 @@
   tuneforge eval RUN_DIR [--base] [--lm-eval TASKS]      held-out loss/ppl + task metrics, base vs tuned
   tuneforge report RUN_DIR                               plots + report.md + self-contained report.html
   tuneforge compare RUN_A RUN_B ...                      final metrics side by side, loss curves in one PNG
-  tuneforge serve RUN_OR_MODEL_DIR [--port 8000]         OpenAI-compatible HTTP API (batched, streaming)
+  tuneforge serve RUN_OR_MODEL_DIR [--port 8000]         OpenAI-compatible HTTP API (batched, streaming;
+                   [--max-kv-tokens N] [--compile]       KV-cache budget, torch.compile)
   tuneforge chat RUN_OR_MODEL_DIR                        terminal chat with history
   tuneforge export RUN_DIR [--out DIR] [--dtype ...]     merge + Hugging Face directory, checked for logit parity
+                   [--gguf [--gguf-type f16]]            + a GGUF file for llama.cpp / Ollama, read back and checked
   tuneforge plan CONFIG.yaml [--gpus N --gpu-mem 80GiB]  peak memory per device before loading anything
 """
 
@@ -90,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--prompts", help="JSONL of {\"prompt\": ...} or {\"messages\": [...]} for the parity check "
                     "(default: held-out rows of the run's data)")
     ex.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (e.g. 2GB)")
+    ex.add_argument("--gguf", action="store_true",
+                    help="also write OUT/<run>-<TYPE>.gguf for llama.cpp / Ollama (llama, mistral and qwen2 models; "
+                    "needs `pip install 'tuneforge[gguf]'`), read it back and compare every tensor and the tokenizer; "
+                    "exit 1 and no file if they differ")
+    ex.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                    help="GGUF weights type (norms and biases stay f32; default f16)")
     ex.set_defaults(func=cmd_export)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP API (batched, streaming) over a run or model directory",
@@ -104,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--batch-window-ms", type=float, default=0.0,
                     help="how long an idle server waits for more arrivals before starting a batch (later arrivals "
                     "join the running batch between decode steps anyway)")
+    sv.add_argument("--max-kv-tokens", type=int, default=None, metavar="N",
+                    help="KV-cache budget in token positions (rows x longest row; the startup line gives MiB): a "
+                    "request joins the batch only while every running request could still reach its max_tokens "
+                    "within N, else it waits. At least the model's context. Default: no limit (bounded by "
+                    "--max-batch-size x context)")
+    sv.add_argument("--compile", action="store_true",
+                    help="torch.compile the decode step (dynamic shapes), compiled at startup before the server "
+                    "opens; same outputs, less per-step overhead (most on GPUs and small models). Exit 1 with "
+                    "the reason if torch.compile is unavailable")
     sv.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     sv.set_defaults(func=cmd_serve)
 

@@ -7,20 +7,20 @@ from tuneforge.cli.console import EXIT_CONFIG, EXIT_FAILED, _err, read_prompt_fi
 
 # ---------------------------------------------------------------------------- export
 def cmd_export(args) -> int:
-    from tuneforge.export import ExportError, ExportParityError, export_run
+    from tuneforge.export import ExportError, ExportParityError, GGUFCheckError, export_run
 
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     try:
         result = export_run(args.run_dir, args.out, args.dtype, prompts, base_model=args.base,
-                            max_shard_size=args.max_shard_size)
-    except ExportParityError as e:
+                            max_shard_size=args.max_shard_size, gguf=args.gguf_type if args.gguf else None)
+    except (ExportParityError, GGUFCheckError) as e:  # the numbers disagree: a failed check
         _err(str(e))
         return EXIT_FAILED
-    except ExportError as e:
+    except ExportError as e:  # inputs: the message names the file or option and the fix
         _err(str(e))
         return EXIT_CONFIG
     print(f"export ok: {result.out_dir} ({result.dtype}{', merged ' + result.adapter if result.merged else ''}); "
-          f"parity report in {result.out_dir / 'parity.json'}")
+          f"parity report in {result.out_dir / 'parity.json'}" + (f"; GGUF {result.gguf}" if result.gguf else ""))
     return 0
 
 
@@ -37,9 +37,21 @@ def cmd_serve(args) -> int:
     from tuneforge.serve.loading import load_served
     from tuneforge.serve.server import run_server
 
+    from tuneforge.serve.compile import CompileError
+
     served = load_served(args.run_dir, name=args.model_name, device=args.device)
+    if args.max_kv_tokens is not None and args.max_kv_tokens < served.context_length:
+        _err(f"--max-kv-tokens {args.max_kv_tokens} is less than the model's context ({served.context_length} tokens, "
+             "max_position_embeddings in its config.json): one full-length request would never fit; use at least "
+             f"{served.context_length}, or leave it out for no limit")
+        return EXIT_CONFIG
     api_key = args.api_key or os.environ.get("TUNEFORGE_API_KEY") or None
-    run_server(served, args.host, args.port, api_key, args.max_batch_size, args.batch_window_ms)
+    try:
+        run_server(served, args.host, args.port, api_key, args.max_batch_size, args.batch_window_ms,
+                   max_kv_tokens=args.max_kv_tokens, compile_model_first=args.compile)
+    except CompileError as e:
+        _err(str(e))
+        return EXIT_FAILED
     return 0
 
 

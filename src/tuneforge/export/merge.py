@@ -4,7 +4,8 @@ LoRA / DoRA adapters are merged into their base loaded in fp32 (`merge_and_unloa
 taken as they are; the result is cast to the export dtype and written (sharded safetensors, config,
 generation_config with the run's stop tokens, tokenizer with its chat template) into a temporary directory.
 That directory is reloaded from disk and its logits compared with base + adapter in fp32; only when the
-check passes is `parity.json` written and the directory renamed into place.
+check passes is `parity.json` written and the directory renamed into place. With `gguf`, the directory is then
+also written as one GGUF file for llama.cpp / Ollama, read back and checked (gguf_file.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ class ExportParityError(ExportError):
         self.checks = checks
 
 
+class GGUFExportError(ExportError):
+    """The model or its tokenizer cannot be written as GGUF; the message says why and what to do instead."""
+
+
+class GGUFCheckError(GGUFExportError):
+    """The GGUF file read back differs from its source; the file was removed."""
+
+
 @dataclass
 class ExportResult:
     out_dir: Path
@@ -44,6 +53,7 @@ class ExportResult:
     prompt_source: str  # data/eval | data/train | given | fixed
     checks: list[ParityCheck] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    gguf: Path | None = None  # the .gguf file, when asked for
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -125,6 +135,13 @@ def _write(model, tok, info: dict, dtype: str, stops: list[int], tmp: Path, max_
         gen.bos_token_id = tok.bos_token_id
     model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
     tok.save_pretrained(str(tmp))
+    if isinstance(tok.chat_template, str) and tok.chat_template:
+        # transformers 5 writes the template to chat_template.jinja only; older transformers, and the serving
+        # stacks pinned to them (vLLM, TGI, llama.cpp's converter), read it from tokenizer_config.json
+        config_file = tmp / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config.setdefault("chat_template", tok.chat_template)
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (tmp / "tuneforge.json").write_text(json.dumps({**info, "stop_token_ids": stops, "exported_dtype": dtype}, indent=2))
 
 
@@ -159,13 +176,17 @@ def _swap_in(tmp: Path, out: Path) -> None:
 # ---------------------------------------------------------------------------- the stage
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: str = "auto", prompts: list | None = None,
                *, base_model: str | None = None, max_shard_size: str | int = "5GB", num_prompts: int = 4,
-               max_prompt_tokens: int = 128, log: Callable[[str], None] = print) -> ExportResult:
+               max_prompt_tokens: int = 128, gguf: str | None = None,
+               log: Callable[[str], None] = print) -> ExportResult:
     """Merge (if an adapter) and write `<run>/final` as a Hugging Face directory (default `<run>/export`).
 
     dtype: auto (the run's training precision) | fp32 | bf16 | fp16. prompts: text, chat messages or token
     ids for the parity check (default: held-out rows of the run's data). base_model overrides the
     adapter's recorded base. Raises ExportError (inputs) or ExportParityError (numbers); on either, no
     new directory is left at `out_dir` (a previous export there stays as it was).
+    gguf: f32 | f16 | bf16 | q8_0 also writes `<out>/<run name>-<TYPE>.gguf` from the exported directory (the
+    architecture is checked before anything is merged); GGUFExportError / GGUFCheckError if it cannot be written
+    or does not read back equal, the Hugging Face export staying in place.
     """
     run_dir = Path(run_dir)
     final = find_final(run_dir)
@@ -174,11 +195,17 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: st
     _check_out(out, final, run_root)
     info_file = final / "tuneforge.json"
     dtype = resolve_dtype(dtype, json.loads(info_file.read_text()) if info_file.exists() else {})
+    if gguf is not None:
+        _check_gguf_extra(gguf)
     base = _check_base(final, run_root, base_model)
     if base_model is not None and base is None:
         log(f"export: {final} holds full weights; --base {base_model} is not used")
 
     model, tok, info = _load_fp32(final, base, base_model)
+    if gguf is not None:
+        from tuneforge.export.gguf_file import arch_of
+
+        arch_of(model.config.to_dict())  # an unsupported architecture fails now, not after the merge
     adapter = info.get("adapter", "unknown")
     merged = base is not None
     stops = [int(t) for t in (info.get("stop_token_ids") or [tok.eos_token_id])]
@@ -219,5 +246,24 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: st
         shutil.rmtree(tmp, ignore_errors=True)
     files = sorted(p.name for p in out.iterdir())
     log(f"exported {out} ({', '.join(files)})")
-    return ExportResult(out_dir=out, dtype=dtype, adapter=adapter, merged=merged, prompts=len(rows),
-                        prompt_source=source, checks=checks, files=files)
+    result = ExportResult(out_dir=out, dtype=dtype, adapter=adapter, merged=merged, prompts=len(rows),
+                          prompt_source=source, checks=checks, files=files)
+    if gguf is not None:
+        from tuneforge.export.gguf_file import export_gguf
+
+        result.gguf = export_gguf(out, out / f"{run_root.name}-{gguf.upper()}.gguf", gguf, name=run_root.name,
+                                  log=log).path
+        result.files = sorted(p.name for p in out.iterdir())
+    return result
+
+
+def _check_gguf_extra(gguf_type: str) -> None:
+    """The `gguf` package is there and the type is one it writes; checked before any work is done."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ExportError("--gguf needs the gguf package (not installed): pip install 'tuneforge[gguf]'") from None
+    from tuneforge.export.gguf_file import GGUF_TYPES
+
+    if gguf_type not in GGUF_TYPES:
+        raise ExportError(f"--gguf-type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")

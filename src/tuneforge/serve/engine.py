@@ -10,6 +10,12 @@ requests the same way and merges them into the running batch (their KV caches ar
 length and concatenated along the batch axis; per-row position ids keep each row's positions exact).
 Finished and cancelled rows leave the batch at once, so a client that disconnects frees its slot at the next
 step. Text is decoded incrementally; stop strings are matched on text and never leak into a stream.
+
+KV-cache budget: the cache holds rows x width positions per layer (width = the longest row, the others are
+left-padded to it). With `max_kv_tokens` set, a request is admitted only while (rows + 1) x the longest
+reservation stays within the budget, a row reserving prompt + max_tokens positions (at most the context), so
+the cache can never outgrow the budget however the running rows continue. Requests wait in arrival order: one
+that does not fit yet holds back the ones behind it until rows finish.
 """
 
 from __future__ import annotations
@@ -166,8 +172,14 @@ def select_rows(cache: DynamicCache, mask: torch.Tensor, rows: torch.Tensor) -> 
     """Keep only `rows`, and drop the leading columns that are padding in every kept row."""
     mask = mask[rows]
     first = int(mask.any(0).nonzero()[0]) if mask.numel() else 0
-    kv = [(k[rows, :, first:], v[rows, :, first:]) for k, v in _kv(cache)]
+    kv = [(k[rows, :, first:].contiguous(), v[rows, :, first:].contiguous()) for k, v in _kv(cache)]
     return DynamicCache(ddp_cache_data=kv), mask[:, first:]
+
+
+def contiguous(cache: DynamicCache) -> DynamicCache:
+    """The cache with contiguous key/value tensors. A prefill leaves them transposed views; a torch.compile'd
+    decode step guards on strides, so every cache it sees has one layout (else each layout compiles anew)."""
+    return DynamicCache(ddp_cache_data=[(k.contiguous(), v.contiguous()) for k, v in _kv(cache)])
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -179,17 +191,25 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase, stop_token_ids: Seq[int], context_length: int,
-                 max_batch_size: int = 32, batch_window_ms: float = 0.0, seed: int = 0):
+                 max_batch_size: int = 32, batch_window_ms: float = 0.0, seed: int = 0,
+                 max_kv_tokens: int | None = None):
+        if max_kv_tokens is not None and max_kv_tokens < context_length:
+            raise ValueError(f"max_kv_tokens {max_kv_tokens} is less than the model's context ({context_length} "
+                             f"tokens): one full-length request would never fit; use at least {context_length}, "
+                             "or no limit")
         self.model = model
+        self.decode_model = model  # what runs the decode steps (`serve --compile` puts a compiled model here)
         self.tokenizer = tokenizer
         self.stop_ids = {int(t) for t in stop_token_ids}
         self.context_length = int(context_length)
         self.max_batch_size = max_batch_size
+        self.max_kv_tokens = max_kv_tokens
         self.batch_window_s = batch_window_ms / 1000.0
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids, default=0)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.waiting: queue.Queue[Sequence] = queue.Queue()
+        self._held: Sequence | None = None  # taken from the queue but not admitted yet (did not fit the KV budget)
         self.rows: list[Sequence] = []  # the running batch, in cache order
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # (rows, cache length): 1 where a row has a real token
@@ -199,6 +219,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run
         self.finished: dict[str, int] = {}  # sequences finished, by finish reason
+        self.peak_running = 0  # most rows ever in the batch
+        self.peak_kv_tokens = 0  # largest cache ever held, in positions (rows x width; x layers x 2 for tensors)
 
     # -- public
     def start(self) -> Engine:
@@ -218,12 +240,31 @@ class Engine:
         self.waiting.put(seq)
         return seq
 
+    def reset_counters(self) -> None:
+        """Zero the finished counts, decode steps and peaks (after a warm-up, before serving)."""
+        self.finished, self.steps, self.peak_running, self.peak_kv_tokens = {}, 0, 0, 0
+
     def _count(self, reason: str) -> None:
         self.finished[reason] = self.finished.get(reason, 0) + 1
 
     @property
     def running(self) -> int:
         return len(self.rows)
+
+    @property
+    def queued(self) -> int:
+        """Requests submitted and not yet in the batch."""
+        return self.waiting.qsize() + (self._held is not None)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Positions in the KV cache now (rows x width, padding included)."""
+        mask = self.mask
+        return 0 if mask is None else int(mask.shape[0] * mask.shape[1])
+
+    def reservation(self, seq: Sequence) -> int:
+        """Cache positions `seq` may come to need: its prompt plus max_tokens, at most the context."""
+        return min(len(seq.prompt_ids) + seq.params.max_tokens, self.context_length)
 
     # -- scheduler
     def _run(self) -> None:
@@ -242,35 +283,51 @@ class Engine:
                     self._reset()
 
     def _collect(self) -> list[Sequence]:
-        """Requests to admit now: without a running batch, wait a little so that arrivals batch together."""
-        room = self.max_batch_size - len(self.rows)
+        """Requests to admit now: without a running batch, wait a little so that arrivals batch together.
+        Stops at the batch size, and at the first request that does not fit the KV budget (kept for later)."""
         new: list[Sequence] = []
-        if room <= 0:
-            return new
-        if not self.rows:
-            try:
-                new.append(self.waiting.get(timeout=0.05))
-            except queue.Empty:
-                return new
-            deadline = time.monotonic() + self.batch_window_s
-            while len(new) < room and (left := deadline - time.monotonic()) > 0:
-                try:
-                    new.append(self.waiting.get(timeout=left))
-                except queue.Empty:
-                    break
-        while len(new) < room:
-            try:
-                new.append(self.waiting.get_nowait())
-            except queue.Empty:
+        idle = not self.rows
+        deadline = None
+        while len(self.rows) + len(new) < self.max_batch_size:
+            if idle and not new:
+                timeout = 0.05
+            elif deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
+            else:
+                timeout = 0.0
+            seq = self._take(timeout)
+            if seq is None:
                 break
-        for seq in new:
             if seq.cancelled:
                 seq.emit(Event("", "cancelled", 0))
-        return [s for s in new if not s.cancelled]
+                continue
+            if not self._fits(new, seq):
+                self._held = seq
+                break
+            new.append(seq)
+            if idle and deadline is None:
+                deadline = time.monotonic() + self.batch_window_s
+        return new
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache):
+    def _take(self, timeout: float) -> Sequence | None:
+        if self._held is not None:
+            seq, self._held = self._held, None
+            return seq
+        try:
+            return self.waiting.get(timeout=timeout) if timeout > 0 else self.waiting.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _fits(self, new: list[Sequence], seq: Sequence) -> bool:
+        if self.max_kv_tokens is None:
+            return True
+        reserved = [self.reservation(s) for s in (*self.rows, *new, seq)]
+        return len(reserved) * max(reserved) <= self.max_kv_tokens
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                 model=None):
         """Last-position logits; `cache` is extended in place with this input's keys and values."""
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+        out = (self.model if model is None else model)(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          **{CACHE_ARG: cache})
         return out.logits[:, -1], cache
 
@@ -284,6 +341,7 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._forward(ids, mask, positions, DynamicCache())
+        cache = contiguous(cache)
         tokens = self._sample(logits, seqs)
         lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)
         if self.rows:
@@ -293,16 +351,23 @@ class Engine:
         else:
             self.cache, self.mask, self.next_tokens, self.positions = cache, mask, tokens, lengths
         self.rows.extend(seqs)
+        self._note_peaks()
         self._advance(tokens, seqs, lengths)
 
     def _decode_step(self) -> None:
         mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        logits, self.cache = self._forward(self.next_tokens[:, None], mask, self.positions[:, None], self.cache)
+        logits, self.cache = self._forward(self.next_tokens[:, None], mask, self.positions[:, None], self.cache,
+                                           self.decode_model)
         self.mask = mask
+        self._note_peaks()
         self.positions = self.positions + 1
         self.next_tokens = self._sample(logits, self.rows)
         self.steps += 1
         self._advance(self.next_tokens, self.rows, self.positions)
+
+    def _note_peaks(self) -> None:
+        self.peak_running = max(self.peak_running, len(self.rows))
+        self.peak_kv_tokens = max(self.peak_kv_tokens, self.kv_tokens)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         temps = torch.tensor([s.params.temperature for s in seqs], device=logits.device)

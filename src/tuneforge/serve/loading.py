@@ -61,3 +61,13 @@ def load_served(path: str | Path, name: str | None = None, device: str = "auto")
     context = getattr(config, "max_position_embeddings", None) or getattr(tok, "model_max_length", 2048)
     return ServedModel(model=model, tokenizer=tok, name=name or served_name(Path(path)), chat_template=template,
                        stop_token_ids=stop_ids_of(model, tok, info), context_length=int(context), source=Path(path))
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes the KV cache takes per position: layers x (key + value) x key/value heads x head size x dtype size."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_attention_heads", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    itemsize = next(model.parameters()).element_size()
+    return int(config.num_hidden_layers * 2 * kv_heads * head_dim * itemsize)

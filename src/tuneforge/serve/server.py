@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneforge.data.templates import prompt_ids
 from tuneforge.serve.engine import Engine, Event, SamplingParams, Sequence
-from tuneforge.serve.loading import ServedModel
+from tuneforge.serve.loading import ServedModel, kv_bytes_per_token
 from tuneforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 
 DISCONNECT_POLL_S = 0.25
@@ -207,8 +207,10 @@ def create_app(served: ServedModel, engine: Engine, api_key: str | None = None) 
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": served.name, "running": engine.running, "waiting": engine.waiting.qsize(),
-                "finished": dict(engine.finished), "decode_steps": engine.steps}
+        return {"status": "ok", "model": served.name, "running": engine.running, "waiting": engine.queued,
+                "finished": dict(engine.finished), "decode_steps": engine.steps, "kv_cache_tokens": engine.kv_tokens,
+                "peak_kv_cache_tokens": engine.peak_kv_tokens, "max_kv_tokens": engine.max_kv_tokens,
+                "max_batch_size": engine.max_batch_size}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -303,14 +305,34 @@ def create_app(served: ServedModel, engine: Engine, api_key: str | None = None) 
 
 
 def run_server(served: ServedModel, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               max_batch_size: int = 32, batch_window_ms: float = 0.0, log_level: str = "info") -> None:
-    """Start the engine and serve the API until interrupted."""
+               max_batch_size: int = 32, batch_window_ms: float = 0.0, log_level: str = "info", *,
+               max_kv_tokens: int | None = None, compile_model_first: bool = False) -> None:
+    """Start the engine and serve the API until interrupted. `max_kv_tokens` bounds the KV cache (see `Engine`);
+    `compile_model_first` torch.compiles the decode step and warms it up before the server opens (CompileError
+    if that fails). A KV budget below the model's context raises ValueError."""
     import uvicorn
 
     engine = Engine(served.model, served.tokenizer, served.stop_token_ids, served.context_length,
-                    max_batch_size=max_batch_size, batch_window_ms=batch_window_ms).start()
+                    max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_kv_tokens=max_kv_tokens)
+    per_token = kv_bytes_per_token(served.model)
+    if compile_model_first:
+        from tuneforge.serve.compile import compile_decode, warm_up
+
+        compile_decode(engine)
+        print("torch.compile: compiling the decode step for the shapes serving uses (this takes a while) ...",
+              flush=True)
+        engine.start()
+        try:
+            print(f"torch.compile: ready in {warm_up(engine):.0f} s", flush=True)
+        except Exception:
+            engine.stop()
+            raise
+    else:
+        engine.start()
     app = create_app(served, engine, api_key)
     auth = "API key required" if api_key else "no API key"
+    kv = (f"KV cache at most {max_kv_tokens} tokens ({max_kv_tokens * per_token / 2**20:.1f} MiB)"
+          if max_kv_tokens else f"KV cache unbounded ({per_token / 1024:.1f} KiB per token)")
     print(f"serving {served.name!r} from {served.source} at http://{host}:{port}/v1 "
-          f"(context {served.context_length} tokens, batches of up to {max_batch_size}, {auth})", flush=True)
+          f"(context {served.context_length} tokens, batches of up to {max_batch_size}, {kv}, {auth})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -10,8 +10,10 @@ seven projections; AdamW lr 2e-4, cosine with 3% warmup, 4 rows x 4 accumulation
              batch), DataCollatorForLanguageModeling, gradient checkpointing (the seed's recipe, fp32 here)
   trl-pad    TRL SFTTrainer, prompt/completion data (completion-only loss), padded batches
   trl-pack   TRL SFTTrainer, its default best-fit packing (padding-free)
-  tuneforge  `tuneforge train` with its defaults (dynamic padding per micro-batch, LM head only at trained positions)
-  tuneforge-pack   the same with data.packing=true
+  tuneforge  `tuneforge train` with its defaults (padding-free micro-batches: rows laid end to end with
+             per-sample SDPA; LM head only at trained positions)
+  tuneforge-pack   the same with data.packing=true (rows packed offline into max_seq_len)
+  tuneforge-padded the same with train.padding_free=false (micro-batches padded to their longest row)
 
 Each pipeline runs in its own process (peak RSS is that process's); the table reports training time
 only (data preparation is listed separately), samples/s, real (non-padding) tokens/s, the tokens pushed
@@ -41,7 +43,7 @@ ALPACA = SHARED / "instruct" / "alpaca_en_demo.json"
 SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_LEN = 512
-PIPELINES = ["seed", "trl-pad", "trl-pack", "tuneforge", "tuneforge-pack"]
+PIPELINES = ["seed", "trl-pad", "trl-pack", "tuneforge", "tuneforge-pack", "tuneforge-padded"]
 
 
 def prompt_text(row: dict) -> str:
@@ -175,7 +177,7 @@ def run_trl(model_dir: Path, train: list[dict], out: Path, packing: bool) -> dic
     return {"train_s": time.perf_counter() - t, "prep_s": prep, "pushed_tokens": pushed, "model": trainer.model, "tok": tok}
 
 
-def run_tuneforge(model_dir: Path, train: list[dict], out: Path, packing: bool) -> dict:
+def run_tuneforge(model_dir: Path, train: list[dict], out: Path, packing: bool, padding_free: bool = True) -> dict:
     import yaml
 
     from tuneforge.cli import main
@@ -190,7 +192,7 @@ def run_tuneforge(model_dir: Path, train: list[dict], out: Path, packing: bool) 
                  "packing": packing, "dedup": {"exact": False}},
         "adapter": {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": TARGETS},
         "train": {"lr": 2e-4, "epochs": 1, "micro_batch_size": 4, "grad_accum": 4, "scheduler": "cosine",
-                  "warmup_ratio": 0.03, "seed": 0, "threads": 2},
+                  "warmup_ratio": 0.03, "seed": 0, "threads": 2, "padding_free": padding_free},
         "eval": {"at_start": False, "show_samples": 0},
         "log": {"progress": "none", "every_steps": 1000},
         "checkpoint": {"every_steps": None},
@@ -218,7 +220,7 @@ def worker(name: str, model_dir: Path, samples: int, heldout: int, out: Path) ->
     elif name.startswith("trl"):
         r = run_trl(model_dir, train, out, packing=name == "trl-pack")
     else:
-        r = run_tuneforge(model_dir, train, out, packing=name == "tuneforge-pack")
+        r = run_tuneforge(model_dir, train, out, packing=name == "tuneforge-pack", padding_free=name != "tuneforge-padded")
     model, tok = r.pop("model"), r.pop("tok")
     lengths, trained = sample_lengths(tok, train)
     r.update(samples=len(train), real_tokens=sum(lengths), trained_tokens=trained,

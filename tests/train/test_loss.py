@@ -114,3 +114,49 @@ def test_packed_sdpa_attention_equals_running_each_sample_alone():
                 alone = model(input_ids=ids, use_cache=False).logits[0]
                 torch.testing.assert_close(logits[start:start + n], alone, rtol=1e-10, atol=1e-11)
                 start += n
+
+
+# ---------------------------------------------------------------------------- padding-free rows, per-sample SDPA
+from tuneforge.data.collate import FlatCollator  # noqa: E402
+from tuneforge.model.attention import NAME, packed_calls, segments, use_packed_sdpa  # noqa: E402
+
+
+def test_segments_start_where_position_ids_restart():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert segments(pos) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_padding_free_rows_with_per_sample_sdpa_give_the_padded_loss_and_gradients(lora):
+    rows = varied_rows(10, seed=7)
+    ds = datasets.Dataset.from_list(rows)
+    padded = PaddedCollator(0)(rows_at(ds, list(range(len(ds)))))
+    flat = FlatCollator(0)(rows_at(ds, list(range(len(ds)))))
+    assert flat["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))  # not one pad token
+    assert trained_tokens(flat["labels"]) == trained_tokens(padded["labels"])
+    model = tiny_llama(lora)
+    ref, g_ref = grads_of(model, lambda: trained_nll_sum(model, padded))
+    assert use_packed_sdpa(model) and model.config._attn_implementation == NAME
+    before = packed_calls()
+    got, g_got = grads_of(model, lambda: trained_nll_sum(model, flat))
+    assert packed_calls() - before == 2  # both layers split the row by sample
+    assert got == pytest.approx(ref, rel=1e-10)
+    for name in g_ref:
+        torch.testing.assert_close(g_got[name], g_ref[name], rtol=1e-9, atol=1e-12)
+    # the same model still takes ordinary padded batches (evaluation, generation): plain SDPA with the mask
+    again, _ = grads_of(model, lambda: trained_nll_sum(model, padded))
+    assert again == pytest.approx(ref, rel=1e-12)
+
+
+def test_per_sample_sdpa_on_packed_rows_equals_the_block_mask():
+    rows = varied_rows(12, seed=9)
+    packed_ds, _ = pack_dataset(datasets.Dataset.from_list(rows), 48)
+    batch = PackedCollator(0)(rows_at(packed_ds, list(range(len(packed_ds)))))
+    model = tiny_llama()
+    model.config._attn_implementation = "sdpa"
+    ref, g_ref = grads_of(model, lambda: trained_nll_sum(model, batch))  # transformers' block-diagonal mask
+    use_packed_sdpa(model)
+    got, g_got = grads_of(model, lambda: trained_nll_sum(model, batch))
+    assert got == pytest.approx(ref, rel=1e-10)
+    for name in g_ref:
+        torch.testing.assert_close(g_got[name], g_ref[name], rtol=1e-9, atol=1e-12)

@@ -122,6 +122,12 @@ class TrainConfig(Section):
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    padding_free: bool = Field(
+        True, description="Lay each micro-batch's rows end to end in one row (position_ids restarting per sample) "
+        "instead of padding them to the longest: no padding token is ever computed, and each sample attends only to "
+        "itself (SDPA per sample, or flash-attention varlen on CUDA). Same loss as padding (tested); false = padded "
+        "micro-batches (for models whose attention ignores position_ids: tuneforge stops with that advice when it "
+        "sees one).")
     group_by_length: bool = Field(
         False, description="Padded data: fill each optimizer step with rows of similar length (sorted within chunks of "
         "16 steps, steps shuffled), so micro-batches carry little padding: ~1.3x faster on Alpaca-like data, but less "

@@ -68,6 +68,34 @@ class PackedCollator:
                 "num_attended": torch.tensor(attended)}
 
 
+@dataclass
+class FlatCollator:
+    """Padding-free micro-batches: the rows are laid end to end in ONE row, `position_ids` restarting at 0 for
+    each, and the first label of each row set to -100 (its predecessor belongs to another sample). Every token
+    the model processes is real; with per-sample attention (model/attention.py) the loss equals the padded
+    batch's (tests/data/test_collate.py, tests/train/test_loss.py).
+    Example: rows [[5, 6, 7], [8, 9]] with labels [[-100, 6, 7], [8, 9]] give input_ids [[5, 6, 7, 8, 9]],
+    labels [[-100, 6, 7, -100, 9]], position_ids [[0, 1, 2, 0, 1]]. Packed rows (with position_ids) keep theirs.
+    """
+
+    pad_id: int
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        ids, labels, pos = [], [], []
+        for r in rows:
+            n = len(r["input_ids"])
+            ids += r["input_ids"]
+            row_labels = list(r["labels"])
+            if "position_ids" in r:
+                pos += r["position_ids"]
+            else:
+                pos += range(n)
+            if n:
+                row_labels[0] = IGNORE_INDEX
+            labels += row_labels
+        return PackedCollator(self.pad_id)([{"input_ids": ids, "labels": labels, "position_ids": pos}])
+
+
 def rows_at(dataset, indices: list[int]) -> list[dict]:
     """Fetch rows `indices` of a `datasets.Dataset` in one Arrow read, as collator input."""
     names = [c for c in ("input_ids", "labels", "position_ids") if c in dataset.column_names]

@@ -19,10 +19,11 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 
 from tuneforge import __version__
 from tuneforge.config.schema import RunConfig
-from tuneforge.data.collate import PackedCollator, PaddedCollator, rows_at
+from tuneforge.data.collate import FlatCollator, PackedCollator, PaddedCollator, rows_at
 from tuneforge.data.formats import column
 from tuneforge.data.prepare import PreparedData
 from tuneforge.model.adapters import apply_adapter, describe, trainable_report
+from tuneforge.model.attention import packed_calls, use_packed_sdpa
 from tuneforge.model.load import DTYPES, choose_attention, choose_precision, load_model, load_quantized
 from tuneforge.train.batches import BatchOrder
 from tuneforge.train.checkpoint import (TrainState, check_resume_key, find_latest, flat_config, load_checkpoint,
@@ -111,7 +112,12 @@ class Trainer:
                                 cfg.train.grad_accum, lengths)
         self.total_steps = cfg.train.max_steps or max(
             1, math.ceil(cfg.train.epochs * self.order.batches_per_epoch / cfg.train.grad_accum))
-        self.collate = (PackedCollator if packed else PaddedCollator)(self.data.tokenizer.pad_token_id)
+        flat = cfg.train.padding_free
+        self.collate = (FlatCollator if flat else PackedCollator if packed else PaddedCollator)(
+            self.data.tokenizer.pad_token_id)
+        # rows holding several samples: attention per sample (SDPA on each slice) instead of a block mask
+        self.per_sample_sdpa = (flat or packed) and use_packed_sdpa(model)
+        self._checked_per_sample = not (flat or packed)
 
         # ---- optimizer and schedule
         self.model, self.optimizer, self.scheduler = self.parallel.wrap(
@@ -164,10 +170,13 @@ class Trainer:
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             last = i == len(micro) - 1
             with self.parallel.micro_batch(sync=last):
+                calls = packed_calls()
                 if cfg.logits == "trained":
                     nll = trained_nll_sum(self.model, batch)
                 else:
                     nll = nll_sum(forward_logits(self.model, batch), batch["labels"])
+                if not self._checked_per_sample:
+                    self._check_per_sample(batch, packed_calls() - calls)
                 # every strategy averages gradients over ranks; multiply back so the result is sum / step_tokens
                 self.parallel.backward(nll * acc.num_processes / max(step_tokens, 1.0), last)
             total_nll += float(nll.detach())
@@ -179,6 +188,18 @@ class Trainer:
         grad_norm, skipped = self.parallel.update(cfg.max_grad_norm, math.isfinite(loss))
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
                 "trained_tokens": int(step_tokens), "tokens": real_tokens, "flops": flops}
+
+    def _check_per_sample(self, batch: dict, calls: int) -> None:
+        """Rows with several samples are only safe when each attention call sees the position_ids (and splits
+        the row by them); a model whose attention does not get them would let samples attend to each other."""
+        if int((batch["position_ids"] == 0).sum()) <= batch["position_ids"].shape[0]:
+            return  # one sample per row: nothing to check yet
+        self._checked_per_sample = True
+        if self.per_sample_sdpa and calls == 0:
+            name = type(self.parallel.module()).__name__
+            raise RuntimeError(
+                f"{name}'s attention does not receive position_ids, so samples laid in one row (train.padding_free "
+                "or data.packing) would attend to each other; set train.padding_free=false and data.packing=false")
 
     # ------------------------------------------------------------------------ the loop
     def train(self, resume_from: str | Path | None = None) -> dict:

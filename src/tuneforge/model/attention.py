@@ -1,0 +1,86 @@
+"""Per-sample attention for packed rows with PyTorch SDPA: cost proportional to each sample's length.
+
+A packed row (several samples one after another, `position_ids` restarting at 0 for each) must not let
+a sample attend to another. transformers does that with SDPA by building a block-diagonal 4-D mask from
+the position_ids; an explicit mask keeps SDPA off its fused causal kernels (on a CPU it takes about twice
+as long as the fused kernel over the same samples, and it grows with the square of the whole row).
+flash-attention's varlen path does it on CUDA when installed; everywhere else, `tuneforge_sdpa` runs
+SDPA with `is_causal=True` on each sample's slice of the row (the same numbers, see
+tests/model/test_attention.py) and falls back to plain SDPA for ordinary padded batches (evaluation,
+generation), so one model serves both.
+
+Registered under the name `tuneforge_sdpa` in transformers' attention and mask interfaces; the loop
+switches a model to it with `use_packed_sdpa(model)` when it trains on packed or padding-free batches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "tuneforge_sdpa"
+
+
+class _Seen:
+    """How many attention calls split a row by its position_ids (the loop checks the model passes them)."""
+
+    packed_calls = 0
+
+
+def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """[(start, end), ...] per row: a new sample starts wherever position_ids is 0."""
+    out = []
+    length = position_ids.shape[-1]
+    for row in position_ids:
+        starts = (row == 0).nonzero().flatten().tolist()
+        if not starts or starts[0] != 0:
+            starts = [0, *starts]
+        out.append(list(zip(starts, [*starts[1:], length])))
+    return out
+
+
+def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                        position_ids: torch.Tensor | None = None, **kwargs):
+    """(batch, heads, seq, dim) in -> (batch, seq, heads, dim) out, as transformers' sdpa_attention_forward."""
+    if position_ids is None or query.shape[2] != position_ids.shape[-1] or query.shape[2] == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    bounds = segments(position_ids.expand(query.shape[0], -1))
+    if all(len(b) == 1 for b in bounds):  # one sample per row: nothing to split
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    _Seen.packed_calls += 1
+    gqa = key.shape[1] != query.shape[1]
+    rows = []
+    for b, row in enumerate(bounds):
+        parts = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                                dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+                 for s, e in row]
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def packed_mask(*args, **kwargs):
+    """The SDPA mask, except for packed rows: the attention above derives the samples from position_ids."""
+    return sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(NAME, packed_sdpa_forward)
+AttentionMaskInterface.register(NAME, packed_mask)
+
+
+def use_packed_sdpa(model) -> bool:
+    """Switch a model that runs SDPA to the per-sample version; False when it runs something else."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(inner.config, "_attn_implementation", None) != "sdpa":
+        return False
+    inner.set_attn_implementation(NAME)
+    return True
+
+
+def packed_calls() -> int:
+    return _Seen.packed_calls

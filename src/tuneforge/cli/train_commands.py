@@ -199,6 +199,7 @@ def cmd_train(args) -> int:
     finally:
         trainer.cleanup()
     if not main_rank:
+        trainer.finish()
         return 0
 
     print(f"\ntrained {summary['steps']} steps in {summary['wall_s']:.1f}s "
@@ -214,6 +215,7 @@ def cmd_train(args) -> int:
     (run_dir / "run_summary.json").write_text(json.dumps({"before": before, "after": after, **summary,
                                                           "samples": samples}, indent=2))
     _write_report_quietly(run_dir)
+    trainer.finish()
     print(f"\nsaved {final} (try: tuneforge generate {run_dir} --prompt \"...\")")
     return 0
 

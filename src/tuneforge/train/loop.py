@@ -411,3 +411,11 @@ class Trainer:
 
     def cleanup(self) -> None:
         self.monitor.close()
+
+    def finish(self) -> None:
+        """After a successful run: every rank waits for rank 0 to finish writing, then the engine and the process
+        group are shut down in order (a rank that simply exits can abort on threads DeepSpeed or gloo still hold)."""
+        self.accelerator.wait_for_everyone()
+        self.parallel.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

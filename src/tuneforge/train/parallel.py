@@ -120,6 +120,9 @@ class Replicated:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, skipped
 
+    def close(self) -> None:
+        """Release what the engine holds (hooks, threads) before the process group goes."""
+
     # ---- checkpoints: None = the loop's own files (trainable.safetensors + optimizer.pt, written by rank 0)
     save_shards: Callable[[Path], None] | None = None
     load_shards: Callable[[Path, bool], None] | None = None
@@ -343,6 +346,9 @@ class DeepSpeed(Replicated):
         total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
         local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
         return local / max(1, total)
+
+    def close(self) -> None:
+        self.model.destroy()  # ZeRO-3's parameter hooks and prefetch state
 
     def checkpoint_layout(self) -> str:
         # ZeRO partitions are laid out for one world size and stage

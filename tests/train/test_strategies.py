@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from tests.train.test_distributed import config as ddp_config
 from tests.train.test_distributed import final_weights, records, tuneforge
 
 pytestmark = pytest.mark.integration
@@ -21,20 +22,11 @@ FULL = {"type": "full"}
 
 
 def config(tmp_path: Path, name: str, adapter: dict, micro: int, dist: dict | None = None) -> Path:
-    cfg = {
-        "model": {"init": {"architecture": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-                           "max_position_embeddings": 128, "tokenizer_vocab_size": 400}},
-        "data": {"train": [{"synthetic": {"task": "sort_words", "rows": 72, "seed": 0}}], "eval_fraction": 0.125,
-                 "max_seq_len": 64},
-        "adapter": adapter,
-        "train": {"lr": 5e-3, "max_steps": 6, "micro_batch_size": micro, "grad_accum": 2, "warmup_steps": 0, "seed": 3},
-        "eval": {"at_start": False, "show_samples": 0, "every_steps": 3},
-        "log": {"every_steps": 1, "progress": "none"},
-        "checkpoint": {"every_steps": 2, "save_total_limit": 5},
-        "dist": dist or {},
-        "output": {"dir": str(tmp_path / name)},
-    }
-    path = tmp_path / f"{name}.yaml"
+    """test_distributed's run (6 steps of 2 micro-batches, eval every 3) with a dist section, checkpoints kept."""
+    path = ddp_config(tmp_path, name, adapter, micro)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["dist"] = dist or {}
+    cfg["checkpoint"]["save_total_limit"] = 5
     path.write_text(yaml.safe_dump(cfg))
     return path
 

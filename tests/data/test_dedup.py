@@ -76,3 +76,76 @@ def test_ngram_index_on_a_real_benchmark_file():
     index = NgramIndex([t for r in rows for t in r["turns"]], 13)
     assert index.hit("Here is a copy: " + first)
     assert not index.hit("A completely unrelated sentence about river stones and silver lamps in winter.")
+
+
+def planted_rows(n_base=1200, seed=2):
+    """Unique sentences, then near copies (one word changed) and exact copies (case/punctuation) of some."""
+    rng = random.Random(seed)
+    base = [sentence(rng) for _ in range(n_base)]
+    rows = [chat(f"q{i}", t) for i, t in enumerate(base)]
+    rows += [chat(f"q{i}", perturb(rng, base[i])) for i in range(0, 600, 2)]       # 300 near-duplicates
+    rows += [chat(f"Q{i}!", base[i].upper() + " .") for i in range(1, 400, 4)]    # 100 exact (normalised)
+    rows += [{"messages": [], "text": "", "score": None}, {"messages": [], "text": "a  b", "score": None}]
+    return datasets.Dataset.from_list(rows)
+
+
+def test_worker_processes_find_the_same_duplicates():
+    ds = planted_rows()
+    here = deduplicate(ds, DedupConfig(exact=True, near=True))
+    workers = deduplicate(ds, DedupConfig(exact=True, near=True), num_proc=2)
+    assert here[1] == workers[1] == {"exact_removed": 100, "near_removed": 300, "kept": 1202}
+    first = ds.select([*range(1200), len(ds) - 2, len(ds) - 1])  # the originals and the two completion rows
+    assert here[0]["messages"] == workers[0]["messages"] == first["messages"]
+    assert workers[0]["text"] == ["" for _ in range(1201)] + ["a  b"]
+    only_near = deduplicate(ds, DedupConfig(exact=False, near=True, fields="response"), num_proc=2)[1]
+    assert only_near == deduplicate(ds, DedupConfig(exact=False, near=True, fields="response"))[1]
+
+
+def test_pairs_and_row_by_row_decide_the_same(monkeypatch):
+    import tuneforge.data.dedup as dedup
+
+    ds = planted_rows()
+    texts = [normalize_text(t) for t in dedup._texts(ds, "all")]
+    found = {}
+    for threshold in (0.8, 0.3):
+        cfg = DedupConfig(near=True, threshold=threshold)
+        found[threshold] = dedup._near(texts, cfg, None)
+        monkeypatch.setattr(dedup, "PAIR_BUDGET", 0)  # every bucket pair over budget: the row-by-row path
+        assert dedup._near(texts, cfg, None) == found[threshold]
+        monkeypatch.undo()
+    assert sum(found[0.8]) == 300 + 100  # the exact copies too: nothing was skipped
+    assert found[0.3] == found[0.8]  # unrelated sentences share far fewer shingles
+
+
+def test_word_and_shingle_hashes_on_single_spaced_texts_equal_the_general_split():
+    import numpy as np
+    import xxhash
+
+    from tuneforge.data import minhash
+
+    texts = ["the cat sat on the mat", "a b", "x", "more words here to hash", "é ü 中文 x"]
+    words, offsets = minhash.word_hashes(texts, 7)  # single spaces, no empty text: the byte-offset path
+    assert offsets.tolist() == [0, 6, 8, 9, 14, 18]
+    assert words[:3].tolist() == [xxhash.xxh64_intdigest(w.encode(), 7) for w in ("the", "cat", "sat")]
+    general = minhash.word_hashes(texts + [""], 7)  # an empty text: the split path
+    assert np.array_equal(general[0], words) and general[1].tolist() == offsets.tolist() + [18]
+    shingles, so = minhash.shingle_hashes(texts, 3, 7)
+    assert so.tolist() == [0, 4, 5, 6, 9, 11]  # 6 words -> 4 trigrams; fewer than 3 words -> one shingle
+    mult = np.random.default_rng(7).integers(0, 2**63, size=3, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    first = minhash._fmix64((words[0:3] * mult).sum(keepdims=True, dtype=np.uint64))  # sums wrap around 2**64
+    short = minhash._fmix64((words[6:8] * mult[:2]).sum(keepdims=True, dtype=np.uint64))  # "a b"
+    assert shingles[0] == first[0] and shingles[4] == short[0]
+
+
+def test_stored_lsh_band_layouts_are_datasketchs():
+    from datasketch import MinHashLSH
+
+    from tuneforge.data.dedup import LSH_BANDS, LSH_WEIGHTS, lsh_bands
+
+    for num_perm, by_threshold in LSH_BANDS.items():
+        for threshold, bands in by_threshold.items():
+            lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
+            assert (lsh.b, lsh.r) == bands, (threshold, num_perm)
+    assert lsh_bands(0.8, 128) == (16, 8)
+    other = MinHashLSH(threshold=0.83, num_perm=100, weights=LSH_WEIGHTS)
+    assert lsh_bands(0.83, 100) == (other.b, other.r)  # not stored: asked of datasketch

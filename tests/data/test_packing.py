@@ -86,3 +86,34 @@ def test_packed_and_unpacked_give_the_same_loss_and_gradients(attention):
     assert p_loss == pytest.approx(u_loss, rel=1e-10)
     for name in u_grads:
         torch.testing.assert_close(p_grads[name], u_grads[name], rtol=1e-8, atol=1e-10)
+
+
+def test_packed_values_are_the_samples_in_packing_order():
+    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [], "labels": []},
+            {"input_ids": [4, 5, 6, 7, 8], "labels": [4, 5, 6, 7, 8]}, {"input_ids": [9, 10], "labels": [9, -100]}]
+    packed, report = pack_dataset(datasets.Dataset.from_list(rows), 8)
+    assert packed[:] == {
+        "input_ids": [[4, 5, 6, 7, 8, 1, 2, 3], [9, 10]],
+        "labels": [[-100, 5, 6, 7, 8, -100, 2, 3], [-100, -100]],
+        "position_ids": [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1]],
+        "seq_lens": [[5, 3, 0], [2]],  # the empty sample fits the full row
+        "num_tokens": [8, 2],
+        "num_trained": [6, 0],
+    }
+    assert report == {"samples": 4, "rows": 2, "efficiency": 10 / 16, "efficiency_unpacked": 10 / 32}
+
+
+def test_packing_reads_columns_of_any_chunking():
+    import pyarrow as pa
+
+    rows = sample_rows(9, seed=5)
+    ids = [r["input_ids"] for r in rows]
+    labels = [r["labels"] for r in rows]
+    chunked = pa.table({"input_ids": pa.chunked_array([ids[:2], ids[2:5], ids[5:]], pa.list_(pa.int32())),
+                        "labels": pa.chunked_array([labels[:4], labels[4:]], pa.list_(pa.int64()))})
+    one = datasets.Dataset.from_dict({"input_ids": ids, "labels": labels},
+                                     features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
+                                                                 "labels": datasets.List(datasets.Value("int64"))}))
+    a, ra = pack_dataset(datasets.Dataset(chunked), 24)
+    b, rb = pack_dataset(one, 24)
+    assert a[:] == b[:] and ra == rb and a.features == b.features

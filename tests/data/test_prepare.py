@@ -183,3 +183,26 @@ def test_data_preview_marks_exactly_the_trained_tokens(tmp_path, capsys):
     assert "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n[[hello<|im_end|>]]\n" in out
     assert main(["data", "preview", str(cfg), "--color", "always"]) == 0
     assert "\x1b[1;32mhello<|im_end|>\x1b[0m" in capsys.readouterr().out
+
+
+def test_histogram_child_process_and_collector_state(tmp_path, monkeypatch):
+    import gc
+
+    from tuneforge.data import histogram
+
+    wait = histogram.start_length_histogram([3, 5, 5, 9], 16, tmp_path / "child.png", "training samples (4)")
+    wait()
+    png = (tmp_path / "child.png").read_bytes()
+    histogram.write_length_histogram([3, 5, 5, 9], 16, tmp_path / "here.png", "training samples (4)")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == (tmp_path / "here.png").read_bytes()  # the same picture
+
+    def no_fork(method):
+        raise ValueError(f"cannot find context for {method!r}")
+
+    monkeypatch.setattr("multiprocessing.get_context", no_fork)  # no fork here: drawn in this process
+    assert histogram.start_length_histogram([1, 2], 8, tmp_path / "inline.png", "t") is not None
+    assert (tmp_path / "inline.png").exists()
+    monkeypatch.undo()
+    frozen = gc.get_freeze_count()
+    prepare(alpaca_cfg(tmp_path), tmp_path / "run", log=lambda s: None)
+    assert gc.get_freeze_count() == frozen == 0  # the stage gives the collector its objects back

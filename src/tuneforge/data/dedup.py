@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import math
 import string
+import uuid
 from collections.abc import Iterable
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from tuneforge.config.schema import DecontamConfig, DedupConfig
 from tuneforge.data.minhash import band_keys, shingle_hashes, signatures
@@ -59,30 +62,67 @@ def exact_duplicates(texts: list[str]) -> list[bool]:
     return _exact([normalize_text(t) for t in texts])
 
 
-def _near(normalized: list[str], cfg: DedupConfig, skip: list[bool] | None) -> list[bool]:
-    from datasketch import MinHashLSH
+PAIR_BUDGET = 4_000_000  # candidate pairs examined at once; more (huge LSH buckets) takes the row-by-row path
+FEATURE_BATCH_ROWS = 10_000  # rows per map call when worker processes compute the dedup features
 
-    lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=LSH_WEIGHTS)
+
+def _near(normalized: list[str], cfg: DedupConfig, skip: list[bool] | None) -> list[bool]:
     rows = [i for i in range(len(normalized)) if not (skip and skip[i])]
     if not rows:
         return [False] * len(normalized)
     hashes, offsets = shingle_hashes([normalized[i] for i in rows], cfg.shingle_words, MINHASH_SEED)
     sig = signatures(hashes, offsets, cfg.num_perm, MINHASH_SEED)
-    keys = band_keys(sig, lsh.b, lsh.r)
+    near = _near_rows(sig, lambda k: hashes[offsets[k]:offsets[k + 1]], cfg)
+    dup = [False] * len(normalized)
+    for k in np.flatnonzero(near).tolist():
+        dup[rows[k]] = True
+    return dup
+
+
+# datasketch's MinHashLSH band layout (bands, rows per band) for LSH_WEIGHTS, by (threshold, num_perm): its
+# answers for common settings, checked against it by tests/data/test_dedup.py. Other settings ask datasketch
+# itself, whose import (scipy) takes longer than finding the near-duplicates of 50k rows.
+LSH_BANDS = {
+    64: {0.5: (21, 3), 0.55: (19, 3), 0.6: (16, 4), 0.65: (16, 4), 0.7: (12, 5), 0.75: (12, 5), 0.8: (10, 6),
+         0.85: (8, 8), 0.9: (6, 10), 0.95: (4, 16)},
+    128: {0.5: (26, 3), 0.55: (32, 4), 0.6: (24, 4), 0.65: (25, 5), 0.7: (21, 6), 0.75: (18, 7), 0.8: (16, 8),
+          0.85: (12, 10), 0.9: (9, 14), 0.95: (6, 21)},
+    256: {0.5: (53, 4), 0.55: (51, 5), 0.6: (41, 5), 0.65: (42, 6), 0.7: (36, 7), 0.75: (30, 8), 0.8: (25, 10),
+          0.85: (19, 13), 0.9: (15, 17), 0.95: (9, 28)},
+}
+
+
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) of datasketch's `MinHashLSH(threshold, num_perm, weights=LSH_WEIGHTS)`."""
+    known = LSH_BANDS.get(num_perm, {}).get(threshold)
+    if known:
+        return known
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
+    return lsh.b, lsh.r
+
+
+def _near_rows(sig: np.ndarray, shingles_of, cfg: DedupConfig) -> np.ndarray:
+    """Which rows (in order) are near-duplicates of an earlier kept row, from their MinHash signatures and
+    `shingles_of(k)`, the shingle hashes of row k."""
+    bands, rows_per_band = lsh_bands(cfg.threshold, cfg.num_perm)
+    keys = band_keys(sig, bands, rows_per_band)
     # rows alone in their bucket in every band can be no one's duplicate: only the others are visited
     groups = np.empty(keys.shape, dtype=np.int64)
-    shared = np.zeros(len(rows), dtype=bool)
-    for b in range(lsh.b):
+    shared = np.zeros(len(sig), dtype=bool)
+    pairs_per_band = 0
+    for b in range(bands):
         _, groups[:, b], counts = np.unique(keys[:, b], return_inverse=True, return_counts=True)
         shared |= counts[groups[:, b]] > 1
+        pairs_per_band += int((counts * (counts - 1) // 2).sum())
     # pre-screen on the MinHash estimate (5 standard deviations below the threshold), then confirm exactly
     floor = cfg.threshold - 5 * math.sqrt(cfg.threshold * (1 - cfg.threshold) / cfg.num_perm)
-    kept: list[dict[int, list[int]]] = [{} for _ in range(lsh.b)]
     unique_shingles: dict[int, np.ndarray] = {}
 
     def shingle_set(k: int) -> np.ndarray:
         if k not in unique_shingles:
-            unique_shingles[k] = np.unique(hashes[offsets[k]:offsets[k + 1]])
+            unique_shingles[k] = np.unique(shingles_of(k))
         return unique_shingles[k]
 
     def jaccard(a: int, c: int) -> float:
@@ -90,20 +130,58 @@ def _near(normalized: list[str], cfg: DedupConfig, skip: list[bool] | None) -> l
         inter = np.intersect1d(sa, sc, assume_unique=True).size
         return inter / (sa.size + sc.size - inter)
 
-    near = np.zeros(len(rows), dtype=bool)
+    if pairs_per_band <= PAIR_BUDGET:
+        return _near_by_pairs(groups, sig, floor, cfg.threshold, jaccard)
+    return _near_row_by_row(groups, shared, sig, floor, cfg.threshold, jaccard)
+
+
+def _near_row_by_row(groups: np.ndarray, shared: np.ndarray, sig: np.ndarray, floor: float, threshold: float,
+                     jaccard) -> np.ndarray:
+    """Rows in order: a row is a near-duplicate when an earlier kept row shares one of its LSH buckets, has a
+    MinHash estimate >= floor and an exact Jaccard >= threshold; otherwise it joins its buckets as kept."""
+    kept: list[dict[int, list[int]]] = [{} for _ in range(groups.shape[1])]
+    near = np.zeros(len(groups), dtype=bool)
     for k in np.flatnonzero(shared).tolist():
         group = groups[k].tolist()
         cands = sorted({c for b, g in enumerate(group) for c in kept[b].get(g, ())})
         if cands:
             est = (sig[cands] == sig[k]).mean(axis=1)
-            near[k] = any(jaccard(k, c) >= cfg.threshold for c, e in zip(cands, est) if e >= floor)
+            near[k] = any(jaccard(k, c) >= threshold for c, e in zip(cands, est) if e >= floor)
         if not near[k]:
             for b, g in enumerate(group):
                 kept[b].setdefault(g, []).append(k)
-    dup = [False] * len(normalized)
-    for k in np.flatnonzero(near).tolist():
-        dup[rows[k]] = True
-    return dup
+    return near
+
+
+def _near_by_pairs(groups: np.ndarray, sig: np.ndarray, floor: float, threshold: float, jaccard) -> np.ndarray:
+    """`_near_row_by_row`'s answer, from all bucket-sharing pairs (c < k) at once: which pairs pass the
+    estimate does not depend on which rows are kept, so they are found with numpy; then each row, in order,
+    is a near-duplicate if one of its passing partners was kept and has an exact Jaccard >= threshold."""
+    n = len(groups)
+    codes = []
+    for b in range(groups.shape[1]):
+        order = np.lexsort((np.arange(n), groups[:, b]))  # by bucket, then row
+        g = groups[order, b]
+        for d in range(1, n):  # the pairs d apart in bucket order
+            same = g[d:] == g[:-d]
+            if not same.any():
+                break
+            codes.append(order[:-d][same] * n + order[d:][same])  # c * n + k, with c < k
+    if not codes:
+        return np.zeros(n, dtype=bool)
+    pairs = np.unique(np.concatenate(codes))
+    c_rows, k_rows = pairs // n, pairs % n
+    step = 1 << 16  # pairs per comparison block (bounded memory)
+    est = np.concatenate([(sig[c_rows[i:i + step]] == sig[k_rows[i:i + step]]).mean(axis=1)
+                          for i in range(0, len(pairs), step)])
+    passing = est >= floor
+    by_row: dict[int, list[int]] = {}  # row -> its earlier partners with a passing estimate
+    for c, k in zip(c_rows[passing].tolist(), k_rows[passing].tolist()):
+        by_row.setdefault(k, []).append(c)
+    near = np.zeros(n, dtype=bool)
+    for k in sorted(by_row):
+        near[k] = any(not near[c] and jaccard(k, c) >= threshold for c in by_row[k])
+    return near
 
 
 def near_duplicates(texts: list[str], cfg: DedupConfig, skip: list[bool] | None = None) -> list[bool]:
@@ -111,13 +189,73 @@ def near_duplicates(texts: list[str], cfg: DedupConfig, skip: list[bool] | None 
     return _near([normalize_text(t) for t in texts], cfg, skip)
 
 
-def deduplicate(ds: datasets.Dataset, cfg: DedupConfig) -> tuple[datasets.Dataset, dict]:
-    normalized = [normalize_text(t) for t in _texts(ds, cfg.fields)] if (cfg.exact or cfg.near) else [""] * len(ds)
-    exact = _exact(normalized) if cfg.exact else [False] * len(ds)
-    near = _near(normalized, cfg, skip=exact) if cfg.near else [False] * len(ds)
+def row_features(messages: list[list[dict]], texts: list[str], cfg: DedupConfig) -> pa.Table:
+    """Per row: the normalised compared text and, for near-dedup, the MinHash signature and shingle hashes.
+    Rows are independent (words hash alone, signatures are seeded), so any batching gives the same values."""
+    normalized = [normalize_text(compared_text(m, t, cfg.fields)) for m, t in zip(messages, texts)]
+    cols = {"normalized": pa.array(normalized, pa.large_string())}
+    if cfg.near:
+        hashes, offsets = shingle_hashes(normalized, cfg.shingle_words, MINHASH_SEED)
+        sig = signatures(hashes, offsets, cfg.num_perm, MINHASH_SEED)
+        cols["signature"] = pa.FixedSizeListArray.from_arrays(pa.array(sig.ravel(), pa.uint32()), cfg.num_perm)
+        cols["shingles"] = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(hashes, pa.uint64()))
+    return pa.table(cols)
+
+
+def _row_features_batch(batch: pa.Table, cfg: DedupConfig) -> pa.Table:
+    return row_features(batch.column("messages").to_pylist(), batch.column("text").to_pylist(), cfg)
+
+
+def features_in_workers(ds: datasets.Dataset, fn, num_proc: int, desc: str, **fn_kwargs) -> pa.Table:
+    """`fn` (a batch as an Arrow table -> a table of new columns) over every row in `num_proc` worker processes."""
+    return ds.select_columns([c for c in ("messages", "text", "score") if c in ds.column_names]).with_format("arrow").map(
+        fn, batched=True, batch_size=min(FEATURE_BATCH_ROWS, -(-len(ds) // num_proc)), num_proc=num_proc,
+        remove_columns=[c for c in ("messages", "text", "score") if c in ds.column_names], fn_kwargs=fn_kwargs,
+        desc=desc, new_fingerprint=uuid.uuid4().hex).data.table  # tuneforge caches the stage itself
+
+
+def _decide(features: pa.Table, cfg: DedupConfig, rows: list[int] | None) -> tuple[list[bool], list[bool]]:
+    """(exact, near) flags, from `row_features`, of the rows at `rows` of `features` (None: all, in order)."""
+    rows = list(range(features.num_rows)) if rows is None else rows
+    n = len(rows)
+    exact = [False] * n
+    if cfg.exact:  # the first row of each distinct normalised text is kept
+        codes = pc.dictionary_encode(features.column("normalized").take(pa.array(rows, pa.int64())).combine_chunks())
+        first = np.unique(codes.indices.to_numpy(zero_copy_only=False), return_index=True)[1]
+        is_dup = np.ones(n, dtype=bool)
+        is_dup[first] = False
+        exact = is_dup.tolist()
+    near = [False] * n
+    if cfg.near:
+        left = [k for k in range(n) if not exact[k]]  # positions in `rows`
+        at = np.asarray([rows[k] for k in left], dtype=np.int64)  # positions in `features`
+        sig = features.column("signature").combine_chunks().flatten().to_numpy().reshape(-1, cfg.num_perm)[at]
+        shingles = features.column("shingles")
+        hashes = pc.list_flatten(shingles).to_numpy(zero_copy_only=False)
+        offsets = np.zeros(features.num_rows + 1, dtype=np.int64)
+        np.cumsum(pc.list_value_length(shingles).to_numpy(zero_copy_only=False), out=offsets[1:])
+        found = _near_rows(sig, lambda k: hashes[offsets[at[k]]:offsets[at[k] + 1]], cfg)
+        for k in np.flatnonzero(found).tolist():
+            near[left[k]] = True
+    return exact, near
+
+
+def deduplicate(ds: datasets.Dataset, cfg: DedupConfig, num_proc: int | None = None, features: pa.Table | None = None,
+                rows: list[int] | None = None) -> tuple[datasets.Dataset, dict]:
+    """Drop exact and near duplicates (the first occurrence is kept). With num_proc > 1 worker processes
+    compute the per-row part (normalising, hashing, signatures), or `features` holds it already: the
+    `row_features` of ds's rows (at positions `rows` of the table when given). The decisions are the same."""
+    if features is None and num_proc and num_proc > 1 and (cfg.exact or cfg.near) and len(ds) >= num_proc * 1000:
+        features = features_in_workers(ds, _row_features_batch, num_proc, "dedup features", cfg=cfg)
+    if features is not None:
+        exact, near = _decide(features, cfg, rows)
+    else:
+        normalized = [normalize_text(t) for t in _texts(ds, cfg.fields)] if (cfg.exact or cfg.near) else [""] * len(ds)
+        exact = _exact(normalized) if cfg.exact else [False] * len(ds)
+        near = _near(normalized, cfg, skip=exact) if cfg.near else [False] * len(ds)
     keep = [i for i in range(len(ds)) if not (exact[i] or near[i])]
     report = {"exact_removed": sum(exact), "near_removed": sum(near), "kept": len(keep)}
-    return (ds.select(keep) if len(keep) < len(ds) else ds), report
+    return (ds.select(keep, new_fingerprint=uuid.uuid4().hex) if len(keep) < len(ds) else ds), report
 
 
 # ---------------------------------------------------------------------------- decontamination

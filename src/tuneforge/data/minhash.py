@@ -16,6 +16,8 @@ Everything is seeded: the same texts give the same signatures in every process a
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 U64 = np.uint64
 _MAX_ATTEMPTS = 1 << 16
@@ -31,21 +33,44 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
     return h
 
 
+def _word_starts(arr: pa.LargeStringArray) -> np.ndarray | None:
+    """Byte offsets (into arr's data buffer) where the words of single-spaced texts start, plus the end of the
+    last text: the offsets of a string array whose items are the words, each with the space that follows it.
+    None when a text is empty or has a leading, trailing or double space (those take the general path)."""
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    if len(arr) == 0 or arr.null_count or np.any(offsets[1:] == offsets[:-1]):
+        return None
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
+    begin, end = int(offsets[0]), int(offsets[-1])
+    spaces = np.flatnonzero(data[begin:end] == 0x20) + begin
+    if np.any(data[offsets[:-1]] == 0x20) or np.any(data[offsets[1:] - 1] == 0x20) or np.any(np.diff(spaces) == 1):
+        return None
+    is_start = np.zeros(end - begin + 1, dtype=bool)
+    is_start[offsets[:-1] - begin] = True
+    is_start[spaces + 1 - begin] = True
+    is_start[-1] = True
+    return np.flatnonzero(is_start) + begin
+
+
 def word_hashes(normalized: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(hash of every word, flat; word offsets per row, n+1) of texts already normalised (single spaces)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
     import xxhash
 
     arr = pa.array(normalized, pa.large_string())
-    words = pc.split_pattern(arr, " ")  # "" gives [""]; fixed below
-    counts = pc.list_value_length(words).to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = _word_starts(arr)
+    if starts is None:  # an empty text, or spaces not single: split on every space ("" gives [""]; fixed below)
+        words = pc.split_pattern(arr, " ")
+        counts = pc.list_value_length(words).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = pc.list_flatten(words)
+    else:  # the words as slices of the texts' own bytes (each but a text's last one ending with its space)
+        flat = pa.LargeStringArray.from_buffers(len(starts) - 1, pa.py_buffer(starts), arr.buffers()[2])
+        text_offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1]
+        counts = np.diff(np.searchsorted(starts, text_offsets))
     empty = np.fromiter((not t for t in normalized), dtype=bool, count=len(normalized))
-    flat = pc.list_flatten(words)
     enc = pc.dictionary_encode(flat)
     vocab = enc.dictionary.to_pylist()
-    vocab_hashes = np.fromiter((xxhash.xxh64_intdigest(w.encode("utf-8", "surrogatepass"), seed) for w in vocab),
-                               dtype=U64, count=len(vocab))
+    vocab_hashes = np.fromiter((xxhash.xxh64_intdigest(w.removesuffix(" ").encode("utf-8", "surrogatepass"), seed)
+                                for w in vocab), dtype=U64, count=len(vocab))
     hashes = vocab_hashes[enc.indices.to_numpy(zero_copy_only=False)]
     if empty.any():  # drop the "" word of empty rows
         keep = np.repeat(~empty, counts)
@@ -63,15 +88,25 @@ def shingle_hashes(normalized: list[str], k: int, seed: int) -> tuple[np.ndarray
     n_sh = np.where(lens >= k, lens - k + 1, 1)
     so = np.zeros(len(lens) + 1, dtype=np.int64)
     np.cumsum(n_sh, out=so[1:])
-    first = np.arange(so[-1], dtype=np.int64) + np.repeat(wo[:-1] - so[:-1], n_sh)  # flat index of each shingle's first word
-    width = np.repeat(np.minimum(lens, k), n_sh)
-    padded = np.concatenate([words, np.zeros(k, dtype=U64)])
     mult = np.random.default_rng(seed).integers(0, 2**63, size=k, dtype=np.uint64) * U64(2) + U64(1)  # odd
-    acc = np.zeros(len(first), dtype=U64)
+    out = np.empty(int(so[-1]), dtype=U64)
+    short = lens < k
+    # rows of k words or more: every window of k consecutive words, summed over the whole corpus at once
+    n_win = max(len(words) - k + 1, 0)
+    acc = np.zeros(n_win, dtype=U64)
     for j in range(k):
-        term = padded[first + j] * mult[j]
-        acc += np.where(width > j, term, U64(0))
-    return _fmix64(acc), so
+        acc += words[j:j + n_win] * mult[j]
+    window_end = np.arange(n_win, dtype=np.int64) + k
+    inside = window_end <= np.repeat(wo[1:], lens)[:n_win]  # the window ends inside its first word's row
+    out[~np.repeat(short, n_sh)] = acc[inside]
+    # rows of fewer than k words (rare): one shingle of all their words
+    rows = np.flatnonzero(short)
+    short_acc = np.zeros(len(rows), dtype=U64)
+    for j in range(k - 1):
+        has = lens[rows] > j
+        short_acc[has] += words[wo[rows[has]] + j] * mult[j]
+    out[so[rows]] = short_acc
+    return _fmix64(out), so
 
 
 def signatures(hashes: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int) -> np.ndarray:

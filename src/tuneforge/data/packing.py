@@ -10,6 +10,7 @@ exactly as in unpacked training where position 0 has no predecessor.
 from __future__ import annotations
 
 import bisect
+import uuid
 from itertools import chain
 
 import datasets
@@ -52,38 +53,60 @@ def _list_column(offsets: np.ndarray, values: np.ndarray, value_type) -> pa.Chun
             return pa.chunked_array(chunks, pa.list_(value_type))
 
 
+def _samples(col: pa.ChunkedArray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """A list column's samples as (values of each chunk, the chunk of each sample, its start in those values):
+    slices of the column's own buffers, whatever its chunks."""
+    values, chunk_of, start_of = [], [], []
+    for k, chunk in enumerate(col.chunks):
+        n = pc.list_value_length(chunk).to_numpy(zero_copy_only=False).astype(np.int64)
+        values.append(pc.list_flatten(chunk).to_numpy(zero_copy_only=False))
+        chunk_of.append(np.full(len(n), k, dtype=np.int64))
+        start_of.append(np.cumsum(n) - n)
+    return values, np.concatenate([np.zeros(0, np.int64), *chunk_of]), np.concatenate([np.zeros(0, np.int64), *start_of])
+
+
+def _gather(col: pa.ChunkedArray, order: np.ndarray, lengths: list[int]) -> np.ndarray:
+    """The values of samples `order` (of `lengths` tokens), concatenated in that order."""
+    values, chunk_of, start_of = _samples(col)
+    empty = values[0][:0] if values else np.zeros(0, col.type.value_type.to_pandas_dtype())
+    return np.concatenate([empty, *(values[c][s:s + n] for c, s, n in zip(chunk_of[order].tolist(),
+                                                                        start_of[order].tolist(), lengths))])
+
+
 def pack_dataset(ds: datasets.Dataset, capacity: int) -> tuple[datasets.Dataset, dict]:
     """Pack a tokenized dataset (input_ids, labels) into rows with position_ids and seq_lens.
 
-    Works on flat numpy arrays (one gather for all tokens), not per-token Python."""
+    Works on flat numpy arrays: each sample is one slice of its column's buffers, and the packed values
+    are the concatenation of those slices in packed order; no per-token Python."""
     table = ds.select_columns(["input_ids", "labels"]).with_format("arrow")[:]
-    ids_col, labels_col = (table.column(c).combine_chunks() for c in ("input_ids", "labels"))
+    ids_col, labels_col = table.column("input_ids"), table.column("labels")
     lengths = pc.list_value_length(ids_col).to_numpy(zero_copy_only=False).astype(np.int64)
-    ids = pc.list_flatten(ids_col).to_numpy(zero_copy_only=False)
-    labels = pc.list_flatten(labels_col).to_numpy(zero_copy_only=False)
     bins = best_fit_decreasing(lengths.tolist(), capacity)
     order = np.fromiter(chain.from_iterable(bins), dtype=np.int64, count=len(lengths))
     sample_len = lengths[order]  # samples in packed order
-    src_start = np.concatenate([[0], np.cumsum(lengths)])[:-1][order]
-    dst_start = np.concatenate([[0], np.cumsum(sample_len)])
-    total = int(dst_start[-1])
-    dst_start = dst_start[:-1]
-    within = np.arange(total, dtype=np.int64) - np.repeat(dst_start, sample_len)  # position inside its sample
-    gather = np.repeat(src_start, sample_len) + within
-    packed_ids, packed_labels = ids[gather], labels[gather].copy()
+    n_list = sample_len.tolist()
+    packed_ids = _gather(ids_col, order, n_list)
+    packed_labels = _gather(labels_col, order, n_list)
+    positions = np.arange(max(n_list, default=0), dtype=np.int64)
+    within = np.concatenate([positions[:0], *(positions[:n] for n in n_list)])  # position inside its sample
+    dst_start = np.cumsum(sample_len) - sample_len
     packed_labels[dst_start[sample_len > 0]] = IGNORE_INDEX  # a sample's first token has no predecessor in it
     per_row = np.fromiter(map(len, bins), dtype=np.int64, count=len(bins))
     sample_off = np.concatenate([[0], np.cumsum(per_row)])
     row_off = np.concatenate([[0], np.cumsum(sample_len)])[sample_off]
-    trained = np.concatenate([[0], np.cumsum(packed_labels != IGNORE_INDEX)])
+    is_trained = (packed_labels != IGNORE_INDEX).view(np.uint8)
+    trained = np.zeros(len(bins), dtype=np.int64)  # per row (reduceat over the rows with tokens)
+    nonempty = np.diff(row_off) > 0
+    if nonempty.any():
+        trained[nonempty] = np.add.reduceat(is_trained, row_off[:-1][nonempty], dtype=np.int64)
     packed = datasets.Dataset(pa.table({
         "input_ids": _list_column(row_off, packed_ids, ids_col.type.value_type),
         "labels": _list_column(row_off, packed_labels, labels_col.type.value_type),
         "position_ids": _list_column(row_off, within, pa.int64()),
         "seq_lens": _list_column(sample_off, sample_len, pa.int64()),
         "num_tokens": pa.array(np.diff(row_off), pa.int64()),
-        "num_trained": pa.array(trained[row_off[1:]] - trained[row_off[:-1]], pa.int64()),
-    }))
+        "num_trained": pa.array(trained, pa.int64()),
+    }), fingerprint=uuid.uuid4().hex)  # a fresh fingerprint: datasets would otherwise hash every token
     tokens = int(lengths.sum())
     report = {
         "samples": len(lengths),

@@ -11,26 +11,30 @@ Writes `<run>/data/`:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import shutil
 import time
-import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tuneforge import __version__
-from tuneforge.config.schema import RunConfig
-from tuneforge.data.dedup import decontaminate, deduplicate
+from tuneforge.config.schema import DedupConfig, QualityConfig, RunConfig
+from tuneforge.data.dedup import decontaminate, deduplicate, features_in_workers, row_features
+from tuneforge.data.encode import tokenize_split
 from tuneforge.data.formats import column, normalize, read_source
-from tuneforge.data.histogram import write_length_histogram
+from tuneforge.data.histogram import start_length_histogram
+from tuneforge.data.masks import end_of_turn_ids
 from tuneforge.data.packing import pack_dataset
-from tuneforge.data.quality import apply_quality_filters
-from tuneforge.data.templates import IGNORE_INDEX, end_of_turn_ids, resolve_template, tokenize_chats, tokenize_text
+from tuneforge.data.quality import apply_quality_filters, failed_rules
+from tuneforge.data.templates import resolve_template
 from tuneforge.data.tokenizer import build_tokenizer
 
 
@@ -139,9 +143,16 @@ def _load_all(cfg: RunConfig, log, clock: StageClock) -> tuple[datasets.Dataset,
         train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     report: dict = {"sources": sources, "invalid": invalid, "rows_read": len(train)}
     with clock("quality"):
-        train, report["quality"] = apply_quality_filters(train, d.quality, d.num_proc if d.num_proc > 1 else None)
+        reasons = features = None
+        if d.num_proc > 1 and (d.dedup.exact or d.dedup.near) and len(train) >= d.num_proc * 1000:
+            # one pass of the worker processes over the rows: the quality verdicts and the dedup hashes together
+            features = features_in_workers(train, _judge_and_hash, d.num_proc, "quality filters, dedup hashes",
+                                           q=d.quality, dedup=d.dedup)
+            reasons = features.column("_drop").to_pylist()
+        train, report["quality"] = apply_quality_filters(train, d.quality, d.num_proc if d.num_proc > 1 else None, reasons)
     with clock("dedup"):
-        train, report["dedup"] = deduplicate(train, d.dedup)
+        kept = [i for i, r in enumerate(reasons) if not r] if features is not None else None
+        train, report["dedup"] = deduplicate(train, d.dedup, d.num_proc, features, kept)
     eval_ = None
     with clock("read"):
         if d.eval is not None:
@@ -157,6 +168,14 @@ def _load_all(cfg: RunConfig, log, clock: StageClock) -> tuple[datasets.Dataset,
     if len(train) == 0:
         raise ValueError(f"data: no training rows left after filtering: {json.dumps(report, default=str)[:2000]}")
     return train, eval_, report
+
+
+def _judge_and_hash(batch: pa.Table, q: QualityConfig, dedup: DedupConfig) -> pa.Table:
+    """Map function: each row's first failed quality rule ('' if none) and its dedup features."""
+    messages, texts = batch.column("messages").to_pylist(), batch.column("text").to_pylist()
+    scores = batch.column("score").to_pylist() if "score" in batch.column_names else None
+    verdicts = pa.array(failed_rules(messages, texts, scores, q), pa.string())
+    return row_features(messages, texts, dedup).append_column("_drop", verdicts)
 
 
 def mix_sources(ds: datasets.Dataset, samples: list[int | None], seed: int) -> tuple[datasets.Dataset, list[int]]:
@@ -182,53 +201,6 @@ def _corpus(ds: datasets.Dataset):
         yield row["text"] or "\n".join(m["content"] for m in row["messages"])
 
 
-def _tokenize(ds: datasets.Dataset, tok: PreTrainedTokenizerBase, template: str, cfg: RunConfig, split: str) -> tuple[datasets.Dataset, dict]:
-    max_len, overlong, train_on = cfg.data.max_seq_len, cfg.data.overlong, cfg.data.train_on
-    min_tokens = cfg.data.quality.min_tokens
-
-    def encode(batch: dict) -> dict:
-        chats = [i for i, m in enumerate(batch["messages"]) if m]
-        encoded = dict(zip(chats, tokenize_chats(tok, template, [batch["messages"][i] for i in chats], train_on)))
-        out: dict[str, list] = {"input_ids": [], "labels": [], "num_tokens": [], "num_trained": [], "truncated": [], "keep": []}
-        for i, text in enumerate(batch["text"]):
-            ids, labels = encoded[i] if i in encoded else tokenize_text(tok, text)
-            truncated = len(ids) > max_len
-            if truncated and overlong == "truncate":
-                ids, labels = ids[:max_len], labels[:max_len]
-            # position 0 is never a target
-            trained = len(labels) - labels.count(IGNORE_INDEX) - (1 if labels and labels[0] != IGNORE_INDEX else 0)
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-            out["num_tokens"].append(len(ids))
-            out["num_trained"].append(trained)
-            out["truncated"].append(truncated)
-            out["keep"].append(not (truncated and overlong == "drop") and trained > 0 and len(ids) >= min_tokens)
-        return out
-
-    n_proc = cfg.data.num_proc if len(ds) >= 1000 and cfg.data.num_proc > 1 else None
-    # new_fingerprint: tuneforge caches the whole stage itself; skip datasets' hashing of the closure (slow)
-    enc = ds.map(encode, batched=True, batch_size=256, num_proc=n_proc, desc=f"tokenize {split}",
-                 new_fingerprint=uuid.uuid4().hex)
-    truncated = sum(column(enc, "truncated"))
-    keep = column(enc, "keep")
-    kept = (enc.select([i for i, k in enumerate(keep) if k]) if not all(keep) else enc).remove_columns(["keep", "truncated"])
-    dropped_overlong = truncated if overlong == "drop" else 0
-    lengths = sorted(column(kept, "num_tokens"))
-    report = {
-        "rows_in": len(ds),
-        "rows": len(kept),
-        "tokens": int(sum(lengths)),
-        "trained_tokens": int(sum(column(kept, "num_trained"))),
-        "truncated_rows": truncated if overlong == "truncate" else 0,
-        "dropped_overlong_rows": dropped_overlong,
-        "dropped_short_or_untrained_rows": len(ds) - len(kept) - dropped_overlong,
-        "length": {"min": lengths[0] if lengths else 0, "median": lengths[len(lengths) // 2] if lengths else 0,
-                   "p95": lengths[int(0.95 * (len(lengths) - 1))] if lengths else 0, "max": lengths[-1] if lengths else 0},
-    }
-    report["trained_fraction"] = report["trained_tokens"] / max(report["tokens"], 1)
-    return kept, report
-
-
 def _template(tok, cfg: RunConfig) -> tuple[str, str]:
     template, template_name = resolve_template(tok, cfg.data.chat_template)
     if template_name != "tokenizer":
@@ -252,7 +224,7 @@ def _streamed(cfg: RunConfig, clock: StageClock, tmp: Path):
         template, template_name = _template(tok, cfg)
         train_tok, train_rep, report, lengths = prepare_streamed(cfg, tok, _texts(eval_, "all") if eval_ else [], tmp)
     with clock("tokenize"):
-        eval_tok, eval_rep = _tokenize(eval_, tok, template, cfg, "eval") if eval_ is not None else (None, None)
+        eval_tok, eval_rep = tokenize_split(eval_, tok, template, cfg.data, "eval") if eval_ is not None else (None, None)
     return train_tok, eval_tok, tok, template, template_name, train_rep, eval_rep, report, lengths
 
 
@@ -268,7 +240,28 @@ def prepare(cfg: RunConfig, run_dir: str | Path, force: bool = False, log=print)
     if fp_file.exists():
         old = json.loads(parts_file.read_text()) if parts_file.exists() else {}
         log(f"data: preparing again, changed since the cached data: {_what_changed(old, parts)}")
+    with _collector_skips_long_lived_objects():
+        _build(cfg, out, fp, parts, log)
+        return load_prepared(run_dir, reused=False)
 
+
+@contextmanager
+def _collector_skips_long_lived_objects():
+    """Python's cyclic garbage collector leaves alone the objects alive when the stage starts (modules, the
+    tokenizer: some 300k) while it runs: each of its full collections would walk them all again (0.6 s of
+    tokenizing 50k rows), and forked worker processes would copy every memory page it touches. A caller's
+    own frozen objects stay frozen."""
+    caller_froze = gc.get_freeze_count() > 0
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if not caller_froze:
+            gc.unfreeze()
+
+
+def _build(cfg: RunConfig, out: Path, fp: str, parts: dict[str, str], log) -> None:
+    """Prepare the data afresh into `out` (written to a sibling directory, then renamed)."""
     clock = StageClock()
     tmp = out.with_name("data.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -279,16 +272,20 @@ def prepare(cfg: RunConfig, run_dir: str | Path, force: bool = False, log=print)
         train, eval_, report = _load_all(cfg, log, clock)
         with clock("tokenize"):
             tok = build_tokenizer(cfg.model, _corpus(train))
+            gc.freeze()  # the tokenizer and what the filters left behind join the skipped objects
             template, template_name = _template(tok, cfg)
-            train_tok, train_rep = _tokenize(train, tok, template, cfg, "train")
-            eval_tok, eval_rep = _tokenize(eval_, tok, template, cfg, "eval") if eval_ is not None else (None, None)
+            train_tok, train_rep = tokenize_split(train, tok, template, cfg.data, "train", source_columns=not cfg.data.packing)
+            eval_tok, eval_rep = tokenize_split(eval_, tok, template, cfg.data, "eval") if eval_ is not None else (None, None)
             lengths = column(train_tok, "num_tokens")
-        if cfg.data.packing:
-            with clock("pack"):
-                train_tok, train_rep["packing"] = pack_dataset(train_tok, cfg.data.max_seq_len)
-    if len(train_tok) == 0:
+    if len(lengths) == 0:
         raise ValueError("data: no training rows left after tokenization (all too long, too short or with nothing to "
                          "train); raise data.max_seq_len or check data.train_on")
+    # drawn by a child process while this one packs and saves
+    histogram_done = start_length_histogram(lengths, cfg.data.max_seq_len, tmp / "lengths.png",
+                                            f"training samples ({len(lengths)})")
+    if cfg.data.packing and not cfg.data.streaming:
+        with clock("pack"):
+            train_tok, train_rep["packing"] = pack_dataset(train_tok, cfg.data.max_seq_len)
 
     with clock("save"):
         train_tok.save_to_disk(str(tmp / "train"))
@@ -296,7 +293,6 @@ def prepare(cfg: RunConfig, run_dir: str | Path, force: bool = False, log=print)
         if eval_tok is not None:
             eval_tok.save_to_disk(str(tmp / "eval"))
         tok.save_pretrained(str(tmp / "tokenizer"))
-        write_length_histogram(lengths, cfg.data.max_seq_len, tmp / "lengths.png", f"training samples ({len(lengths)})")
     report = {
         "fingerprint": fp,
         "chat_template": template_name,
@@ -308,13 +304,13 @@ def prepare(cfg: RunConfig, run_dir: str | Path, force: bool = False, log=print)
         "eval": eval_rep,
         "seconds": clock.seconds,  # wall clock per stage of this preparation
     }
+    histogram_done()
     (tmp / "data_report.json").write_text(json.dumps(report, indent=2))
     (tmp / "fingerprint.json").write_text(json.dumps(parts, indent=2))
     (tmp / "fingerprint").write_text(fp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     log(summary(report))
-    return load_prepared(run_dir, reused=False)
 
 
 def wait_for_prepared(cfg: RunConfig, run_dir: str | Path, timeout_s: float, poll_s: float = 0.5) -> PreparedData:

@@ -65,20 +65,22 @@ def failed_rule(prompt: str, response: str, score: float | None, q: QualityConfi
     return ""
 
 
-def apply_quality_filters(ds: datasets.Dataset, q: QualityConfig, num_proc: int | None = None) -> tuple[datasets.Dataset, dict]:
-    """Drop rows failing any rule. Returns (kept rows, {rule: {removed, examples}})."""
+def failed_rules(messages: list[list[dict]], texts: list[str], scores: list | None, q: QualityConfig) -> list[str]:
+    """`failed_rule` of many rows ('' for the rows that pass)."""
+    scores = scores or [None] * len(texts)
+    return [failed_rule(*prompt_and_response(m, t), s, q) for m, t, s in zip(messages, texts, scores)]
 
-    def judge(batch: dict) -> dict:
-        scores = batch.get("score") or [None] * len(batch["text"])
-        reasons = []
-        for msgs, text, score in zip(batch["messages"], batch["text"], scores):
-            prompt, response = prompt_and_response(msgs, text)
-            reasons.append(failed_rule(prompt, response, score, q))
-        return {"_drop": reasons}
 
-    judged = ds.map(judge, batched=True, batch_size=1000, num_proc=num_proc, desc="quality filters",
-                    new_fingerprint=uuid.uuid4().hex)  # tuneforge caches the stage itself
-    reasons = column(judged, "_drop")
+def apply_quality_filters(ds: datasets.Dataset, q: QualityConfig, num_proc: int | None = None,
+                          reasons: list[str] | None = None) -> tuple[datasets.Dataset, dict]:
+    """Drop rows failing any rule. Returns (kept rows, {rule: {removed, examples}}). `reasons`: the rows'
+    `failed_rules` when already judged (prepare judges them in the same pass that hashes rows for dedup)."""
+    if reasons is None:
+        # only the verdicts are written back; tuneforge caches the stage itself (no fingerprint hashing)
+        judged = ds.map(lambda b: {"_drop": failed_rules(b["messages"], b["text"], b.get("score"), q)}, batched=True,
+                        batch_size=1000, num_proc=num_proc, remove_columns=ds.column_names, desc="quality filters",
+                        new_fingerprint=uuid.uuid4().hex)
+        reasons = column(judged, "_drop")
     report: dict = {}
     for i, reason in enumerate(reasons):
         if not reason:
@@ -89,5 +91,5 @@ def apply_quality_filters(ds: datasets.Dataset, q: QualityConfig, num_proc: int 
             _, response = prompt_and_response(ds[i]["messages"], ds[i]["text"])
             entry["examples"].append({"row": i, "response": response[:120]})
     keep = [i for i, r in enumerate(reasons) if not r]
-    kept = ds.select(keep) if len(keep) < len(ds) else ds
+    kept = ds.select(keep, new_fingerprint=uuid.uuid4().hex) if len(keep) < len(ds) else ds
     return kept, report

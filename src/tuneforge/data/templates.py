@@ -5,17 +5,15 @@ Real chat templates (Llama-3, Qwen2.5, Mistral, Phi-3, ...) have no `{% generati
 finds each assistant turn by rendering the conversation prefix twice: up to the turn with the
 generation prompt (A) and through the turn (B). `B[len(A):]` is the turn's content plus its
 end-of-turn marker (`<|eot_id|>`, `<|im_end|>`, `</s>`, ...). Trailing whitespace after the marker is
-template scaffolding and is not trained. The full conversation is tokenized once with character
+template scaffolding and is not trained. masks.py tokenizes the full conversation once with character
 offsets, and a token is trained when it overlaps a trained character span. When a template emits no
 end-of-turn marker at all, the tokenizer's EOS is appended and trained, so the model learns to stop.
 """
 
 from __future__ import annotations
 
-from itertools import chain
 from pathlib import Path
 
-import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
@@ -74,14 +72,23 @@ def _direct_renderer(tokenizer, template: str):
     tools or documents, the tokenizer's special tokens): the same text for tuneforge's plain string messages,
     without transformers' per-conversation normalisation (60% of rendering time). None if unavailable."""
     try:
+        from jinja2.runtime import new_context
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
         compiled = _compile_jinja_template(template)
-    except Exception:  # a transformers without this helper: the public path only
+    except Exception:  # a transformers or jinja2 without these: the public path only
         return None
-    special = dict(tokenizer.special_tokens_map)
-    return lambda msgs, flag: compiled.render(messages=msgs, tools=None, documents=None, add_generation_prompt=flag,
-                                              **special)
+    # Template.render(**vars) without its per-call merge of the template globals (a ChainMap) into the
+    # variables: the context's variables are built from one pre-merged dict instead (2x faster, same text)
+    env, root, blocks, name, globals_ = (compiled.environment, compiled.root_render_func, compiled.blocks,
+                                         compiled.name, compiled.globals)
+    base = {**dict(globals_), "tools": None, "documents": None, **tokenizer.special_tokens_map}
+
+    def render_direct(msgs: list[dict], flag: bool) -> str:
+        variables = {**base, "messages": msgs, "add_generation_prompt": flag}
+        return env.concat(root(new_context(env, name, blocks, variables, True, globals_)))
+
+    return render_direct
 
 
 def _render_many(tokenizer, template: str, requests: list[tuple[list[dict], bool]]) -> list[str]:
@@ -191,84 +198,10 @@ def _turn_end(tokenizer, through: str, follow: str | None) -> int:
     return a["offset_mapping"][n - 1][1] if n else 0
 
 
-def _labels_many(ids: list[list[int]], offsets: list, spans: list[list[tuple[int, int, bool]]], train_on: str) -> list[list[int]]:
-    """Labels of many tokenized conversations at once: a token is trained when it overlaps a trained
-    character span (numpy over the whole batch)."""
-    if train_on == "all":
-        return [list(x) for x in ids]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    n = int(lengths.sum())
-    flat_ids = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=n)
-    off = np.fromiter(chain.from_iterable(chain.from_iterable(offsets)), dtype=np.int64, count=2 * n).reshape(n, 2)
-    row = np.repeat(np.arange(len(ids)), lengths)
-    trained = np.zeros(n, dtype=bool)
-    for k in range(max(map(len, spans), default=0)):  # the k-th trained span of every row; (0, 0) overlaps nothing
-        start = np.array([s[k][0] if k < len(s) else 0 for s in spans], dtype=np.int64)[row]
-        end = np.array([s[k][1] if k < len(s) else 0 for s in spans], dtype=np.int64)[row]
-        trained |= (off[:, 0] < end) & (off[:, 1] > start)
-    labels = np.where(trained, flat_ids, IGNORE_INDEX).tolist()
-    bounds = [0, *np.cumsum(lengths).tolist()]
-    return [labels[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def _close_turn(tokenizer, ids: list[int], labels: list[int], spans, train_on: str) -> None:
-    """When the template closes assistant turns with nothing, append a trained EOS so stopping is learned."""
-    if not spans or spans[-1][2]:
-        return
-    if tokenizer.eos_token_id is None:
-        raise TemplateError("the chat template emits no end-of-turn marker and the tokenizer has no eos_token")
-    if any(not sp[2] for sp in spans[:-1]):
-        raise TemplateError(
-            "the chat template emits no end-of-turn marker after assistant turns, so the model could not "
-            "learn where a turn ends; use data.chat_template: chatml or alpaca"
-        )
-    end = max(t for t, lab in enumerate(labels) if lab != IGNORE_INDEX) + 1 if train_on != "all" else len(ids)
-    ids.insert(end, tokenizer.eos_token_id)
-    labels.insert(end, tokenizer.eos_token_id)
-
-
-def _encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    """Token ids and character offsets of many texts, no special tokens added. A fast tokenizer is called
-    through its Rust backend directly: the same ids and offsets as `tokenizer(..., return_offsets_mapping=True)`
-    without converting every encoding to a Python dict first (a third of the tokenization time)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return enc["input_ids"], enc["offset_mapping"]
-    encodings = backend.encode_batch(texts, add_special_tokens=False)
-    return [e.ids for e in encodings], [e.offsets for e in encodings]
-
-
-def tokenize_chats(
-    tokenizer: PreTrainedTokenizerBase, template: str, conversations: list[list[dict]], train_on: str
-) -> list[tuple[list[int], list[int]]]:
-    """Token ids and labels of many conversations (batched rendering and tokenization); -100 outside trained turns."""
+def chats_rendered(tokenizer, template: str, conversations: list[list[dict]], train_on: str) -> tuple[list[str], list]:
+    """(rendered texts, trained spans per text) of many conversations: the Python half of tokenizing chats."""
     rendered = assistant_spans_many(tokenizer, template, conversations, train_on)
-    if not rendered:
-        return []
-    all_ids, all_offsets = _encode_with_offsets(tokenizer, [text for text, _ in rendered])
-    spans = [sp for _, sp in rendered]
-    out = []
-    for sp, ids, labels in zip(spans, all_ids, _labels_many(all_ids, all_offsets, spans, train_on)):
-        ids = list(ids)
-        _close_turn(tokenizer, ids, labels, sp, train_on)
-        out.append((ids, labels))
-    return out
-
-
-def tokenize_chat(
-    tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict], train_on: str
-) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one conversation; labels are -100 outside the trained turns."""
-    return tokenize_chats(tokenizer, template, [messages], train_on)[0]
-
-
-def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[int]]:
-    """Raw completion text: every token trained, EOS appended (and trained)."""
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-        ids.append(tokenizer.eos_token_id)
-    return ids, list(ids)
+    return [text for text, _ in rendered], [sp for _, sp in rendered]
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict]) -> list[int]:
@@ -277,13 +210,13 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, template: str, messages: list
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, template: str) -> list[int]:
-    """Token ids that end an assistant turn under this template (EOS first): the stop tokens for generation."""
-    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
-    ids, labels = tokenize_chat(tokenizer, template, probe, "last")
-    trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
-    added = set(tokenizer.get_added_vocab().values())
-    if trained and trained[-1] not in stops and (trained[-1] in tokenizer.all_special_ids or trained[-1] in added):
-        stops.append(trained[-1])
-    return stops
+# the token-level API (ids + labels) lives in masks.py; these names stay importable from here
+_IN_MASKS = {"tokenize_chat", "tokenize_chats", "tokenize_text", "end_of_turn_ids"}
+
+
+def __getattr__(name: str):
+    if name in _IN_MASKS:
+        from tuneforge.data import masks
+
+        return getattr(masks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

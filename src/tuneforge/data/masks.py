@@ -1,0 +1,234 @@
+"""Token ids and labels (-100 wherever no loss is taken) of rendered rows, many at a time, as flat arrays.
+
+templates.py renders a conversation and finds its trained character spans; here the rendered texts are
+tokenized once with character offsets, and a token is trained when it overlaps a trained span. When a
+template emits no end-of-turn marker at all, the tokenizer's EOS is appended and trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from tuneforge.data.templates import IGNORE_INDEX, TemplateError, chats_rendered
+
+
+@dataclass
+class TokenizedRows:
+    """Many tokenized rows as flat arrays: row i holds ids[offsets[i]:offsets[i + 1]] (and the same labels)."""
+
+    ids: np.ndarray  # int64, every row's token ids concatenated
+    labels: np.ndarray  # int64, IGNORE_INDEX where no loss is taken
+    lengths: np.ndarray  # int64, tokens per row
+
+    @property
+    def offsets(self) -> np.ndarray:
+        out = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=out[1:])
+        return out
+
+    def rows(self) -> list[tuple[list[int], list[int]]]:
+        """(ids, labels) per row, as Python lists."""
+        bounds = self.offsets.tolist()
+        ids, labels = self.ids.tolist(), self.labels.tolist()
+        return [(ids[a:b], labels[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    @staticmethod
+    def concat(parts: list[TokenizedRows]) -> TokenizedRows:
+        return TokenizedRows(*(np.concatenate([np.zeros(0, np.int64), *(getattr(p, f) for p in parts)])
+                               for f in ("ids", "labels", "lengths")))
+
+
+def backend_as_called(tokenizer):
+    """The Rust tokenizer behind a fast tokenizer, in the state `tokenizer(text)` encodes with (no truncation or
+    padding preset in tokenizer.json, special tokens as the tokenizer splits them); None for a slow tokenizer.
+    Calling it directly gives `tokenizer(...)`'s ids and offsets without converting every encoding to a dict."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        tokenizer("", add_special_tokens=False)  # transformers sets that state on the backend when called
+    return backend
+
+
+@dataclass
+class Encoded:
+    """Token ids of many texts (no special tokens added), with what their labels are computed from: the Rust
+    encodings (fast tokenizer) or the character offsets (slow tokenizer)."""
+
+    ids: np.ndarray  # int64, flat
+    lengths: np.ndarray  # int64, tokens per text
+    encodings: list | None = None
+    offsets: np.ndarray | None = None  # int64 (tokens, 2): (start, end) character offsets
+
+    def with_offsets(self) -> np.ndarray:
+        if self.offsets is None:
+            n = len(self.ids)
+            self.offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in self.encodings)),
+                                       dtype=np.int64, count=2 * n).reshape(n, 2)
+        return self.offsets
+
+
+def encode_texts(tokenizer, backend, texts: list[str], encodings: list | None = None) -> Encoded:
+    """`Encoded` of texts. `encodings`: `backend.encode_batch(texts, add_special_tokens=False)` when already
+    done (the Rust work releases the GIL, so it can run in another thread beside Python work)."""
+    if backend is not None:
+        if encodings is None:
+            encodings = backend.encode_batch(texts, add_special_tokens=False)
+        ids, offs = [np.array(e.ids, dtype=np.int64) for e in encodings], None
+    else:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        encodings, offs = None, enc["offset_mapping"]
+        ids = [np.array(x, dtype=np.int64) for x in enc["input_ids"]]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    n = int(lengths.sum())
+    out = Encoded(np.concatenate([np.zeros(0, np.int64), *ids]), lengths, encodings)
+    if offs is not None:
+        out.offsets = np.fromiter(chain.from_iterable(chain.from_iterable(offs)), dtype=np.int64, count=2 * n).reshape(n, 2)
+    return out
+
+
+def monotone_offsets(enc: Encoded) -> bool:
+    """Whether, within every text, token start offsets and end offsets both never decrease."""
+    off = enc.with_offsets()
+    same_text = np.ones(max(len(off) - 1, 0), dtype=bool)
+    starts = np.cumsum(enc.lengths)[:-1]  # where each text after the first starts
+    same_text[starts[(starts > 0) & (starts < len(off))] - 1] = False  # steps across texts do not count
+    return bool(np.all(np.diff(off, axis=0)[same_text] >= 0))
+
+
+def _labels(enc: Encoded, spans: list[list[tuple[int, int, bool]]], train_on: str, search: bool = False) -> np.ndarray:
+    """Labels of many tokenized conversations (flat): a token is trained when it overlaps a trained character
+    span. By numpy over every token's offsets; or, with `search` (only for offsets that never decrease, see
+    `monotone_offsets`), by finding each span's first and last trained token with binary searches in Rust."""
+    ids, lengths = enc.ids, enc.lengths
+    if train_on == "all":
+        return ids.copy()
+    if search and enc.encodings is not None:
+        return _labels_by_search(enc, spans)
+    offsets = enc.with_offsets()
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    trained = np.zeros(len(ids), dtype=bool)
+    for k in range(max(map(len, spans), default=0)):  # the k-th trained span of every row; (0, 0) overlaps nothing
+        start = np.array([s[k][0] if k < len(s) else 0 for s in spans], dtype=np.int64)[row]
+        end = np.array([s[k][1] if k < len(s) else 0 for s in spans], dtype=np.int64)[row]
+        trained |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+    return np.where(trained, ids, IGNORE_INDEX)
+
+
+def _labels_by_search(enc: Encoded, spans: list[list[tuple[int, int, bool]]]) -> np.ndarray:
+    """`_labels` when offsets never decrease: the tokens overlapping a span [s, e) (start < e and end > s) are
+    then the run from the first token ending after s up to, not including, the first token starting at or
+    after e. The first is the first token covering character s (`char_to_token`) when one does, the other is
+    bisected; no token's offsets are read but a few."""
+    first = np.concatenate([[0], np.cumsum(enc.lengths)[:-1]]).tolist()
+    edges = np.zeros(len(enc.ids) + 1, dtype=np.int64)  # +1 where a trained run starts, -1 after it ends
+    for enc_row, row_spans, base, n in zip(enc.encodings, spans, first, enc.lengths.tolist()):
+        chars = enc_row.token_to_chars
+        for s, e, _ in row_spans:
+            a = enc_row.char_to_token(s) if s < e else None
+            if a is None:  # no token covers s: bisect for the first token ending after it
+                lo, hi = 0, n
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if chars(mid)[1] > s:
+                        hi = mid
+                    else:
+                        lo = mid + 1
+                a = lo
+            last = enc_row.char_to_token(e - 1) if s < e else None  # a trained token: the run goes past it
+            b = a if last is None or last < a else last + 1
+            for _ in range(4):  # the run usually ends right after `last`
+                if b == n or chars(b)[0] >= e:
+                    break
+                b += 1
+            else:  # bisect for the first token starting at or after e
+                hi = n
+                while b < hi:
+                    mid = (b + hi) // 2
+                    if chars(mid)[0] >= e:
+                        hi = mid
+                    else:
+                        b = mid + 1
+            if b > a:
+                edges[base + a] += 1
+                edges[base + b] -= 1
+    return np.where(np.cumsum(edges[:-1]) > 0, enc.ids, IGNORE_INDEX)
+
+
+def _close_turn(tokenizer, ids: list[int], labels: list[int], spans, train_on: str) -> None:
+    """When the template closes assistant turns with nothing, append a trained EOS so stopping is learned."""
+    if not spans or spans[-1][2]:
+        return
+    if tokenizer.eos_token_id is None:
+        raise TemplateError("the chat template emits no end-of-turn marker and the tokenizer has no eos_token")
+    if any(not sp[2] for sp in spans[:-1]):
+        raise TemplateError(
+            "the chat template emits no end-of-turn marker after assistant turns, so the model could not "
+            "learn where a turn ends; use data.chat_template: chatml or alpaca"
+        )
+    end = max(t for t, lab in enumerate(labels) if lab != IGNORE_INDEX) + 1 if train_on != "all" else len(ids)
+    ids.insert(end, tokenizer.eos_token_id)
+    labels.insert(end, tokenizer.eos_token_id)
+
+
+def chats_tokenized(tokenizer, backend, texts: list[str], spans: list, train_on: str, encoded: Encoded | None = None,
+                    search: bool = False) -> TokenizedRows:
+    """Token ids and labels of rendered conversations (`chats_rendered`); `encoded` is `encode_texts` of the
+    texts when already done (in another thread); `search`: see `_labels`."""
+    enc = encoded or encode_texts(tokenizer, backend, texts)
+    out = TokenizedRows(enc.ids, _labels(enc, spans, train_on, search), enc.lengths)
+    if any(sp and not sp[-1][2] for sp in spans):  # a template without end-of-turn markers: EOS added row by row
+        rows = out.rows()
+        for (row_ids, row_labels), sp in zip(rows, spans):
+            _close_turn(tokenizer, row_ids, row_labels, sp, train_on)
+        out = TokenizedRows(np.fromiter(chain.from_iterable(r for r, _ in rows), dtype=np.int64),
+                            np.fromiter(chain.from_iterable(lab for _, lab in rows), dtype=np.int64),
+                            np.fromiter((len(r) for r, _ in rows), dtype=np.int64, count=len(rows)))
+    return out
+
+
+def tokenize_chats(
+    tokenizer: PreTrainedTokenizerBase, template: str, conversations: list[list[dict]], train_on: str
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels of many conversations (batched rendering and tokenization); -100 outside trained turns."""
+    texts, spans = chats_rendered(tokenizer, template, conversations, train_on)
+    if not texts:
+        return []
+    return chats_tokenized(tokenizer, backend_as_called(tokenizer), texts, spans, train_on).rows()
+
+
+def tokenize_chat(
+    tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict], train_on: str
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one conversation; labels are -100 outside the trained turns."""
+    return tokenize_chats(tokenizer, template, [messages], train_on)[0]
+
+
+def texts_tokenized(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> TokenizedRows:
+    """Raw completion texts: every token trained, EOS appended (and trained) where the text does not end with it."""
+    eos = tokenizer.eos_token_id
+    rows = [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]] if texts else []
+    for ids in rows:
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+    ids = np.fromiter(chain.from_iterable(rows), dtype=np.int64)
+    return TokenizedRows(ids, ids.copy(), np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)))
+
+
+def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[int]]:
+    """Raw completion text: every token trained, EOS appended (and trained)."""
+    return texts_tokenized(tokenizer, [text]).rows()[0]
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, template: str) -> list[int]:
+    """Token ids that end an assistant turn under this template (EOS first): the stop tokens for generation."""
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    ids, labels = tokenize_chat(tokenizer, template, probe, "last")
+    trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    added = set(tokenizer.get_added_vocab().values())
+    if trained and trained[-1] not in stops and (trained[-1] in tokenizer.all_special_ids or trained[-1] in added):
+        stops.append(trained[-1])
+    return stops

@@ -105,7 +105,7 @@ class DataConfig(Section):
     overlong: Literal["truncate", "drop"] = Field(
         "truncate", description="What to do with a row longer than max_seq_len: cut it at the end, or drop it."
     )
-    num_proc: int = Field(1, ge=1, description="Worker processes for tokenization.")
+    num_proc: int = Field(1, ge=1, description="Worker processes for quality filters and dedup hashes (>1), and for tokenization from 4 up (below 4, one process tokenizes with the Rust tokenizer on every core, which measured faster).")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Quality filters.")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")
     decontaminate: DecontamConfig = Field(default_factory=DecontamConfig, description="Removal of training rows that overlap eval data or benchmarks.")

@@ -22,11 +22,11 @@ def kill_in_micro_batch(n: int) -> None:
     calls = {"n": 0}
     real = loop.trained_nll_sum
 
-    def trained_nll_sum(model, batch):
+    def trained_nll_sum(model, batch, **kw):
         calls["n"] += 1
         if calls["n"] == n:
             die()
-        return real(model, batch)
+        return real(model, batch, **kw)
 
     loop.trained_nll_sum = trained_nll_sum
 

@@ -160,3 +160,89 @@ def test_per_sample_sdpa_on_packed_rows_equals_the_block_mask():
     assert got == pytest.approx(ref, rel=1e-10)
     for name in g_ref:
         torch.testing.assert_close(g_got[name], g_ref[name], rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- chunked LM head + cross-entropy
+from tuneforge.train.linear_cross_entropy import chunk_rows, linear_cross_entropy_sum  # noqa: E402
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 1000])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_linear_cross_entropy_equals_the_unfused_loss_and_gradients(rows, bias):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(40, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    t = torch.randint(0, 40, (50,), generator=g)
+    inputs = (h, w) + ((b,) if bias else ())
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), t, reduction="sum")
+    ref_grads = torch.autograd.grad(ref * 0.3, inputs)  # a scale, as the step's 1/trained_tokens
+    got = linear_cross_entropy_sum(h, w, b, t, rows=rows)
+    got_grads = torch.autograd.grad(got * 0.3, inputs)
+    assert got.dtype == torch.float64 and float(got) == pytest.approx(float(ref), rel=1e-13)
+    for r, q in zip(ref_grads, got_grads):
+        torch.testing.assert_close(q, r, rtol=1e-12, atol=1e-13)
+
+
+def test_chunked_linear_cross_entropy_without_gradients_and_with_no_rows():
+    w = torch.randn(10, 4)
+    with torch.no_grad():
+        h, t = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 4, 9])
+        expected = torch.nn.functional.cross_entropy(h @ w.T, t, reduction="sum")
+        assert float(linear_cross_entropy_sum(h, w, None, t, rows=4)) == pytest.approx(float(expected), rel=1e-6)
+    empty = torch.zeros(0, 4, requires_grad=True)
+    loss = linear_cross_entropy_sum(empty, w, None, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert float(loss) == 0.0 and empty.grad.shape == (0, 4)
+    with pytest.raises(ValueError, match="hidden must be"):
+        linear_cross_entropy_sum(torch.zeros(2, 3, 4), w, None, torch.zeros(2, dtype=torch.long))
+
+
+def test_chunk_rows_keep_a_chunk_of_fp32_logits_under_the_mmap_threshold():
+    assert chunk_rows(32000) == 229 and 229 * 32000 * 4 < 32 * 2**20
+    assert chunk_rows(128256) == 128  # never fewer rows than an efficient matmul needs
+    assert chunk_rows(64) == (7 * 2**20) // 64
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_chunked_lm_head_loss_equals_the_full_logit_loss(lora, layout):
+    model = tiny_llama(lora)
+    batch = batches(varied_rows())[layout]
+    full, g_full = grads_of(model, lambda: nll_sum(forward_logits(model, batch), batch["labels"]))
+    seen = []
+    handle = output_layer(model).register_forward_hook(lambda m, a, out: seen.append(out.shape[0]))
+    chunked, g_chunked = grads_of(model, lambda: trained_nll_sum(model, batch, chunked=True))
+    again, _ = grads_of(model, lambda: trained_nll_sum(model, batch, chunked=True))
+    handle.remove()
+    assert seen == [1, 0]  # one row to check the head on the first call, then no full-vocabulary logits at all
+    assert chunked == pytest.approx(full, rel=1e-12) and again == pytest.approx(full, rel=1e-12)
+    assert g_full.keys() == g_chunked.keys()
+    if not lora:
+        assert "lm_head.weight" in g_chunked  # full fine-tuning: the head's own gradient comes from the chunks
+    for name in g_full:
+        torch.testing.assert_close(g_chunked[name], g_full[name], rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_loss_falls_back_to_the_models_own_head_when_the_model_changes_its_logits():
+    model = tiny_llama()
+    batch = batches(varied_rows())["padded"]
+    # a model that soft-caps its logits after the LM head (as Gemma 2 does): a hook stands in for it
+    model.lm_head.register_forward_hook(lambda m, a, out: 5.0 * torch.tanh(out / 5.0))
+    full = float(nll_sum(forward_logits(model, batch), batch["labels"]))
+    assert float(trained_nll_sum(model, batch, chunked=True)) == pytest.approx(full, rel=1e-12)
+    assert float(trained_nll_sum(model, batch, chunked=True)) == pytest.approx(full, rel=1e-12)
+    unchanged = float(linear_cross_entropy_sum(*_head_inputs(model, batch)))
+    assert unchanged != pytest.approx(full, rel=1e-6)  # the check mattered: the plain head gives another loss
+
+
+def _head_inputs(model, batch):
+    kept = []
+    handle = model.lm_head.register_forward_pre_hook(lambda m, a: kept.append(a[0]))
+    with torch.no_grad():
+        forward_logits(model, batch)
+    handle.remove()
+    labels = batch["labels"]
+    mask = labels[:, 1:] != -100
+    hidden = kept[0][:, :-1][mask]
+    return hidden, model.lm_head.weight, model.lm_head.bias, labels[:, 1:][mask]

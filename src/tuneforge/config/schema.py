@@ -146,9 +146,12 @@ class TrainConfig(Section):
     peak_tflops: float | None = Field(
         None, gt=0, description="Device peak TFLOP/s for the MFU estimate; default: a datasheet value for known GPUs, "
         "else a measured matmul peak.")
-    logits: Literal["trained", "full"] = Field(
-        "trained", description="trained = compute the LM head only where loss is taken (less memory and time); "
-        "full = logits at every position (for models whose LM head the selection cannot hook).")
+    logits: Literal["chunked", "trained", "full"] = Field(
+        "chunked", description="chunked = the LM head only where loss is taken, fused with the cross-entropy in row "
+        "chunks that compute the gradient in the same pass (never the full logits; the least memory and time; "
+        "FSDP2 and ZeRO-3 runs and models that post-process their logits use `trained`); trained = the LM head "
+        "only where loss is taken; full = logits at every position (for models whose LM head the selection "
+        "cannot hook).")
     seed: int = Field(42, description="Seed of model init, adapter init, shuffling and dropout.")
     max_bad_steps: int = Field(
         10, ge=0, description="Steps whose loss or gradient is NaN/inf are skipped (no weight update) and counted; "

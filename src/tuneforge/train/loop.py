@@ -24,6 +24,7 @@ from tuneforge.data.formats import column
 from tuneforge.data.prepare import PreparedData
 from tuneforge.model.adapters import apply_adapter, describe, trainable_report
 from tuneforge.model.attention import packed_calls, use_packed_sdpa
+from tuneforge.model.dropout import use_mask_dropout
 from tuneforge.model.load import DTYPES, choose_attention, choose_precision, load_model, load_quantized
 from tuneforge.train.batches import BatchOrder
 from tuneforge.train.checkpoint import (TrainState, check_resume_key, find_latest, flat_config, load_checkpoint,
@@ -92,6 +93,8 @@ class Trainer:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
         torch.manual_seed(cfg.train.seed)
         model = apply_adapter(model, cfg.adapter, cfg.train.gradient_checkpointing)
+        if device == "cpu":  # LoRA dropout masks from 16 random bits per element instead of bernoulli_ (model/dropout.py)
+            use_mask_dropout(model)
         if cfg.train.compile:
             compiled = compile_layers(model)
             self.log(f"torch.compile: {compiled} decoder layers (compiled on first use)")
@@ -158,7 +161,7 @@ class Trainer:
         real_tokens = sum(int(b.pop("num_tokens")) for b in micro)
         attended = sum(int(b.pop("num_attended")) for b in micro)
         local_trained = sum(trained_tokens(b["labels"]) for b in micro)
-        head_positions = local_trained if cfg.logits == "trained" else sum(b["input_ids"].numel() for b in micro)
+        head_positions = local_trained if cfg.logits != "full" else sum(b["input_ids"].numel() for b in micro)
         flops = self.flops.step_flops(real_tokens, local_trained, attended, head_positions)
         # token-normalised over the whole step: every micro-batch and every rank (one all-reduce for the counts)
         counts = [float(local_trained), float(real_tokens), float(flops)]
@@ -171,8 +174,9 @@ class Trainer:
             last = i == len(micro) - 1
             with self.parallel.micro_batch(sync=last):
                 calls = packed_calls()
-                if cfg.logits == "trained":
-                    nll = trained_nll_sum(self.model, batch)
+                if cfg.logits != "full":  # in the model's autocast, so the chunked head computes as the model's would
+                    with acc.autocast():
+                        nll = trained_nll_sum(self.model, batch, chunked=cfg.logits == "chunked" and not self.parallel.sharded)
                 else:
                     nll = nll_sum(forward_logits(self.model, batch), batch["labels"])
                 if not self._checked_per_sample:

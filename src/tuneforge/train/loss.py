@@ -12,10 +12,13 @@ after it (logit scaling, soft-capping) still applies.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
 from tuneforge.data.templates import IGNORE_INDEX
+from tuneforge.train.linear_cross_entropy import linear_cross_entropy_sum
 
 
 def trained_tokens(labels: torch.Tensor) -> int:
@@ -55,30 +58,53 @@ def output_layer(model) -> torch.nn.Module:
     return head
 
 
-def trained_nll_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token NLLs over trained positions, running the LM head only at those positions."""
+def trained_nll_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False) -> torch.Tensor:
+    """Sum of next-token NLLs over trained positions, running the LM head only at those positions.
+
+    chunked: LM head and cross-entropy together, in row chunks (`linear_cross_entropy_sum`), which never
+    holds the (trained positions x vocab) logits. Only for models whose parameters are whole on this rank (not
+    FSDP2 / ZeRO-3 shards). Each call checks one row against the model's own output layer and falls back to the
+    head's own output for a model that changes its logits after the LM head (soft-capping, logit scaling)."""
     labels = batch["labels"]
     targets_mask = labels[:, 1:] != IGNORE_INDEX
     select = torch.zeros_like(labels, dtype=torch.bool)
     select[:, :-1] = targets_mask
     select = select.to(batch["input_ids"].device)
+    head = output_layer(model)
+    chunked = chunked and type(head) is torch.nn.Linear and head not in _POSTPROCESSED  # not LoRA-wrapped, not 4-bit
+    check = chunked and head not in _PLAIN  # first call: one row through the model's head, to compare with ours
+    kept: list[torch.Tensor] = []
 
     def keep_trained(module, args):
         hidden = args[0]
         if hidden.dim() != 3 or hidden.shape[:2] != select.shape:
             raise RuntimeError(f"LM head got hidden states of shape {tuple(hidden.shape)}, expected "
                                f"{tuple(select.shape)} + (hidden,); use train.logits=full for this model")
-        return (hidden[select], *args[1:])
+        kept.append(hidden[select])
+        return (kept[0][:int(check)] if chunked else kept[0], *args[1:])
 
-    handle = output_layer(model).register_forward_pre_hook(keep_trained)
+    handle = head.register_forward_pre_hook(keep_trained)
     try:
-        logits = model(**_model_inputs(batch)).logits  # (trained positions, vocab)
+        logits = model(**_model_inputs(batch)).logits  # (trained positions, vocab), or (<=1, vocab) when chunked
     finally:
         handle.remove()
+    targets = labels[:, 1:][targets_mask].to(logits.device)
+    if chunked:
+        hidden = kept[0]
+        if check and hidden.shape[0]:
+            ours = F.linear(hidden[:1].detach(), head.weight, head.bias)
+            if not torch.equal(logits.detach().float(), ours.float()):
+                _POSTPROCESSED.add(head)  # the model changes the head's output: its own head from now on
+                return trained_nll_sum(model, batch, chunked=False)
+            _PLAIN.add(head)
+        return linear_cross_entropy_sum(hidden, head.weight, head.bias, targets)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    targets = labels[:, 1:][targets_mask].to(logits.device)
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+_PLAIN: weakref.WeakSet = weakref.WeakSet()  # output layers whose output the model returns unchanged
+_POSTPROCESSED: weakref.WeakSet = weakref.WeakSet()  # and those it changes (soft-capping, scaling)
 
 
 def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tuneforge.config.schema import RunConfig
+from tuneforge.train.linear_cross_entropy import chunk_rows
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -213,9 +214,18 @@ def plan_memory(cfg: RunConfig, device: str = "cpu", precision: str | None = Non
     # with checkpointing, backward recomputes one layer at a time on top of that
     recompute = per_layer if cfg.train.gradient_checkpointing else 0.0
     activations = layers * (layer_input if cfg.train.gradient_checkpointing else per_layer) + layer_input
-    positions = rows * seq * trained_fraction if cfg.train.logits == "trained" else rows * seq
-    head_kept = positions * hidden * DTYPE_BYTES[precision] + positions * vocab * 4  # head input; fp32 log-softmax
-    head_transient = 2 * positions * vocab * 4  # the logits beside their log-softmax, then their gradient
+    if adapter == "full":  # the final norm's weight trains: its normalised output is kept for that gradient
+        activations += layer_input
+    positions = rows * seq * trained_fraction if cfg.train.logits != "full" else rows * seq
+    sharded = cfg.dist.strategy == "fsdp2" or (cfg.dist.strategy == "deepspeed" and zero_stage(cfg) == 3)
+    if cfg.train.logits == "chunked" and not sharded:  # the head input's gradient, computed with the loss; one
+        head_kept = positions * hidden * DTYPE_BYTES[precision]  # chunk's logits at a time
+        if adapter == "full":  # and the head weight's gradient (fp32), also computed with the loss
+            head_kept += 4 * vocab * hidden
+        head_transient = 2 * min(positions, chunk_rows(vocab)) * vocab * 4  # fp32 logits, log-softmax
+    else:
+        head_kept = positions * hidden * DTYPE_BYTES[precision] + positions * vocab * 4  # head input; fp32 log-softmax
+        head_transient = 2 * positions * vocab * 4  # the logits beside their log-softmax, then their gradient
     per_row = (activations + recompute + head_kept + head_transient) / rows
 
     parts = {"weights": weights, "gradients": 4 * trainable, f"optimizer ({cfg.train.optimizer})": optim_bytes * trainable,
@@ -307,9 +317,11 @@ def check_fits(plan: MemoryPlan) -> str | None:
 
 
 # ---------------------------------------------------------------------------- measurement, to check the plan
-def measure_step_memory(model, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> dict[str, float]:
+def measure_step_memory(model, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                        chunked: bool = True) -> dict[str, float]:
     """Bytes of a real training step, counted from tensors (any device): weights, gradients, optimizer state,
-    and everything autograd saved for backward (each storage once, parameters excluded)."""
+    and everything autograd saved for backward (each storage once, parameters excluded). chunked: the LM head
+    and loss as train.logits=chunked computes them (the default), else as `trained`."""
     from tuneforge.train.loss import trained_nll_sum
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -322,7 +334,7 @@ def measure_step_memory(model, batch: dict[str, torch.Tensor], optimizer: torch.
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = trained_nll_sum(model, batch)
+        loss = trained_nll_sum(model, batch, chunked=chunked)
     loss.backward()
     optimizer.step()
     state = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()

@@ -1,0 +1,62 @@
+"""LoRA dropout with a cheaper mask on the CPU.
+
+peft applies `nn.Dropout` to the input of every LoRA module (7 per layer for all projections). On the CPU
+`bernoulli_` draws one random number per element; it took 10-13% of a LoRA training step here (1.1 ms for a
+900 x 256 input, as long as the LoRA matmuls it feeds). `MaskDropout` draws 64 random bits per four elements
+and compares each 16-bit quarter with a threshold: the same independent per-element Bernoulli mask, with p
+rounded to a multiple of 1/65536 (0.05 -> 0.0500031) and the kept elements scaled by 1/(1 - that p), from
+the same torch generator (so seeds and resumed RNG states still decide it). Forward and backward multiply
+by one pre-scaled fp32 mask; measured 0.55 ms against 1.4-2.0 ms for `F.dropout` forward + backward.
+
+Only for CPU runs: CUDA's fused dropout kernel is already cheap.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LEVELS = 1 << 16
+
+
+class MaskDropout(torch.nn.Module):
+    """Drop each element with probability round(p * 65536) / 65536 in training; identity in eval."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        dropped = round(p * LEVELS)
+        self.p = dropped / LEVELS
+        self.threshold = dropped - LEVELS // 2  # uniform int16 values >= threshold are kept
+        self.scale = 1.0 / (1.0 - self.p)
+
+    def keep_mask(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """scale where kept, 0 where dropped."""
+        n = shape.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+        bits = words.view(torch.int16)[:n].view(shape)
+        return torch.where(bits >= self.threshold, self.scale, 0.0).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return x * self.keep_mask(x.shape, x.device, x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}"
+
+
+def use_mask_dropout(model: torch.nn.Module) -> int:
+    """Replace peft's LoRA `nn.Dropout`s with MaskDropout of the same p; returns how many were replaced."""
+    replaced = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if not isinstance(drops, torch.nn.ModuleDict):
+            continue
+        for name, drop in list(drops.items()):
+            if type(drop) is torch.nn.Dropout and drop.p > 0:
+                new = MaskDropout(drop.p)
+                new.train(drop.training)
+                drops[name] = new
+                replaced += 1
+    return replaced

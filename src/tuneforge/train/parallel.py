@@ -90,8 +90,13 @@ class Replicated:
         return type(self.model).__name__
 
     def module(self) -> torch.nn.Module:
-        """The model itself (peft or transformers), for evaluation, generation and saving."""
-        return self.acc.unwrap_model(self.model)
+        """The model itself (peft or transformers), for evaluation, generation and saving. (Not accelerate's
+        unwrap_model: with deepspeed installed, it imports deepspeed and with it mlflow, a second at the first
+        checkpoint of every run.)"""
+        model = self.model
+        while isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+            model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model._orig_mod
+        return model
 
     def micro_batch(self, sync: bool):
         """Context for one micro-batch's forward/backward; gradients are communicated only when `sync`."""

@@ -246,3 +246,17 @@ def _head_inputs(model, batch):
     mask = labels[:, 1:] != -100
     hidden = kept[0][:, :-1][mask]
     return hidden, model.lm_head.weight, model.lm_head.bias, labels[:, 1:][mask]
+
+
+def test_chunked_linear_cross_entropy_is_exact_for_targets_far_below_the_top_logit():
+    # target logits 60-120 below the largest: their softmax probability underflows fp32 (or keeps few digits)
+    h = torch.eye(4, 8, dtype=torch.float32, requires_grad=True)
+    w = torch.zeros(6, 8)
+    w[0, :4] = torch.tensor([60.0, 90.0, 120.0, 1.0])
+    t = torch.tensor([1, 1, 1, 0])
+    ref = torch.nn.functional.cross_entropy(h.double() @ w.double().T, t, reduction="none")
+    assert float(ref[2]) > 119  # exp(-120) is below fp32's smallest normal number
+    got = linear_cross_entropy_sum(h, w, None, t)
+    assert float(got) == pytest.approx(float(ref.sum()), rel=1e-6)
+    got.backward()
+    assert torch.isfinite(h.grad).all()

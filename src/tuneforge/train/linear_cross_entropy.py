@@ -3,9 +3,9 @@
 `F.cross_entropy(F.linear(h, W), t)` keeps (rows x vocab) logits, writes the same size again for
 log-softmax, and fills and reads a third such tensor in backward: with a 32k vocabulary and 75% of the
 tokens trained, those passes over memory took as long as the LM head's matmuls on the CPU measured here.
-This computes, for a chunk of rows at a time, the logits, log-softmax, the loss and the gradient
-softmax - onehot, and folds it straight into the gradients of the hidden states (and of the weight and
-bias when they train). No full-size logits exist at any time; backward only scales the stored gradients
+This computes, for a chunk of rows at a time, the logits, their softmax, the loss (-log of the target's
+probability, or logsumexp - logit where that probability is below TINY) and the gradient softmax - onehot,
+and folds it straight into the gradients of the hidden states (and of the weight and bias when they train). No full-size logits exist at any time; backward only scales the stored gradients
 by the incoming one (the loss is a sum, so its gradient is linear in that scalar).
 
 The matmuls run under whatever autocast is active (bf16 on a GPU), and the softmax in fp32, as in the
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 CHUNK_ELEMENTS = 7 * 2**20
 MIN_CHUNK_ROWS = 128
+TINY = 1e-30  # smallest target probability whose log is taken from the softmax itself
 
 
 def chunk_rows(vocab: int) -> int:
@@ -43,13 +44,19 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=exact) if want_b else None
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start:start + rows], targets[start:start + rows, None]
-            logp = torch.log_softmax(F.linear(h, weight, bias).to(exact), dim=-1)
-            picked = logp.gather(1, t)
-            total -= picked.sum()
+            logits = F.linear(h, weight, bias).to(exact)
+            p = torch.softmax(logits, dim=-1)  # one pass fewer than log_softmax + exp
+            p_t = p.gather(1, t)
+            nll = -torch.log(p_t)
+            far = p_t < TINY  # p_t underflowed or lost digits (target logit ~70+ below the top): exactly, from logits
+            if far.any():
+                rows_far = far[:, 0]
+                nll[rows_far] = (torch.logsumexp(logits[rows_far], -1, keepdim=True)
+                                 - logits[rows_far].gather(1, t[rows_far]))
+            total += nll.sum()
             if not (want_h or want_w or want_b):
                 continue
-            p = logp.exp_()  # the softmax, in place of the log-probabilities
-            p.scatter_(1, t, picked.exp_().sub_(1.0))  # softmax - onehot = d(-log p_t) / d logits
+            p.scatter_(1, t, p_t - 1.0)  # softmax - onehot = d(-log p_t) / d logits
             g = p.to(compute)
             if want_h:
                 grad_h[start:start + rows] = g @ weight.to(compute)

@@ -133,6 +133,9 @@ class TrainConfig(Section):
         "16 steps, steps shuffled), so micro-batches carry little padding: ~1.3x faster on Alpaca-like data, but less "
         "varied steps (measured: held-out loss 0.02-0.03 higher after 20 steps). A step holds the same rows however "
         "it is split into micro-batches, accumulation and processes. Ignored with data.packing.")
+    liger_kernels: bool = Field(
+        False, description="Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU (CUDA only; pip install "
+        "'tuneforge[liger]'); the LM head and loss stay train.logits'.")
     compile: bool = Field(
         False, description="torch.compile each decoder layer (dynamic shapes, so new lengths don't recompile). Off "
         "by default: the first steps pay a compile (20-40 s on a CPU) that short runs never earn back.")

@@ -25,6 +25,7 @@ from tuneforge.data.prepare import PreparedData
 from tuneforge.model.adapters import apply_adapter, describe, trainable_report
 from tuneforge.model.attention import packed_calls, use_packed_sdpa
 from tuneforge.model.dropout import use_mask_dropout
+from tuneforge.model.kernels import apply_liger, check_liger
 from tuneforge.model.load import DTYPES, choose_attention, choose_precision, load_model, load_quantized
 from tuneforge.train.batches import BatchOrder
 from tuneforge.train.checkpoint import (TrainState, check_resume_key, find_latest, flat_config, load_checkpoint,
@@ -66,6 +67,8 @@ class Trainer:
         self.parallel.before_load()
 
         # ---- model and adapter
+        if cfg.train.liger_kernels:
+            check_liger(device)  # before any weight is loaded
         attention = choose_attention(cfg.model.attn_implementation, device)
         frozen_low_precision = cfg.adapter.type != "full" and self.precision != "fp32"
         dtype = DTYPES[self.precision] if frozen_low_precision else torch.float32
@@ -91,6 +94,8 @@ class Trainer:
                 model = self._load_4bit(source, device, attention)
             # frozen 4-bit linears; norms and embeddings in fp32; input grads on for checkpointing
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+        if cfg.train.liger_kernels:
+            self.log(apply_liger(model, device))
         torch.manual_seed(cfg.train.seed)
         model = apply_adapter(model, cfg.adapter, cfg.train.gradient_checkpointing)
         if device == "cpu":  # LoRA dropout masks from 16 random bits per element instead of bernoulli_ (model/dropout.py)

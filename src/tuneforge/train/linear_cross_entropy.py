@@ -42,9 +42,11 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros_like(weight, dtype=exact) if want_w else None
         grad_b = torch.zeros_like(bias, dtype=exact) if want_b else None
+        w = weight.to(compute)  # cast once, not per chunk (a no-op without autocast)
+        b = bias.to(compute) if bias is not None else None
         for start in range(0, hidden.shape[0], rows):
-            h, t = hidden[start:start + rows], targets[start:start + rows, None]
-            logits = F.linear(h, weight, bias).to(exact)
+            h, t = hidden[start:start + rows].to(compute), targets[start:start + rows, None]
+            logits = F.linear(h, w, b).to(exact)
             p = torch.softmax(logits, dim=-1)  # one pass fewer than log_softmax + exp
             p_t = p.gather(1, t)
             nll = -torch.log(p_t)
@@ -59,9 +61,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             p.scatter_(1, t, p_t - 1.0)  # softmax - onehot = d(-log p_t) / d logits
             g = p.to(compute)
             if want_h:
-                grad_h[start:start + rows] = g @ weight.to(compute)
+                grad_h[start:start + rows] = g @ w
             if want_w:
-                grad_w += g.t() @ h.to(compute)
+                grad_w += g.t() @ h
             if want_b:
                 grad_b += p.sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)

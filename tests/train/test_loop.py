@@ -27,8 +27,14 @@ def test_micro_batch_times_accumulation_gives_the_same_steps(tiny_config_dict, t
     acc_losses, acc = run(tiny_config_dict, tmp_path, "b", micro_batch_size=2, grad_accum=4)
     assert big_losses == pytest.approx(acc_losses, rel=1e-5)
     assert big_losses[1] < big_losses[0]
+    # after two Adam steps (lr 1e-3): Adam divides by the gradient's own scale, so an element whose gradient is
+    # near zero turns fp32 summation-order rounding into ~4e-6 (the worst element, layers.0 gate_proj, was
+    # 1.8e-6 with the unfused head and 3.7e-6 with the chunked one); the losses above are held to 1e-5
     for name in big:
-        torch.testing.assert_close(acc[name], big[name], rtol=1e-4, atol=2e-6)
+        try:
+            torch.testing.assert_close(acc[name], big[name], rtol=1e-4, atol=6e-6)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
 
 
 def test_precision_is_chosen_per_device():

@@ -6,9 +6,7 @@ order), `train()` runs optimizer steps, `save_final()` writes `<run>/final` in H
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -30,6 +28,7 @@ from tuneforge.model.load import DTYPES, choose_attention, choose_precision, loa
 from tuneforge.train.batches import BatchOrder
 from tuneforge.train.checkpoint import (TrainState, check_resume_key, find_latest, flat_config, load_checkpoint,
                                         load_trainable_state, prune, read_manifest, save_checkpoint, step_dir_name)
+from tuneforge.train.final import write_final
 from tuneforge.train.loss import forward_logits, nll_sum, trained_nll_sum, trained_tokens
 from tuneforge.train.monitor import Monitor
 from tuneforge.train.parallel import build_parallel
@@ -392,31 +391,12 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         # sharded strategies gather every weight onto rank 0 first (a collective: all ranks take part)
         state_dict = self.parallel.full_state_dict()
-        final = self.run_dir / "final"
         if not self.is_main:
-            return final
-        tmp = self.run_dir / "final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = self.parallel.module()
+            return self.run_dir / "final"
         stops = self.data.report.get("stop_token_ids") or [self.data.tokenizer.eos_token_id]
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.eos_token_id = stops
-            gen.pad_token_id = self.data.tokenizer.pad_token_id
-        if state_dict is None:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-        else:  # a gathered state dict names tied weights twice (e.g. lm_head = embed_tokens): keep the first name
-            tied = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
-                    - {n for n, _ in model.named_parameters()})
-            state_dict = {k: v for k, v in state_dict.items() if k not in tied}
-            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
-        self.data.tokenizer.save_pretrained(str(tmp))
-        info = {"tuneforge_version": __version__, "adapter": self.cfg.adapter.type, "stop_token_ids": stops,
-                "steps": self.state.step, "best_step": self.state.best_step, "precision": self.precision, **self.params_report}
-        (tmp / "tuneforge.json").write_text(json.dumps(info, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        return final
+        info = {"tuneforge_version": __version__, "adapter": self.cfg.adapter.type, "steps": self.state.step,
+                "best_step": self.state.best_step, "precision": self.precision, **self.params_report}
+        return write_final(self.run_dir, self.parallel.module(), state_dict, self.data.tokenizer, stops, info)
 
     def cleanup(self) -> None:
         self.monitor.close()

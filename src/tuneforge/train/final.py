@@ -1,0 +1,29 @@
+"""`<run>/final`: the trained model as standard Hugging Face files, written atomically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+
+def write_final(run_dir: Path, model, state_dict: dict | None, tokenizer, stops: list[int], info: dict) -> Path:
+    """Adapter or full weights (safetensors) + tokenizer + tuneforge.json into `run_dir/final`, via final.tmp.
+    `state_dict`: weights gathered from a sharded strategy, or None to save the model's own."""
+    final, tmp = run_dir / "final", run_dir / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.eos_token_id = stops
+        gen.pad_token_id = tokenizer.pad_token_id
+    if state_dict is None:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    else:  # a gathered state dict names tied weights twice (e.g. lm_head = embed_tokens): keep the first name
+        tied = ({n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()})
+        state_dict = {k: v for k, v in state_dict.items() if k not in tied}
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "tuneforge.json").write_text(json.dumps({**info, "stop_token_ids": stops}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final

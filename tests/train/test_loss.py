@@ -74,15 +74,26 @@ def grads_of(model, fn):
     return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["unfused", "chunked"])
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_selecting_trained_positions_before_the_lm_head_equals_the_full_logit_loss(lora, layout):
+def test_selecting_trained_positions_before_the_lm_head_equals_the_full_logit_loss(lora, layout, chunked):
     model = tiny_llama(lora)
     batch = batches(varied_rows())[layout]
     full, g_full = grads_of(model, lambda: nll_sum(forward_logits(model, batch), batch["labels"]))
-    sel, g_sel = grads_of(model, lambda: trained_nll_sum(model, batch))
-    assert sel == pytest.approx(full, rel=1e-12)
+    seen = []
+    handle = output_layer(model).register_forward_hook(lambda m, a, out: seen.append(out.shape[0]))
+    sel, g_sel = grads_of(model, lambda: trained_nll_sum(model, batch, chunked=chunked))
+    again, _ = grads_of(model, lambda: trained_nll_sum(model, batch, chunked=chunked))
+    handle.remove()
+    if chunked:  # one row to check the head on the first call, then no full-vocabulary logits at all
+        assert seen == [1, 0]
+    else:
+        assert seen == [trained_tokens(batch["labels"])] * 2
+    assert sel == pytest.approx(full, rel=1e-12) and again == pytest.approx(full, rel=1e-12)
     assert g_full.keys() == g_sel.keys() and len(g_full) > 0
+    if not lora:
+        assert "lm_head.weight" in g_sel  # full fine-tuning: the head's own gradient (from the chunks when chunked)
     for name in g_full:
         torch.testing.assert_close(g_sel[name], g_full[name], rtol=1e-10, atol=1e-12)
 
@@ -202,26 +213,6 @@ def test_chunk_rows_keep_a_chunk_of_fp32_logits_under_the_mmap_threshold():
     assert chunk_rows(32000) == 229 and 229 * 32000 * 4 < 32 * 2**20
     assert chunk_rows(128256) == 128  # never fewer rows than an efficient matmul needs
     assert chunk_rows(64) == (7 * 2**20) // 64
-
-
-@pytest.mark.parametrize("lora", [False, True])
-@pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_chunked_lm_head_loss_equals_the_full_logit_loss(lora, layout):
-    model = tiny_llama(lora)
-    batch = batches(varied_rows())[layout]
-    full, g_full = grads_of(model, lambda: nll_sum(forward_logits(model, batch), batch["labels"]))
-    seen = []
-    handle = output_layer(model).register_forward_hook(lambda m, a, out: seen.append(out.shape[0]))
-    chunked, g_chunked = grads_of(model, lambda: trained_nll_sum(model, batch, chunked=True))
-    again, _ = grads_of(model, lambda: trained_nll_sum(model, batch, chunked=True))
-    handle.remove()
-    assert seen == [1, 0]  # one row to check the head on the first call, then no full-vocabulary logits at all
-    assert chunked == pytest.approx(full, rel=1e-12) and again == pytest.approx(full, rel=1e-12)
-    assert g_full.keys() == g_chunked.keys()
-    if not lora:
-        assert "lm_head.weight" in g_chunked  # full fine-tuning: the head's own gradient comes from the chunks
-    for name in g_full:
-        torch.testing.assert_close(g_chunked[name], g_full[name], rtol=1e-10, atol=1e-12)
 
 
 def test_chunked_loss_falls_back_to_the_models_own_head_when_the_model_changes_its_logits():

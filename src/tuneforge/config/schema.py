@@ -98,7 +98,8 @@ class AdapterConfig(Section):
     double_quant: bool = Field(True, description="qlora: also quantise the quantisation constants (saves ~0.4 bit/weight).")
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input (on CPU runs drawn 16 bits per element, so p is rounded to a multiple of 1/65536).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input (on CPU runs the mask is "
+                           "drawn from 16 random bits per element, so p is rounded to a multiple of 1/65536).")
     target_modules: str | list[str] = Field(
         "all-linear", description="Modules to adapt: 'all-linear' or a list of module names (q_proj, v_proj, ...)."
     )

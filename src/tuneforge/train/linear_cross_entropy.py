@@ -5,8 +5,9 @@ log-softmax, and fills and reads a third such tensor in backward: with a 32k voc
 tokens trained, those passes over memory took as long as the LM head's matmuls on the CPU measured here.
 This computes, for a chunk of rows at a time, the logits, their softmax, the loss (-log of the target's
 probability, or logsumexp - logit where that probability is below TINY) and the gradient softmax - onehot,
-and folds it straight into the gradients of the hidden states (and of the weight and bias when they train). No full-size logits exist at any time; backward only scales the stored gradients
-by the incoming one (the loss is a sum, so its gradient is linear in that scalar).
+and folds it straight into the gradients of the hidden states (and of the weight and bias when they
+train). No full-size logits exist at any time; backward only scales the stored gradients by the incoming
+one (the loss is a sum, so its gradient is linear in that scalar).
 
 The matmuls run under whatever autocast is active (bf16 on a GPU), and the softmax in fp32, as in the
 unfused path. Rows per chunk keep a chunk's fp32 logits under CHUNK_ELEMENTS (29 MB: glibc serves

@@ -251,3 +251,14 @@ def test_chunked_linear_cross_entropy_is_exact_for_targets_far_below_the_top_log
     assert float(got) == pytest.approx(float(ref.sum()), rel=1e-6)
     got.backward()
     assert torch.isfinite(h.grad).all()
+
+
+def test_rows_holding_several_samples_are_stopped_when_attention_never_split_them():
+    from tuneforge.model.attention import check_samples_kept_apart, samples_share_rows
+
+    assert not samples_share_rows(torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]]))  # one sample per row
+    assert samples_share_rows(torch.tensor([[0, 1, 0, 1, 2]]))
+    check_samples_kept_apart("LlamaForCausalLM", calls=4)  # the per-sample attention ran: fine
+    with pytest.raises(RuntimeError, match="LlamaForCausalLM's attention does not receive position_ids.*"
+                                           "set train.padding_free=false and data.packing=false"):
+        check_samples_kept_apart("LlamaForCausalLM", calls=0)

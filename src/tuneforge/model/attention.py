@@ -84,3 +84,18 @@ def use_packed_sdpa(model) -> bool:
 
 def packed_calls() -> int:
     return _Seen.packed_calls
+
+
+def samples_share_rows(position_ids) -> bool:
+    """Whether some row holds several samples (its position_ids restart inside it)."""
+    return int((position_ids == 0).sum()) > position_ids.shape[0]
+
+
+def check_samples_kept_apart(model_name: str, calls: int) -> None:
+    """After a forward pass over rows holding several samples, with `calls` per-sample attention calls counted
+    in it: none means the model's attention never received the position_ids and the samples attended to each
+    other, so stop the run with what to change."""
+    if calls == 0:
+        raise RuntimeError(
+            f"{model_name}'s attention does not receive position_ids, so samples laid in one row (train.padding_free "
+            "or data.packing) would attend to each other; set train.padding_free=false and data.packing=false")

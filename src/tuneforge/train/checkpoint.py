@@ -149,6 +149,19 @@ def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor
             p.copy_(tensors[n].to(p.device, p.dtype))
 
 
+def load_weights_only(path: Path, model: torch.nn.Module, load_shards=None) -> bool:
+    """The trained weights of checkpoint `path` into `model` (no optimizer, schedule or counters), from its
+    trainable.safetensors or, for sharded strategies, its `sharded/` folder via `load_shards`; False when missing."""
+    sharded = load_shards is not None
+    if not (path / ("sharded" if sharded else "trainable.safetensors")).exists():
+        return False
+    if sharded:
+        load_shards(path / "sharded", True)
+    else:
+        load_trainable_state(model, load_file(str(path / "trainable.safetensors")), path)
+    return True
+
+
 def library_versions() -> dict[str, str]:
     import accelerate
     import peft

@@ -21,13 +21,13 @@ from tuneforge.data.collate import FlatCollator, PackedCollator, PaddedCollator,
 from tuneforge.data.formats import column
 from tuneforge.data.prepare import PreparedData
 from tuneforge.model.adapters import apply_adapter, describe, trainable_report
-from tuneforge.model.attention import packed_calls, use_packed_sdpa
+from tuneforge.model.attention import check_samples_kept_apart, packed_calls, samples_share_rows, use_packed_sdpa
 from tuneforge.model.dropout import use_mask_dropout
 from tuneforge.model.kernels import apply_liger, check_liger
 from tuneforge.model.load import DTYPES, choose_attention, choose_precision, load_model, load_quantized
 from tuneforge.train.batches import BatchOrder
 from tuneforge.train.checkpoint import (TrainState, check_resume_key, find_latest, flat_config, load_checkpoint,
-                                        load_trainable_state, prune, read_manifest, save_checkpoint, step_dir_name)
+                                        load_weights_only, prune, read_manifest, save_checkpoint, step_dir_name)
 from tuneforge.train.final import write_final
 from tuneforge.train.loss import forward_logits, nll_sum, trained_nll_sum, trained_tokens
 from tuneforge.train.monitor import Monitor
@@ -183,8 +183,10 @@ class Trainer:
                         nll = trained_nll_sum(self.model, batch, chunked=cfg.logits == "chunked" and not self.parallel.sharded)
                 else:
                     nll = nll_sum(forward_logits(self.model, batch), batch["labels"])
-                if not self._checked_per_sample:
-                    self._check_per_sample(batch, packed_calls() - calls)
+                if not self._checked_per_sample and samples_share_rows(batch["position_ids"]):
+                    self._checked_per_sample = True  # the first row holding several samples: were they kept apart?
+                    if self.per_sample_sdpa:
+                        check_samples_kept_apart(type(self.parallel.module()).__name__, packed_calls() - calls)
                 # every strategy averages gradients over ranks; multiply back so the result is sum / step_tokens
                 self.parallel.backward(nll * acc.num_processes / max(step_tokens, 1.0), last)
             total_nll += float(nll.detach())
@@ -196,18 +198,6 @@ class Trainer:
         grad_norm, skipped = self.parallel.update(cfg.max_grad_norm, math.isfinite(loss))
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
                 "trained_tokens": int(step_tokens), "tokens": real_tokens, "flops": flops}
-
-    def _check_per_sample(self, batch: dict, calls: int) -> None:
-        """Rows with several samples are only safe when each attention call sees the position_ids (and splits
-        the row by them); a model whose attention does not get them would let samples attend to each other."""
-        if int((batch["position_ids"] == 0).sum()) <= batch["position_ids"].shape[0]:
-            return  # one sample per row: nothing to check yet
-        self._checked_per_sample = True
-        if self.per_sample_sdpa and calls == 0:
-            name = type(self.parallel.module()).__name__
-            raise RuntimeError(
-                f"{name}'s attention does not receive position_ids, so samples laid in one row (train.padding_free "
-                "or data.packing) would attend to each other; set train.padding_free=false and data.packing=false")
 
     # ------------------------------------------------------------------------ the loop
     def train(self, resume_from: str | Path | None = None) -> dict:
@@ -373,16 +363,9 @@ class Trainer:
 
     def _load_best(self) -> None:
         best = self.ckpt_root / step_dir_name(self.state.best_step)
-        sharded = self.parallel.load_shards is not None
-        if not (best / ("sharded" if sharded else "trainable.safetensors")).exists():
+        if not load_weights_only(best, self.parallel.module(), self.parallel.load_shards):
             self.monitor.event(f"warning: best checkpoint {best} is missing; final/ holds the last step")
             return
-        if sharded:
-            self.parallel.load_shards(best / "sharded", True)
-        else:
-            from safetensors.torch import load_file
-
-            load_trainable_state(self.parallel.module(), load_file(str(best / "trainable.safetensors")), best)
         self.monitor.event(f"loaded the best checkpoint {best.name} ({self.cfg.eval.metric}={self.state.best_metric:.4g})")
 
     # ------------------------------------------------------------------------ results

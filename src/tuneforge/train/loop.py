@@ -124,6 +124,8 @@ class Trainer:
             self.data.tokenizer.pad_token_id)
         # rows holding several samples: attention per sample (SDPA on each slice) instead of a block mask
         self.per_sample_sdpa = (flat or packed) and use_packed_sdpa(model)
+        # LM head + loss in row chunks needs the head's weight whole on this rank (not FSDP2 / ZeRO-3 shards)
+        self.chunked_head = cfg.train.logits == "chunked" and not self.parallel.sharded
         self._checked_per_sample = not (flat or packed)
 
         # ---- optimizer and schedule
@@ -180,7 +182,7 @@ class Trainer:
                 calls = packed_calls()
                 if cfg.logits != "full":  # in the model's autocast, so the chunked head computes as the model's would
                     with acc.autocast():
-                        nll = trained_nll_sum(self.model, batch, chunked=cfg.logits == "chunked" and not self.parallel.sharded)
+                        nll = trained_nll_sum(self.model, batch, chunked=self.chunked_head)
                 else:
                     nll = nll_sum(forward_logits(self.model, batch), batch["labels"])
                 if not self._checked_per_sample and samples_share_rows(batch["position_ids"]):

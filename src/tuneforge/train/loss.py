@@ -7,7 +7,9 @@ one with 300. Each micro-batch therefore backpropagates `nll_sum / step_tokens`.
 `trained_nll_sum` computes the LM head only at positions whose next token is trained: prompt and
 padding positions never get full-vocabulary logits (with a 32k-128k vocabulary those logits are most
 of a step's activation memory). It hooks the model's own output layer, so whatever the model does
-after it (logit scaling, soft-capping) still applies.
+after it (logit scaling, soft-capping) still applies. With `chunked`, the head and the cross-entropy run
+together in row chunks (`linear_cross_entropy.py`) once the model's own head output has been seen to equal
+the plain product.
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ def trained_nll_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False
 
     chunked: LM head and cross-entropy together, in row chunks (`linear_cross_entropy_sum`), which never
     holds the (trained positions x vocab) logits. Only for models whose parameters are whole on this rank (not
-    FSDP2 / ZeRO-3 shards). Each call checks one row against the model's own output layer and falls back to the
-    head's own output for a model that changes its logits after the LM head (soft-capping, logit scaling)."""
+    FSDP2 / ZeRO-3 shards). The first call per output layer checks one row against the model's own head output;
+    a model that changes its logits after the LM head (soft-capping, logit scaling) keeps its own head from then on."""
     labels = batch["labels"]
     targets_mask = labels[:, 1:] != IGNORE_INDEX
     select = torch.zeros_like(labels, dtype=torch.bool)

@@ -174,7 +174,7 @@ def test_per_sample_sdpa_on_packed_rows_equals_the_block_mask():
 
 
 # ---------------------------------------------------------------------------- chunked LM head + cross-entropy
-from tuneforge.train.linear_cross_entropy import chunk_rows, linear_cross_entropy_sum  # noqa: E402
+from tuneforge.train.linear_cross_entropy import _WORKSPACE, chunk_rows, linear_cross_entropy_sum  # noqa: E402
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64, 1000])
@@ -209,10 +209,34 @@ def test_chunked_linear_cross_entropy_without_gradients_and_with_no_rows():
         linear_cross_entropy_sum(torch.zeros(2, 3, 4), w, None, torch.zeros(2, dtype=torch.long))
 
 
-def test_chunk_rows_keep_a_chunk_of_fp32_logits_under_the_mmap_threshold():
-    assert chunk_rows(32000) == 229 and 229 * 32000 * 4 < 32 * 2**20
-    assert chunk_rows(128256) == 128  # never fewer rows than an efficient matmul needs
-    assert chunk_rows(64) == (7 * 2**20) // 64
+def test_chunk_rows_fill_the_workspace_and_the_workspace_is_kept_between_calls():
+    assert chunk_rows(32000) == 524 and 524 * 32000 <= 16 * 2**20
+    assert chunk_rows(128256) == 130 and chunk_rows(256000) == 128  # never fewer rows than an efficient matmul needs
+    assert chunk_rows(64) == (16 * 2**20) // 64
+    g = torch.Generator().manual_seed(1)
+    w, t = torch.randn(30, 8, generator=g), torch.randint(0, 30, (20,), generator=g)
+    h = torch.randn(20, 8, generator=g, requires_grad=True)
+    first = linear_cross_entropy_sum(h, w, None, t, rows=8)
+    buf = _WORKSPACE[("cpu", torch.float32)]
+    assert buf.numel() >= 8 * 30
+    second = linear_cross_entropy_sum(h, w, None, t, rows=8)
+    assert _WORKSPACE[("cpu", torch.float32)].data_ptr() == buf.data_ptr()  # the same pages, no new allocation
+    assert float(first) == float(second)
+
+
+def test_chunked_linear_cross_entropy_under_autocast_keeps_the_softmax_in_fp32():
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(12, 16, generator=g, requires_grad=True)
+    w = torch.randn(24, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 24, (12,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w).float(), t, reduction="sum")
+        got = linear_cross_entropy_sum(h, w, None, t, rows=5)
+    assert got.dtype == torch.float32 and float(got) == pytest.approx(float(ref), rel=1e-6)
+    ref_grads, got_grads = torch.autograd.grad(ref, (h, w)), torch.autograd.grad(got, (h, w))
+    for r, q in zip(ref_grads, got_grads):
+        assert q.dtype == torch.float32
+        torch.testing.assert_close(q, r, rtol=2e-2, atol=2e-2)  # bf16 matmuls on both sides
 
 
 def test_chunked_loss_falls_back_to_the_models_own_head_when_the_model_changes_its_logits():

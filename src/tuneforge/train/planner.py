@@ -222,7 +222,9 @@ def plan_memory(cfg: RunConfig, device: str = "cpu", precision: str | None = Non
         head_kept = positions * hidden * DTYPE_BYTES[precision]  # chunk's logits at a time
         if adapter == "full":  # and the head weight's gradient (fp32), also computed with the loss
             head_kept += 4 * vocab * hidden
-        head_transient = 2 * min(positions, chunk_rows(vocab)) * vocab * 4  # a chunk's fp32 logits and softmax
+        # a chunk's fp32 logits, and their softmax beside them (on a CPU in fp32: in place, in one kept workspace)
+        buffers = 1 if device == "cpu" and precision == "fp32" else 2
+        head_transient = buffers * min(positions, chunk_rows(vocab)) * vocab * 4
     else:
         head_kept = positions * hidden * DTYPE_BYTES[precision] + positions * vocab * 4  # head input; fp32 log-softmax
         head_transient = 2 * positions * vocab * 4  # the logits beside their log-softmax, then their gradient

@@ -65,3 +65,20 @@ def test_layout_names_what_fixes_each_step():
     a, b = BatchOrder(64, 8, 3), BatchOrder(64, 2, 3, grad_accum=4)
     for step in range(20):
         assert sorted(a.micro_batch(step)) == sorted(i for k in range(4 * step, 4 * step + 4) for i in b.micro_batch(k))
+
+
+def test_join_micro_batches_fills_passes_up_to_the_positions_budget():
+    from tuneforge.train.batches import join_micro_batches
+
+    def mb(*lengths):
+        return [{"input_ids": [0] * n} for n in lengths]
+
+    micro = [mb(3, 5), mb(2), mb(6, 1), mb(9)]  # 8, 2, 7, 9 positions laid end to end
+    flat = join_micro_batches(micro, 10, flat=True)
+    assert [[len(r["input_ids"]) for r in p] for p in flat] == [[3, 5, 2], [6, 1], [9]]
+    # padded: rows x the longest row; [3, 5] alone is 10, with [2] 15
+    padded = join_micro_batches(micro, 10, flat=False)
+    assert [[len(r["input_ids"]) for r in p] for p in padded] == [[3, 5], [2], [6, 1], [9]]
+    assert join_micro_batches(micro, 4, flat=True) == micro  # each over budget on its own: one pass each
+    assert join_micro_batches(micro, 100, flat=True) == [[r for m in micro for r in m]]
+    assert join_micro_batches([], 10, flat=True) == []

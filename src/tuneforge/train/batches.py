@@ -88,3 +88,21 @@ class BatchOrder:
         if len(idx) == 0:  # last, short global batch: a rank with nothing left re-reads the epoch's first rows
             idx = order[: min(self.micro_batch_size, self.num_rows)]
         return idx.tolist()
+
+
+def join_micro_batches(micro: list[list[dict]], max_positions: int, flat: bool) -> list[list[dict]]:
+    """Consecutive micro-batches of one optimizer step joined into passes of at most `max_positions` positions
+    (flat: the rows' lengths summed, as FlatCollator lays them end to end; else rows x the longest row, as
+    padded); a micro-batch larger than that on its own stays one pass. The step holds the same rows and its
+    loss is normalised over all of them, so the gradient is the same however they are split into passes."""
+    def positions(rows: list[dict]) -> int:
+        lengths = [len(r["input_ids"]) for r in rows]
+        return sum(lengths) if flat else len(lengths) * max(lengths, default=0)
+
+    passes: list[list[dict]] = []
+    for rows in micro:
+        if passes and positions(passes[-1] + rows) <= max_positions:
+            passes[-1] = passes[-1] + rows
+        else:
+            passes.append(list(rows))
+    return passes

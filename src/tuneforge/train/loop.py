@@ -25,7 +25,7 @@ from tuneforge.model.attention import check_samples_kept_apart, packed_calls, sa
 from tuneforge.model.dropout import use_mask_dropout
 from tuneforge.model.kernels import apply_liger, check_liger
 from tuneforge.model.load import DTYPES, choose_attention, choose_precision, load_model, load_quantized
-from tuneforge.train.batches import BatchOrder
+from tuneforge.train.batches import BatchOrder, join_micro_batches
 from tuneforge.train.checkpoint import (TrainState, check_resume_key, find_latest, flat_config, load_checkpoint,
                                         load_weights_only, prune, read_manifest, save_checkpoint, step_dir_name)
 from tuneforge.train.final import write_final
@@ -127,6 +127,15 @@ class Trainer:
         # LM head + loss in row chunks needs the head's weight whole on this rank (not FSDP2 / ZeRO-3 shards)
         self.chunked_head = cfg.train.logits == "chunked" and not self.parallel.sharded
         self._checked_per_sample = not (flat or packed)
+        # a step's micro-batches joined into larger passes (one process, not DeepSpeed: see train.pass_tokens)
+        self.pass_positions = None
+        if cfg.train.pass_tokens is not None and cfg.train.grad_accum > 1:
+            if self.accelerator.num_processes == 1 and self.parallel.name != "deepspeed":
+                self.pass_positions = (cfg.train.micro_batch_size * cfg.data.max_seq_len
+                                       if cfg.train.pass_tokens == "auto" else cfg.train.pass_tokens)
+            elif cfg.train.pass_tokens != "auto":
+                self.log(f"train.pass_tokens={cfg.train.pass_tokens} ignored: with {self.accelerator.num_processes} "
+                         f"processes ({self.parallel.name}) every rank runs each micro-batch as its own pass")
 
         # ---- optimizer and schedule
         self.model, self.optimizer, self.scheduler = self.parallel.wrap(
@@ -159,11 +168,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------ one optimizer step
     def _step(self, step: int) -> dict:
-        """Forward/backward over grad_accum micro-batches, then one optimizer update. A step whose loss or
-        gradient is not finite updates nothing (its gradients are dropped) and returns skipped=True."""
+        """Forward/backward over grad_accum micro-batches (joined into fewer passes up to train.pass_tokens), then
+        one optimizer update. A step whose loss or gradient is not finite updates nothing (its gradients are
+        dropped) and returns skipped=True."""
         acc, cfg = self.accelerator, self.cfg.train
         first = (step - 1) * cfg.grad_accum
-        micro = [self.collate(rows_at(self.data.train, self.order.micro_batch(first + i))) for i in range(cfg.grad_accum)]
+        micro = [rows_at(self.data.train, self.order.micro_batch(first + i)) for i in range(cfg.grad_accum)]
+        if self.pass_positions:
+            micro = join_micro_batches(micro, self.pass_positions, flat=self.cfg.train.padding_free)
+        micro = [self.collate(rows) for rows in micro]
         real_tokens = sum(int(b.pop("num_tokens")) for b in micro)
         attended = sum(int(b.pop("num_attended")) for b in micro)
         local_trained = sum(trained_tokens(b["labels"]) for b in micro)

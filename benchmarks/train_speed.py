@@ -21,7 +21,14 @@ through the model, MFU (FLOPs the model needs for the real tokens, LM head at tr
 divided by time and by this machine's measured fp32 matmul peak) and the held-out loss on response
 tokens after the same samples (the same evaluation code for every pipeline).
 
-  python benchmarks/train_speed.py [--samples 64] [--heldout 32] [--only seed,tuneforge] [--seed 0]
+  python benchmarks/train_speed.py [--samples 64] [--heldout 32] [--only seed,tuneforge] [--seed 0] [--repeat 1]
+                                  [--same-order]
+
+--repeat runs every pipeline that many times, round robin, and the table shows each one's fastest run: CPU
+timings here drift by +-10% between processes and over minutes, and the fastest run is the least disturbed.
+The fp32 matmul peak behind MFU is the best of several measurements taken before and after the runs.
+--same-order gives the seed recipe and TRL the rows in tuneforge's order (HF's sequential sampler over the
+reordered rows), so their held-out losses compare without data-order noise.
 
 --seed is the training seed of every pipeline (data order, LoRA init, dropout): the held-out losses of
 the pipelines differ by about as much as one pipeline's across seeds, so compare them over a few seeds.
@@ -47,6 +54,7 @@ SYSTEM = "Below is an instruction that describes a task. Write a response that a
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_LEN = 512
 SEED = 0  # training seed of every pipeline (--seed)
+SAME_ORDER = False  # --same-order
 PIPELINES = ["seed", "trl-pad", "trl-pack", "tuneforge", "tuneforge-pack", "tuneforge-padded"]
 
 
@@ -131,7 +139,15 @@ def hf_args(cls, out: Path, **kw):
     return cls(output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=4, num_train_epochs=1,
                learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0, max_grad_norm=1.0,
                logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False, seed=SEED,
-               dataloader_num_workers=0, disable_tqdm=True, **kw)
+               dataloader_num_workers=0, disable_tqdm=True,
+               train_sampling_strategy="sequential" if SAME_ORDER else "random", **kw)
+
+
+def tuneforge_order(rows: list[dict]) -> list[dict]:
+    """The rows in the order tuneforge trains them (4 x 4 per step, this seed, one epoch), for --same-order."""
+    from tuneforge.train.batches import BatchOrder
+
+    return [rows[i] for i in BatchOrder(len(rows), 4, SEED, grad_accum=4).epoch_order(0).tolist()]
 
 
 # ---------------------------------------------------------------------------- pipelines (one per process)
@@ -218,7 +234,10 @@ def worker(name: str, model_dir: Path, samples: int, heldout: int, out: Path) ->
     import torch
 
     torch.set_num_threads(2)
+    torch.manual_seed(SEED)  # the LoRA init: peft draws it before the HF Trainer seeds anything itself
     train, held = split_rows(samples, heldout)
+    if SAME_ORDER and not name.startswith("tuneforge"):
+        train = tuneforge_order(train)  # with a sequential sampler (hf_args)
     if name == "seed":
         r = run_seed(model_dir, train, out)
     elif name.startswith("trl"):
@@ -240,12 +259,15 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=",".join(PIPELINES))
+    ap.add_argument("--repeat", type=int, default=1, help="runs per pipeline (round robin); the table shows the fastest")
+    ap.add_argument("--same-order", action="store_true",
+                    help="the HF pipelines train the rows in tuneforge's order (no data-order noise between them)")
     ap.add_argument("--worker")
     ap.add_argument("--model-dir")
     ap.add_argument("--out")
     a = ap.parse_args()
-    global SEED
-    SEED = a.seed
+    global SEED, SAME_ORDER
+    SEED, SAME_ORDER = a.seed, a.same_order
     if a.worker:
         r = worker(a.worker, Path(a.model_dir), a.samples, a.heldout, Path(a.out))
         print("RESULT " + json.dumps(r))
@@ -258,25 +280,39 @@ def main() -> None:
     from tuneforge.train.throughput import measure_matmul_tflops
 
     torch.set_num_threads(2)
-    peak = measure_matmul_tflops("cpu", torch.float32)
-    results = {}
+
+    def best_peak() -> float:  # the best of several short measurements: a peak measured low would inflate MFU
+        return max(measure_matmul_tflops("cpu", torch.float32, size, 0.3) for size in (512, 1024, 1024, 1536))
+
+    peaks = [best_peak()]
+    results, times = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "init"
         make_model(model_dir)
-        for name in a.only.split(","):
-            env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-            proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model-dir", str(model_dir),
-                                   "--out", str(Path(tmp) / name), "--samples", str(a.samples), "--heldout",
-                                   str(a.heldout), "--seed", str(a.seed)], capture_output=True, text=True, env=env)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                print(f"{name} failed:\n{proc.stderr[-3000:]}")
-                continue
-            results[name] = json.loads(line[len("RESULT "):])
-            print(f"{name}: {results[name]['train_s']:.1f}s", flush=True)
+        for rep in range(a.repeat):  # round robin, so a slow spell of the machine hits every pipeline alike
+            for name in a.only.split(","):
+                env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+                proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model-dir", str(model_dir),
+                                       "--out", str(Path(tmp) / f"{name}-{rep}"), "--samples", str(a.samples),
+                                       "--heldout", str(a.heldout), "--seed", str(a.seed)]
+                                      + (["--same-order"] if a.same_order else []), capture_output=True, text=True,
+                                      env=env)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if proc.returncode != 0 or line is None:
+                    print(f"{name} failed:\n{proc.stderr[-3000:]}")
+                    continue
+                r = json.loads(line[len("RESULT "):])
+                times.setdefault(name, []).append(r["train_s"])
+                if name not in results or r["train_s"] < results[name]["train_s"]:
+                    results[name] = r  # the fastest run (the held-out loss is the same in every run)
+                print(f"{name}: {r['train_s']:.1f}s, held-out loss {r['heldout_loss']:.4f}", flush=True)
+    peaks.append(best_peak())
+    peak = max(peaks)
 
     base = results.get("seed")
-    print(f"\n{a.samples} samples, seed {a.seed}, fp32 on {torch.get_num_threads()} threads; measured fp32 matmul peak {peak * 1e3:.1f} GFLOP/s")
+    print(f"\n{a.samples} samples, seed {a.seed}, fp32 on {torch.get_num_threads()} threads; measured fp32 matmul peak "
+          f"{peak * 1e3:.1f} GFLOP/s (before {peaks[0] * 1e3:.1f}, after {peaks[1] * 1e3:.1f}); train s: the fastest of "
+          f"{a.repeat} run(s)" + ("; every pipeline trains the rows in tuneforge's order" if a.same_order else ""))
     head = f"{'pipeline':<16}{'train s':>9}{'prep s':>8}{'samples/s':>11}{'real tok/s':>12}{'vs seed':>9}{'MFU':>7}{'peak RSS':>10}{'held-out loss':>15}"
     print(head)
     for name, r in results.items():
@@ -284,6 +320,9 @@ def main() -> None:
         print(f"{name:<16}{r['train_s']:>9.1f}{r['prep_s']:>8.1f}{r['samples'] / r['train_s']:>11.2f}"
               f"{r['real_tokens'] / r['train_s']:>12.0f}{ratio:>9}{r['flops'] / r['train_s'] / (peak * 1e12):>7.1%}"
               f"{r['peak_rss_gb']:>9.2f}G{r['heldout_loss']:>15.4f}")
+    if a.repeat > 1:
+        for name, ts in times.items():
+            print(f"  {name}: train s of each run " + ", ".join(f"{t:.1f}" for t in ts))
     tf = results.get("tuneforge")
     trl = [results[k] for k in ("trl-pad", "trl-pack") if k in results]
     if tf and trl:

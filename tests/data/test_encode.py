@@ -55,7 +55,9 @@ def test_first_trained_tokens_are_the_emoji_bytes_and_end_of_turn():
     for ids, labels in rows:
         trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
         assert tok.convert_ids_to_tokens(trained) == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>", "▁hi", "</s>"]
-        assert len(ids) == 53 and labels[-3:] == [tok.eos_token_id, IGNORE_INDEX, IGNORE_INDEX]  # "\n\n" untrained
+        # the BOS id, then "▁Below" as tokenizer(prompt) gives it (not "Bel", "ow"); nothing after the final EOS
+        assert tok.convert_ids_to_tokens(ids[:2]) == ["<s>", "▁Below"] and labels[:2] == [IGNORE_INDEX] * 2
+        assert len(ids) == 50 and labels[-1] == tok.eos_token_id
 
 
 def test_bisected_labels_equal_the_offsets_rule_on_many_turns():
@@ -142,19 +144,19 @@ def test_split_truncates_or_drops_and_counts_trained_tokens():
     ds = datasets.Dataset.from_list([{"messages": m, "text": "", "score": None, "source_id": 0} for m in rows])
     template = BUILTIN_TEMPLATES["alpaca"]
     full = [tokenize_chat(tok, template, m, "assistant") for m in rows]
-    assert [len(ids) for ids, _ in full] == [44, 123, 42]
-    d = data_config(overlong="truncate", quality={"min_tokens": 43})
+    assert [len(ids) for ids, _ in full] == [41, 120, 39]
+    d = data_config(overlong="truncate", quality={"min_tokens": 40})
     kept, report = encode.tokenize_split(ds, tok, template, d, "train")
     assert kept.column_names == ["messages", "text", "score", "source_id", "input_ids", "labels", "num_tokens", "num_trained"]
-    assert kept["num_tokens"] == [44, 64] and kept["num_trained"] == [3, 25]  # "▁Yes", ".", "</s>"; position 0 never
+    assert kept["num_tokens"] == [41, 64] and kept["num_trained"] == [3, 26]  # "▁Yes", ".", "</s>"; position 0 never
     assert kept["input_ids"][1] == full[1][0][:64] and kept["labels"][1] == full[1][1][:64]
     assert kept["messages"] == rows[:2]
     assert (report["rows"], report["truncated_rows"], report["dropped_short_or_untrained_rows"]) == (2, 1, 1)
-    assert report["tokens"] == 108 and report["trained_tokens"] == 28 and report["length"]["max"] == 64
+    assert report["tokens"] == 105 and report["trained_tokens"] == 29 and report["length"]["max"] == 64
     dropped, report = encode.tokenize_split(ds, tok, template, data_config(overlong="drop"), "train",
                                             source_columns=False)
     assert dropped.column_names == ["input_ids", "labels", "num_tokens", "num_trained"]
-    assert dropped["num_tokens"] == [44, 42] and dropped["num_trained"] == [3, 1]  # an empty answer still trains EOS
+    assert dropped["num_tokens"] == [41, 39] and dropped["num_trained"] == [3, 1]  # an empty answer still trains EOS
     assert (report["dropped_overlong_rows"], report["truncated_rows"]) == (1, 0)
     assert dropped.features["input_ids"].feature.dtype == "int32" and dropped.features["labels"].feature.dtype == "int64"
 
@@ -184,3 +186,29 @@ def test_truncation_or_padding_preset_on_the_rust_tokenizer_is_not_applied():
     ids, labels = tokenize_chat(tok, template, msgs, "assistant")
     assert ids == full and len(ids) == 56 and tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == \
         "Once upon a time a river ran to the sea and back again.<|im_end|>"
+
+
+@pytest.mark.parametrize("name,split", [("llama2", True), ("mistral-7b-v0.1", True), ("llama3", False),
+                                        ("qwen2.5", False), ("gpt2", False), ("phi-3-mini", False)])
+def test_chats_tokenize_as_the_tokenizer_does_the_rendered_text(name, split):
+    # a template that writes BOS as text: SentencePiece-style tokenizers would drop the first word's prefix space
+    from tuneforge.data.masks import leading_bos
+    from tuneforge.data.templates import prompt_ids, render
+
+    tok = tokenizer(name)
+    template = BUILTIN_TEMPLATES["alpaca"]
+    assert (leading_bos(tok) is not None) == split
+    msgs = chat("Name a colour.", "Blue.")
+    text = render(tok, template, msgs, False)
+    chunks = [([msgs, msgs], ["", ""])] * 2  # the second chunk's labels come from bisection
+    rows = encode.tokenize_rows(tok, template, chunks, "assistant").rows()
+    ids, labels = rows[-1]
+    if split:
+        assert text.startswith(tok.bos_token) and ids == tok(text[len(tok.bos_token):])["input_ids"]
+    else:
+        assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert all(r == rows[0] for r in rows) and tokenize_chat(tok, template, msgs, "assistant") == rows[0]
+    trained = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+    assert trained.replace(" ", "") == "Blue." + (tok.eos_token or "")
+    prompt = prompt_ids(tok, template, msgs[:1])  # generation sees the prompt as training did
+    assert ids[:len(prompt)] == prompt

@@ -30,7 +30,8 @@ import pyarrow.compute as pc
 
 from tuneforge.config.schema import DataConfig
 from tuneforge.data.masks import (
-    TokenizedRows, backend_as_called, chats_tokenized, encode_texts, monotone_offsets, texts_tokenized,
+    TokenizedRows, backend_as_called, chats_tokenized, encode_texts, leading_bos, monotone_offsets, split_leading_bos,
+    texts_tokenized, with_bos,
 )
 from tuneforge.data.templates import IGNORE_INDEX, chats_rendered
 
@@ -56,19 +57,21 @@ def tokenize_chunks(tokenizer, template: str, chunks: Iterable[tuple[list[list[d
     trained tokens by bisection instead (`masks._labels_by_search`): the same labels, without reading
     every token's offsets."""
     backend = backend_as_called(tokenizer)
+    bos = leading_bos(tokenizer)  # see masks.py: BOS written as text is split off and put back as its id
     parts: list = []
     pending: deque = deque()
     search: bool | None = None  # decided on the first chunk with chats
 
     def finish() -> None:
         nonlocal search
-        chat_idx, plain_idx, texts, rendered, spans, future = pending.popleft()
+        chat_idx, plain_idx, texts, rendered, spans, bos_rows, future = pending.popleft()
         chats = None
         if chat_idx:
             encoded = encode_texts(tokenizer, backend, rendered, future.result() if future else None)
             if search is None and train_on != "all":
                 search = encoded.encodings is not None and monotone_offsets(encoded)
-            chats = chats_tokenized(tokenizer, backend, rendered, spans, train_on, encoded, search=bool(search))
+            chats = with_bos(chats_tokenized(tokenizer, backend, rendered, spans, train_on, encoded, search=bool(search)),
+                             bos_rows, tokenizer.bos_token_id)
         plain = texts_tokenized(tokenizer, [texts[k] for k in plain_idx]) if plain_idx else None
         part = chats if plain is None else plain if chats is None else _merge(chats, chat_idx, plain)
         parts.append(shape(part) if shape else part)
@@ -78,9 +81,10 @@ def tokenize_chunks(tokenizer, template: str, chunks: Iterable[tuple[list[list[d
             chat_idx = [k for k, m in enumerate(messages) if m]
             plain_idx = [k for k, m in enumerate(messages) if not m]
             rendered, spans = chats_rendered(tokenizer, template, [messages[k] for k in chat_idx], train_on)
+            rendered, spans, bos_rows = split_leading_bos(rendered, spans, bos)
             # the background thread only runs Rust (GIL released): back to back, while this thread does the Python
             future = pool.submit(backend.encode_batch, rendered, add_special_tokens=False) if chat_idx and backend else None
-            pending.append((chat_idx, plain_idx, texts, rendered, spans, future))
+            pending.append((chat_idx, plain_idx, texts, rendered, spans, bos_rows, future))
             if len(pending) > 1:  # the previous chunk's labels while this one is tokenized
                 finish()
         while pending:

@@ -3,6 +3,13 @@
 templates.py renders a conversation and finds its trained character spans; here the rendered texts are
 tokenized once with character offsets, and a token is trained when it overlaps a trained span. When a
 template emits no end-of-turn marker at all, the tokenizer's EOS is appended and trained.
+
+A template that writes the BOS token as text (`{{ bos_token }}...`, as Alpaca's and Mistral's do) would, with
+a SentencePiece-style tokenizer (Llama-2, Mistral), tokenize `<s>Below is` as ['<s>', 'Bel', 'ow', '▁is']:
+after a special token the first word loses its prefix space, so the model trains on a prompt no one
+sends it (`tokenizer(prompt)` gives ['<s>', '▁Below', '▁is']). `leading_bos` detects such tokenizers; the
+BOS text is then split off before tokenizing and its id put back in front (`split_leading_bos`, `with_bos`),
+which gives exactly `tokenizer(text)`'s ids. Other tokenizers (Llama-3, Qwen, GPT-2) are left as they are.
 """
 
 from __future__ import annotations
@@ -40,6 +47,40 @@ class TokenizedRows:
     def concat(parts: list[TokenizedRows]) -> TokenizedRows:
         return TokenizedRows(*(np.concatenate([np.zeros(0, np.int64), *(getattr(p, f) for p in parts)])
                                for f in ("ids", "labels", "lengths")))
+
+
+def leading_bos(tokenizer) -> str | None:
+    """The BOS text to split off the front of rendered chats before tokenizing, or None: only for tokenizers
+    that add BOS themselves and tokenize the text after an inline BOS differently from `tokenizer(text)`."""
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    if not bos or bos_id is None:
+        return None
+    probe = "Below is an instruction."
+    own = list(tokenizer(probe)["input_ids"])
+    if not own or own[0] != bos_id:
+        return None  # the tokenizer adds no BOS: a template that writes one decides the form
+    inline = list(tokenizer(bos + probe, add_special_tokens=False)["input_ids"])
+    return bos if inline != own[: len(inline)] else None
+
+
+def split_leading_bos(texts: list[str], spans: list, bos: str | None) -> tuple[list[str], list, np.ndarray]:
+    """(texts without a leading `bos`, trained character spans shifted to match, which texts had it)."""
+    which = np.array([bos is not None and t.startswith(bos) for t in texts], dtype=bool)
+    if not which.any():
+        return texts, spans, which
+    n = len(bos)
+    texts = [t[n:] if w else t for t, w in zip(texts, which)]
+    spans = [[(max(a - n, 0), max(b - n, 0), end) for a, b, end in sp] if w else sp for sp, w in zip(spans, which)]
+    return texts, spans, which
+
+
+def with_bos(rows: TokenizedRows, which: np.ndarray, bos_id: int) -> TokenizedRows:
+    """`rows` with `bos_id` (untrained) put back in front of the rows `which` marks."""
+    if not which.any():
+        return rows
+    starts = rows.offsets[:-1][which]
+    return TokenizedRows(np.insert(rows.ids, starts, bos_id), np.insert(rows.labels, starts, IGNORE_INDEX),
+                         rows.lengths + which.astype(np.int64))
 
 
 def backend_as_called(tokenizer):
@@ -196,7 +237,9 @@ def tokenize_chats(
     texts, spans = chats_rendered(tokenizer, template, conversations, train_on)
     if not texts:
         return []
-    return chats_tokenized(tokenizer, backend_as_called(tokenizer), texts, spans, train_on).rows()
+    texts, spans, bos_rows = split_leading_bos(texts, spans, leading_bos(tokenizer))
+    rows = chats_tokenized(tokenizer, backend_as_called(tokenizer), texts, spans, train_on)
+    return with_bos(rows, bos_rows, tokenizer.bos_token_id).rows()
 
 
 def tokenize_chat(

@@ -37,6 +37,10 @@ from tuneforge.data.quality import apply_quality_filters, failed_rules
 from tuneforge.data.templates import resolve_template
 from tuneforge.data.tokenizer import build_tokenizer
 
+# bumped whenever the same inputs give other prepared rows (2: BOS written by a template split off before
+# tokenizing, see data/masks.py; no newlines after Alpaca's last EOS), so older caches are rebuilt
+DATA_FORMAT = 2
+
 
 @dataclass
 class PreparedData:
@@ -80,6 +84,7 @@ def fingerprint_parts(cfg: RunConfig) -> dict[str, str]:
                               cfg.model.init.tokenizer_vocab_size if cfg.model.init and not cfg.model.tokenizer else None,
                               *([Path(tok_source)] if tok_source and Path(tok_source).exists() else [])]),
         "tuneforge version": __version__,
+        "prepared-data format": str(DATA_FORMAT),
     }
     if cfg.data.chat_template not in ("auto", "alpaca", "chatml") and Path(cfg.data.chat_template).exists():
         parts["chat template file"] = _digest([Path(cfg.data.chat_template)])

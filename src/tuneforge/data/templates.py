@@ -27,7 +27,8 @@ BUILTIN_TEMPLATES = {
         "{% else %}" + ALPACA_SYSTEM + "\n\n{% endif %}"
         "{% for m in messages %}"
         "{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
-        "{% elif m['role'] == 'assistant' %}### Response:\n{{ m['content'] }}{{ eos_token }}\n\n"
+        "{% elif m['role'] == 'assistant' %}### Response:\n{{ m['content'] }}{{ eos_token }}"
+        "{% if not loop.last %}\n\n{% endif %}"
         "{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}### Response:\n{% endif %}"
     ),
@@ -206,7 +207,12 @@ def chats_rendered(tokenizer, template: str, conversations: list[list[dict]], tr
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict]) -> list[int]:
     """Token ids of a conversation followed by the assistant generation prompt (for generation)."""
+    from tuneforge.data.masks import leading_bos  # the same tokens as training (masks.py imports this module)
+
     text = render(tokenizer, template, messages, True)
+    bos = leading_bos(tokenizer)
+    if bos is not None and text.startswith(bos):
+        return [tokenizer.bos_token_id, *tokenizer(text[len(bos):], add_special_tokens=False)["input_ids"]]
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -56,8 +56,8 @@ def tokenize_chunks(tokenizer, template: str, chunks: Iterable[tuple[list[list[d
     a text (as for Hugging Face fast tokenizers, whose offsets follow the text), the later chunks find their
     trained tokens by bisection instead (`masks._labels_by_search`): the same labels, without reading
     every token's offsets."""
-    backend = backend_as_called(tokenizer)
     bos = leading_bos(tokenizer)  # see masks.py: BOS written as text is split off and put back as its id
+    backend = backend_as_called(tokenizer)  # (after any tokenizer call: it leaves the backend as calls set it)
     parts: list = []
     pending: deque = deque()
     search: bool | None = None  # decided on the first chunk with chats

@@ -82,3 +82,21 @@ def test_join_micro_batches_fills_passes_up_to_the_positions_budget():
     assert join_micro_batches(micro, 4, flat=True) == micro  # each over budget on its own: one pass each
     assert join_micro_batches(micro, 100, flat=True) == [[r for m in micro for r in m]]
     assert join_micro_batches([], 10, flat=True) == []
+
+
+def test_pass_budget_joins_only_in_one_process_without_deepspeed():
+    from tuneforge.config.schema import RunConfig
+    from tuneforge.train.batches import pass_budget
+
+    def cfg(**train):
+        return RunConfig.model_validate({"model": {"name_or_path": "x"}, "data": {"train": [{"path": "d.json"}],
+                                         "max_seq_len": 512}, "train": {"micro_batch_size": 4, "grad_accum": 4, **train}})
+
+    assert pass_budget(cfg(), 1, "ddp") == (2048, None)  # auto: micro_batch_size x max_seq_len
+    assert pass_budget(cfg(pass_tokens=3000), 1, "fsdp2") == (3000, None)
+    assert pass_budget(cfg(pass_tokens=None), 1, "ddp") == (None, None)
+    assert pass_budget(cfg(grad_accum=1), 1, "ddp") == (None, None)
+    assert pass_budget(cfg(), 2, "ddp") == (None, None) and pass_budget(cfg(), 1, "deepspeed") == (None, None)
+    budget, note = pass_budget(cfg(pass_tokens=3000), 2, "ddp")
+    assert budget is None and note == ("train.pass_tokens=3000 ignored: with 2 process(es) (ddp) every rank runs "
+                                       "each micro-batch as its own pass")

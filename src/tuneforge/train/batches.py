@@ -106,3 +106,18 @@ def join_micro_batches(micro: list[list[dict]], max_positions: int, flat: bool) 
         else:
             passes.append(list(rows))
     return passes
+
+
+def pass_budget(cfg, processes: int, strategy: str) -> tuple[int | None, str | None]:
+    """(positions per pass for `join_micro_batches`, or None to run each micro-batch alone; a note for the log
+    when a set train.pass_tokens cannot apply). Only one process without DeepSpeed joins: other strategies need
+    the same number of passes on every rank, and DeepSpeed's engine counts micro-steps."""
+    tokens = cfg.train.pass_tokens
+    if tokens is None or cfg.train.grad_accum == 1:
+        return None, None
+    if processes == 1 and strategy != "deepspeed":
+        return (cfg.train.micro_batch_size * cfg.data.max_seq_len if tokens == "auto" else tokens), None
+    if tokens == "auto":
+        return None, None
+    return None, (f"train.pass_tokens={tokens} ignored: with {processes} process(es) ({strategy}) every rank runs "
+                  "each micro-batch as its own pass")

@@ -25,7 +25,7 @@ from tuneforge.model.attention import check_samples_kept_apart, packed_calls, sa
 from tuneforge.model.dropout import use_mask_dropout
 from tuneforge.model.kernels import apply_liger, check_liger
 from tuneforge.model.load import DTYPES, choose_attention, choose_precision, load_model, load_quantized
-from tuneforge.train.batches import BatchOrder, join_micro_batches
+from tuneforge.train.batches import BatchOrder, join_micro_batches, pass_budget
 from tuneforge.train.checkpoint import (TrainState, check_resume_key, find_latest, flat_config, load_checkpoint,
                                         load_weights_only, prune, read_manifest, save_checkpoint, step_dir_name)
 from tuneforge.train.final import write_final
@@ -128,14 +128,9 @@ class Trainer:
         self.chunked_head = cfg.train.logits == "chunked" and not self.parallel.sharded
         self._checked_per_sample = not (flat or packed)
         # a step's micro-batches joined into larger passes (one process, not DeepSpeed: see train.pass_tokens)
-        self.pass_positions = None
-        if cfg.train.pass_tokens is not None and cfg.train.grad_accum > 1:
-            if self.accelerator.num_processes == 1 and self.parallel.name != "deepspeed":
-                self.pass_positions = (cfg.train.micro_batch_size * cfg.data.max_seq_len
-                                       if cfg.train.pass_tokens == "auto" else cfg.train.pass_tokens)
-            elif cfg.train.pass_tokens != "auto":
-                self.log(f"train.pass_tokens={cfg.train.pass_tokens} ignored: with {self.accelerator.num_processes} "
-                         f"processes ({self.parallel.name}) every rank runs each micro-batch as its own pass")
+        self.pass_positions, note = pass_budget(cfg, self.accelerator.num_processes, self.parallel.name)
+        if note:
+            self.log(note)
 
         # ---- optimizer and schedule
         self.model, self.optimizer, self.scheduler = self.parallel.wrap(

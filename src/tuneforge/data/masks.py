@@ -74,6 +74,13 @@ def split_leading_bos(texts: list[str], spans: list, bos: str | None) -> tuple[l
     return texts, spans, which
 
 
+def rendered_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of one rendered text, with the same BOS split as training (for generation prompts)."""
+    texts, _, which = split_leading_bos([text], [[]], leading_bos(tokenizer))
+    ids = list(tokenizer(texts[0], add_special_tokens=False)["input_ids"])
+    return [tokenizer.bos_token_id, *ids] if which[0] else ids
+
+
 def with_bos(rows: TokenizedRows, which: np.ndarray, bos_id: int) -> TokenizedRows:
     """`rows` with `bos_id` (untrained) put back in front of the rows `which` marks."""
     if not which.any():

@@ -207,13 +207,9 @@ def chats_rendered(tokenizer, template: str, conversations: list[list[dict]], tr
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict]) -> list[int]:
     """Token ids of a conversation followed by the assistant generation prompt (for generation)."""
-    from tuneforge.data.masks import leading_bos  # the same tokens as training (masks.py imports this module)
+    from tuneforge.data.masks import rendered_ids  # the same tokens as training (masks.py imports this module)
 
-    text = render(tokenizer, template, messages, True)
-    bos = leading_bos(tokenizer)
-    if bos is not None and text.startswith(bos):
-        return [tokenizer.bos_token_id, *tokenizer(text[len(bos):], add_special_tokens=False)["input_ids"]]
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return rendered_ids(tokenizer, render(tokenizer, template, messages, True))
 
 
 # the token-level API (ids + labels) lives in masks.py; these names stay importable from here

@@ -111,8 +111,9 @@ def load_pretrained(source: str, dtype: torch.dtype, attention: str = "sdpa", re
 
 def load_quantized(source: str, compute_dtype: torch.dtype, device: str, quant_type: str = "nf4",
                    double_quant: bool = True, attention: str = "sdpa", revision: str | None = None,
-                   trust_remote_code: bool = False) -> PreTrainedModel:
-    """The frozen base of a QLoRA run: linear weights in 4 bits (bitsandbytes), computed in `compute_dtype`."""
+                   trust_remote_code: bool = False, vocab_size: int | None = None) -> PreTrainedModel:
+    """The frozen base of a QLoRA run: linear weights in 4 bits (bitsandbytes), computed in `compute_dtype`;
+    embeddings resized up to `vocab_size` (a tokenizer with added tokens) when given."""
     from transformers import BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
@@ -129,6 +130,8 @@ def load_quantized(source: str, compute_dtype: torch.dtype, device: str, quant_t
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+    if vocab_size is not None and vocab_size > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocab_size)
     return model
 
 

@@ -154,12 +154,9 @@ class Trainer:
         return self
 
     def _load_4bit(self, source: str, device: str, attention: str):
-        cfg = self.cfg
-        model = load_quantized(source, DTYPES[self.precision], device, cfg.adapter.quant_type, cfg.adapter.double_quant,
-                               attention, cfg.model.revision, cfg.model.trust_remote_code)
-        if len(self.data.tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(self.data.tokenizer))
-        return model
+        a, m = self.cfg.adapter, self.cfg.model
+        return load_quantized(source, DTYPES[self.precision], device, a.quant_type, a.double_quant, attention,
+                              m.revision, m.trust_remote_code, vocab_size=len(self.data.tokenizer))
 
     # ------------------------------------------------------------------------ one optimizer step
     def _step(self, step: int) -> dict:

@@ -29,6 +29,7 @@ from tuneforge.train.batches import BatchOrder, join_micro_batches, pass_budget
 from tuneforge.train.checkpoint import (TrainState, check_resume_key, find_latest, flat_config, load_checkpoint,
                                         load_weights_only, prune, read_manifest, save_checkpoint, step_dir_name)
 from tuneforge.train.final import write_final
+from tuneforge.train.host_memory import keep_freed_memory
 from tuneforge.train.loss import forward_logits, nll_sum, trained_nll_sum, trained_tokens
 from tuneforge.train.monitor import Monitor
 from tuneforge.train.parallel import build_parallel
@@ -60,6 +61,7 @@ class Trainer:
         self.device = device
         if device == "cpu":
             torch.set_num_threads(cfg.train.threads or default_threads(self.accelerator.num_processes))
+            self.log(keep_freed_memory())  # activations reused without page faults (train/host_memory.py)
         self.is_main = self.accelerator.is_main_process
         # how the model is spread over the processes (dist.strategy): DDP, FSDP2 or DeepSpeed ZeRO
         self.parallel = build_parallel(self.accelerator, cfg, self.precision, device)

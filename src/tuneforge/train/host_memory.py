@@ -1,0 +1,38 @@
+"""Keep freed host memory in the process on CPU runs, so a tensor allocated again does not page-fault.
+
+glibc's malloc serves blocks above its mmap threshold with fresh `mmap` pages and hands them back on free;
+the threshold adapts to the sizes freed so far, but activations whose sizes change with every batch keep
+defeating it. Every fresh 4 KiB page then costs a kernel page fault plus zeroing, about 1.1 us here: a
+64 MiB buffer takes 21 ms to allocate and fill fresh against 2.3 ms reused. A LoRA step on the benchmark
+model took 15,000-60,000 such faults (17-70 ms, up to 6% of the step).
+
+`keep_freed_memory()` sets the thresholds once (`mallopt`): blocks up to 32 MiB come from the heap, and
+freed memory stays in the process (the heap top is trimmed only when over 2 GiB is free). Peak RSS does not grow (the high-water mark is
+the same; it is just reused), measured 1.23 GB against 1.25-1.31 GB. Linux with glibc only; a user's own
+MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ environment settings are left as they are.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+M_TRIM_THRESHOLD = -1  # glibc malloc.h
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit
+TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes a C int: trim only a free heap top over 2 GiB
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def keep_freed_memory() -> str:
+    """Apply the thresholds; returns what was done, for the log."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "host malloc left as is (not glibc)"
+    if any(name in os.environ for name in USER_SETTINGS):
+        return "host malloc thresholds from the environment"
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    if not (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+        return "host malloc left as is (mallopt refused the thresholds)"
+    return "host malloc keeps freed memory (blocks up to 32 MiB from the heap, trimmed over 2 GiB free)"

@@ -173,6 +173,32 @@ def test_per_sample_sdpa_on_packed_rows_equals_the_block_mask():
         torch.testing.assert_close(g_got[name], g_ref[name], rtol=1e-9, atol=1e-12)
 
 
+def test_cpu_flash_per_sample_function_equals_autograd_sdpa_on_each_slice():
+    from tuneforge.model.attention import PackedFlashCPU
+
+    g = torch.Generator().manual_seed(3)
+    bounds = [[(0, 5), (5, 17), (17, 20)], [(0, 20)]]  # two rows: three samples, then one
+    # (batch, seq, heads, dim) storage seen as (batch, heads, seq, dim), as the Llama attention hands it over
+    q, k, v = (torch.randn(2, 20, h, 8, generator=g, dtype=torch.float64).requires_grad_() for h in (4, 2, 2))
+    out = PackedFlashCPU.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bounds, None)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = [out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out)]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    rows = [torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        qt[b:b + 1, :, s:e], kt[b:b + 1, :, s:e], vt[b:b + 1, :, s:e], is_causal=True, enable_gqa=True)
+        for s, e in row], dim=2) for b, row in enumerate(bounds)]
+    ref_out = torch.cat(rows).transpose(1, 2)
+    ref = [ref_out.detach(), *torch.autograd.grad(ref_out, (q, k, v), grad_out)]
+    assert out.shape == (2, 20, 4, 8) and out.is_contiguous()
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+    # a sample sees nothing of the one before it: changing sample 1's keys leaves sample 2's output as it was
+    k2 = k.detach().clone()
+    k2[0, :5] += 1.0
+    again = PackedFlashCPU.apply(q.transpose(1, 2), k2.transpose(1, 2), v.transpose(1, 2), bounds, None)
+    assert torch.equal(again[0, 5:], out[0, 5:].detach()) and not torch.equal(again[0, :5], out[0, :5].detach())
+
+
 # ---------------------------------------------------------------------------- chunked LM head + cross-entropy
 from tuneforge.train.linear_cross_entropy import _WORKSPACE, chunk_rows, linear_cross_entropy_sum  # noqa: E402
 

@@ -21,6 +21,7 @@ from tuneforge.data.collate import FlatCollator, PackedCollator, PaddedCollator,
 from tuneforge.data.formats import column
 from tuneforge.data.prepare import PreparedData
 from tuneforge.model.adapters import apply_adapter, describe, trainable_report
+from tuneforge.model.addmm_lora import use_addmm_lora
 from tuneforge.model.attention import check_samples_kept_apart, packed_calls, samples_share_rows, use_packed_sdpa
 from tuneforge.model.dropout import use_mask_dropout
 from tuneforge.model.kernels import apply_liger, check_liger
@@ -101,6 +102,8 @@ class Trainer:
         model = apply_adapter(model, cfg.adapter, cfg.train.gradient_checkpointing)
         if device == "cpu":  # LoRA dropout masks from 16 random bits per element instead of bernoulli_ (model/dropout.py)
             use_mask_dropout(model)
+        if not self.parallel.sharded:  # adapter products added inside the GEMM (model/addmm_lora.py)
+            use_addmm_lora(model)
         if cfg.train.compile:
             compiled = compile_layers(model)
             self.log(f"torch.compile: {compiled} decoder layers (compiled on first use)")

@@ -58,3 +58,14 @@ def test_use_mask_dropout_replaces_every_lora_dropout():
     assert all(not d.training for m in model.modules() for d in getattr(m, "lora_dropout", {}).values())
     none = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear"))
     assert use_mask_dropout(none) == 0  # peft uses Identity without dropout
+
+
+def test_mask_is_exactly_the_threshold_comparison_of_the_drawn_bits():
+    drop = MaskDropout(0.05)
+    torch.manual_seed(11)
+    mask = drop.keep_mask(torch.Size([37, 29]), torch.device("cpu"), torch.float32)
+    torch.manual_seed(11)
+    words = torch.empty((37 * 29 + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+    bits = words.view(torch.int16)[:37 * 29].view(37, 29)
+    assert torch.equal(mask, torch.where(bits >= drop.threshold, drop.scale, 0.0))
+    assert torch.equal(torch.unique(mask), torch.tensor([0.0, drop.scale], dtype=torch.float32))

@@ -6,8 +6,8 @@ the position_ids; an explicit mask keeps SDPA off its fused causal kernels (on a
 as long as the fused kernel over the same samples, and it grows with the square of the whole row).
 flash-attention's varlen path does it on CUDA when installed; everywhere else, `tuneforge_sdpa` runs
 SDPA with `is_causal=True` on each sample's slice of the row (the same numbers, see
-tests/model/test_attention.py; on a CPU its flash kernel directly, `PackedFlashCPU`) and falls back to plain SDPA for ordinary padded batches (evaluation,
-generation), so one model serves both.
+tests/train/test_loss.py; on a CPU it calls the flash kernel directly, `PackedFlashCPU`) and falls back to
+plain SDPA for ordinary padded batches (evaluation, generation), so one model serves both.
 
 Registered under the name `tuneforge_sdpa` in transformers' attention and mask interfaces; the loop
 switches a model to it with `use_packed_sdpa(model)` when it trains on packed or padding-free batches.

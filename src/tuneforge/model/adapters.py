@@ -5,10 +5,14 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from tuneforge.config.schema import AdapterConfig
+from tuneforge.model.dropout import use_mask_dropout
 
 
-def apply_adapter(model: PreTrainedModel, cfg: AdapterConfig, gradient_checkpointing: bool = False):
-    """Return the model ready to train: a peft model for lora/dora, or the model itself for full."""
+def apply_adapter(model: PreTrainedModel, cfg: AdapterConfig, gradient_checkpointing: bool = False,
+                  mask_dropout: bool = False, addmm: bool = False):
+    """Return the model ready to train: a peft model for lora/dora, or the model itself for full.
+    mask_dropout: LoRA dropout masks from 16 random bits per element instead of bernoulli_ (model/dropout.py,
+    for CPUs); addmm: plain LoRA products added inside the GEMM (model/addmm_lora.py, not on sharded models)."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -31,7 +35,14 @@ def apply_adapter(model: PreTrainedModel, cfg: AdapterConfig, gradient_checkpoin
     )
     if gradient_checkpointing:
         model.enable_input_require_grads()
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if mask_dropout:
+        use_mask_dropout(model)
+    if addmm:
+        from tuneforge.model.addmm_lora import use_addmm_lora
+
+        use_addmm_lora(model)
+    return model
 
 
 def trainable_report(model) -> dict:

@@ -21,9 +21,7 @@ from tuneforge.data.collate import FlatCollator, PackedCollator, PaddedCollator,
 from tuneforge.data.formats import column
 from tuneforge.data.prepare import PreparedData
 from tuneforge.model.adapters import apply_adapter, describe, trainable_report
-from tuneforge.model.addmm_lora import use_addmm_lora
 from tuneforge.model.attention import check_samples_kept_apart, packed_calls, samples_share_rows, use_packed_sdpa
-from tuneforge.model.dropout import use_mask_dropout
 from tuneforge.model.kernels import apply_liger, check_liger
 from tuneforge.model.load import DTYPES, choose_attention, choose_precision, load_model, load_quantized
 from tuneforge.train.batches import BatchOrder, join_micro_batches, pass_budget
@@ -99,11 +97,8 @@ class Trainer:
         if cfg.train.liger_kernels:
             self.log(apply_liger(model, device))
         torch.manual_seed(cfg.train.seed)
-        model = apply_adapter(model, cfg.adapter, cfg.train.gradient_checkpointing)
-        if device == "cpu":  # LoRA dropout masks from 16 random bits per element instead of bernoulli_ (model/dropout.py)
-            use_mask_dropout(model)
-        if not self.parallel.sharded:  # adapter products added inside the GEMM (model/addmm_lora.py)
-            use_addmm_lora(model)
+        model = apply_adapter(model, cfg.adapter, cfg.train.gradient_checkpointing, mask_dropout=device == "cpu",
+                              addmm=not self.parallel.sharded)
         if cfg.train.compile:
             compiled = compile_layers(model)
             self.log(f"torch.compile: {compiled} decoder layers (compiled on first use)")

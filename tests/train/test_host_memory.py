@@ -15,14 +15,14 @@ glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0
 # 12 rounds of 6 tensors of 1-31 MiB (seeded sizes, like activations whose length changes every batch)
 ROUNDS = """
 import ctypes, json, random, resource, sys, torch
-from tuneforge.train.host_memory import keep_freed_memory
+from tuneforge.train.host_memory import M_MMAP_THRESHOLD, keep_freed_memory
 torch.set_num_threads(1)
 if sys.argv[1] == "keep":
     done = keep_freed_memory()
 else:  # glibc's starting point, held fixed: blocks over 128 KiB from mmap, freed ones returned
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    done = str(libc.mallopt(-3, 128 << 10))
+    done = str(libc.mallopt(M_MMAP_THRESHOLD, 128 << 10))
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 rng, per_round = random.Random(0), []
 for _ in range(12):

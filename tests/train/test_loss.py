@@ -173,6 +173,65 @@ def test_per_sample_sdpa_on_packed_rows_equals_the_block_mask():
         torch.testing.assert_close(g_got[name], g_ref[name], rtol=1e-9, atol=1e-12)
 
 
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most elements of any tensor an operation creates."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_padding_free_rows_build_no_row_by_row_mask():
+    rows = varied_rows(60, seed=11)
+    ds = datasets.Dataset.from_list(rows)
+    flat = FlatCollator(0)(rows_at(ds, list(range(len(ds)))))
+    length = flat["input_ids"].shape[1]
+    assert length > 1000
+    model = tiny_llama()
+    use_packed_sdpa(model)
+    with _LargestTensor() as plain:  # called as is, transformers builds its block-diagonal (row x row) mask ...
+        model(input_ids=flat["input_ids"], position_ids=flat["position_ids"], use_cache=False)
+    assert plain.largest >= length * length
+    with _LargestTensor() as ours:  # ... which the per-sample attention never reads: the loss leaves it out
+        loss = trained_nll_sum(model, flat)
+    assert ours.largest <= 64 * length  # nothing wider than the MLP and the logits (64 here)
+    with torch.no_grad():
+        padded = trained_nll_sum(model, PaddedCollator(0)(rows_at(ds, list(range(len(ds))))))
+    assert float(loss) == pytest.approx(float(padded), rel=1e-10)
+
+
+def test_per_sample_attention_keeps_a_sliding_window_within_each_sample():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=64, sliding_window=6)
+    model = MistralForCausalLM(cfg).double().eval()
+    model.config._attn_implementation = "sdpa"
+    rows = varied_rows(5, seed=4)
+    assert max(len(r["input_ids"]) for r in rows) > 6 > min(len(r["input_ids"]) for r in rows)
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([r["input_ids"]]), use_cache=False).logits[0] for r in rows]
+        ds = datasets.Dataset.from_list(rows)
+        flat = FlatCollator(0)(rows_at(ds, list(range(len(ds)))))
+        use_packed_sdpa(model)
+        for dropout_path in (False, True):  # the CPU flash Function, and SDPA per slice with a window mask
+            model.train(dropout_path)  # attention_dropout is 0: training mode only sends it down the generic path
+            for layer in model.model.layers:
+                layer.self_attn.attention_dropout = 0.0
+            got = forward_logits(model, flat)[0]
+            start = 0
+            for r, ref in zip(rows, alone):
+                n = len(r["input_ids"])
+                torch.testing.assert_close(got[start:start + n], ref, rtol=1e-10, atol=1e-11)
+                start += n
+
+
 def test_cpu_flash_per_sample_function_equals_autograd_sdpa_on_each_slice():
     from tuneforge.model.attention import PackedFlashCPU
 

@@ -15,6 +15,8 @@ switches a model to it with `use_packed_sdpa(model)` when it trains on packed or
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -28,6 +30,21 @@ class _Seen:
     """How many attention calls split a row by its position_ids (the loop checks the model passes them)."""
 
     packed_calls = 0
+    rows_by_position = False  # inside rows_by_position(): samples delimited by position_ids, no attention_mask
+
+
+@contextlib.contextmanager
+def rows_by_position():
+    """Within: the model's rows hold samples that their position_ids delimit (padding-free or packed batches, no
+    attention_mask). The per-sample attention splits them itself, so transformers' (row x row) block mask, which it
+    would build on every forward and never use, is not built: quadratic in the row (1 GiB of bools for a
+    32k-token pass) and ~1% of a step on the training benchmark."""
+    before = _Seen.rows_by_position
+    _Seen.rows_by_position = True
+    try:
+        yield
+    finally:
+        _Seen.rows_by_position = before
 
 
 def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -44,23 +61,36 @@ def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
 
 def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                         position_ids: torch.Tensor | None = None, **kwargs):
-    """(batch, heads, seq, dim) in -> (batch, seq, heads, dim) out, as transformers' sdpa_attention_forward."""
-    if position_ids is None or query.shape[2] != position_ids.shape[-1] or query.shape[2] == 1:
+    """(batch, heads, seq, dim) in -> (batch, seq, heads, dim) out, as transformers' sdpa_attention_forward.
+    A layer with a sliding window (kwargs["sliding_window"]) keeps it within each sample."""
+    length = query.shape[2]
+    if position_ids is None or length != position_ids.shape[-1] or length == 1 or key.shape[2] != length:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     bounds = segments(position_ids.expand(query.shape[0], -1))
-    if all(len(b) == 1 for b in bounds):  # one sample per row: nothing to split
+    window = kwargs.get("sliding_window")
+    windowed = bool(window) and max(e - s for row in bounds for s, e in row) > window  # some sample outgrows it
+    if all(len(b) == 1 for b in bounds) and (attention_mask is not None or not windowed):
+        # one sample per row: SDPA with the mask, or causal where rows_by_position() left the mask out
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     _Seen.packed_calls += 1
-    if query.device.type == "cpu" and dropout == 0.0:
+    if query.device.type == "cpu" and dropout == 0.0 and not windowed:
         return PackedFlashCPU.apply(query, key, value, bounds, scaling), None
     gqa = key.shape[1] != query.shape[1]
     rows = []
     for b, row in enumerate(bounds):
-        parts = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                                dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-                 for s, e in row]
+        parts = []
+        for s, e in row:
+            q, k, v = query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e]
+            if windowed and e - s > window:  # causal within the window (transformers' sliding_window_overlay)
+                i = torch.arange(e - s, device=query.device)
+                near = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+                parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=near, dropout_p=dropout, scale=scaling,
+                                                            enable_gqa=gqa))
+            else:
+                parts.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                                            enable_gqa=gqa))
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
@@ -105,7 +135,9 @@ class PackedFlashCPU(torch.autograd.Function):
 
 
 def packed_mask(*args, **kwargs):
-    """The SDPA mask, except for packed rows: the attention above derives the samples from position_ids."""
+    """The SDPA mask, except inside rows_by_position(): the attention above derives the samples from position_ids."""
+    if _Seen.rows_by_position and kwargs.get("attention_mask") is None:
+        return None
     return sdpa_mask(*args, **kwargs)
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.data.templates import IGNORE_INDEX
+from tuneforge.model.attention import rows_by_position
 from tuneforge.train.linear_cross_entropy import linear_cross_entropy_sum
 
 
@@ -42,9 +43,17 @@ def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _run(model, batch: dict[str, torch.Tensor]):
+    """The model's output on a padded batch (attention_mask) or on rows of samples delimited by position_ids."""
+    if "position_ids" not in batch:
+        return model(**_model_inputs(batch))
+    with rows_by_position():  # no (row x row) mask: the per-sample attention splits the rows itself
+        return model(**_model_inputs(batch))
+
+
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     if "position_ids" in batch:
-        # no attention mask and no cache: transformers builds the block-diagonal mask from position_ids
+        # no attention mask and no cache: the samples are where position_ids restart (see _run)
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
@@ -87,7 +96,7 @@ def trained_nll_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False
 
     handle = head.register_forward_pre_hook(keep_trained)
     try:
-        logits = model(**_model_inputs(batch)).logits  # (trained positions, vocab), or (<=1, vocab) when chunked
+        logits = _run(model, batch).logits  # (trained positions, vocab), or (<=1, vocab) when chunked
     finally:
         handle.remove()
     targets = labels[:, 1:][targets_mask].to(logits.device)
@@ -111,4 +120,4 @@ _POSTPROCESSED: weakref.WeakSet = weakref.WeakSet()  # and those it changes (sof
 
 def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of a padded batch (attention_mask) or a packed one (position_ids restarting per sample)."""
-    return model(**_model_inputs(batch)).logits
+    return _run(model, batch).logits

@@ -82,15 +82,13 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     for b, row in enumerate(bounds):
         parts = []
         for s, e in row:
-            q, k, v = query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e]
+            near = None
             if windowed and e - s > window:  # causal within the window (transformers' sliding_window_overlay)
                 i = torch.arange(e - s, device=query.device)
                 near = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
-                parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=near, dropout_p=dropout, scale=scaling,
-                                                            enable_gqa=gqa))
-            else:
-                parts.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
-                                                            enable_gqa=gqa))
+            parts.append(F.scaled_dot_product_attention(
+                query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], attn_mask=near,
+                dropout_p=dropout, is_causal=near is None, scale=scaling, enable_gqa=gqa))
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None

@@ -14,6 +14,7 @@ the plain product.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -45,9 +46,8 @@ def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _run(model, batch: dict[str, torch.Tensor]):
     """The model's output on a padded batch (attention_mask) or on rows of samples delimited by position_ids."""
-    if "position_ids" not in batch:
-        return model(**_model_inputs(batch))
-    with rows_by_position():  # no (row x row) mask: the per-sample attention splits the rows itself
+    # rows of samples: no (row x row) mask, the per-sample attention splits the rows itself
+    with rows_by_position() if "position_ids" in batch else contextlib.nullcontext():
         return model(**_model_inputs(batch))
 
 

@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         from tuneforge.data.formats import DataFormatError
         from tuneforge.data.templates import TemplateError
         from tuneforge.data.tokenizer import TokenizerLoadError
+        from tuneforge.eval.general_text import GeneralTextError
         from tuneforge.model.load import ModelLoadError
         from tuneforge.train.checkpoint import CheckpointError
         from tuneforge.train.signals import BadStepsError, TrainingStopped
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, CheckpointError):
             _err(str(e))
             return EXIT_CONFIG
-        if isinstance(e, (DataFormatError, TemplateError, TokenizerLoadError, ModelLoadError, BadStepsError)):
+        if isinstance(e, (DataFormatError, TemplateError, TokenizerLoadError, ModelLoadError, BadStepsError,
+                          GeneralTextError)):
             _err(str(e))
             return EXIT_FAILED
         raise

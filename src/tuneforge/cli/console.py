@@ -24,7 +24,20 @@ def _load(args) -> object:
     for w in caught:
         if issubclass(w.category, UserWarning):
             print(f"warning: {w.message}", file=sys.stderr)
+    _check_input_files(cfg)
     return cfg
+
+
+def _check_input_files(cfg) -> None:
+    """Files the run reads besides its data, checked before anything is written or loaded: a GGUF model file
+    (header, architecture, tensor types) and the forgetting check's text."""
+    from tuneforge.model.gguf_source import inspect_gguf, is_gguf
+
+    if is_gguf(cfg.model.name_or_path):
+        inspect_gguf(cfg.model.name_or_path)
+    if cfg.eval.general_text and not Path(cfg.eval.general_text).is_file():
+        raise ConfigError(f"eval.general_text: {cfg.eval.general_text} does not exist; name a UTF-8 text file "
+                          "(e.g. wikitext2_valid.txt) or remove the key")
 
 
 def read_prompt_file(path: str) -> list[str | list[dict]]:

@@ -60,8 +60,18 @@ def cmd_eval(args) -> int:
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     stops = info.get("stop_token_ids") or data.report.get("stop_token_ids")
 
+    windows = None
+    if cfg.eval.general_text:  # the forgetting check of the run, on the same text
+        from tuneforge.eval.general_text import general_text_windows
+
+        windows = general_text_windows(cfg.eval.general_text, tok, cfg.eval.general_text_tokens, cfg.data.max_seq_len)
+
     def run(m, label: str) -> ModelEval:
         result = evaluate_model(m, tok, data.eval, cfg.eval, stops, rows, progress, label)
+        if windows:
+            from tuneforge.eval.general_text import general_text_perplexity
+
+            result.metrics.update(general_text_perplexity(m, windows, cfg.eval.batch_size, tok.pad_token_id))
         if tasks:
             result.metrics.update(run_lm_eval(m, tok, tasks, args.lm_eval_limit, cfg.eval.batch_size))
         return result

@@ -25,6 +25,17 @@ def _task_eval(model, data, cfg) -> dict:
     return task_metrics(preds, refs)
 
 
+def _general_text(model, data, cfg) -> dict:
+    """Perplexity on eval.general_text (the forgetting check), or nothing when the key is unset."""
+    if not cfg.eval.general_text:
+        return {}
+    from tuneforge.eval.general_text import general_text_perplexity, general_text_windows
+
+    windows = general_text_windows(cfg.eval.general_text, data.tokenizer, cfg.eval.general_text_tokens,
+                                   cfg.data.max_seq_len)
+    return general_text_perplexity(model, windows, cfg.eval.batch_size, data.tokenizer.pad_token_id)
+
+
 def _print_comparison(before: dict, after: dict) -> None:
     keys = [k for k in after if k in before and isinstance(after[k], float)]
     if not keys:
@@ -174,7 +185,7 @@ def cmd_train(args) -> int:
         gen_here = main_rank or trainer.parallel.sharded
         before: dict = _start_eval(trainer.monitor.path) if resume_from else {}
         if data.eval is not None and cfg.eval.at_start and not resume_from:
-            before = evaluate(model)
+            before = {**evaluate(model), **_general_text(model, data, cfg)}
             if cfg.eval.generate_rows and gen_here:
                 with trainer.parallel.generation():
                     before.update(_task_eval(model, data, cfg))
@@ -182,6 +193,8 @@ def cmd_train(args) -> int:
             say("before training: " + "  ".join(f"{k}={v:.4g}" for k, v in before.items()))
         summary = trainer.train(resume_from)
         after = {k: v for k, v in summary.items() if k.startswith("eval_")}
+        if data.eval is not None and cfg.eval.at_start:
+            after.update(_general_text(model, data, cfg))
         if data.eval is not None and cfg.eval.generate_rows and gen_here:
             with trainer.parallel.generation():
                 after.update(_task_eval(model, data, cfg))

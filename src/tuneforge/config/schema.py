@@ -183,6 +183,12 @@ class EvalConfig(Section):
     temperature: float = Field(0.0, ge=0.0, description="Sampling temperature for eval generations; 0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold when temperature > 0.")
     show_samples: int = Field(3, ge=0, description="Sample generations printed after training.")
+    general_text: str | None = Field(
+        None, description="Forgetting check: a UTF-8 text file of general text (e.g. wikitext) whose perplexity is "
+        "scored before and after training (general_ppl in the before/after table and the report); a rise means the "
+        "model lost some of what it knew.")
+    general_text_tokens: int = Field(
+        16384, gt=0, description="Tokens of eval.general_text scored (from its start), in windows of data.max_seq_len.")
     metric: str = Field("eval_loss", description="Metric that decides the best checkpoint and early stopping.")
     greater_is_better: bool | None = Field(
         None, description="Whether a larger `metric` is better; default: false for *loss/*ppl, true otherwise.")

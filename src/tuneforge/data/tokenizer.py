@@ -7,6 +7,7 @@ from there, so training, generation and serving always agree with the prepared d
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -20,6 +21,8 @@ class TokenizerLoadError(RuntimeError):
 
 
 def load_pretrained_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    if source.lower().endswith(".gguf"):  # llama.cpp / Ollama file: its vocabulary and chat template
+        return _gguf_tokenizer(source)
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
@@ -30,6 +33,19 @@ def load_pretrained_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokeni
         ) from None
     if tok.pad_token is None:
         # padding positions are never trained (labels are -100 there), so reusing EOS as pad is safe
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _gguf_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    path = Path(source).expanduser()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001 - a damaged file raises anything from gguf-py; said with its name
+        raise TokenizerLoadError(f"could not read the tokenizer of the GGUF file {source} ({type(e).__name__}: "
+                                 f"{str(e)[:200]}); check the file, or set model.tokenizer to a tokenizer "
+                                 "directory") from None
+    if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 

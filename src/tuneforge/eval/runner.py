@@ -23,7 +23,7 @@ from tuneforge.eval.tasks import task_metrics
 from tuneforge.train.monitor import TaskProgress
 
 
-COUNTS = ("eval_tokens", "generated_rows")  # sizes of the eval, not scores: printed above the table, not in it
+COUNTS = ("eval_tokens", "generated_rows", "general_tokens")  # sizes of the eval, not scores: printed above the table, not in it
 
 
 class EvalError(RuntimeError):

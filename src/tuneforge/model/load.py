@@ -11,12 +11,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from tuneforge.config.schema import ModelConfig, TinyModelConfig
+from tuneforge.model.errors import ModelLoadError
+from tuneforge.model.gguf_source import converted_base, is_gguf
+
+__all__ = ["DTYPES", "ModelLoadError", "choose_attention", "choose_precision", "load_model", "load_pretrained",
+           "load_quantized", "load_trained", "model_source", "pretrained_config", "tiny_config"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message says why and what to do."""
 
 
 # ---------------------------------------------------------------------------- device choices
@@ -79,7 +80,8 @@ def tiny_config(init: TinyModelConfig, tokenizer: PreTrainedTokenizerBase):
 
 
 def load_model(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, attention: str, seed: int = 0
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, attention: str, seed: int = 0,
+    log=print,
 ) -> PreTrainedModel:
     """The model to fine-tune, with its embeddings sized to the tokenizer."""
     if cfg.init is not None:
@@ -87,10 +89,27 @@ def load_model(
         model = AutoModelForCausalLM.from_config(tiny_config(cfg.init, tokenizer), attn_implementation=attention)
         model = model.to(dtype)
     else:
-        model = load_pretrained(cfg.name_or_path, dtype, attention, cfg.revision, cfg.trust_remote_code)
+        model = load_pretrained(model_source(cfg, dtype, log), dtype, attention, cfg.revision, cfg.trust_remote_code)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     return model
+
+
+def model_source(cfg: ModelConfig, dtype: torch.dtype, log=print) -> str:
+    """Where the pretrained weights load from: name_or_path, or for a .gguf file its converted safetensors copy."""
+    if is_gguf(cfg.name_or_path):
+        return str(converted_base(cfg.name_or_path, dtype, log))
+    return cfg.name_or_path
+
+
+def pretrained_config(cfg: ModelConfig):
+    """The model's transformers config, read without loading weights (a GGUF file's from its metadata)."""
+    if is_gguf(cfg.name_or_path):
+        from tuneforge.model.gguf_source import gguf_config, inspect_gguf
+
+        inspect_gguf(cfg.name_or_path)
+        return gguf_config(cfg.name_or_path)
+    return AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
 
 
 def load_pretrained(source: str, dtype: torch.dtype, attention: str = "sdpa", revision: str | None = None,

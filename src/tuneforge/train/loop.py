@@ -23,6 +23,7 @@ from tuneforge.data.prepare import PreparedData
 from tuneforge.model.adapters import apply_adapter, describe, trainable_report
 from tuneforge.model.attention import check_samples_kept_apart, packed_calls, samples_share_rows, use_packed_sdpa
 from tuneforge.model.kernels import apply_liger, check_liger
+from tuneforge.model.gguf_source import is_gguf, link_base
 from tuneforge.model.load import DTYPES, choose_attention, choose_precision, load_model, load_quantized
 from tuneforge.train.batches import BatchOrder, join_micro_batches, pass_budget
 from tuneforge.train.checkpoint import (TrainState, check_resume_key, find_latest, flat_config, load_checkpoint,
@@ -72,15 +73,19 @@ class Trainer:
         attention = choose_attention(cfg.model.attn_implementation, device)
         frozen_low_precision = cfg.adapter.type != "full" and self.precision != "fp32"
         dtype = DTYPES[self.precision] if frozen_low_precision else torch.float32
-        qlora = cfg.adapter.type == "qlora"
-        if qlora and cfg.model.init is None:  # straight from the hub/directory into 4 bits
+        qlora, gguf = cfg.adapter.type == "qlora", is_gguf(cfg.model.name_or_path)
+        own_base = cfg.model.init is not None or gguf  # a new tiny model or a converted GGUF file: base/ in the run
+        if qlora and not own_base:  # straight from the hub/directory into 4 bits
             model = self._load_4bit(cfg.model.name_or_path, device, attention)
         else:
-            model = load_model(cfg.model, self.data.tokenizer, dtype, attention, seed=cfg.train.seed)
-        if cfg.model.init is not None and cfg.adapter.type != "full":
-            # an adapter needs its base on disk: save the freshly initialised model beside the run
+            with self.accelerator.main_process_first():  # a GGUF file is converted once, by the main process
+                model = load_model(cfg.model, self.data.tokenizer, dtype, attention, seed=cfg.train.seed, log=self.log)
+        if own_base and cfg.adapter.type != "full":
+            # an adapter needs its base on disk, beside the run: the new model saved, or the converted GGUF linked
             base_dir = (self.run_dir / "base").resolve()
-            if self.is_main:
+            if self.is_main and gguf:
+                link_base(Path(model.name_or_path), base_dir)
+            elif self.is_main:
                 model.save_pretrained(str(base_dir))
                 self.data.tokenizer.save_pretrained(str(base_dir))
             self.accelerator.wait_for_everyone()
@@ -88,7 +93,7 @@ class Trainer:
         if qlora:
             from peft import prepare_model_for_kbit_training
 
-            if cfg.model.init is not None:  # the new model's saved base, reloaded in 4 bits
+            if own_base:  # the saved base, reloaded in 4 bits
                 source = model.name_or_path
                 del model
                 model = self._load_4bit(source, device, attention)

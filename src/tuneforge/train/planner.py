@@ -76,7 +76,6 @@ class MemoryPlan:
 
 # ---------------------------------------------------------------------------- the model on meta
 def _model_config(cfg: RunConfig):
-    from transformers import AutoConfig
 
     if cfg.model.init is not None:
         from tuneforge.model.load import tiny_config
@@ -90,12 +89,11 @@ def _model_config(cfg: RunConfig):
                 return init.tokenizer_vocab_size
 
         return tiny_config(init, _Vocab())
-    try:
-        return AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
-                                          trust_remote_code=cfg.model.trust_remote_code)
-    except OSError as e:
-        from tuneforge.model.load import ModelLoadError
+    from tuneforge.model.load import ModelLoadError, pretrained_config
 
+    try:
+        return pretrained_config(cfg.model)
+    except OSError as e:
         raise ModelLoadError(
             f"memory plan: could not read the config of model {cfg.model.name_or_path!r} ({str(e).splitlines()[0]}). "
             "The plan needs only its config.json: download the model (`hf download "

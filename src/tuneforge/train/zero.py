@@ -134,10 +134,9 @@ def _hidden_size(cfg: RunConfig) -> int | None:
     if cfg.model.init is not None:
         return cfg.model.init.hidden_size
     try:
-        from transformers import AutoConfig
+        from tuneforge.model.load import pretrained_config
 
-        config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
-                                            trust_remote_code=cfg.model.trust_remote_code)
+        config = pretrained_config(cfg.model)
     except Exception:  # noqa: BLE001 - the bucket sizes then keep DeepSpeed's defaults; loading reports real errors
         return None
     return getattr(config, "hidden_size", None)

@@ -1,0 +1,5 @@
+"""The model stage's error: what could not be loaded, why, and what to do."""
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says why and what to do."""

@@ -149,3 +149,23 @@ def test_stored_lsh_band_layouts_are_datasketchs():
     assert lsh_bands(0.8, 128) == (16, 8)
     other = MinHashLSH(threshold=0.83, num_perm=100, weights=LSH_WEIGHTS)
     assert lsh_bands(0.83, 100) == (other.b, other.r)  # not stored: asked of datasketch
+
+
+def test_an_instruction_every_row_repeats_is_not_contamination():
+    """Rows of one task share a 14-word instruction: only the eval row's own content may remove a training row."""
+    instruction = "List every number in the text, in the order they appear, separated by semicolons, please now."
+    rng = random.Random(5)
+    eval_texts = [f"{instruction}\n\n{sentence(rng, 20)}" for _ in range(40)]
+    train = datasets.Dataset.from_list([chat(f"{instruction}\n\n{sentence(rng, 20)}", "1; 2") for _ in range(30)]
+                                       + [chat(f"{instruction}\n\n{eval_texts[3].split(chr(10))[-1]}", "3")]
+                                       # same instruction, and content that starts with an eval row's first word
+                                       + [chat(f"{instruction}\n\n{eval_texts[0].split()[-20]} {sentence(rng, 19)}", "5")])
+    eval_ds = datasets.Dataset.from_list([chat(t, "4") for t in eval_texts])
+    kept, report = decontaminate(train, eval_ds, DecontamConfig())
+    assert report["removed"] == 1 and len(kept) == 31 and report["shared_ngrams_ignored"] >= 2
+    # with every n-gram counted (the old rule) the shared instruction removes every row
+    _, strict = decontaminate(train, eval_ds, DecontamConfig(shared_ngram_fraction=1.0))
+    assert strict["removed"] == 32 and strict["shared_ngrams_ignored"] == 0
+    # a small reference set: an n-gram in fewer than 5 texts is content, whatever its share
+    index = NgramIndex(eval_texts[:4], 13, shared_fraction=0.1)
+    assert index.shared == 0 and index.hit(eval_texts[0])

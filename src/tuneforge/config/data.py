@@ -13,11 +13,25 @@ from tuneforge.config.section import Section
 class SyntheticConfig(Section):
     """A built-in, generated, verifiable instruction task (see tuneforge.data.synthetic)."""
 
-    task: Literal["reverse_words", "sort_words", "add"] = Field(
-        "reverse_words", description="Which generated task to produce."
+    task: Literal["reverse_words", "sort_words", "add", "extract_numbers"] = Field(
+        "reverse_words", description="Which generated task to produce: reverse_words / sort_words / add draw from a "
+        "few dozen words or small numbers; extract_numbers lists the numbers of each sentence of `text` (real "
+        "writing, an open vocabulary)."
     )
     rows: int = Field(2000, gt=0, description="Number of rows to generate.")
     seed: int = Field(0, description="Generator seed; the same seed gives the same rows.")
+    text: str | None = Field(
+        None, description="extract_numbers: a UTF-8 .txt file (or .jsonl of {\"text\": ...}) whose distinct "
+        "sentences become the rows, one row per sentence.")
+
+    @model_validator(mode="after")
+    def _text_for_text_tasks(self) -> SyntheticConfig:
+        if self.task == "extract_numbers" and self.text is None:
+            raise ValueError("synthetic task extract_numbers needs `text`: a text file whose sentences it uses "
+                             "(e.g. ../shared/data/text/wiki_demo.txt)")
+        if self.task != "extract_numbers" and self.text is not None:
+            raise ValueError(f"synthetic task {self.task} generates its own words; `text` is for extract_numbers")
+        return self
 
 
 class DatasetSource(Section):
@@ -83,6 +97,9 @@ class DecontamConfig(Section):
     against_eval: bool = Field(True, description="Drop training rows that share an n-gram with the eval split.")
     files: list[str] = Field(default_factory=list, description="Benchmark files (json/jsonl/csv/parquet); every string field is used.")
     ngram: int = Field(13, ge=3, description="Word n-gram length; texts shorter than this are compared whole.")
+    shared_ngram_fraction: float = Field(
+        0.1, gt=0.0, le=1.0, description="An n-gram found in more than this share of the reference texts (and in at "
+        "least 5) is a shared template, e.g. an instruction every row repeats, and is ignored; 1.0 ignores none.")
 
 
 class DataConfig(Section):

@@ -283,26 +283,66 @@ def benchmark_texts(paths: list[str]) -> list[str]:
     return out
 
 
-class NgramIndex:
-    """Word n-grams of reference texts; short references (< n words) are kept whole."""
+SHARED_MIN_TEXTS = 5  # an n-gram in fewer reference texts than this is content, however small the set
 
-    def __init__(self, texts: Iterable[str], n: int):
+
+def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+    return list(zip(*(words[i:] for i in range(n))))
+
+
+class NgramIndex:
+    """Word n-grams of reference texts; short references (< n words) are kept whole.
+
+    An n-gram found in more than `shared_fraction` of the reference texts (and in at least SHARED_MIN_TEXTS
+    of them) is a shared template, such as an instruction every row repeats, not content. The words such
+    n-grams cover are cut out of every text, references and candidates alike, and only n-grams of the
+    content between them count: otherwise every row with the same instruction would look contaminated,
+    and so would a row whose text merely starts with the same word as one reference's."""
+
+    def __init__(self, texts: Iterable[str], n: int, shared_fraction: float = 1.0):
+        from collections import Counter
+
         self.n = n
-        self.grams: set[tuple[str, ...]] = set()
         self.whole: set[str] = set()
+        long_refs: list[list[str]] = []
+        counts: Counter[tuple[str, ...]] = Counter()
         for t in texts:
             words = normalize_text(t).split()
             if len(words) < n:
                 if words:
                     self.whole.add(" ".join(words))
             else:
-                self.grams.update(zip(*(words[i:] for i in range(n))))
+                long_refs.append(words)
+                counts.update(set(_ngrams(words, n)))
+        limit = max(SHARED_MIN_TEXTS - 1, shared_fraction * (len(long_refs) + len(self.whole)))
+        self.template = {g for g, c in counts.items() if c > limit}
+        self.shared = len(self.template)
+        self.grams: set[tuple[str, ...]] = set()
+        for words in long_refs:
+            self.grams.update(self._content_ngrams(words))
+
+    def _content_ngrams(self, words: list[str]):
+        if not self.template:
+            yield from _ngrams(words, self.n)
+            return
+        covered = [False] * len(words)
+        for i, g in enumerate(_ngrams(words, self.n)):
+            if g in self.template:
+                covered[i:i + self.n] = [True] * self.n
+        segment: list[str] = []
+        for w, c in zip([*words, ""], [*covered, True]):
+            if not c:
+                segment.append(w)
+                continue
+            if len(segment) >= self.n:
+                yield from _ngrams(segment, self.n)
+            segment = []
 
     def hit(self, text: str) -> bool:
         words = normalize_text(text).split()
         if " ".join(words) in self.whole:
             return True
-        return any(g in self.grams for g in zip(*(words[i:] for i in range(self.n))))
+        return any(g in self.grams for g in self._content_ngrams(words))
 
 
 def decontaminate(ds: datasets.Dataset, eval_ds: datasets.Dataset | None, cfg: DecontamConfig) -> tuple[datasets.Dataset, dict]:
@@ -312,10 +352,11 @@ def decontaminate(ds: datasets.Dataset, eval_ds: datasets.Dataset | None, cfg: D
     refs.extend(benchmark_texts(cfg.files))
     if not refs:
         return ds, {"removed": 0, "reference_texts": 0, "examples": []}
-    index = NgramIndex(refs, cfg.ngram)
+    index = NgramIndex(refs, cfg.ngram, cfg.shared_ngram_fraction)
     texts = _texts(ds, "all")
     hits = [index.hit(t) for t in texts]
     keep = [i for i, h in enumerate(hits) if not h]
     examples = [texts[i][:120] for i, h in enumerate(hits) if h][:3]
-    report = {"removed": sum(hits), "reference_texts": len(refs), "examples": examples}
+    report = {"removed": sum(hits), "reference_texts": len(refs), "shared_ngrams_ignored": index.shared,
+              "examples": examples}
     return (ds.select(keep) if len(keep) < len(ds) else ds), report

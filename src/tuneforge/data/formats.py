@@ -141,9 +141,12 @@ def _read_files(files: list[Path], builder: str, skip_invalid: bool) -> tuple[da
 def read_source(src: DatasetSource, skip_invalid: bool = False) -> tuple[datasets.Dataset, str, list[str]]:
     """Load one source as a `datasets.Dataset` (no normalisation yet). Returns (dataset, name, skipped lines)."""
     if src.synthetic is not None:
-        from tuneforge.data.synthetic import generate
+        from tuneforge.data.synthetic import SyntheticTextError, generate
 
-        rows = generate(src.synthetic.task, src.synthetic.rows, src.synthetic.seed)
+        try:
+            rows = generate(src.synthetic.task, src.synthetic.rows, src.synthetic.seed, src.synthetic.text)
+        except (SyntheticTextError, OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataFormatError(f"synthetic task {src.synthetic.task}: {e}") from None
         return datasets.Dataset.from_list(rows), f"synthetic:{src.synthetic.task}", []
     path = Path(src.path).expanduser()
     skipped: list[str] = []

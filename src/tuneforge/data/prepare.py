@@ -26,6 +26,7 @@ import pyarrow as pa
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tuneforge import __version__
+from tuneforge.gguf_path import is_gguf, resolve_gguf_path
 from tuneforge.config.schema import DedupConfig, QualityConfig, RunConfig
 from tuneforge.data.dedup import decontaminate, deduplicate, features_in_workers, row_features
 from tuneforge.data.encode import tokenize_split
@@ -78,6 +79,8 @@ def _digest(parts) -> str:
 def fingerprint_parts(cfg: RunConfig) -> dict[str, str]:
     """A hash per input that changes the prepared data, so a rebuild can say which one changed."""
     tok_source = cfg.model.tokenizer or cfg.model.name_or_path
+    if is_gguf(tok_source):  # a file inside an installed package: hash the file itself
+        tok_source = str(resolve_gguf_path(tok_source))
     parts = {
         "data config": _digest([cfg.data.model_dump(mode="json")]),
         "tokenizer": _digest([tok_source, cfg.model.revision,
@@ -89,7 +92,8 @@ def fingerprint_parts(cfg: RunConfig) -> dict[str, str]:
     if cfg.data.chat_template not in ("auto", "alpaca", "chatml") and Path(cfg.data.chat_template).exists():
         parts["chat template file"] = _digest([Path(cfg.data.chat_template)])
     sources = [*cfg.data.train, *([cfg.data.eval] if cfg.data.eval else [])]
-    files = [*(s.path for s in sources if s.path), *cfg.data.decontaminate.files]
+    files = [*(s.path for s in sources if s.path), *(s.synthetic.text for s in sources if s.synthetic and s.synthetic.text),
+             *cfg.data.decontaminate.files]
     for f in files:
         parts[f"file {f}"] = _digest([Path(f)]) if Path(f).exists() else "missing"
     return parts

@@ -73,7 +73,8 @@ class StreamState:
     def __init__(self, cfg: RunConfig, eval_texts: list[str]):
         self.cfg = cfg
         refs = (eval_texts if cfg.data.decontaminate.against_eval else []) + benchmark_texts(cfg.data.decontaminate.files)
-        self.index = NgramIndex(refs, cfg.data.decontaminate.ngram) if refs else None
+        self.index = (NgramIndex(refs, cfg.data.decontaminate.ngram, cfg.data.decontaminate.shared_ngram_fraction)
+                      if refs else None)
         self.reference_texts = len(refs)
         self.seen: set[int] = set()
         self.lengths: list[np.ndarray] = []

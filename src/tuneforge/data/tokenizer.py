@@ -7,11 +7,11 @@ from there, so training, generation and serving always agree with the prepared d
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from tuneforge.config.schema import ModelConfig
+from tuneforge.gguf_path import is_gguf, resolve_gguf_path
 
 TRAINED_SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -21,7 +21,7 @@ class TokenizerLoadError(RuntimeError):
 
 
 def load_pretrained_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    if source.lower().endswith(".gguf"):  # llama.cpp / Ollama file: its vocabulary and chat template
+    if is_gguf(source):  # llama.cpp / Ollama file: its vocabulary and chat template
         return _gguf_tokenizer(source)
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -38,7 +38,7 @@ def load_pretrained_tokenizer(source: str, cfg: ModelConfig) -> PreTrainedTokeni
 
 
 def _gguf_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    path = Path(source).expanduser()
+    path = resolve_gguf_path(source)
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - a damaged file raises anything from gguf-py; said with its name

@@ -18,7 +18,11 @@ from pathlib import Path
 
 import torch
 
+from tuneforge.gguf_path import is_gguf, resolve_gguf_path
 from tuneforge.model.errors import ModelLoadError
+
+__all__ = ["GGUFError", "GGUFInfo", "cache_root", "converted_base", "gguf_config", "inspect_gguf", "is_gguf",
+           "link_base"]
 
 GGUF_MAGIC = b"GGUF"
 CACHE_ENV = "TUNEFORGE_CACHE"
@@ -43,10 +47,6 @@ class GGUFInfo:
     size: int
 
 
-def is_gguf(source: str | Path | None) -> bool:
-    return source is not None and str(source).lower().endswith(".gguf")
-
-
 def cache_root() -> Path:
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
@@ -68,10 +68,10 @@ def _readable_types() -> set[str] | None:
 
 def inspect_gguf(path: str | Path) -> GGUFInfo:
     """Header, architecture and tensor types of a GGUF file, or a GGUFError that says what is wrong with it."""
-    p = Path(path).expanduser()
+    p = resolve_gguf_path(path)
     if not p.is_file():
-        raise GGUFError(f"model.name_or_path {str(path)!r}: no such file. Point it at a .gguf file (llama.cpp / "
-                        "Ollama), a Hugging Face model directory or a hub id")
+        raise GGUFError(f"model.name_or_path {str(path)!r}: no such file (nor in an installed package of that name). "
+                        "Point it at a .gguf file (llama.cpp / Ollama), a Hugging Face model directory or a hub id")
     with open(p, "rb") as fh:
         head = fh.read(4)
     if head != GGUF_MAGIC:
@@ -126,7 +126,7 @@ def gguf_config(path: str | Path):
     """The transformers config of a GGUF file, from its metadata only (no tensor is read)."""
     from transformers import AutoConfig
 
-    p = Path(path).expanduser()
+    p = resolve_gguf_path(path)
     return AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
 
 

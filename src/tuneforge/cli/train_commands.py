@@ -152,18 +152,23 @@ def cmd_train(args) -> int:
     else:
         data = wait_for_prepared(cfg, run_dir, timeout_s=60 * cfg.dist.timeout_minutes)
 
-    if main_rank:  # before loading the model: will it fit?
-        from tuneforge.train.planner import available_bytes, check_fits
+    # before loading the model: will it fit, and does train.gradient_checkpointing=auto turn checkpointing on?
+    from tuneforge.train.planner import available_bytes, check_fits
 
-        device = "cuda" if torch_cuda_available() else "cpu"
-        try:
-            world = int(os.environ.get("WORLD_SIZE", "1"))  # sharded strategies divide by it
-            warning = check_fits(_memory_plan(cfg, run_dir, device, available_bytes(device), gpus=world))
-        except Exception as e:  # noqa: BLE001 - the plan is advice; a model it cannot build is loaded below anyway
-            warning = None
+    device = "cuda" if torch_cuda_available() else "cpu"
+    plan = None
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # sharded strategies divide by it
+        plan = _memory_plan(cfg, run_dir, device, available_bytes(device), gpus=world)
+    except Exception as e:  # noqa: BLE001 - the plan is advice; a model it cannot build is loaded below anyway
+        if main_rank:
             print(f"memory plan skipped ({type(e).__name__}: {e})", file=sys.stderr)
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr)
+    if cfg.train.gradient_checkpointing == "auto":
+        cfg.train.gradient_checkpointing = plan.checkpointing if plan else False
+        say(plan.notes[0] if plan else "gradient checkpointing off (auto: no memory plan)")
+    warning = check_fits(plan) if plan is not None and main_rank else None
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
 
     collate = PaddedCollator(data.tokenizer.pad_token_id)
     trainer = Trainer(cfg, run_dir, data, None, log=say).setup()

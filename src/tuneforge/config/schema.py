@@ -122,7 +122,11 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="Recompute activations in backward to save memory (about 10-20% slower). auto = on when "
+        "the memory plan's decoder activations exceed 1 GiB and the weights, gradients and optimizer state together "
+        "(they would be most of the peak), or when the run would not fit the free device memory (RAM on a CPU) "
+        "without it; the log and `tuneforge plan` say which and why. true / false: your choice stands.")
     padding_free: bool = Field(
         True, description="Lay each micro-batch's rows end to end in one row (position_ids restarting per sample) "
         "instead of padding them to the longest: no padding token is ever computed, and each sample attends only to "

@@ -33,6 +33,7 @@ from tuneforge.train.host_memory import keep_freed_memory
 from tuneforge.train.loss import forward_logits, nll_sum, trained_nll_sum, trained_tokens
 from tuneforge.train.monitor import Monitor
 from tuneforge.train.parallel import build_parallel
+from tuneforge.train.planner import resolve_auto_checkpointing
 from tuneforge.train.trackers import open_trackers
 from tuneforge.train.signals import BadStepsError, StopSignals, TrainingStopped
 from tuneforge.train.throughput import default_threads, device_peak_tflops, flop_model, peak_memory_gb
@@ -68,6 +69,8 @@ class Trainer:
         self.parallel.before_load()
 
         # ---- model and adapter
+        if cfg.train.gradient_checkpointing == "auto":  # settled by `tuneforge train` already; direct use settles here
+            self.log(resolve_auto_checkpointing(cfg, device, self.accelerator.num_processes))
         if cfg.train.liger_kernels:
             check_liger(device)  # before any weight is loaded
         attention = choose_attention(cfg.model.attn_implementation, device)

@@ -44,6 +44,7 @@ class MemoryPlan:
     precision: str
     device_bytes: float | None = None
     notes: list[str] = field(default_factory=list)
+    checkpointing: bool = False  # train.gradient_checkpointing as resolved for this plan
 
     @property
     def total(self) -> float:
@@ -180,13 +181,57 @@ def layer_activation_bytes(model, rows: int, seq_len: int, dtype: torch.dtype) -
 
 
 # ---------------------------------------------------------------------------- the plan
+AUTO_CHECKPOINTING_MIN_BYTES = GIB  # activations below this are never worth recomputing
+
+
 def plan_memory(cfg: RunConfig, device: str = "cpu", precision: str | None = None, gpus: int = 1,
                 device_bytes: float | None = None, trained_fraction: float = 1.0) -> MemoryPlan:
-    """Estimate peak memory per device of a training step of this config (DDP: every rank holds everything)."""
+    """Estimate peak memory per device of a training step of this config (DDP: every rank holds everything),
+    with train.gradient_checkpointing as `choose_checkpointing` resolves it (said in the plan's notes)."""
     from tuneforge.model.load import choose_precision
 
     precision = precision or choose_precision(cfg.train.precision, device)
     model = meta_model(cfg)
+    setting = cfg.train.gradient_checkpointing
+    if setting != "auto":
+        return _plan(cfg, model, device, precision, gpus, device_bytes, trained_fraction, setting,
+                     f"gradient checkpointing {'on' if setting else 'off'} (train.gradient_checkpointing={setting})")
+    plain = _plan(cfg, model, device, precision, gpus, device_bytes, trained_fraction, False, "")
+    checkpointing, why = choose_checkpointing(plain)
+    if not checkpointing:
+        plain.notes.insert(0, f"gradient checkpointing off (auto: {why})")
+        return plain
+    return _plan(cfg, model, device, precision, gpus, device_bytes, trained_fraction, True,
+                 f"gradient checkpointing on (auto: {why}; {plain.total / GIB:.1f} GiB without it)")
+
+
+def resolve_auto_checkpointing(cfg: RunConfig, device: str, gpus: int = 1) -> str:
+    """Settle train.gradient_checkpointing=auto in `cfg` from the plan against this device's free memory; the line
+    to log. (`tuneforge train` settles it before the Trainer, with the same plan; this serves direct Trainer use.)"""
+    try:
+        plan = plan_memory(cfg, device, gpus=gpus, device_bytes=available_bytes(device))
+    except Exception as e:  # noqa: BLE001 - no plan (a config it cannot read): keep the faster setting
+        cfg.train.gradient_checkpointing = False
+        return f"gradient checkpointing off (auto: no memory plan, {type(e).__name__})"
+    cfg.train.gradient_checkpointing = plan.checkpointing
+    return plan.notes[0]
+
+
+def choose_checkpointing(plain: MemoryPlan) -> tuple[bool, str]:
+    """train.gradient_checkpointing=auto, from the plan without checkpointing: (on?, why)."""
+    acts = plain.parts["activations (decoder)"]
+    rest = sum(v for k, v in plain.parts.items() if k.startswith(("weights", "gradients", "optimizer")))
+    if acts > AUTO_CHECKPOINTING_MIN_BYTES and acts > rest:
+        return True, (f"decoder activations {acts / GIB:.1f} GiB would exceed weights, gradients and optimizer "
+                      f"together, {rest / GIB:.1f} GiB")
+    if plain.fits is False:
+        return True, f"{plain.total / GIB:.1f} GiB without it, {plain.device_bytes / GIB:.1f} GiB free"
+    return False, (f"decoder activations {acts / GIB:.2f} GiB, not most of the peak"
+                   + (", and the run fits" if plain.fits else ""))
+
+
+def _plan(cfg: RunConfig, model, device: str, precision: str, gpus: int, device_bytes: float | None,
+          trained_fraction: float, checkpointing: bool, decision: str) -> MemoryPlan:
     base, decoder = _inner(model)
     hidden, vocab, layers = base.config.hidden_size, base.get_output_embeddings().weight.shape[0], len(decoder.layers)
     adapter = cfg.adapter.type
@@ -210,8 +255,8 @@ def plan_memory(cfg: RunConfig, device: str = "cpu", precision: str | None = Non
     layer_input = rows * seq * hidden * DTYPE_BYTES[precision]
     # kept through the forward: every layer's saves (checkpointing: only its input), and the final norm's input;
     # with checkpointing, backward recomputes one layer at a time on top of that
-    recompute = per_layer if cfg.train.gradient_checkpointing else 0.0
-    activations = layers * (layer_input if cfg.train.gradient_checkpointing else per_layer) + layer_input
+    recompute = per_layer if checkpointing else 0.0
+    activations = layers * (layer_input if checkpointing else per_layer) + layer_input
     if adapter == "full":  # the final norm's weight trains: its normalised output is kept for that gradient
         activations += layer_input
     positions = rows * seq * trained_fraction if cfg.train.logits != "full" else rows * seq
@@ -233,11 +278,11 @@ def plan_memory(cfg: RunConfig, device: str = "cpu", precision: str | None = Non
              "logits and their gradient": head_transient}
     if recompute:
         parts["recomputed layer (checkpointing)"] = recompute
-    notes = []
+    notes = [decision] if decision else []
     if precision != "fp32":
         notes.append("activations estimated in the compute dtype; norms and softmax kept in fp32 add a few percent")
     _shard(parts, cfg, gpus, notes, sum(p.numel() for p in decoder.layers[0].parameters()) * frozen_bytes)
-    return MemoryPlan(parts, rows, seq, per_row, device, precision, device_bytes, notes)
+    return MemoryPlan(parts, rows, seq, per_row, device, precision, device_bytes, notes, checkpointing)
 
 
 def zero_stage(cfg: RunConfig) -> int:

@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+# GGUF conversions (the real model of tests/model/test_real_model.py) are made once and kept beside the checkout,
+# never in the user's own cache
+os.environ.setdefault("TUNEFORGE_CACHE", str(REPO / ".cache" / "tuneforge"))
 SHARED_DATA = Path(os.environ.get("TUNEFORGE_SHARED", REPO.parent / "shared")) / "data"
 
 

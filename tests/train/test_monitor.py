@@ -17,3 +17,18 @@ def test_status_shows_eval_progress_in_the_training_bar(tmp_path):
     quiet = Monitor(tmp_path, total_steps=10, every=1, progress="plain")
     quiet.status("evaluating 1/2 rows")  # no bar: nothing to update, no error
     quiet.close()
+
+
+def test_plain_eta_counts_from_the_first_step_not_the_eval_before_it(tmp_path, monkeypatch, capsys):
+    import tuneforge.train.monitor as monitor_module
+
+    clock = [0.0]
+    monkeypatch.setattr(monitor_module.time, "perf_counter", lambda: clock[0])
+    m = Monitor(tmp_path, total_steps=100, every=10, progress="plain")
+    clock[0] = 600.0  # ten minutes of evaluation before training
+    for step in range(1, 11):
+        clock[0] += 2.0  # two seconds a step
+        m.step(step, {"loss": 1.0})
+    m.close()
+    # 9 steps in 18 s after the first: 2 s a step, 90 steps left
+    assert "step 10/100  loss 1.0000  0 tok/s  eta 180s" in capsys.readouterr().err

@@ -28,6 +28,7 @@ class Monitor:
         self.total = total_steps
         self.path = Path(run_dir) / "metrics.jsonl"
         self.start = time.perf_counter()
+        self._first_step: tuple[int, float] | None = None  # (step, time) of the first step seen, for the ETA
         mode = resolve_progress(progress)
         self.mode = mode if enabled else "none"
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None
@@ -86,8 +87,13 @@ class Monitor:
             status += f"  MFU {100 * metrics['mfu']:.0f}%  mem {metrics.get('peak_mem_gb', 0):.1f}G"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, status=status)
-        elif self.mode == "plain" and due:
-            eta = (time.perf_counter() - self.start) / step * (self.total - step)
+        now = time.perf_counter()
+        if self._first_step is None:  # the rate is timed from the first step seen (not the eval before it)
+            self._first_step = (step, now)
+        if self.mode == "plain" and due:
+            first, t0 = self._first_step
+            rate = (now - t0) / (step - first) if step > first else now - self.start
+            eta = rate * (self.total - step)
             print(f"step {step}/{self.total}  {status}  eta {eta:.0f}s", file=sys.stderr, flush=True)
 
     def status(self, text: str) -> None:

@@ -112,3 +112,51 @@ def test_sharded_strategies_divide_what_they_shard_and_offload_leaves_the_device
                                "optimizer, weights in CPU RAM")
     assert zero3.total < plan(strategy="deepspeed", zero_stage=3).total < zero2["weights"] + sum(
         v for k, v in zero2.items() if k != "weights")
+
+
+def _smollm2_sized(checkpointing="auto", micro_batch: int = 4, seq: int = 512) -> RunConfig:
+    """A config with SmolLM2-135M's shapes (built on meta: nothing is loaded)."""
+    return RunConfig.model_validate({
+        "model": {"init": {"architecture": "llama", "hidden_size": 576, "num_layers": 30, "num_heads": 9,
+                           "num_kv_heads": 3, "intermediate_size": 1536, "max_position_embeddings": 2048,
+                           "tokenizer_vocab_size": 49152}},
+        "data": {"train": [{"synthetic": {"task": "reverse_words", "rows": 8}}], "max_seq_len": seq},
+        "adapter": {"type": "lora", "dropout": 0.1},
+        "train": {"micro_batch_size": micro_batch, "gradient_checkpointing": checkpointing},
+    })
+
+
+def test_auto_checkpointing_is_on_when_activations_dominate_and_says_why():
+    auto = plan_memory(_smollm2_sized(), device="cpu", precision="fp32", device_bytes=64 * GIB)
+    plain = plan_memory(_smollm2_sized(False), device="cpu", precision="fp32", device_bytes=64 * GIB)
+    forced = plan_memory(_smollm2_sized(True), device="cpu", precision="fp32", device_bytes=64 * GIB)
+    assert auto.checkpointing and not plain.checkpointing and forced.checkpointing
+    assert auto.total == forced.total and auto.total < 0.6 * plain.total  # the plan is the run that will happen
+    acts = plain.parts["activations (decoder)"] / GIB
+    assert acts > 3.0  # 30 layers x 2048 positions of LoRA'd projections, fp32
+    assert auto.notes[0].startswith(f"gradient checkpointing on (auto: decoder activations {acts:.1f} GiB would "
+                                    "exceed weights, gradients and optimizer together, 0.6 GiB;")
+    # an explicit choice stands, whatever the plan
+    assert plain.notes[0] == "gradient checkpointing off (train.gradient_checkpointing=False)"
+
+
+def test_auto_checkpointing_stays_off_for_small_activations_unless_memory_is_short():
+    small = plan_memory(_cfg("lora", "auto"), device="cpu", precision="fp32", device_bytes=64 * GIB)
+    assert not small.checkpointing and small.notes[0].startswith("gradient checkpointing off (auto: decoder "
+                                                                 "activations 0.")
+    plain_total = plan_memory(_cfg("lora", False), device="cpu", precision="fp32").total
+    short = plan_memory(_cfg("lora", "auto"), device="cpu", precision="fp32", device_bytes=0.9 * plain_total)
+    assert short.checkpointing and f"{plain_total / GIB:.1f} GiB without it" in short.notes[0]
+
+
+def test_train_logs_the_decision_the_plan_shows(tiny_config_dict, tmp_path, capsys):
+    import yaml
+
+    tiny_config_dict["train"].pop("gradient_checkpointing", None)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict))
+    assert main(["plan", str(path)]) == 0
+    planned = next(x.strip()[len("note: "):] for x in capsys.readouterr().out.splitlines() if "checkpointing" in x)
+    assert planned.startswith("gradient checkpointing off (auto:")
+    assert main(["train", str(path)]) == 0
+    assert planned.split(" (auto")[0] in capsys.readouterr().out

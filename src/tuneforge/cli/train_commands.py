@@ -223,6 +223,11 @@ def cmd_train(args) -> int:
     print(f"\ntrained {summary['steps']} steps in {summary['wall_s']:.1f}s "
           f"({summary['tokens_per_s']:,.0f} tokens/s); loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
     _print_comparison(before, after)
+    from tuneforge.eval.general_text import forgetting_line
+
+    forgetting = forgetting_line(before, after, cfg.eval.general_text)
+    if forgetting:
+        print(forgetting)
     samples = []
     if shown is not None:
         prompts, refs, preds = shown

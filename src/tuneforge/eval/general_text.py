@@ -66,3 +66,13 @@ def general_text_perplexity(model, windows: list[list[int]], batch_size: int, pa
         model.train()
     loss = total / count
     return {"general_loss": loss, "general_ppl": math.exp(min(loss, 50.0)), "general_tokens": count}
+
+
+def forgetting_line(before: dict, after: dict, path: str | None) -> str | None:
+    """'forgetting check: perplexity on FILE 24.90 -> 25.40 (+2.0%) over N tokens', or None without both scores."""
+    if "general_ppl" not in before or "general_ppl" not in after:
+        return None
+    b, a = before["general_ppl"], after["general_ppl"]
+    name = Path(path).name if path else "eval.general_text"
+    return (f"forgetting check: perplexity on {name} {b:.2f} -> {a:.2f} ({100 * (a / b - 1):+.1f}%) over "
+            f"{int(after.get('general_tokens', 0)):,} tokens")

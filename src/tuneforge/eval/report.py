@@ -16,9 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneforge.eval.general_text import forgetting_line
 from tuneforge.eval.plots import plot_run, read_metrics
 
-COUNTS = ("eval_tokens", "generated_rows")  # sizes of an eval, not scores to compare
+COUNTS = ("eval_tokens", "generated_rows", "general_tokens")  # sizes of an eval, not scores to compare
 PLOT_TITLES = {"loss_vs_step": "Loss vs optimizer step", "loss_vs_tokens": "Loss vs tokens seen",
                "lr": "Learning rate", "throughput": "Throughput", "memory": "Peak memory"}
 
@@ -119,6 +120,10 @@ def build_blocks(run_dir: Path) -> list[Block]:
     if summary.get("before") and summary.get("after"):
         b += [Block("p", "During training: held-out set before the first step and after the last."),
               Block("table", rows=_metric_table(summary["before"], summary["after"], ("before", "after")))]
+        forgetting = forgetting_line(summary["before"], summary["after"], (cfg.get("eval") or {}).get("general_text"))
+        if forgetting:
+            b.append(Block("p", forgetting[0].upper() + forgetting[1:] + " (general_ppl above; a rise means the model "
+                           "lost some of what it knew)."))
     if not (evals or summary.get("before")):
         b.append(Block("p", "No evaluation recorded (no held-out set, or eval.at_start off); run `tuneforge eval RUN_DIR --base`."))
 

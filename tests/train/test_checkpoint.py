@@ -242,3 +242,51 @@ def test_loss_spikes_are_logged(tiny_config_dict, tmp_path):
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     spikes = [(r["step"], r["loss"]) for r in records if r["type"] == "loss_spike"]
     assert spikes == [(14, 2.5)]
+
+
+class _Payload:
+    """What a hostile checkpoint file holds: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("name", ["scheduler.pt", "optimizer.pt", "rng-rank0.pt"])
+def test_a_crafted_pickle_in_a_checkpoint_is_refused_without_running_it(tmp_path, name):
+    model, opt, sched = tiny_parts()
+    take_step(model, opt, sched)
+    ckpt = save(tmp_path / "ckpts", 1, model, opt, sched)
+    marker = tmp_path / "pwned"
+    torch.save({"state": _Payload(marker)}, ckpt / name)
+    model2, opt2, sched2 = tiny_parts(seed=1)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(ckpt, model=model2, optimizer=opt2, scheduler=sched2, scaler=None)
+    assert not marker.exists()
+    assert f"{ckpt / name}: refused to load it" in str(e.value) and "--resume PATH" in str(e.value)
+
+
+def test_random_streams_round_trip_through_a_checkpoint_loaded_without_unpickling(tmp_path):
+    import random
+
+    import numpy as np
+
+    model, opt, sched = tiny_parts()
+    take_step(model, opt, sched)
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    ckpt = save(tmp_path / "ckpts", 1, model, opt, sched)
+    want = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
+    model2, opt2, sched2 = tiny_parts(seed=1)
+    load_checkpoint(ckpt, model=model2, optimizer=opt2, scheduler=sched2, scaler=None)
+    assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == want
+    assert sched2.state_dict()["last_epoch"] == 1 and torch.equal(model2.weight, model.weight)
+    # an RNG file of an earlier version (numpy's key as an ndarray) still loads
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+               ckpt / "rng-rank0.pt")
+    load_checkpoint(ckpt, model=model2, optimizer=opt2, scheduler=sched2, scaler=None)
+    assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == want

@@ -117,7 +117,10 @@ def _replace_text(path: Path, text: str) -> None:
 
 # ---------------------------------------------------------------------------- what is saved
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random stream, as tensors and plain data (numpy's key as a tensor), so it loads with weights_only."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -125,7 +128,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -317,6 +321,24 @@ def _short(v) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
+# numpy's array reconstruction, for RNG files written before numpy's key was saved as a tensor
+_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), getattr(np, "_core", np).multiarray._reconstruct]
+
+
+def safe_load(file: Path):
+    """A checkpoint file's tensors and plain data, never unpickling other objects (a crafted file could run code)."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{file}: refused to load it: it holds objects other than tensors and plain data, and unpickling them "
+            f"could run code ({str(e).splitlines()[0][:200]}). tuneforge never writes such files: the checkpoint "
+            "was changed by someone else. Resume from another checkpoint (--resume PATH) or start over") from None
+
+
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, rank: int = 0, shards=None) -> TrainState:
     """Restore weights, optimizer, schedule, scaler and RNG from `path`; return its TrainState. `shards(dir, False)`,
     when given, loads the sharded weights and optimizer state on every rank."""
@@ -326,16 +348,16 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, rank: in
         shards(path / "sharded", False)
     else:
         load_trainable_state(model, load_file(str(path / "trainable.safetensors")), path)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+        optimizer.load_state_dict(safe_load(path / "optimizer.pt"))
+    scheduler.load_state_dict(safe_load(path / "scheduler.pt"))
     if scaler is not None and (path / "scaler.pt").exists():
-        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
+        scaler.load_state_dict(safe_load(path / "scaler.pt"))
     fields = {f.name for f in dataclasses.fields(TrainState)}
     raw = json.loads((path / "state.json").read_text(encoding="utf-8"))
     state = TrainState(**{k: v for k, v in raw.items() if k in fields})
     rng_file = path / f"rng-rank{rank}.pt"
     if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(safe_load(rng_file))
     else:  # written by fewer processes: this rank's random stream (dropout) starts afresh, seeded by step and rank
         seed = 1_000_003 * (state.step + 1) + rank
         random.seed(seed)

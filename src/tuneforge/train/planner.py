@@ -101,8 +101,9 @@ def _model_config(cfg: RunConfig):
             f"{cfg.model.name_or_path} --local-dir DIR`) and set model.name_or_path to that directory") from None
 
 
-def meta_model(cfg: RunConfig):
-    """The run's model and adapter with shapes only (device `meta`): exact parameter counts, no memory."""
+def meta_model(cfg: RunConfig, device: str = "cpu"):
+    """The run's model and adapter with shapes only (device `meta`): exact parameter counts, no memory. The adapter's
+    modules are the ones the run uses on `device` (on a CPU: the LoRA dropout that keeps one byte per element)."""
     from transformers import AutoModelForCausalLM
 
     from tuneforge.model.adapters import apply_adapter
@@ -110,7 +111,9 @@ def meta_model(cfg: RunConfig):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(_model_config(cfg), attn_implementation="sdpa",
                                                  trust_remote_code=cfg.model.trust_remote_code)
-        model = apply_adapter(model, cfg.adapter, gradient_checkpointing=False)
+        sharded = cfg.dist.strategy == "fsdp2" or (cfg.dist.strategy == "deepspeed" and zero_stage(cfg) == 3)
+        model = apply_adapter(model, cfg.adapter, gradient_checkpointing=False, mask_dropout=device == "cpu",
+                              addmm=not sharded)
     return model
 
 
@@ -181,7 +184,7 @@ def layer_activation_bytes(model, rows: int, seq_len: int, dtype: torch.dtype) -
 
 
 # ---------------------------------------------------------------------------- the plan
-AUTO_CHECKPOINTING_MIN_BYTES = GIB  # activations below this are never worth recomputing
+AUTO_CHECKPOINTING_SHARE = 0.5  # auto: checkpointing when the plan without it exceeds this share of free memory
 
 
 def plan_memory(cfg: RunConfig, device: str = "cpu", precision: str | None = None, gpus: int = 1,
@@ -191,7 +194,7 @@ def plan_memory(cfg: RunConfig, device: str = "cpu", precision: str | None = Non
     from tuneforge.model.load import choose_precision
 
     precision = precision or choose_precision(cfg.train.precision, device)
-    model = meta_model(cfg)
+    model = meta_model(cfg, device)
     setting = cfg.train.gradient_checkpointing
     if setting != "auto":
         return _plan(cfg, model, device, precision, gpus, device_bytes, trained_fraction, setting,
@@ -202,7 +205,7 @@ def plan_memory(cfg: RunConfig, device: str = "cpu", precision: str | None = Non
         plain.notes.insert(0, f"gradient checkpointing off (auto: {why})")
         return plain
     return _plan(cfg, model, device, precision, gpus, device_bytes, trained_fraction, True,
-                 f"gradient checkpointing on (auto: {why}; {plain.total / GIB:.1f} GiB without it)")
+                 f"gradient checkpointing on (auto: {why})")
 
 
 def resolve_auto_checkpointing(cfg: RunConfig, device: str, gpus: int = 1) -> str:
@@ -218,16 +221,18 @@ def resolve_auto_checkpointing(cfg: RunConfig, device: str, gpus: int = 1) -> st
 
 
 def choose_checkpointing(plain: MemoryPlan) -> tuple[bool, str]:
-    """train.gradient_checkpointing=auto, from the plan without checkpointing: (on?, why)."""
-    acts = plain.parts["activations (decoder)"]
-    rest = sum(v for k, v in plain.parts.items() if k.startswith(("weights", "gradients", "optimizer")))
-    if acts > AUTO_CHECKPOINTING_MIN_BYTES and acts > rest:
-        return True, (f"decoder activations {acts / GIB:.1f} GiB would exceed weights, gradients and optimizer "
-                      f"together, {rest / GIB:.1f} GiB")
-    if plain.fits is False:
-        return True, f"{plain.total / GIB:.1f} GiB without it, {plain.device_bytes / GIB:.1f} GiB free"
-    return False, (f"decoder activations {acts / GIB:.2f} GiB, not most of the peak"
-                   + (", and the run fits" if plain.fits else ""))
+    """train.gradient_checkpointing=auto, from the plan without checkpointing: (on?, why). On when that plan would
+    take more than AUTO_CHECKPOINTING_SHARE of the free device memory (RAM on a CPU): room is left for what the
+    plan does not count (the allocator's slack, the Python process, other programs) and for its estimate's error,
+    so a run that fits without recomputing stays as fast as it can be and one that might not fit is made safe."""
+    total = plain.total
+    if plain.device_bytes is None:
+        return False, f"{total / GIB:.1f} GiB planned, free memory unknown"
+    share = total / plain.device_bytes
+    if share > AUTO_CHECKPOINTING_SHARE:
+        return True, (f"{total / GIB:.1f} GiB without it would be {share:.0%} of the {plain.device_bytes / GIB:.1f} GiB "
+                      f"free, over {AUTO_CHECKPOINTING_SHARE:.0%}")
+    return False, f"{total / GIB:.1f} GiB planned, {share:.0%} of the {plain.device_bytes / GIB:.1f} GiB free"
 
 
 def _plan(cfg: RunConfig, model, device: str, precision: str, gpus: int, device_bytes: float | None,

@@ -24,7 +24,8 @@ from tuneforge.model.adapters import apply_adapter, describe, trainable_report
 from tuneforge.model.attention import check_samples_kept_apart, packed_calls, samples_share_rows, use_packed_sdpa
 from tuneforge.model.kernels import apply_liger, check_liger
 from tuneforge.model.gguf_source import is_gguf, link_base
-from tuneforge.model.load import DTYPES, choose_attention, choose_precision, load_model, load_quantized
+from tuneforge.model.load import (DTYPES, choose_attention, choose_precision, load_model, load_quantized,
+                                  model_source)
 from tuneforge.train.batches import BatchOrder, join_micro_batches, pass_budget
 from tuneforge.train.checkpoint import (TrainState, check_resume_key, find_latest, flat_config, load_checkpoint,
                                         load_weights_only, prune, read_manifest, save_checkpoint, step_dir_name)
@@ -81,8 +82,10 @@ class Trainer:
         if qlora and not own_base:  # straight from the hub/directory into 4 bits
             model = self._load_4bit(cfg.model.name_or_path, device, attention)
         else:
-            with self.accelerator.main_process_first():  # a GGUF file is converted once, by the main process
-                model = load_model(cfg.model, self.data.tokenizer, dtype, attention, seed=cfg.train.seed, log=self.log)
+            if gguf:  # converted once, by the main process; the others find it cached (loading stays collective)
+                with self.accelerator.main_process_first():
+                    model_source(cfg.model, dtype, self.log)
+            model = load_model(cfg.model, self.data.tokenizer, dtype, attention, seed=cfg.train.seed, log=self.log)
         if own_base and cfg.adapter.type != "full":
             # an adapter needs its base on disk, beside the run: the new model saved, or the converted GGUF linked
             base_dir = (self.run_dir / "base").resolve()

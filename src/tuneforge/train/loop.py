@@ -85,7 +85,9 @@ class Trainer:
             if gguf:  # converted once, by the main process; the others find it cached (loading stays collective)
                 with self.accelerator.main_process_first():
                     model_source(cfg.model, dtype, self.log)
-            model = load_model(cfg.model, self.data.tokenizer, dtype, attention, seed=cfg.train.seed, log=self.log)
+            # (a GGUF's conversion was reported just above: the lookup inside load_model stays quiet)
+            model = load_model(cfg.model, self.data.tokenizer, dtype, attention, seed=cfg.train.seed,
+                               log=(lambda _: None) if gguf else self.log)
         if own_base and cfg.adapter.type != "full":
             # an adapter needs its base on disk, beside the run: the new model saved, or the converted GGUF linked
             base_dir = (self.run_dir / "base").resolve()

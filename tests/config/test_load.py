@@ -168,3 +168,14 @@ def test_every_config_field_has_a_description():
 
     walk(RunConfig, "")
     assert missing == []
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    text = MINIMAL.replace("  epochs: 2\n", "  epochs: 2\n  lr: 1e-4\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    path = (tmp_path / "config.yaml").resolve()
+    assert str(e.value) == (f"{path}:9: key 'train.epochs' is given twice (first on line 7); YAML would "
+                            "silently keep only the last one. Delete one of them.")
+    # the same name in different sections is fine
+    load_config(write(tmp_path, MINIMAL + "eval:\n  max_new_tokens: 8\n", "ok.yaml"))

@@ -22,15 +22,24 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------- reading YAML
-def _line_map(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path in a YAML document to its 1-based line number."""
+def _line_map(text: str, source: Path) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line number; a key given twice in one
+    mapping is an error (YAML loaders silently keep the last value, so the first would be ignored)."""
     lines: dict[tuple[str, ...], int] = {}
 
     def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
         if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for key, value in node.value:
-                sub = (*path, str(key.value))
-                lines[sub] = key.start_mark.line + 1
+                name, line = str(key.value), key.start_mark.line + 1
+                if name in seen and name != "<<":
+                    dotted = ".".join((*path, name))
+                    raise ConfigError(f"{source}:{line}: key '{dotted}' is given twice (first on line "
+                                      f"{seen[name]}); YAML would silently keep only the last one. "
+                                      "Delete one of them.")
+                seen[name] = line
+                sub = (*path, name)
+                lines[sub] = line
                 walk(value, sub)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
@@ -49,7 +58,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     text = path.read_text(encoding="utf-8")
     try:
         data = yaml.safe_load(text)
-        lines = _line_map(text)
+        lines = _line_map(text, path)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is None:

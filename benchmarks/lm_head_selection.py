@@ -21,7 +21,7 @@ def run_variant(variant: str, steps: int, batch: int, seq: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tuneforge.train.loss import forward_logits, nll_sum, trained_nll_sum
+    from tuneforge.model.lm_loss import forward_logits, nll_sum, trained_nll_sum
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,

@@ -5,7 +5,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tuneforge.data.collate import PackedCollator, PaddedCollator, rows_at
 from tuneforge.data.packing import best_fit_decreasing, pack_dataset
-from tuneforge.train.loss import forward_logits, nll_sum, trained_tokens
+from tuneforge.model.lm_loss import forward_logits, nll_sum, trained_tokens
 
 
 def test_best_fit_decreasing_places_every_sample_once_within_capacity():

@@ -10,7 +10,8 @@ import pytest
 
 from tuneforge.config.load import ConfigError, load_config
 from tuneforge.config.schema import LogConfig
-from tuneforge.train.monitor import Monitor, TaskProgress
+from tuneforge.progress import TaskProgress
+from tuneforge.train.monitor import Monitor
 from tuneforge.train.trackers import open_trackers, record_metrics
 
 CONFIG = {"train.lr": 0.001, "adapter.type": "lora", "data.train": [{"synthetic": "x"}], "eval.every_steps": None}

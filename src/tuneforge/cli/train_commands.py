@@ -145,7 +145,7 @@ def cmd_train(args) -> int:
         resume_from = _resume_point(args.resume, run_dir, cfg.output.overwrite, clear=main_rank)
     if main_rank:
         write_resolved_config(cfg, run_dir)
-        from tuneforge.train.monitor import stage_status
+        from tuneforge.progress import stage_status
 
         with stage_status("preparing data", cfg.log.progress) as log:
             data = prepare(cfg, run_dir, log=log)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.train.loss import trained_nll_sum
+from tuneforge.model.lm_loss import trained_nll_sum
 
 CHARS_PER_TOKEN_BOUND = 16  # read at most this many characters per wanted token (never tokenise a whole corpus)
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from tuneforge.data.collate import rows_at
-from tuneforge.train.loss import trained_nll_sum, trained_tokens
+from tuneforge.model.lm_loss import trained_nll_sum, trained_tokens
 
 
 @torch.no_grad()

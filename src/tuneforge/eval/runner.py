@@ -20,8 +20,7 @@ from tuneforge.data.collate import PaddedCollator
 from tuneforge.eval.generation import generate
 from tuneforge.eval.perplexity import evaluate_loss
 from tuneforge.eval.tasks import task_metrics
-from tuneforge.train.monitor import TaskProgress
-
+from tuneforge.progress import TaskProgress
 
 COUNTS = ("eval_tokens", "generated_rows", "general_tokens")  # sizes of the eval, not scores: printed above the table, not in it
 

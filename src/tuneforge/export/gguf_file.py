@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from tuneforge.export.gguf_tokenizer import Vocab, detokenize, metadata, read_vocab
-from tuneforge.export.merge import GGUFCheckError, GGUFExportError
+from tuneforge.export.errors import GGUFCheckError, GGUFExportError
 
 Q = gguf.GGMLQuantizationType
 GGUF_TYPES = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import gguf
 
-from tuneforge.export.merge import GGUFExportError
+from tuneforge.export.errors import GGUFExportError
 
 # the pre-tokenizer regexes of tokenizer.json that llama.cpp implements under these `tokenizer.ggml.pre` names
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"

@@ -19,28 +19,9 @@ from typing import Callable
 
 import torch
 
+from tuneforge.export.errors import ExportError, ExportParityError
 from tuneforge.export.parity import THRESHOLDS, ParityCheck, compare, pick_prompts, prompt_logits
 from tuneforge.model.load import DTYPES, ModelLoadError, load_pretrained, load_trained
-
-
-class ExportError(RuntimeError):
-    """The run could not be exported; the message says why and what to do."""
-
-
-class ExportParityError(ExportError):
-    """The exported model's logits differ from base + adapter beyond the thresholds; nothing was written."""
-
-    def __init__(self, message: str, checks: list[ParityCheck]):
-        super().__init__(message)
-        self.checks = checks
-
-
-class GGUFExportError(ExportError):
-    """The model or its tokenizer cannot be written as GGUF; the message says why and what to do instead."""
-
-
-class GGUFCheckError(GGUFExportError):
-    """The GGUF file read back differs from its source; the file was removed."""
 
 
 @dataclass

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tuneforge.config.schema import RunConfig
-from tuneforge.train.linear_cross_entropy import chunk_rows
+from tuneforge.model.linear_cross_entropy import chunk_rows
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -372,7 +372,7 @@ def measure_step_memory(model, batch: dict[str, torch.Tensor], optimizer: torch.
     """Bytes of a real training step, counted from tensors (any device): weights, gradients, optimizer state,
     and everything autograd saved for backward (each storage once, parameters excluded). chunked: the LM head
     and loss as train.logits=chunked computes them (the default), else as `trained`."""
-    from tuneforge.train.loss import trained_nll_sum
+    from tuneforge.model.lm_loss import trained_nll_sum
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}

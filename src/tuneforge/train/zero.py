@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.config.schema import RunConfig
-from tuneforge.train.parallel import ParallelError, Replicated, ensure_process_group
+from tuneforge.train.replicated import ParallelError, Replicated, ensure_process_group
 
 
 def import_deepspeed():

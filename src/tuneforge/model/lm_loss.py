@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from tuneforge.data.templates import IGNORE_INDEX
 from tuneforge.model.attention import rows_by_position
-from tuneforge.train.linear_cross_entropy import linear_cross_entropy_sum
+from tuneforge.model.linear_cross_entropy import linear_cross_entropy_sum
 
 
 def trained_tokens(labels: torch.Tensor) -> int:

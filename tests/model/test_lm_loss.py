@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from tuneforge.train.loss import nll_sum, trained_tokens
+from tuneforge.model.lm_loss import nll_sum, trained_tokens
 
 
 def test_nll_sum_matches_hand_computed_value():
@@ -34,7 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from tuneforge.data.collate import PackedCollator, PaddedCollator, rows_at  # noqa: E402
 from tuneforge.data.packing import pack_dataset  # noqa: E402
-from tuneforge.train.loss import forward_logits, output_layer, trained_nll_sum  # noqa: E402
+from tuneforge.model.lm_loss import forward_logits, output_layer, trained_nll_sum  # noqa: E402
 
 
 def varied_rows(n=10, seed=3):
@@ -257,7 +257,11 @@ def test_cpu_flash_per_sample_function_equals_autograd_sdpa_on_each_slice():
 
 
 # ---------------------------------------------------------------------------- chunked LM head + cross-entropy
-from tuneforge.train.linear_cross_entropy import _WORKSPACE, chunk_rows, linear_cross_entropy_sum  # noqa: E402
+from tuneforge.model.linear_cross_entropy import (  # noqa: E402
+    _WORKSPACE,
+    chunk_rows,
+    linear_cross_entropy_sum,
+)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64, 1000])

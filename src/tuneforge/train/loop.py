@@ -31,7 +31,7 @@ from tuneforge.train.checkpoint import (TrainState, check_resume_key, find_lates
                                         load_weights_only, prune, read_manifest, save_checkpoint, step_dir_name)
 from tuneforge.train.final import write_final
 from tuneforge.train.host_memory import keep_freed_memory
-from tuneforge.train.loss import forward_logits, nll_sum, trained_nll_sum, trained_tokens
+from tuneforge.model.lm_loss import forward_logits, nll_sum, trained_nll_sum, trained_tokens
 from tuneforge.train.monitor import Monitor
 from tuneforge.train.parallel import build_parallel
 from tuneforge.train.planner import resolve_auto_checkpointing

@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tuneforge.data.collate import PackedCollator, PaddedCollator
-from tuneforge.train.throughput import default_threads, flop_model, peak_memory_gb
+from tuneforge.train.throughput import MfuMeter, default_threads, flop_model, peak_memory_gb
 
 
 def llama(h=32, i=64, layers=2, heads=4, kv=2, vocab=100):
@@ -64,3 +64,39 @@ def test_training_logs_throughput_mfu_and_memory(tiny_config_dict, tmp_path):
     assert 0 < step["mfu"] < 1 and step["peak_mem_gb"] > 0.05
     assert step["trained_tokens_per_s"] == pytest.approx(step["trained_tokens"] / step["step_time_s"])
     assert step["tokens_per_s"] > step["trained_tokens_per_s"]
+
+
+def test_mfu_is_never_above_100_percent_when_the_start_up_peak_was_low():
+    meter = MfuMeter(2.0, "measured fp32 matmul, best of 4 bursts", processes=2)
+    # 2 processes, 1e12 FLOPs each in 1 s: 1 TFLOP/s per process = 50% of 2.0
+    assert meter.update(2e12, 1.0) == (0.5, None)
+    # a step at 3 TFLOP/s per process: the measured peak was low (busy cores); the step becomes the peak
+    mfu, note = meter.update(6e12, 1.0)
+    assert mfu == 1.0 and meter.peak == pytest.approx(3.0)
+    assert note == ("MFU: a step reached 3 TFLOP/s per process, above the peak of 2 (measured fp32 matmul, best of "
+                    "4 bursts); MFU is now measured against 3 (the cores were probably busy while it was measured)")
+    # later steps are measured against the raised peak; the note is given once
+    assert meter.update(3e12, 1.0) == (pytest.approx(0.5), None)
+    assert meter.update(8e12, 1.0) == (1.0, None) and meter.peak == pytest.approx(4.0)
+    configured = MfuMeter(0.001, "train.peak_tflops")
+    mfu, note = configured.update(1e10, 1.0)
+    assert mfu == 1.0 and note.endswith("(set train.peak_tflops to the device's real peak)")
+
+
+def test_a_run_with_a_too_low_configured_peak_logs_mfu_of_at_most_100_percent(tiny_config_dict, tmp_path):
+    import json
+
+    from tuneforge.config.schema import RunConfig
+    from tuneforge.data.prepare import prepare
+    from tuneforge.train.loop import Trainer
+
+    cfg = RunConfig.model_validate({**tiny_config_dict, "train": {**tiny_config_dict["train"], "peak_tflops": 1e-9}})
+    data = prepare(cfg, tmp_path / "run", log=lambda s: None)
+    lines = []
+    tr = Trainer(cfg, tmp_path / "run", data, log=lines.append).setup()
+    tr.train()
+    tr.cleanup()
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    mfus = [r["mfu"] for r in recs if r["type"] == "train"]
+    assert mfus and max(mfus) <= 1.0 and mfus[0] == 1.0
+    assert sum("MFU: a step reached" in line for line in lines) == 1

@@ -37,7 +37,7 @@ from tuneforge.train.parallel import build_parallel
 from tuneforge.train.planner import resolve_auto_checkpointing
 from tuneforge.train.trackers import open_trackers
 from tuneforge.train.signals import BadStepsError, StopSignals, TrainingStopped
-from tuneforge.train.throughput import default_threads, device_peak_tflops, flop_model, peak_memory_gb
+from tuneforge.train.throughput import MfuMeter, default_threads, device_peak_tflops, flop_model, peak_memory_gb
 from tuneforge.train.optim import build_optimizer, build_scheduler, compile_layers
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -118,6 +118,7 @@ class Trainer:
         self.params_report = trainable_report(model)
         self.flops = flop_model(model)
         self.peak_tflops, peak_source = device_peak_tflops(device, self.precision, cfg.train.peak_tflops)
+        self.mfu = MfuMeter(self.peak_tflops, peak_source, self.accelerator.num_processes)
         self.log(f"model: {cfg.model.name_or_path or cfg.model.init.architecture + ' (new)'} on {device}, "
                  f"precision {self.precision}, attention {attention}, {torch.get_num_threads()} threads; "
                  f"{describe(self.params_report)}; MFU against {self.peak_tflops:.3g} TFLOP/s ({peak_source})")
@@ -236,9 +237,11 @@ class Trainer:
                 st.step = step
                 st.tokens_total += m["tokens"]
                 st.trained_tokens_total += m["trained_tokens"]
-                flops = m.pop("flops")
+                mfu, note = self.mfu.update(m.pop("flops"), dt)
+                if note:
+                    self.log(note)
                 m.update(step_time_s=dt, tokens_per_s=m["tokens"] / dt, trained_tokens_per_s=m["trained_tokens"] / dt,
-                         mfu=flops / dt / (self.peak_tflops * 1e12 * self.accelerator.num_processes),
+                         mfu=mfu,
                          peak_mem_gb=peak_memory_gb(self.device), trained_tokens_total=st.trained_tokens_total,
                          tokens_total=st.tokens_total, epoch=step * self.cfg.train.grad_accum / self.order.batches_per_epoch)
                 if m["skipped"]:

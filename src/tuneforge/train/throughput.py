@@ -64,14 +64,6 @@ def flop_model(model: torch.nn.Module) -> FlopModel:
     return FlopModel(body, trainable_body, adapters, head_params, head_trains, layers, hidden)
 
 
-def attended_positions(position_ids_or_lengths) -> int:
-    """Sum over tokens of the positions each attends to (causal): a sample of n tokens gives n(n+1)/2."""
-    total = 0
-    for n in position_ids_or_lengths:
-        total += n * (n + 1) // 2
-    return total
-
-
 # ---------------------------------------------------------------------------- device peak
 # dense tensor-core peaks (TFLOP/s) for common GPUs in the training dtype; the user may set train.peak_tflops
 GPU_PEAK_TFLOPS = {
@@ -109,10 +101,39 @@ def device_peak_tflops(device: str, precision: str, configured: float | None) ->
                 return peak, f"{gpu} {prec} datasheet"
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         return measure_matmul_tflops("cuda", dtype, 4096), "measured matmul"
-    # the best of two sizes: small matmuls run faster on CPUs (cache), and one short sample is easily
-    # disturbed by another process; a peak measured too low would inflate MFU
-    return max(measure_matmul_tflops("cpu", size=512, seconds=0.2),
-               measure_matmul_tflops("cpu", size=1024, seconds=0.2)), "measured fp32 matmul, best of 512/1024"
+    # the best of several short bursts at two sizes: small matmuls run faster on CPUs (cache), and a burst is
+    # easily slowed by another process; a peak measured too low would inflate MFU (MfuMeter bounds what remains)
+    best = max(measure_matmul_tflops("cpu", size=size, seconds=0.1) for size in (512, 1024, 512, 1024))
+    return best, "measured fp32 matmul, best of 4 bursts"
+
+
+class MfuMeter:
+    """Model FLOPs utilisation of each step: achieved model FLOP/s per process / the device's peak.
+
+    A peak measured at start-up is a lower bound of what the device can do: another process may have been
+    using the cores at that moment (the quickstart once printed MFU 164-180% that way), and a configured
+    `train.peak_tflops` can be wrong. A step that achieves more than the peak is itself the better
+    measurement, so the peak rises to it: MFU is never above 100%, and the first time it happens `update`
+    returns a note saying so (the loop logs it once)."""
+
+    def __init__(self, peak_tflops: float, source: str, processes: int = 1):
+        self.peak, self.source, self.processes = peak_tflops, source, max(1, processes)
+        self._noted = False
+
+    def update(self, flops: float, seconds: float) -> tuple[float, str | None]:
+        """(MFU of a step of `flops` model FLOPs over all processes taking `seconds`, a note or None)."""
+        achieved = flops / max(seconds, 1e-12) / self.processes / 1e12
+        if achieved <= self.peak:
+            return achieved / self.peak, None
+        note = None
+        if not self._noted:
+            fix = ("set train.peak_tflops to the device's real peak" if self.source == "train.peak_tflops"
+                   else "the cores were probably busy while it was measured")
+            note = (f"MFU: a step reached {achieved:.3g} TFLOP/s per process, above the peak of {self.peak:.3g} "
+                    f"({self.source}); MFU is now measured against {achieved:.3g} ({fix})")
+            self._noted = True
+        self.peak = achieved
+        return 1.0, note
 
 
 # ---------------------------------------------------------------------------- memory

@@ -8,7 +8,7 @@ continue as if it had never stopped:
   sharded/                instead of the two above under FSDP2 / DeepSpeed: each rank's shards of the trainable
                           weights and optimizer state (torch.distributed.checkpoint, or DeepSpeed's ZeRO files)
   rng-rank{R}.pt          python, numpy, torch CPU and CUDA generator states of rank R
-  state.json              TrainState: step, token counters, bad steps, best-eval and early-stop bookkeeping
+  state.json              TrainState: step, token counters, bad steps, failed saves, best-eval, early-stop
   manifest.json           step, tokens, last eval, what the run must not change to resume, library versions
 
 It is written into `.tmp-step-XXXXXX/`, every file fsynced, `manifest.json` last, then renamed into
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import shutil
 import time
@@ -33,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuneforge import __version__
+from tuneforge.train.durable_files import fsync_dir, fsync_file, replace_text, write_json
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -67,6 +67,7 @@ class TrainState:
     tokens_total: int = 0
     trained_tokens_total: int = 0
     bad_steps: int = 0
+    failed_saves: int = 0  # checkpoints that could not be written (disk full, read-only, ...); the run went on
     first_loss: float | None = None
     last_loss: float | None = None
     loss_avg: float | None = None  # running average for loss-spike detection
@@ -82,45 +83,12 @@ def _reached(stage: str) -> None:
     """Called between the stages of a save. A seam for tests that crash or fail a save at a given stage."""
 
 
-# ---------------------------------------------------------------------------- durable file writes
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
-    _fsync_file(path)
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Atomically replace a small text file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync_file(tmp)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 # ---------------------------------------------------------------------------- what is saved
 def rng_state() -> dict:
     """Every random stream, as tensors and plain data (numpy's key as a tensor), so it loads with weights_only."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
-             "torch": torch.get_rng_state()}
+    numpy_state = (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -149,7 +117,8 @@ def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor
     with torch.no_grad():
         for n, p in params.items():
             if p.shape != tensors[n].shape:
-                raise CheckpointError(f"{where}: {n} has shape {tuple(tensors[n].shape)}, the model has {tuple(p.shape)}")
+                raise CheckpointError(
+                    f"{where}: {n} has shape {tuple(tensors[n].shape)}, the model has {tuple(p.shape)}")
             p.copy_(tensors[n].to(p.device, p.dtype))
 
 
@@ -182,62 +151,103 @@ def step_dir_name(step: int) -> str:
 # ---------------------------------------------------------------------------- save
 def save_checkpoint(ckpt_root: Path, step: int, *, model, optimizer, scheduler, scaler, state: TrainState,
                     resume_key: dict, is_main: bool = True, rank: int = 0, barrier=lambda: None,
-                    shards=None) -> Path:
-    """Write checkpoint `step` atomically; returns its directory. Raises OSError if the disk refuses it,
-    in which case the previous checkpoints and `latest` are untouched (the partial `.tmp-*` is removed).
+                    shards=None, any_failed=None) -> Path:
+    """Write checkpoint `step` atomically; returns its directory. When a writer fails (any error: disk full,
+    read-only, quota; torch.save's RuntimeError, safetensors' SafetensorError, OSError), the partial `.tmp-*` is
+    removed, the previous checkpoints and `latest` are untouched, and the error is raised (CheckpointError on a
+    process whose own part succeeded). `any_failed(failed_here) -> failed_anywhere`, a collective given by
+    multi-process runs, lets every rank give up together instead of one waiting for another at a barrier.
     `shards(dir)`, when given, is called on every rank to write the sharded weights and optimizer state."""
     ckpt_root = Path(ckpt_root)
     name = step_dir_name(step)
     final, tmp = ckpt_root / name, ckpt_root / f".tmp-{name}"
-    try:
-        if is_main:
-            ckpt_root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        barrier()
+    failure: Exception | None = None
+
+    def part(write) -> None:  # this rank's share of one stage; skipped once something failed here
+        nonlocal failure
+        if failure is None:
+            try:
+                write()
+            except Exception as e:  # noqa: BLE001 - any writer's error; KeyboardInterrupt and SystemExit pass through
+                failure = e
+
+    def settle() -> None:  # the barrier between stages: every rank learns whether any failed, and all stop together
+        if any_failed is not None:
+            failed = any_failed(failure is not None)
+        else:
+            barrier()
+            failed = failure is not None
+        if failed:
+            raise failure if failure is not None else CheckpointError(
+                f"{tmp}: another process could not write its part of checkpoint {name}")
+
+    def start() -> None:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+
+    def own_files() -> None:
         _reached("start")
         torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-        _fsync_file(tmp / f"rng-rank{rank}.pt")
-        if shards is not None:
-            shards(tmp / "sharded")
-            _reached("weights")
-            for f in sorted((tmp / "sharded").rglob("*")):
-                if f.is_file():
-                    _fsync_file(f)
-        if is_main and shards is None:
+        fsync_file(tmp / f"rng-rank{rank}.pt")
+
+    def sharded() -> None:  # a collective: every rank takes part, even one whose own files failed
+        shards(tmp / "sharded")
+        _reached("weights")
+        for f in sorted((tmp / "sharded").rglob("*")):
+            if f.is_file():
+                fsync_file(f)
+
+    def main_files() -> None:
+        if shards is None:
             save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-            _fsync_file(tmp / "trainable.safetensors")
+            fsync_file(tmp / "trainable.safetensors")
             _reached("weights")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            _fsync_file(tmp / "optimizer.pt")
+            fsync_file(tmp / "optimizer.pt")
             _reached("optimizer")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        fsync_file(tmp / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+            fsync_file(tmp / "scaler.pt")
+        write_json(tmp / "state.json", dataclasses.asdict(state))
+
+    def publish() -> None:
+        _reached("manifest")
+        write_json(tmp / MANIFEST, {
+            "step": step, "tokens_seen": state.tokens_total, "trained_tokens": state.trained_tokens_total,
+            "eval": state.last_eval, "resume_key": resume_key, "versions": library_versions(),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        fsync_dir(tmp)
+        _reached("rename")
+        if final.exists():  # the same step saved again (e.g. a stop right after a scheduled save)
+            old = ckpt_root / f".old-{name}"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(final)
+        fsync_dir(ckpt_root)
+        _reached("latest")
+        replace_text(ckpt_root / LATEST, name + "\n")
+
+    try:
         if is_main:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            _fsync_file(tmp / "scheduler.pt")
-            if scaler is not None:
-                torch.save(scaler.state_dict(), tmp / "scaler.pt")
-                _fsync_file(tmp / "scaler.pt")
-            _write_json(tmp / "state.json", dataclasses.asdict(state))
-        barrier()
+            part(start)
+        settle()
+        if shards is not None:
+            try:
+                sharded()
+            except Exception as e:  # noqa: BLE001 - as in part(), but entered by every rank
+                failure = failure or e
+        part(own_files)
         if is_main:
-            _reached("manifest")
-            _write_json(tmp / MANIFEST, {
-                "step": step, "tokens_seen": state.tokens_total, "trained_tokens": state.trained_tokens_total,
-                "eval": state.last_eval, "resume_key": resume_key, "versions": library_versions(),
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            })
-            _fsync_dir(tmp)
-            _reached("rename")
-            if final.exists():  # the same step saved again (e.g. a stop right after a scheduled save)
-                old = ckpt_root / f".old-{name}"
-                shutil.rmtree(old, ignore_errors=True)
-                final.rename(old)
-                shutil.rmtree(old, ignore_errors=True)
-            tmp.rename(final)
-            _fsync_dir(ckpt_root)
-            _reached("latest")
-            _replace_text(ckpt_root / LATEST, name + "\n")
-        barrier()
+            part(main_files)
+        settle()
+        if is_main:
+            part(publish)
+        settle()
     except BaseException:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -322,7 +332,8 @@ def _short(v) -> str:
 
 
 # numpy's array reconstruction, for RNG files written before numpy's key was saved as a tensor
-_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), getattr(np, "_core", np).multiarray._reconstruct]
+_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                        getattr(np, "_core", np).multiarray._reconstruct]
 
 
 def safe_load(file: Path):

@@ -188,7 +188,7 @@ def main() -> int:
         print(f"needs {SHARED}", file=sys.stderr)
         return 1
     from tuneforge.config.schema import DedupConfig
-    from tuneforge.data.dedup import _texts, exact_duplicates, near_duplicates
+    from tuneforge.data.dedup import _texts, exact_duplicate_rows, near_duplicate_rows, normalize_text
 
     rows, kinds = build_corpus(args.rows)
     runs: list[tuple[dict, dict]] = []
@@ -206,9 +206,9 @@ def main() -> int:
     canon = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": r["instruction"]},
                                                       {"role": "assistant", "content": r["output"]}], "text": ""}
                                         for r in rows])
-    texts = _texts(canon, "all")
-    exact = exact_duplicates(texts)
-    near = near_duplicates(texts, DedupConfig(near=True), skip=exact)
+    texts = [normalize_text(t) for t in _texts(canon, "all")]
+    exact = exact_duplicate_rows(texts)
+    near = near_duplicate_rows(texts, DedupConfig(near=True), skip=exact)
     removed = [e or n for e, n in zip(exact, near)]
     n_near = kinds.count("near")
     n_unique = kinds.count("unique")

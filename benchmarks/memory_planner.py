@@ -16,7 +16,34 @@ from tuneforge.config.schema import RunConfig
 from tuneforge.model.adapters import apply_adapter
 from tuneforge.model.load import load_model
 from tuneforge.train.optim import build_optimizer
-from tuneforge.train.planner import measure_step_memory, plan_memory
+from tuneforge.model.lm_loss import trained_nll_sum
+from tuneforge.train.planner import plan_memory
+
+
+def measure_step_memory(model, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                        chunked: bool = True) -> dict[str, float]:
+    """Bytes of a real training step, counted from tensors (any device): weights, gradients, optimizer state,
+    and everything autograd saved for backward (each storage once, parameters excluded). chunked: the LM head
+    and loss as train.logits=chunked computes them (the default), else as `trained`."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = trained_nll_sum(model, batch, chunked=chunked)
+    loss.backward()
+    optimizer.step()
+    state = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+                if torch.is_tensor(t) and t.numel() > 1)
+    return {"weights": float(sum(p.numel() * p.element_size() for p in model.parameters())),
+            "gradients": float(sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)),
+            "optimizer": float(state), "saved activations": float(sum(storages.values()))}
+
 
 MODELS = {
     "tiny (h128, 3 layers, vocab 512)": ({"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2}, 512, 4, 128),

@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import shared_path
 from tuneforge.config.schema import DecontamConfig, DedupConfig
-from tuneforge.data.dedup import NgramIndex, decontaminate, deduplicate, exact_duplicates, normalize_text
+from tuneforge.data.dedup import NgramIndex, decontaminate, deduplicate, exact_duplicate_rows, normalize_text
 
 VOCAB = [f"w{i}" for i in range(2000)]
 
@@ -28,7 +28,7 @@ def perturb(rng, text):
 
 def test_normalisation_folds_case_whitespace_and_punctuation():
     assert normalize_text("  Hello,\tWORLD!! ") == "hello world"
-    assert exact_duplicates(["Hi there.", "hi   THERE", "hi where"]) == [False, True, False]
+    assert exact_duplicate_rows([normalize_text(t) for t in ["Hi there.", "hi   THERE", "hi where"]]) == [False, True, False]
 
 
 def test_exact_and_near_duplicates_with_exact_counts():
@@ -109,9 +109,9 @@ def test_pairs_and_row_by_row_decide_the_same(monkeypatch):
     found = {}
     for threshold in (0.8, 0.3):
         cfg = DedupConfig(near=True, threshold=threshold)
-        found[threshold] = dedup._near(texts, cfg, None)
+        found[threshold] = dedup.near_duplicate_rows(texts, cfg, None)
         monkeypatch.setattr(dedup, "PAIR_BUDGET", 0)  # every bucket pair over budget: the row-by-row path
-        assert dedup._near(texts, cfg, None) == found[threshold]
+        assert dedup.near_duplicate_rows(texts, cfg, None) == found[threshold]
         monkeypatch.undo()
     assert sum(found[0.8]) == 300 + 100  # the exact copies too: nothing was skipped
     assert found[0.3] == found[0.8]  # unrelated sentences share far fewer shingles

@@ -10,7 +10,8 @@ from tuneforge.config.schema import RunConfig
 from tuneforge.model.adapters import apply_adapter
 from tuneforge.model.load import load_model
 from tuneforge.train.optim import build_optimizer
-from tuneforge.train.planner import GIB, measure_step_memory, parse_size, plan_memory
+from benchmarks.memory_planner import measure_step_memory
+from tuneforge.train.planner import GIB, parse_size, plan_memory
 
 
 class _Tok:

@@ -48,7 +48,8 @@ def _texts(ds: datasets.Dataset, fields: str) -> list[str]:
     return [compared_text(m, t, fields) for m, t in zip(cols["messages"], cols["text"])]
 
 
-def _exact(normalized: list[str]) -> list[bool]:
+def exact_duplicate_rows(normalized: list[str]) -> list[bool]:
+    """True for every row whose normalised text was seen before."""
     seen: set[str] = set()
     dup = []
     for t in normalized:
@@ -57,16 +58,12 @@ def _exact(normalized: list[str]) -> list[bool]:
     return dup
 
 
-def exact_duplicates(texts: list[str]) -> list[bool]:
-    """True for every row whose normalised text was seen before."""
-    return _exact([normalize_text(t) for t in texts])
-
-
 PAIR_BUDGET = 4_000_000  # candidate pairs examined at once; more (huge LSH buckets) takes the row-by-row path
 FEATURE_BATCH_ROWS = 10_000  # rows per map call when worker processes compute the dedup features
 
 
-def _near(normalized: list[str], cfg: DedupConfig, skip: list[bool] | None) -> list[bool]:
+def near_duplicate_rows(normalized: list[str], cfg: DedupConfig, skip: list[bool] | None) -> list[bool]:
+    """True for every row that is a near-duplicate of an earlier kept row (rows in `skip` are ignored)."""
     rows = [i for i in range(len(normalized)) if not (skip and skip[i])]
     if not rows:
         return [False] * len(normalized)
@@ -184,11 +181,6 @@ def _near_by_pairs(groups: np.ndarray, sig: np.ndarray, floor: float, threshold:
     return near
 
 
-def near_duplicates(texts: list[str], cfg: DedupConfig, skip: list[bool] | None = None) -> list[bool]:
-    """True for every row that is a near-duplicate of an earlier kept row (rows in `skip` are ignored)."""
-    return _near([normalize_text(t) for t in texts], cfg, skip)
-
-
 def row_features(messages: list[list[dict]], texts: list[str], cfg: DedupConfig) -> pa.Table:
     """Per row: the normalised compared text and, for near-dedup, the MinHash signature and shingle hashes.
     Rows are independent (words hash alone, signatures are seeded), so any batching gives the same values."""
@@ -251,8 +243,8 @@ def deduplicate(ds: datasets.Dataset, cfg: DedupConfig, num_proc: int | None = N
         exact, near = _decide(features, cfg, rows)
     else:
         normalized = [normalize_text(t) for t in _texts(ds, cfg.fields)] if (cfg.exact or cfg.near) else [""] * len(ds)
-        exact = _exact(normalized) if cfg.exact else [False] * len(ds)
-        near = _near(normalized, cfg, skip=exact) if cfg.near else [False] * len(ds)
+        exact = exact_duplicate_rows(normalized) if cfg.exact else [False] * len(ds)
+        near = near_duplicate_rows(normalized, cfg, skip=exact) if cfg.near else [False] * len(ds)
     keep = [i for i in range(len(ds)) if not (exact[i] or near[i])]
     report = {"exact_removed": sum(exact), "near_removed": sum(near), "kept": len(keep)}
     return (ds.select(keep, new_fingerprint=uuid.uuid4().hex) if len(keep) < len(ds) else ds), report

@@ -364,31 +364,3 @@ def check_fits(plan: MemoryPlan) -> str | None:
     return (f"memory plan: this run needs about {plan.total / GIB:.1f} GiB per device but {plan.device_bytes / GIB:.1f} "
             f"GiB are available; it will probably run out of memory. Try: " + "; ".join(f for f in fixes if f)
             + ". (tuneforge plan CONFIG shows the breakdown.)")
-
-
-# ---------------------------------------------------------------------------- measurement, to check the plan
-def measure_step_memory(model, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                        chunked: bool = True) -> dict[str, float]:
-    """Bytes of a real training step, counted from tensors (any device): weights, gradients, optimizer state,
-    and everything autograd saved for backward (each storage once, parameters excluded). chunked: the LM head
-    and loss as train.logits=chunked computes them (the default), else as `trained`."""
-    from tuneforge.model.lm_loss import trained_nll_sum
-
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = trained_nll_sum(model, batch, chunked=chunked)
-    loss.backward()
-    optimizer.step()
-    state = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
-                if torch.is_tensor(t) and t.numel() > 1)
-    return {"weights": float(sum(p.numel() * p.element_size() for p in model.parameters())),
-            "gradients": float(sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)),
-            "optimizer": float(state), "saved activations": float(sum(storages.values()))}

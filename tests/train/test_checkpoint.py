@@ -134,7 +134,7 @@ def test_a_failed_save_warns_keeps_the_previous_checkpoint_and_training_goes_on(
     assert summary["steps"] == 4
     assert find_latest(tr.ckpt_root).name == "step-000002"
     err = capsys.readouterr().err
-    assert "warning: checkpoint at step 4 could not be written ([Errno 28] No space left on device)" in err
+    assert "warning: checkpoint at step 4 could not be written (OSError: [Errno 28] No space left on device)" in err
     assert "step-000002 is intact" in err
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "checkpoint_failed"] == [4]

@@ -7,11 +7,31 @@ import shutil
 from pathlib import Path
 
 
+class FinalWriteError(RuntimeError):
+    """final/ could not be written (disk full, read-only, ...); the message names the last good checkpoint."""
+
+    def __init__(self, message: str, latest: Path | None):
+        super().__init__(message)
+        self.latest = latest
+
+
 def write_final(run_dir: Path, model, state_dict: dict | None, tokenizer, stops: list[int], info: dict) -> Path:
     """Adapter or full weights (safetensors) + tokenizer + tuneforge.json into `run_dir/final`, via final.tmp.
-    `state_dict`: weights gathered from a sharded strategy, or None to save the model's own."""
+    `state_dict`: weights gathered from a sharded strategy, or None to save the model's own. On any error the
+    partial final.tmp is removed (an earlier final/ stays) and the error raised."""
     final, tmp = run_dir / "final", run_dir / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(tmp, model, state_dict, tokenizer, stops, info)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def _write(tmp: Path, model, state_dict: dict | None, tokenizer, stops: list[int], info: dict) -> None:
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         gen.eos_token_id = stops
@@ -24,6 +44,3 @@ def write_final(run_dir: Path, model, state_dict: dict | None, tokenizer, stops:
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))
     (tmp / "tuneforge.json").write_text(json.dumps({**info, "stop_token_ids": stops}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final

@@ -27,9 +27,12 @@ from tuneforge.model.gguf_source import is_gguf, link_base
 from tuneforge.model.load import (DTYPES, choose_attention, choose_precision, load_model, load_quantized,
                                   model_source)
 from tuneforge.train.batches import BatchOrder, join_micro_batches, pass_budget
-from tuneforge.train.checkpoint import (TrainState, check_resume_key, find_latest, flat_config, load_checkpoint,
-                                        load_weights_only, prune, read_manifest, save_checkpoint, step_dir_name)
-from tuneforge.train.final import write_final
+from tuneforge.train.alerts import alert, error_text, final_failed_message, save_failed_message
+from tuneforge.train.checkpoint import (CheckpointError, TrainState, check_resume_key, find_latest, flat_config,
+                                        load_checkpoint, load_weights_only, prune, read_manifest, save_checkpoint,
+                                        step_dir_name)
+from tuneforge.train.disk_space import directory_bytes, estimate_checkpoint_bytes, low_space_warning
+from tuneforge.train.final import FinalWriteError, write_final
 from tuneforge.train.host_memory import keep_freed_memory
 from tuneforge.model.lm_loss import forward_logits, nll_sum, trained_nll_sum, trained_tokens
 from tuneforge.train.monitor import Monitor
@@ -116,6 +119,7 @@ class Trainer:
             compiled = compile_layers(model)
             self.log(f"torch.compile: {compiled} decoder layers (compiled on first use)")
         self.params_report = trainable_report(model)
+        self.ckpt_bytes, self.ckpt_measured = estimate_checkpoint_bytes(model, cfg.train.optimizer), False
         self.flops = flop_model(model)
         self.peak_tflops, peak_source = device_peak_tflops(device, self.precision, cfg.train.peak_tflops)
         self.mfu = MfuMeter(self.peak_tflops, peak_source, self.accelerator.num_processes)
@@ -226,6 +230,7 @@ class Trainer:
         a SIGTERM/SIGINT (checkpoint written) and BadStepsError after too many non-finite steps."""
         self.model.train()
         st = self.state = self.resume(resume_from) if resume_from else TrainState()
+        self._low_space = self._check_space(find_latest(self.ckpt_root), warned=False)
         every_eval, ck = self.cfg.eval.every_steps, self.cfg.checkpoint
         last_save = time.monotonic()
         t0 = time.perf_counter() - st.train_seconds
@@ -264,7 +269,7 @@ class Trainer:
                     saved = self.save_checkpoint()
                     last_save = time.monotonic()
                     if stop.requested:
-                        raise TrainingStopped(stop.requested, step, saved)
+                        raise TrainingStopped(stop.requested, step, saved, find_latest(self.ckpt_root))
                 if st.stopped_early:
                     self.monitor.event(f"early stopping at step {step}: {self.cfg.eval.metric} did not improve by "
                                        f"{self.cfg.eval.early_stopping_min_delta:g} in "
@@ -281,6 +286,9 @@ class Trainer:
         self.summary = {"steps": st.step, "wall_s": wall, "tokens": st.tokens_total,
                         "trained_tokens": st.trained_tokens_total, "tokens_per_s": st.tokens_total / max(wall, 1e-9),
                         "first_loss": st.first_loss, "last_loss": st.last_loss, "bad_steps": st.bad_steps,
+                        "failed_checkpoint_saves": st.failed_saves, "last_checkpoint": str(find_latest(self.ckpt_root)
+                                                                                           or "") or None,
+                        "skipped_rows": (self.data.report.get("invalid") or {}).get("skipped", 0),
                         "stopped_early": st.stopped_early, "best_step": st.best_step,
                         "world_size": self.accelerator.num_processes, "wrapper": self.wrapper,
                         "params_held_per_rank": self.local_fraction,
@@ -348,27 +356,57 @@ class Trainer:
                 "precision": self.precision, "config": flat_config(dump)}
 
     def save_checkpoint(self) -> Path | None:
-        """Save a checkpoint of the current step; on a disk error say so, keep the previous one, and go on."""
+        """Save a checkpoint of the current step. When any writer fails (disk full, read-only, quota, ...), say so
+        whatever log.progress is, count it, keep the previous checkpoint and go on."""
         acc, st = self.accelerator, self.state
         try:
             path = save_checkpoint(
                 self.ckpt_root, st.step, model=self.parallel.module(), optimizer=self.optimizer,
                 scheduler=self.scheduler, scaler=getattr(acc, "scaler", None), state=st, resume_key=self.resume_key(),
                 is_main=self.is_main, rank=acc.process_index, barrier=acc.wait_for_everyone,
-                shards=self.parallel.save_shards)
-        except OSError as e:
+                shards=self.parallel.save_shards, any_failed=self._any_failed)
+        except TrainingStopped:
+            raise
+        except Exception as e:  # noqa: BLE001 - every writer's error; KeyboardInterrupt and SystemExit go through
+            st.failed_saves += 1
             latest = find_latest(self.ckpt_root)
-            self.monitor.write({"type": "checkpoint_failed", "step": st.step, "error": str(e)})
-            self.monitor.event(f"warning: checkpoint at step {st.step} could not be written ({e}); "
-                               + (f"the previous checkpoint {latest} is intact. " if latest else "")
-                               + "Free disk space or fix permissions on " + str(self.ckpt_root))
+            try:  # metrics.jsonl may sit on the same full disk
+                self.monitor.write({"type": "checkpoint_failed", "step": st.step, "error": error_text(e)})
+            except OSError:
+                pass
+            if self.is_main or not isinstance(e, CheckpointError):  # the main process, or the rank that failed
+                where = "" if self.is_main else f"rank {acc.process_index}: "
+                alert(self.monitor, where + save_failed_message(st.step, e, self.ckpt_root, latest, st.failed_saves))
             return None
         if self.is_main:
             want_best = self.cfg.checkpoint.keep_best or self.cfg.eval.load_best_at_end
             keep = {st.best_step} if want_best and st.best_step is not None else set()
             prune(self.ckpt_root, self.cfg.checkpoint.save_total_limit, keep)
+            self._low_space = self._check_space(path, warned=self._low_space)
         self.monitor.write({"type": "checkpoint", "step": st.step, "path": str(path)})
         return path
+
+    def _any_failed(self, failed_here: bool) -> bool:
+        """Whether any process failed its part of a save (a collective in multi-process runs)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return failed_here
+        return bool(acc.reduce(torch.tensor([float(failed_here)], device=acc.device), "sum").item() > 0)
+
+    def _check_space(self, written: Path | None, warned: bool) -> bool:
+        """Warn (once until it recovers) when the checkpoint directory has less free space than a checkpoint needs:
+        the size of `written` once one exists, an estimate before. Returns whether space is short."""
+        if not self.is_main:
+            return False
+        if written is not None and written.is_dir():
+            self.ckpt_bytes, self.ckpt_measured = directory_bytes(written), True
+        try:
+            warning = low_space_warning(self.ckpt_root, self.ckpt_bytes, self.ckpt_measured)
+        except OSError:
+            return warned
+        if warning and not warned:
+            alert(self.monitor, warning)
+        return warning is not None
 
     def resume(self, path: str | Path) -> TrainState:
         path = Path(path)
@@ -393,7 +431,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------ results
     def save_final(self) -> Path:
-        """Write `<run>/final`: adapter or full weights (safetensors) + tokenizer + tuneforge.json, atomically."""
+        """Write `<run>/final`: adapter or full weights (safetensors) + tokenizer + tuneforge.json, atomically. Raises
+        FinalWriteError, naming the last good checkpoint, when it cannot be written."""
         self.accelerator.wait_for_everyone()
         # sharded strategies gather every weight onto rank 0 first (a collective: all ranks take part)
         state_dict = self.parallel.full_state_dict()
@@ -402,7 +441,11 @@ class Trainer:
         stops = self.data.report.get("stop_token_ids") or [self.data.tokenizer.eos_token_id]
         info = {"tuneforge_version": __version__, "adapter": self.cfg.adapter.type, "steps": self.state.step,
                 "best_step": self.state.best_step, "precision": self.precision, **self.params_report}
-        return write_final(self.run_dir, self.parallel.module(), state_dict, self.data.tokenizer, stops, info)
+        try:
+            return write_final(self.run_dir, self.parallel.module(), state_dict, self.data.tokenizer, stops, info)
+        except Exception as e:  # noqa: BLE001 - any writer's error (disk full, read-only, ...): say what is kept
+            latest = find_latest(self.ckpt_root)
+            raise FinalWriteError(final_failed_message(self.run_dir, e, latest, self.state.step), latest) from e
 
     def cleanup(self) -> None:
         self.monitor.close()

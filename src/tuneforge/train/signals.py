@@ -13,9 +13,10 @@ from pathlib import Path
 class TrainingStopped(RuntimeError):
     """The run stopped on a signal after writing a checkpoint."""
 
-    def __init__(self, signame: str, step: int, checkpoint: Path | None):
+    def __init__(self, signame: str, step: int, checkpoint: Path | None, previous: Path | None = None):
         self.signame, self.step, self.checkpoint = signame, step, checkpoint
-        where = f"checkpoint {checkpoint} written" if checkpoint else "the checkpoint could not be written"
+        where = (f"checkpoint {checkpoint} written" if checkpoint else "the checkpoint could not be written, "
+                 + (f"so a resume starts from the last good one, {previous}" if previous else "and none was before"))
         super().__init__(f"stopped by {signame} after step {step}; {where}. "
                          "Run the same `tuneforge train` command again to resume.")
 

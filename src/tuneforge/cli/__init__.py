@@ -104,9 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
                         description="serve RUN (adapter + base or full weights) or an exported directory at "
                         "/v1/chat/completions, /v1/completions, /v1/models and /health (needs the serve extra)")
     sv.add_argument("run_dir", help="run directory, its final/ directory, or an exported model directory")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to accept other machines)")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1, this machine only). Any other address (0.0.0.0 to "
+                    "accept other machines) needs --api-key, or --allow-unauthenticated")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: env TUNEFORGE_API_KEY)")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes and on /docs, /redoc, "
+                    "/openapi.json (default: env TUNEFORGE_API_KEY; /health stays open)")
+    sv.add_argument("--allow-unauthenticated", action="store_true",
+                    help="serve on a non-loopback --host without an API key (only behind a trusted network)")
+    sv.add_argument("--max-request-bytes", type=int, default=4 * 2**20, metavar="N",
+                    help="largest request body accepted, in bytes; larger ones get 413 (default 4194304 = 4 MiB, "
+                    "a 128k-token prompt in any JSON encoding)")
+    sv.add_argument("--max-sequences-per-request", type=int, default=256, metavar="N",
+                    help="most sequences one request may ask for, prompts x n; more get 400 (default 256)")
     sv.add_argument("--model-name", help="the model id clients send (default: the run's name)")
     sv.add_argument("--max-batch-size", type=int, default=32, help="most sequences generated together")
     sv.add_argument("--batch-window-ms", type=float, default=0.0,

@@ -34,21 +34,32 @@ def cmd_serve(args) -> int:
     if missing:
         _err(f"tuneforge serve needs {' and '.join(missing)} (not installed): {SERVE_EXTRA_HINT}")
         return EXIT_FAILED
+    from tuneforge.serve.compile import CompileError
+    from tuneforge.serve.limits import RequestLimits, exposure_error
     from tuneforge.serve.loading import load_served
     from tuneforge.serve.server import run_server
 
-    from tuneforge.serve.compile import CompileError
-
+    api_key = args.api_key or os.environ.get("TUNEFORGE_API_KEY") or None
+    refused = exposure_error(args.host, api_key, args.allow_unauthenticated)
+    if refused:  # before loading the model: the answer does not depend on it
+        _err(refused)
+        return EXIT_CONFIG
+    for flag, value in (("--max-request-bytes", args.max_request_bytes),
+                        ("--max-sequences-per-request", args.max_sequences_per_request)):
+        if value < 1:
+            _err(f"{flag} must be at least 1, got {value}")
+            return EXIT_CONFIG
+    limits = RequestLimits(args.max_request_bytes, args.max_sequences_per_request)
     served = load_served(args.run_dir, name=args.model_name, device=args.device)
     if args.max_kv_tokens is not None and args.max_kv_tokens < served.context_length:
         _err(f"--max-kv-tokens {args.max_kv_tokens} is less than the model's context ({served.context_length} tokens, "
              "max_position_embeddings in its config.json): one full-length request would never fit; use at least "
              f"{served.context_length}, or leave it out for no limit")
         return EXIT_CONFIG
-    api_key = args.api_key or os.environ.get("TUNEFORGE_API_KEY") or None
     try:
         run_server(served, args.host, args.port, api_key, args.max_batch_size, args.batch_window_ms,
-                   max_kv_tokens=args.max_kv_tokens, compile_model_first=args.compile)
+                   max_kv_tokens=args.max_kv_tokens, compile_model_first=args.compile, limits=limits,
+                   allow_unauthenticated=args.allow_unauthenticated)
     except CompileError as e:
         _err(str(e))
         return EXIT_FAILED

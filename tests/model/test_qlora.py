@@ -111,9 +111,13 @@ def test_8bit_optimizers_come_from_bitsandbytes(tmp_path):
         assert type(build_optimizer(model, cfg.train)) is cls
 
 
-def test_qlora_without_bitsandbytes_names_the_fix(tmp_path, monkeypatch):
+def test_qlora_without_bitsandbytes_is_valid_but_cannot_start_here(tmp_path, monkeypatch):
+    from tuneforge.config.packages import MissingPackageError, missing_packages, require_packages
+
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
-    with pytest.raises(ValueError, match=r"adapter.type=qlora and train.optimizer=adamw_8bit need the bitsandbytes "
-                                         r"package, which is not installed; pip install 'tuneforge\[qlora\]'"):
-        RunConfig.model_validate(_cfg(tmp_path, optimizer="adamw_8bit"))
+    cfg = RunConfig.model_validate(_cfg(tmp_path, optimizer="adamw_8bit"))  # valid whatever is installed
+    assert missing_packages(cfg) == ["adapter.type=qlora and train.optimizer=adamw_8bit needs the bitsandbytes "
+                                     "package, which is not installed: pip install 'tuneforge[qlora]'"]
+    with pytest.raises(MissingPackageError, match=r"this run cannot start on this machine:\n  adapter.type=qlora"):
+        require_packages(cfg)

@@ -142,16 +142,26 @@ def test_wandb_offline_run_directory_read_back(tmp_path, monkeypatch):
     assert history == [(1, 2.5, None), (2, 2.0, None), (3, 1.75, 1.5)]
 
 
-def test_missing_tracker_package_is_a_config_error(tmp_path, monkeypatch):
+def test_missing_tracker_package_is_a_finding_of_validate_and_train_refuses_to_start(tmp_path, monkeypatch, capsys):
     import importlib.util
+
+    from tuneforge.cli import main
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     path = tmp_path / "c.yaml"
-    path.write_text("model: {init: {}}\ndata: {train: [{synthetic: {task: reverse_words}}]}\nlog: {report_to: [jsonl, wandb]}\n")
-    with pytest.raises(ConfigError) as e:
-        load_config(path)
-    assert "log.report_to" in str(e.value) and "pip install 'tuneforge[wandb]'" in str(e.value)
+    path.write_text("model: {init: {}}\ndata: {train: [{synthetic: {task: reverse_words}}]}\n"
+                    f"log: {{report_to: [jsonl, wandb]}}\noutput: {{dir: {tmp_path / 'run'}}}\n")
+    load_config(path)  # the config is valid on any machine
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("missing on this machine (train will not start until they are installed):\n  "
+                        "log.report_to includes 'wandb' needs the wandb package, which is not installed: "
+                        "pip install 'tuneforge[wandb]'\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "this run cannot start on this machine:" in err and "pip install 'tuneforge[wandb]'" in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written or loaded
 
 
 def test_unknown_tracker_name_is_a_config_error(tmp_path):

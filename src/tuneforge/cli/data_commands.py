@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tuneforge.cli.console import _load
 from tuneforge.config.load import write_resolved_config
+from tuneforge.config.packages import missing_packages
 
 
 # ---------------------------------------------------------------------------- validate / reference
@@ -15,6 +16,9 @@ def cmd_validate(args) -> int:
     kind = cfg.adapter.type
     src = cfg.model.name_or_path or f"new {cfg.model.init.architecture}"
     print(f"{args.config}: valid ({kind} fine-tuning of {src}, lr {cfg.train.lr:g}, run dir {cfg.output.dir})")
+    missing = missing_packages(cfg)
+    if missing:  # a finding about this machine, not about the config: `train` refuses to start without them
+        print("missing on this machine (train will not start until they are installed):\n  " + "\n  ".join(missing))
     return 0
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tuneforge.cli.console import EXIT_CONFIG, EXIT_FAILED, _err, _load
+from tuneforge.config.packages import require_packages
 from tuneforge.config.load import write_resolved_config
 from tuneforge.cli.eval_commands import _write_report_quietly
 
@@ -133,6 +134,7 @@ def cmd_train(args) -> int:
     from tuneforge.train.loop import Trainer
 
     cfg = _load(args)
+    require_packages(cfg)  # before anything is loaded or written
     run_dir = Path(cfg.output.dir)
     adopt_slurm_env()
     if (args.nproc > 1 or args.nnodes > 1) and not under_launcher():

@@ -243,20 +243,6 @@ class LogConfig(Section):
     wandb_mode: Literal["offline", "online"] = Field(
         "offline", description="offline writes <run>/wandb with no network (upload later with `wandb sync`).")
 
-    @model_validator(mode="after")
-    def _trackers_installed(self) -> LogConfig:
-        import importlib.util
-
-        for name in self.report_to:
-            if name == "jsonl":
-                continue
-            module, pip_name = TRACKER_PACKAGES[name]
-            if importlib.util.find_spec(module) is None:
-                raise ValueError(
-                    f"report_to includes {name!r} but the {module} package is not installed; "
-                    f"pip install '{pip_name}' or remove {name} from log.report_to")
-        return self
-
 
 class CheckpointConfig(Section):
     every_steps: int | None = Field(500, gt=0, description="Write a resumable checkpoint every N optimizer steps (and at the last step).")
@@ -342,28 +328,13 @@ class RunConfig(Section):
                 raise ValueError(f"eval.{key} needs periodic evaluation: set eval.every_steps (e.g. 100)")
             if getattr(self.eval, key) and self.data.eval is None and self.data.eval_fraction == 0:
                 raise ValueError(f"eval.{key} needs held-out rows: set data.eval or data.eval_fraction > 0")
-        needs_bnb = [what for what, used in (("adapter.type=qlora", self.adapter.type == "qlora"),
-                                             (f"train.optimizer={self.train.optimizer}", self.train.optimizer != "adamw"))
-                     if used]
-        if needs_bnb:
-            import importlib.util
-
-            if importlib.util.find_spec("bitsandbytes") is None:
-                raise ValueError(f"{' and '.join(needs_bnb)} need the bitsandbytes package, which is not installed; "
-                                 "pip install 'tuneforge[qlora]' (or use adapter.type=lora / train.optimizer=adamw)")
         d = self.dist
         if d.strategy != "deepspeed":
             used = [k for k in ("zero_stage", "deepspeed_config", "offload_params") if getattr(d, k)]
             if used:
                 raise ValueError(f"dist.{used[0]} only applies to dist.strategy=deepspeed (it is {d.strategy})")
-        else:
-            import importlib.util
-
-            if importlib.util.find_spec("deepspeed") is None:
-                raise ValueError("dist.strategy=deepspeed needs the deepspeed package, which is not installed; "
-                                 "pip install 'tuneforge[deepspeed]' (or use dist.strategy=ddp / fsdp2)")
-            if d.offload_params and d.zero_stage not in (3, None):
-                raise ValueError(f"dist.offload_params needs ZeRO-3 (dist.zero_stage=3), not {d.zero_stage}")
+        elif d.offload_params and d.zero_stage not in (3, None):
+            raise ValueError(f"dist.offload_params needs ZeRO-3 (dist.zero_stage=3), not {d.zero_stage}")
         if d.strategy in ("fsdp2", "deepspeed") and self.adapter.type == "qlora":
             raise ValueError(f"adapter.type=qlora with dist.strategy={d.strategy} is not supported: bitsandbytes 4-bit "
                              "weights cannot be sharded here; use dist.strategy=ddp (each rank holds the 4-bit base)")

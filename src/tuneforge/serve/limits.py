@@ -50,8 +50,8 @@ class RequestLimits:
 
 
 def _too_large(size: int | None, limit: int) -> APIError:
-    got = f"{size} bytes" if size is not None else "more"
-    return APIError(413, f"the request body is {got}; this server accepts at most {limit} bytes per request "
+    got = f"is {size} bytes" if size is not None else f"is over {limit} bytes"
+    return APIError(413, f"the request body {got}; this server accepts at most {limit} bytes per request "
                     "(--max-request-bytes); send fewer or shorter prompts, or split the request", None,
                     "request_too_large")
 

@@ -15,9 +15,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tuneforge.config.schema import RunConfig
+from tuneforge.errors import InputError
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config that cannot be used; the message is meant for the person who wrote it."""
 
 

@@ -13,6 +13,8 @@ import random
 import re
 from pathlib import Path
 
+from tuneforge.errors import InputError
+
 WORDS = (
     "apple river stone cloud tiger lamp garden silver paper window orange forest bridge candle "
     "rocket violin pepper island marble shadow winter button castle dragon mirror planet"
@@ -33,7 +35,7 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[a-z]\.)(?=[A-Z])")  # also "end.N
 SENTENCE_CHARS = (40, 240)
 
 
-class SyntheticTextError(ValueError):
+class SyntheticTextError(InputError, ValueError):
     """A text task's source cannot give the rows asked for; the message names the file and the fix."""
 
 

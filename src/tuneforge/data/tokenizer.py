@@ -11,12 +11,13 @@ from collections.abc import Iterable
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from tuneforge.config.schema import ModelConfig
+from tuneforge.errors import TuneforgeError
 from tuneforge.gguf_path import is_gguf, resolve_gguf_path
 
 TRAINED_SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-class TokenizerLoadError(RuntimeError):
+class TokenizerLoadError(TuneforgeError, RuntimeError):
     """The tokenizer could not be loaded; the message says why and what to do."""
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from tuneforge.errors import TuneforgeError
 from tuneforge.model.lm_loss import trained_nll_sum
 
 CHARS_PER_TOKEN_BOUND = 16  # read at most this many characters per wanted token (never tokenise a whole corpus)
 
 
-class GeneralTextError(RuntimeError):
+class GeneralTextError(TuneforgeError, RuntimeError):
     """eval.general_text cannot be scored; the message names the file and the fix."""
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 
+from tuneforge.errors import InputError
 
-class LmEvalMissing(RuntimeError):
+
+class LmEvalMissing(InputError, RuntimeError):
     """lm-eval is not installed."""
 
 

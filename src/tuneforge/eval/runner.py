@@ -17,6 +17,7 @@ import torch
 
 from tuneforge.config.schema import EvalConfig, RunConfig
 from tuneforge.data.collate import PaddedCollator
+from tuneforge.errors import TuneforgeError
 from tuneforge.eval.generation import generate
 from tuneforge.eval.perplexity import evaluate_loss
 from tuneforge.eval.tasks import task_metrics
@@ -25,7 +26,7 @@ from tuneforge.progress import TaskProgress
 COUNTS = ("eval_tokens", "generated_rows", "general_tokens")  # sizes of the eval, not scores: printed above the table, not in it
 
 
-class EvalError(RuntimeError):
+class EvalError(TuneforgeError, RuntimeError):
     """The run cannot be evaluated as asked; the message says why and what to do."""
 
 

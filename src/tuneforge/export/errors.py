@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from tuneforge.errors import TuneforgeError
 from tuneforge.export.parity import ParityCheck
 
 
-class ExportError(RuntimeError):
+class ExportError(TuneforgeError, RuntimeError):
     """The run could not be exported; the message says why and what to do."""
 
 

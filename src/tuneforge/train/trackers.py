@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Protocol
 
 from tuneforge.config.schema import TRACKER_PACKAGES, LogConfig
+from tuneforge.errors import TuneforgeError
 
 
-class TrackerError(RuntimeError):
+class TrackerError(TuneforgeError, RuntimeError):
     """A tracker could not be started; the message names the tracker and the fix."""
 
 

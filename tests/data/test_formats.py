@@ -25,7 +25,7 @@ def test_alpaca_in_every_file_type(tmp_path, suffix):
     {".json": lambda: path.write_text(json.dumps(ALPACA)), ".jsonl": lambda: frame.to_json(str(path)),
      ".csv": lambda: frame.to_csv(str(path), index=False), ".parquet": lambda: frame.to_parquet(str(path))}[suffix]()
     ds = load(DatasetSource(path=str(path)))
-    assert ds.column_names == ["messages", "text", "score"]
+    assert ds.column_names == ["messages", "text", "score", "source_row"]
     assert ds[0]["messages"] == [{"role": "user", "content": "Add.\n\n1 + 2"}, {"role": "assistant", "content": "3"}]
     assert ds[1]["messages"][0] == {"role": "user", "content": "Greet."}
 
@@ -49,25 +49,25 @@ def test_messages_sharegpt_completion_and_column_mapping(tmp_path):
 
     (tmp_path / "t.jsonl").write_text('{"body": "raw text"}\n')
     ds = load(DatasetSource(path=str(tmp_path / "t.jsonl"), columns={"text": "body"}))
-    assert ds[0] == {"messages": [], "text": "raw text", "score": None}
+    assert ds[0] == {"messages": [], "text": "raw text", "score": None, "source_row": 0}
 
 
 def test_bad_row_error_names_file_and_row(tmp_path):
     rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
             {"conversations": [{"from": "narrator", "value": "?"}]}]
     (tmp_path / "bad.json").write_text(json.dumps(rows))
-    with pytest.raises(DataFormatError, match=r"bad.json row 1 \(sharegpt format\): unknown speaker 'narrator'"):
+    with pytest.raises(DataFormatError, match=r"bad.json:1: unknown speaker 'narrator'"):
         load(DatasetSource(path=str(tmp_path / "bad.json")))
 
 
 def test_row_without_assistant_turn_is_rejected(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps([{"messages": [{"role": "user", "content": "hi"}]}]))
-    with pytest.raises(DataFormatError, match="row 0 .*no assistant turn"):
+    with pytest.raises(DataFormatError, match=r"m.json:1: the row has no assistant turn"):
         load(DatasetSource(path=str(tmp_path / "m.json")))
 
 
 def test_undetectable_format_and_missing_columns(tmp_path):
-    with pytest.raises(DataFormatError, match=r"cannot tell the data format from columns \['a', 'b'\]"):
+    with pytest.raises(DataFormatError, match=r"^data: cannot tell the data format from its columns \['a', 'b'\]"):
         detect_format(["a", "b"])
     (tmp_path / "q.json").write_text(json.dumps([{"question": "q", "answer": "a"}]))
     with pytest.raises(DataFormatError, match=r"format 'alpaca' needs column\(s\) \['instruction', 'output'\].*columns: \{instruction: your_column\}"):

@@ -91,7 +91,8 @@ def test_malformed_json_line_names_the_line_or_is_skipped_and_counted(tmp_path):
     path.write_text(f"{GOOD}\n{{\"messages\": [oops\n{GOOD}\n")
     with pytest.raises(DataFormatError, match=r"chat.jsonl:2: invalid JSON .*skip_invalid"):
         prepare(write_cfg(tmp_path, path), tmp_path / "run", log=lambda s: None)
-    report = prepare(write_cfg(tmp_path, path, skip_invalid=True), tmp_path / "run", log=lambda s: None).report
+    cfg = write_cfg(tmp_path, path, skip_invalid=True, max_invalid_fraction=0.5)
+    report = prepare(cfg, tmp_path / "run", log=lambda s: None).report
     assert report["invalid"]["skipped"] == 1 and report["invalid"]["reasons"] == {"unreadable line": 1}
     assert "chat.jsonl:2: invalid JSON" in report["invalid"]["examples"][0]
     assert report["train"]["rows"] == 1  # the second good row is an exact duplicate of the first
@@ -113,9 +114,11 @@ def test_non_utf8_empty_file_bad_role_and_no_assistant(tmp_path):
     roles = tmp_path / "roles.jsonl"
     roles.write_text(GOOD + "\n" + GOOD.replace('"user"', '"narrator"') + "\n"
                      + '{"messages": [{"role": "user", "content": "only a question"}]}\n')
-    with pytest.raises(DataFormatError, match=r"roles.jsonl row 1 \(messages format\): unknown role 'narrator'"):
+    with pytest.raises(DataFormatError, match=r"roles.jsonl:2: unknown role 'narrator'.* \(1 more invalid rows in "
+                                              r".*roles.jsonl, the next at .*roles.jsonl:3\)"):
         prepare(write_cfg(tmp_path, roles), tmp_path / "run", log=lambda s: None)
-    report = prepare(write_cfg(tmp_path, roles, skip_invalid=True), tmp_path / "run", log=lambda s: None).report
+    cfg = write_cfg(tmp_path, roles, skip_invalid=True, max_invalid_fraction=0.7)
+    report = prepare(cfg, tmp_path / "run", log=lambda s: None).report
     assert report["invalid"]["skipped"] == 2
     assert set(report["invalid"]["reasons"]) == {"unknown role 'narrator'", "the row has no assistant turn, so nothing would be trained"}
 

@@ -30,7 +30,7 @@ def test_each_rule_counts_exactly_the_rows_it_removes():
         "min_response_chars": 1, "max_response_chars": 1, "min_prompt_chars": 1,
         "max_garbage_char_frac": 1, "max_repeated_line_frac": 1, "max_repeated_ngram_frac": 1}
     assert len(kept) == 2
-    assert report["min_response_chars"]["examples"] == [{"row": 1, "response": "   "}]
+    assert report["min_response_chars"]["examples"] == [{"row": 2, "response": "   "}]  # 1-based
 
 
 def test_score_threshold_keeps_rows_strictly_above_and_drops_missing_scores():

@@ -76,8 +76,8 @@ def test_streamed_packing_keeps_every_sample_whole_within_its_chunk(corpus):
 def test_a_bad_row_names_the_file_and_row_or_is_skipped(corpus):
     bad = corpus / "train.jsonl"
     bad.write_text(bad.read_text() + json.dumps({"text": 42}) + "\n")
-    with pytest.raises(DataFormatError, match=r"train.jsonl: row 455: `text` must be a non-empty string \(got 42\); "
-                                              r"fix the row or set data.skip_invalid=true"):
+    with pytest.raises(DataFormatError, match=r"train.jsonl:455: field `text` must be a string, got a number \(42\); "
+                                              r"fix the row, or set data.skip_invalid: true"):
         prepare(_cfg(corpus, "bad", streaming=True), corpus / "bad", log=lambda s: None)
     data = prepare(_cfg(corpus, "skip", streaming=True, skip_invalid=True), corpus / "skip", log=lambda s: None)
     assert data.report["invalid"]["skipped"] == 1

@@ -127,7 +127,13 @@ class DataConfig(Section):
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")
     decontaminate: DecontamConfig = Field(default_factory=DecontamConfig, description="Removal of training rows that overlap eval data or benchmarks.")
     packing: bool = Field(False, description="Pack tokenized samples into rows of max_seq_len (best-fit decreasing); samples never attend to each other.")
-    skip_invalid: bool = Field(False, description="Skip malformed rows (counted, with reasons, in the report) instead of failing.")
+    skip_invalid: bool = Field(
+        False, description="Skip malformed rows (unreadable lines, fields of the wrong type or missing, rows of "
+        "another format than their source's, rows the chat template refuses), counted with reasons and file:line "
+        "in the report, instead of failing on the first one.")
+    max_invalid_fraction: float = Field(
+        0.1, ge=0.0, le=1.0, description="With skip_invalid: stop with an error when more than this share of one "
+        "source's rows are invalid (most likely the wrong format or columns, not a few bad rows); 1.0 never stops.")
     seed: int = Field(42, description="Seed of the train/eval split.")
     streaming: bool = Field(
         False, description="Read raw-text (completion) sources as a stream, chunk by chunk, for corpora larger than "

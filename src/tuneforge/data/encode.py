@@ -29,11 +29,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tuneforge.config.schema import DataConfig
+from tuneforge.data.formats import DataFormatError
+from tuneforge.data.invalid import SKIP_HINT
 from tuneforge.data.masks import (
-    TokenizedRows, backend_as_called, chats_tokenized, encode_texts, leading_bos, monotone_offsets, split_leading_bos,
-    texts_tokenized, with_bos,
+    TokenizedRows,
+    backend_as_called,
+    chats_tokenized,
+    encode_texts,
+    leading_bos,
+    monotone_offsets,
+    split_leading_bos,
+    texts_tokenized,
+    with_bos,
 )
-from tuneforge.data.templates import IGNORE_INDEX, chats_rendered
+from tuneforge.data.templates import IGNORE_INDEX, TemplateError, chats_rendered
 
 CHUNK_ROWS = 512
 WORKER_PROCESSES_FROM = 4  # num_proc from which worker processes tokenize (below: one process, Rust on every core)
@@ -48,9 +57,10 @@ def tokenize_rows(tokenizer, template: str, chunks: Iterable[tuple[list[list[dic
 
 
 def tokenize_chunks(tokenizer, template: str, chunks: Iterable[tuple[list[list[dict]], list[str]]], train_on: str,
-                    shape: Callable[[TokenizedRows], Any] | None = None) -> list:
+                    shape: Callable[[TokenizedRows], Any] | None = None, refused: dict[int, str] | None = None) -> list:
     """`tokenize_rows` chunk by chunk: each chunk's TokenizedRows, or `shape(it)` (computed while the next
-    chunk is tokenized).
+    chunk is tokenized). `refused`: see `chats_rendered`; a row the template refuses becomes an empty row (no
+    tokens) and its index among all rows -> the template's message goes in `refused`.
 
     Labels of the first chunk with chats come from every token's offsets; when those never decrease within
     a text (as for Hugging Face fast tokenizers, whose offsets follow the text), the later chunks find their
@@ -76,11 +86,17 @@ def tokenize_chunks(tokenizer, template: str, chunks: Iterable[tuple[list[list[d
         part = chats if plain is None else plain if chats is None else _merge(chats, chat_idx, plain)
         parts.append(shape(part) if shape else part)
 
+    first_row = 0
     with ThreadPoolExecutor(max_workers=1) as pool:
         for messages, texts in chunks:
             chat_idx = [k for k, m in enumerate(messages) if m]
             plain_idx = [k for k, m in enumerate(messages) if not m]
-            rendered, spans = chats_rendered(tokenizer, template, [messages[k] for k in chat_idx], train_on)
+            chunk_refused: dict[int, str] | None = {} if refused is not None else None
+            rendered, spans = chats_rendered(tokenizer, template, [messages[k] for k in chat_idx], train_on,
+                                             chunk_refused)
+            for k, message in (chunk_refused or {}).items():
+                refused[first_row + chat_idx[k]] = message
+            first_row += len(messages)
             rendered, spans, bos_rows = split_leading_bos(rendered, spans, bos)
             # the background thread only runs Rust (GIL released): back to back, while this thread does the Python
             future = pool.submit(backend.encode_batch, rendered, add_special_tokens=False) if chat_idx and backend else None
@@ -150,13 +166,16 @@ def _chunked(messages: list, texts: list) -> Iterator[tuple[list, list]]:
 
 
 def _worker_tokenize(batch: pa.Table, tokenizer, template: str, train_on: str) -> pa.Table:
-    """One worker's batch of rows as Arrow columns (the map function of `tokenize_dataset`)."""
+    """One worker's batch of rows as Arrow columns (the map function of `tokenize_dataset`); `_refused`: the
+    template's message for a row it refused, else ''."""
     # the worker processes share the cores: Rust threads of their own would only fight each other
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     chunks = _chunked(batch.column("messages").to_pylist(), batch.column("text").to_pylist())
-    enc = tokenize_rows(tokenizer, template, chunks, train_on)
+    refused: dict[int, str] = {}
+    enc = TokenizedRows.concat(tokenize_chunks(tokenizer, template, chunks, train_on, refused=refused))
     return pa.table({"input_ids": list_column(enc.lengths, enc.ids, pa.int64()),
-                     "labels": list_column(enc.lengths, enc.labels, pa.int64())})
+                     "labels": list_column(enc.lengths, enc.labels, pa.int64()),
+                     "_refused": pa.array([refused.get(k, "") for k in range(batch.num_rows)], pa.string())})
 
 
 def restore_tokenizers_parallelism() -> None:
@@ -173,18 +192,25 @@ def restore_tokenizers_parallelism() -> None:
 
 
 def tokenize_dataset(ds: datasets.Dataset, tokenizer, template: str, train_on: str, num_proc: int | None,
-                     desc: str = "tokenize", shape: Callable[[TokenizedRows], Any] | None = None) -> list:
+                     desc: str = "tokenize", shape: Callable[[TokenizedRows], Any] | None = None,
+                     refused: dict[int, str] | None = None) -> list:
     """`tokenize_chunks` of a dataset with `messages` and `text` columns: in this process, or in `num_proc`
-    worker processes from WORKER_PROCESSES_FROM of them (then one part for all rows)."""
+    worker processes from WORKER_PROCESSES_FROM of them (then one part for all rows). `refused`: see
+    `tokenize_chunks` (without it, a row the template refuses raises TemplateError)."""
     rows = ds.select_columns(["messages", "text"])
     if not num_proc or num_proc < WORKER_PROCESSES_FROM or len(ds) < num_proc * CHUNK_ROWS:
         restore_tokenizers_parallelism()
-        return tokenize_chunks(tokenizer, template, _row_chunks(ds), train_on, shape)
+        return tokenize_chunks(tokenizer, template, _row_chunks(ds), train_on, shape, refused)
     enc = rows.with_format("arrow").map(
         _worker_tokenize, batched=True, batch_size=min(WORKER_BATCH_ROWS, -(-len(ds) // num_proc)), num_proc=num_proc,
         remove_columns=["messages", "text"], fn_kwargs={"tokenizer": tokenizer, "template": template, "train_on": train_on},
         desc=desc, new_fingerprint=uuid.uuid4().hex)  # tuneforge caches the stage itself; skip hashing the tokenizer
     table = enc.data.table
+    for k, message in enumerate(table.column("_refused").to_pylist()):
+        if message and refused is None:
+            raise TemplateError(f"the chat template refused a conversation: {message}")
+        if message:
+            refused[k] = message
     ids_col, labels_col = table.column("input_ids"), table.column("labels")
     part = TokenizedRows(pc.list_flatten(ids_col).to_numpy(zero_copy_only=False),
                          pc.list_flatten(labels_col).to_numpy(zero_copy_only=False),
@@ -232,13 +258,21 @@ def cut_rows(enc: TokenizedRows, max_len: int, overlong: str, min_tokens: int) -
 
 
 def tokenize_split(ds: datasets.Dataset, tok, template: str, d: DataConfig, split: str,
-                   source_columns: bool = True) -> tuple[datasets.Dataset, dict]:
+                   source_columns: bool = True, locate: Callable[[int, int], str] | None = None,
+                   ) -> tuple[datasets.Dataset, dict]:
     """Tokenize every row (ids + labels), then truncate or drop over-long rows and drop rows too short or with
     nothing to train (`cut_rows`, chunk by chunk). The result has input_ids, labels, num_tokens, num_trained,
     after the source columns unless `source_columns` is False (packing keeps only the tokens); its token
-    columns are Arrow arrays of one chunk per tokenized chunk (never concatenated in memory)."""
+    columns are Arrow arrays of one chunk per tokenized chunk (never concatenated in memory).
+
+    A row the chat template refuses is a DataFormatError naming its file:line (`locate(source_id, source_row)`)
+    and the template's message; with d.skip_invalid it is dropped and counted in the report's
+    `template_errors` {skipped, reasons, examples, by_source}."""
+    refused: dict[int, str] = {}
     cuts = tokenize_dataset(ds, tok, template, d.train_on, d.num_proc, desc=f"tokenize {split}",
-                            shape=lambda enc: cut_rows(enc, d.max_seq_len, d.overlong, d.quality.min_tokens))
+                            shape=lambda enc: cut_rows(enc, d.max_seq_len, d.overlong, d.quality.min_tokens),
+                            refused=refused)
+    template_errors = _refused_rows(ds, refused, locate, d.skip_invalid)
     parts = [c.rows for c in cuts]
     keep, truncated, trained = (_joined(cuts, f, t) for f, t in (("kept", bool), ("truncated", bool), ("trained", np.int64)))
     lengths = _joined(parts, "lengths", np.int64)
@@ -258,14 +292,40 @@ def tokenize_split(ds: datasets.Dataset, tok, template: str, d: DataConfig, spli
         "trained_tokens": int(trained.sum()),
         "truncated_rows": n_truncated if d.overlong == "truncate" else 0,
         "dropped_overlong_rows": dropped_overlong,
-        "dropped_short_or_untrained_rows": len(ds) - len(kept) - dropped_overlong,
+        "dropped_short_or_untrained_rows": len(ds) - len(kept) - dropped_overlong - len(refused),
         "length": {"min": int(sorted_lengths[0]) if len(lengths) else 0,
                    "median": int(sorted_lengths[len(lengths) // 2]) if len(lengths) else 0,
                    "p95": int(sorted_lengths[int(0.95 * (len(lengths) - 1))]) if len(lengths) else 0,
                    "max": int(sorted_lengths[-1]) if len(lengths) else 0},
     }
     report["trained_fraction"] = report["trained_tokens"] / max(report["tokens"], 1)
+    if template_errors:
+        report["template_errors"] = template_errors
     return kept, report
+
+
+def _refused_rows(ds: datasets.Dataset, refused: dict[int, str], locate, skip_invalid: bool) -> dict | None:
+    """The rows the chat template refused: raise for the first (strict), or count them (skip_invalid)."""
+    if not refused:
+        return None
+    cols = [c for c in ("source_id", "source_row") if c in ds.column_names]
+    info = ds.select_columns(cols).select(sorted(refused))[:] if cols else {}
+    out: dict = {"skipped": 0, "reasons": {}, "examples": [], "by_source": {}}
+    for j, i in enumerate(sorted(refused)):
+        sid = info["source_id"][j] if "source_id" in info else 0
+        srow = info["source_row"][j] if "source_row" in info else i
+        where = locate(sid, srow) if locate else f"row {i + 1}"
+        message = f"{where}: the chat template refused this row: {refused[i]}"
+        if not skip_invalid:
+            more = f" ({len(refused) - 1} more rows refused)" if len(refused) > 1 else ""
+            raise DataFormatError(f"{message}{more}; {SKIP_HINT}, or choose another data.chat_template")
+        reason = f"refused by the chat template: {refused[i]}"
+        out["skipped"] += 1
+        out["reasons"][reason] = out["reasons"].get(reason, 0) + 1
+        out["by_source"][str(sid)] = out["by_source"].get(str(sid), 0) + 1
+        if len(out["examples"]) < 5:
+            out["examples"].append(message)
+    return out
 
 
 def _list_chunks(parts: list[TokenizedRows], field: str, value_type: pa.DataType) -> pa.ChunkedArray:

@@ -7,33 +7,46 @@ Supported layouts (after `columns` renaming):
 - completion: {text}
 
 Every normalised row has both columns: `messages` (empty for completion rows) and `text`
-(empty for chat rows), so sources of different layouts can be concatenated.
+(empty for chat rows), so sources of different layouts can be concatenated, and `source_row`, its position
+in the source as read (0-based; messages say `file:line`, see locate.py). The fields are type-checked
+(fields.py): a malformed row is an error naming its file and line, or, with `data.skip_invalid`, skipped and
+counted.
 """
 
 from __future__ import annotations
 
 import codecs
+import csv
 import json
 import uuid
 from pathlib import Path
-from typing import Any
 
 import datasets
 
 from tuneforge.config.schema import DatasetSource
+from tuneforge.data import invalid as invalid_rows
+from tuneforge.data.fields import (
+    CHAT_ROLES,
+    DETECT_ROWS,
+    FORMATS,
+    MARKERS,
+    SHAREGPT_ROLES,
+    RowError,
+    to_canonical,
+    vote,
+)
+from tuneforge.data.locate import RowLocator
+
+__all__ = ["CHAT_ROLES", "SHAREGPT_ROLES", "DataFormatError", "column", "detect_format", "normalize", "read_source",
+           "read_source_located"]
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-    "bard": "assistant", "model": "assistant", "system": "system", "function_call": "assistant",
-    "observation": "tool", "tool": "tool", "function": "tool",
-}
-CHAT_ROLES = {"system", "user", "assistant", "tool"}
 CANONICAL_FEATURES = datasets.Features(
     {
         "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
         "text": datasets.Value("string"),
         "score": datasets.Value("float64"),
+        "source_row": datasets.Value("int64"),
         "_invalid": datasets.Value("string"),
     }
 )
@@ -48,9 +61,9 @@ def column(ds: datasets.Dataset, name: str) -> list:
     return ds.select_columns([name])[:][name]
 
 
-def _scan_json_lines(path: Path) -> tuple[list[dict], list[str]]:
-    """Parse a JSONL file line by line: (rows, problems) where each problem names its line."""
-    rows, problems = [], []
+def _scan_json_lines(path: Path) -> tuple[list[dict], list[str], list[int]]:
+    """Parse a JSONL file line by line: (rows, problems where each names its line, the rows' lines)."""
+    rows, problems, lines = [], [], []
     with open(path, "rb") as fh:
         for n, raw in enumerate(fh, 1):
             if not raw.strip():
@@ -67,7 +80,8 @@ def _scan_json_lines(path: Path) -> tuple[list[dict], list[str]]:
                 problems.append(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
                 continue
             rows.append(row)
-    return rows, problems
+            lines.append(n)
+    return rows, problems, lines
 
 
 def _utf8_problem(path: Path) -> str | None:
@@ -100,10 +114,45 @@ def _diagnose(path: Path, error: Exception) -> str:
             except json.JSONDecodeError as e:
                 return f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})"
         else:
-            _, problems = _scan_json_lines(path)
+            _, problems, _ = _scan_json_lines(path)
             if problems:
                 return problems[0] + " (or set data.skip_invalid: true to skip bad lines)"
-    return f"{path}: could not be read: {type(error).__name__}: {error}"
+    if path.suffix == ".csv":
+        problem = _csv_problem(path)
+        if problem:
+            return problem
+    cause = error.__cause__ or error.__context__ or error
+    return f"{path}: could not be read: {type(cause).__name__}: {cause}"
+
+
+def _csv_header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        return next(csv.reader(fh), [])
+
+
+def _csv_problem(path: Path) -> str | None:
+    """The first CSV record whose number of fields differs from the header's, as 'file:line: ...'."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        reader = csv.reader(fh)
+        header, last = next(reader, []), reader.line_num
+        for record in reader:
+            if record and len(record) != len(header):
+                return (f"{path}:{last + 1}: {len(record)} fields where the header (line 1) has {len(header)} "
+                        f"({', '.join(header)}); quote fields that contain commas, e.g. \"a, b\"")
+            last = reader.line_num
+    return None
+
+
+def _csv_features(files: list[Path]) -> datasets.Features:
+    """Every CSV column as text: the data is text, not numbers to infer (an answer "3" stays "3")."""
+    header = _csv_header(files[0])
+    for f in files[1:]:
+        if _csv_header(f) != header:
+            raise DataFormatError(f"{f}: its columns {_csv_header(f)} differ from those of {files[0]} {header}; "
+                                  "the CSV files of one source need the same header line")
+    if len(set(header)) != len(header) or not all(header):
+        raise DataFormatError(f"{files[0]}:1: the header line needs distinct, non-empty column names; it has {header}")
+    return datasets.Features({name: datasets.Value("string") for name in header})
 
 
 def _head(path: Path, n: int = 4096) -> bytes:
@@ -111,9 +160,10 @@ def _head(path: Path, n: int = 4096) -> bytes:
         return fh.read(n)
 
 
-def _read_files(files: list[Path], builder: str, skip_invalid: bool) -> tuple[datasets.Dataset, list[str]]:
+def _read_files(files: list[Path], builder: str, skip_invalid: bool) -> tuple[datasets.Dataset, list[str], list | None]:
     """Load data files with `datasets`; name the file and line of the first problem, or (JSONL with
-    skip_invalid) read line by line and return the problems skipped."""
+    skip_invalid) read line by line and return the problems skipped. Returns (rows, problems skipped, the
+    (file, line) of every row when read line by line, else None)."""
     empty = [f for f in files if not _head(f).strip()]
     if empty:
         raise DataFormatError(f"{empty[0]}: the file is empty; remove it from data.train or fill it")
@@ -122,24 +172,34 @@ def _read_files(files: list[Path], builder: str, skip_invalid: bool) -> tuple[da
     if problem and not lenient:
         raise DataFormatError(problem)
     if not problem:
+        options = {"features": _csv_features(files), "na_filter": False} if builder == "csv" else {}
         try:
-            return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train"), []
+            ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
+            return ds, [], None
         except Exception as e:  # datasets wraps parser errors in many types
             if not lenient:
                 found = [d for d in (_diagnose(f, e) for f in files) if "could not be read" not in d]
                 raise DataFormatError(found[0] if found else _diagnose(files[0], e)) from None
-    rows, skipped = [], []
+    rows, skipped, where = [], [], []
     for f in files:
-        r, problems = _scan_json_lines(f)
+        r, problems, lines = _scan_json_lines(f)
         rows.extend(r)
         skipped.extend(problems)
+        where.extend((str(f), n) for n in lines)
     if not rows:
         raise DataFormatError(f"{files[0]}: no readable rows ({len(skipped)} skipped: {skipped[:1]})")
-    return datasets.Dataset.from_list(rows), skipped
+    return datasets.Dataset.from_list(rows), skipped, where
 
 
 def read_source(src: DatasetSource, skip_invalid: bool = False) -> tuple[datasets.Dataset, str, list[str]]:
     """Load one source as a `datasets.Dataset` (no normalisation yet). Returns (dataset, name, skipped lines)."""
+    ds, name, skipped, _ = read_source_located(src, skip_invalid)
+    return ds, name, skipped
+
+
+def read_source_located(src: DatasetSource, skip_invalid: bool = False,
+                        ) -> tuple[datasets.Dataset, str, list[str], RowLocator]:
+    """`read_source`, and where each row is (`RowLocator`: row index -> 'file:line')."""
     if src.synthetic is not None:
         from tuneforge.data.synthetic import SyntheticTextError, generate
 
@@ -147,11 +207,13 @@ def read_source(src: DatasetSource, skip_invalid: bool = False) -> tuple[dataset
             rows = generate(src.synthetic.task, src.synthetic.rows, src.synthetic.seed, src.synthetic.text)
         except (SyntheticTextError, OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataFormatError(f"synthetic task {src.synthetic.task}: {e}") from None
-        return datasets.Dataset.from_list(rows), f"synthetic:{src.synthetic.task}", []
+        name = f"synthetic:{src.synthetic.task}"
+        return datasets.Dataset.from_list(rows), name, [], RowLocator(name)
     path = Path(src.path).expanduser()
     skipped: list[str] = []
     if not path.exists():
         raise DataFormatError(f"{path}: data file not found (data source `path`); check the path or run from the config's folder")
+    locator = RowLocator(str(path))
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
@@ -168,86 +230,58 @@ def read_source(src: DatasetSource, skip_invalid: bool = False) -> tuple[dataset
                 f"{path}: unsupported or mixed file types {sorted(p.suffix for p in files)}; "
                 "use .json, .jsonl, .csv or .parquet (one kind per source)"
             )
-        ds, skipped = _read_files(files, kinds.pop(), skip_invalid)
+        ds, skipped, where = _read_files(files, kinds.pop(), skip_invalid)
+        locator = RowLocator(str(path), files, where)
     if src.max_rows is not None and len(ds) > src.max_rows:
         ds = ds.select(range(src.max_rows))
-    return ds, str(path), skipped
+    return ds, str(path), skipped, locator
 
 
-def detect_format(columns: list[str]) -> str:
+def _locator_of(name: str) -> RowLocator:
+    """Where the rows of the source called `name` are, when it was read without asking (`read_source`)."""
+    path = Path(name)
+    if path.is_file() and path.suffix in FILE_BUILDERS:
+        return RowLocator(name, [path])
+    if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+        return RowLocator(name, sorted(p for p in path.rglob("*") if p.suffix in FILE_BUILDERS))
+    return RowLocator(name)
+
+
+def detect_format(columns: list[str], name: str = "data") -> str:
+    """The format a source's columns suggest (the first of FORMATS whose fields are there)."""
     cols = set(columns)
-    if "messages" in cols:
-        return "messages"
-    if "conversations" in cols:
-        return "sharegpt"
-    if {"instruction", "output"} <= cols:
-        return "alpaca"
-    if "text" in cols:
-        return "completion"
+    for fmt in FORMATS:
+        if (set(MARKERS[fmt]) <= cols) if fmt == "alpaca" else (MARKERS[fmt][0] in cols):
+            return fmt
     raise DataFormatError(
-        f"cannot tell the data format from columns {sorted(cols)}; set `format:` "
-        "(alpaca, messages, sharegpt, completion) and map your columns with `columns:`"
+        f"{name}: cannot tell the data format from its columns {sorted(cols)}; set `format:` "
+        "(alpaca, messages, sharegpt, completion) and map your columns with `columns:`, e.g. "
+        "columns: {instruction: question, output: answer}"
     )
 
 
-def _str(value: Any) -> str:
-    return "" if value is None else str(value)
-
-
-def _alpaca(row: dict) -> list[dict]:
-    user = _str(row.get("instruction")).strip()
-    extra = _str(row.get("input")).strip()
-    if extra:
-        user = f"{user}\n\n{extra}" if user else extra
-    msgs = [{"role": "system", "content": _str(row["system"])}] if _str(row.get("system")) else []
-    return [*msgs, {"role": "user", "content": user}, {"role": "assistant", "content": _str(row.get("output"))}]
-
-
-def _messages(row: dict) -> list[dict]:
-    msgs = row.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ValueError("`messages` must be a non-empty list of {role, content}")
-    out = []
-    for m in msgs:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"each message needs `role` and `content`; got {m!r}")
-        if m["role"] not in CHAT_ROLES:
-            raise ValueError(f"unknown role {m['role']!r}; expected one of {sorted(CHAT_ROLES)}")
-        out.append({"role": _str(m["role"]), "content": _str(m["content"])})
-    return out
-
-
-def _sharegpt(row: dict) -> list[dict]:
-    conv = row.get("conversations")
-    if not isinstance(conv, list) or not conv:
-        raise ValueError("`conversations` must be a non-empty list of {from, value}")
-    out = [{"role": "system", "content": _str(row["system"])}] if _str(row.get("system")) else []
-    for m in conv:
-        who = _str(m.get("from")).lower() if isinstance(m, dict) else ""
-        if who not in SHAREGPT_ROLES:
-            raise ValueError(f"unknown speaker {who!r}; expected one of {sorted(SHAREGPT_ROLES)}")
-        out.append({"role": SHAREGPT_ROLES[who], "content": _str(m.get("value"))})
-    return out
-
-
-def _to_canonical(row: dict, fmt: str) -> dict:
-    if fmt == "completion":
-        text = row.get("text")
-        if not isinstance(text, str):
-            raise ValueError("`text` must be a string")
-        return {"messages": [], "text": text}
-    msgs = {"alpaca": _alpaca, "messages": _messages, "sharegpt": _sharegpt}[fmt](row)
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise ValueError("the row has no assistant turn, so nothing would be trained")
-    return {"messages": msgs, "text": ""}
+def detect_rows(ds: datasets.Dataset, name: str) -> tuple[str, str]:
+    """(format, how it was chosen) by a vote of the first DETECT_ROWS rows: each row votes for the format whose
+    fields it has. Rows of another format are then invalid rows (reported with their line)."""
+    fields = [c for c in dict.fromkeys(k for fmt in FORMATS for k in MARKERS[fmt]) if c in ds.column_names]
+    if not fields:
+        detect_format(ds.column_names, name)  # raises, naming the columns
+    n = min(len(ds), DETECT_ROWS)
+    head = ds.select_columns(fields).select(range(n))[:]
+    fmt, votes = vote([{k: head[k][i] for k in fields} for i in range(n)])
+    if fmt is None:
+        raise DataFormatError(f"{name}: none of its first {n} rows has the fields of a known format (it has columns "
+                              f"{sorted(ds.column_names)}); set `format:` (alpaca, messages, sharegpt, completion) and "
+                              "map your columns with `columns:`")
+    return fmt, f" (auto-detected from {votes[fmt]} of its first {n} rows)"
 
 
 def normalize(ds: datasets.Dataset, src: DatasetSource, name: str, num_proc: int = 1, score_column: str | None = None,
-              skip_invalid: bool = False) -> tuple[datasets.Dataset, dict]:
+              skip_invalid: bool = False, locate: RowLocator | None = None) -> tuple[datasets.Dataset, dict]:
     """Rename columns, detect the layout and convert every row to the canonical columns.
 
-    Returns (rows, invalid) where invalid = {"skipped": n, "reasons": {reason: count}, "examples": [...]}.
-    A malformed row raises DataFormatError naming the source and row, unless `skip_invalid`.
+    Returns (rows, invalid) where invalid = {"skipped": n, "reasons": {reason: count}, "examples": [...],
+    "format": the format}. A malformed row raises DataFormatError naming the file and line, unless `skip_invalid`.
     """
     rename = {theirs: ours for ours, theirs in src.columns.items() if theirs != ours}
     missing = [theirs for theirs in rename if theirs not in ds.column_names]
@@ -258,7 +292,8 @@ def normalize(ds: datasets.Dataset, src: DatasetSource, name: str, num_proc: int
     ds = ds.rename_columns(rename) if rename else ds
     if len(ds) == 0:
         raise DataFormatError(f"{name}: the data source has no rows")
-    fmt = src.format if src.format != "auto" else detect_format(ds.column_names)
+    locate = locate or _locator_of(name)
+    fmt, why = detect_rows(ds, name) if src.format == "auto" else (src.format, f" (format: {src.format})")
     required = {"alpaca": ["instruction", "output"], "messages": ["messages"], "sharegpt": ["conversations"], "completion": ["text"]}[fmt]
     absent = [c for c in required if c not in ds.column_names]
     if absent:
@@ -266,19 +301,17 @@ def normalize(ds: datasets.Dataset, src: DatasetSource, name: str, num_proc: int
             f"{name}: format {fmt!r} needs column(s) {absent}; the data has {ds.column_names}. "
             f"Map yours with `columns: {{{absent[0]}: your_column}}`"
         )
+    names = dict(src.columns)
 
     def convert(batch: dict, idx: list[int]) -> dict:
-        out: dict[str, list] = {"messages": [], "text": [], "score": [], "_invalid": []}
+        out: dict[str, list] = {"messages": [], "text": [], "score": [], "source_row": idx, "_invalid": []}
         keys = list(batch)
-        for j, i in enumerate(idx):
+        for j in range(len(idx)):
             row = {k: batch[k][j] for k in keys}
             try:
-                c = _to_canonical(row, fmt)
-                reason = ""
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                if not skip_invalid:
-                    raise DataFormatError(f"{name} row {i} ({fmt} format): {e} (or set data.skip_invalid: true to skip such rows)") from None
-                c, reason = {"messages": [], "text": ""}, str(e).split(";")[0]
+                c, reason = to_canonical(row, fmt, names, why), ""
+            except RowError as e:
+                c, reason = {"messages": [], "text": ""}, json.dumps([e.reason, str(e)])
             out["messages"].append(c["messages"])
             out["text"].append(c["text"])
             out["_invalid"].append(reason)
@@ -294,15 +327,17 @@ def normalize(ds: datasets.Dataset, src: DatasetSource, name: str, num_proc: int
         features=CANONICAL_FEATURES, num_proc=num_proc if len(ds) > 1000 and num_proc > 1 else None, desc=f"format {fmt}",
         new_fingerprint=uuid.uuid4().hex,  # tuneforge caches the stage itself; skip hashing the closure
     )
-    invalid = {"skipped": 0, "reasons": {}, "examples": []}
+    invalid = invalid_rows.empty()
     reasons = column(conv, "_invalid")
     bad = [i for i, r in enumerate(reasons) if r]
     for i in bad:
-        reason = reasons[i]
-        invalid["reasons"][reason] = invalid["reasons"].get(reason, 0) + 1
-        if len(invalid["examples"]) < 3:
-            invalid["examples"].append(f"{name} row {i}: {reason}")
-    invalid["skipped"] = len(bad)
+        reason, message = json.loads(reasons[i])
+        shown = len(invalid["examples"]) < invalid_rows.EXAMPLES
+        invalid_rows.add(invalid, reason, f"{locate(i)}: {message}" if shown else "")
+    if bad and not skip_invalid:
+        more = f" ({len(bad) - 1} more invalid rows in {name}, the next at {locate(bad[1])})" if len(bad) > 1 else ""
+        raise DataFormatError(f"{invalid['examples'][0]}{more}; {invalid_rows.SKIP_HINT}")
     if bad:
         conv = conv.select([i for i, r in enumerate(reasons) if not r])
+    invalid["format"] = fmt
     return conv.remove_columns("_invalid"), invalid

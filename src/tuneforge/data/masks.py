@@ -276,7 +276,13 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, template: str) -> list[i
     """Token ids that end an assistant turn under this template (EOS first): the stop tokens for generation."""
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
-    ids, labels = tokenize_chat(tokenizer, template, probe, "last")
+    try:
+        ids, labels = tokenize_chat(tokenizer, template, probe, "last")
+    except TemplateError:  # a template that wants more (a system turn first): try that, else EOS alone
+        try:
+            ids, labels = tokenize_chat(tokenizer, template, [{"role": "system", "content": "s"}, *probe], "last")
+        except TemplateError:
+            return stops
     trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
     added = set(tokenizer.get_added_vocab().values())
     if trained and trained[-1] not in stops and (trained[-1] in tokenizer.all_special_ids or trained[-1] in added):

@@ -26,17 +26,19 @@ import pyarrow as pa
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tuneforge import __version__
-from tuneforge.gguf_path import is_gguf, resolve_gguf_path
 from tuneforge.config.schema import DedupConfig, QualityConfig, RunConfig
+from tuneforge.data import invalid as invalid_rows
 from tuneforge.data.dedup import decontaminate, deduplicate, features_in_workers, row_features
 from tuneforge.data.encode import tokenize_split
-from tuneforge.data.formats import column, normalize, read_source
+from tuneforge.data.formats import column
 from tuneforge.data.histogram import start_length_histogram
 from tuneforge.data.masks import end_of_turn_ids
 from tuneforge.data.packing import pack_dataset
 from tuneforge.data.quality import apply_quality_filters, failed_rules
+from tuneforge.data.sources import read_normalized, row_locator, template_invalid, where_from
 from tuneforge.data.templates import resolve_template
 from tuneforge.data.tokenizer import build_tokenizer
+from tuneforge.gguf_path import is_gguf, resolve_gguf_path
 
 # bumped whenever the same inputs give other prepared rows (2: BOS written by a template split off before
 # tokenizing, see data/masks.py; no newlines after Alpaca's last EOS), so older caches are rebuilt
@@ -131,26 +133,19 @@ class StageClock:
 def _load_all(cfg: RunConfig, log, clock: StageClock) -> tuple[datasets.Dataset, datasets.Dataset | None, dict]:
     """Read and normalise every source, then filter, deduplicate, split and decontaminate."""
     d = cfg.data
-    parts, sources, invalid = [], [], {"skipped": 0, "reasons": {}, "examples": []}
+    parts, sources, invalid, locators = [], [], invalid_rows.empty(), {}
 
     def read(src, source_id: int):
-        raw, name, bad_lines = read_source(src, d.skip_invalid)
-        rows, bad_rows = normalize(raw, src, name, d.num_proc, d.quality.score_column, d.skip_invalid)
-        rows = rows.add_column("source_id", [source_id] * len(rows))
-        invalid["skipped"] += len(bad_lines) + bad_rows["skipped"]
-        for reason, n in bad_rows["reasons"].items():
-            invalid["reasons"][reason] = invalid["reasons"].get(reason, 0) + n
-        if bad_lines:
-            invalid["reasons"]["unreadable line"] = invalid["reasons"].get("unreadable line", 0) + len(bad_lines)
-        invalid["examples"] = (invalid["examples"] + bad_lines + bad_rows["examples"])[:5]
-        sources.append({"source": name, "rows_read": len(raw) + len(bad_lines), "rows_valid": len(rows)})
-        return rows
+        rows, source = read_normalized(src, d, locators, source_id)
+        sources.append(source)
+        invalid_rows.merge(invalid, source.pop("invalid"))
+        return rows.add_column("source_id", [source_id] * len(rows))
 
     with clock("read"):
         for k, src in enumerate(d.train):
             parts.append(read(src, k))
         train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    report: dict = {"sources": sources, "invalid": invalid, "rows_read": len(train)}
+    report: dict = {"sources": sources, "invalid": invalid, "rows_read": len(train), "_locators": locators}
     with clock("quality"):
         reasons = features = None
         if d.num_proc > 1 and (d.dedup.exact or d.dedup.near) and len(train) >= d.num_proc * 1000:
@@ -158,7 +153,8 @@ def _load_all(cfg: RunConfig, log, clock: StageClock) -> tuple[datasets.Dataset,
             features = features_in_workers(train, _judge_and_hash, d.num_proc, "quality filters, dedup hashes",
                                            q=d.quality, dedup=d.dedup)
             reasons = features.column("_drop").to_pylist()
-        train, report["quality"] = apply_quality_filters(train, d.quality, d.num_proc if d.num_proc > 1 else None, reasons)
+        train, report["quality"] = apply_quality_filters(train, d.quality, d.num_proc if d.num_proc > 1 else None,
+                                                         reasons, locate=row_locator(train, locators))
     with clock("dedup"):
         kept = [i for i, r in enumerate(reasons) if not r] if features is not None else None
         train, report["dedup"] = deduplicate(train, d.dedup, d.num_proc, features, kept)
@@ -223,18 +219,20 @@ def _streamed(cfg: RunConfig, clock: StageClock, tmp: Path):
     from tuneforge.data.streaming import first_texts, prepare_streamed
 
     d = cfg.data
-    eval_ = None
+    eval_, locators = None, {}
     with clock("read"):
         if d.eval is not None:
-            raw, name, _ = read_source(d.eval, d.skip_invalid)
-            eval_, _ = normalize(raw, d.eval, name, 1, d.quality.score_column, d.skip_invalid)
+            eval_, _ = read_normalized(d.eval, d, locators, -1)
+            eval_ = eval_.add_column("source_id", [-1] * len(eval_))
     with clock("stream: filter, dedup, tokenize, pack"):
         tok = build_tokenizer(cfg.model, first_texts(cfg))
         template, template_name = _template(tok, cfg)
         train_tok, train_rep, report, lengths = prepare_streamed(cfg, tok, _texts(eval_, "all") if eval_ else [], tmp)
     with clock("tokenize"):
-        eval_tok, eval_rep = tokenize_split(eval_, tok, template, cfg.data, "eval") if eval_ is not None else (None, None)
+        eval_tok, eval_rep = tokenize_split(eval_, tok, template, cfg.data, "eval", locate=where_from(locators)) \
+            if eval_ is not None else (None, None)
     return train_tok, eval_tok, tok, template, template_name, train_rep, eval_rep, report, lengths
+
 
 
 def prepare(cfg: RunConfig, run_dir: str | Path, force: bool = False, log=print) -> PreparedData:
@@ -279,13 +277,17 @@ def _build(cfg: RunConfig, out: Path, fp: str, parts: dict[str, str], log) -> No
         train_tok, eval_tok, tok, template, template_name, train_rep, eval_rep, report, lengths = _streamed(cfg, clock, tmp)
     else:
         train, eval_, report = _load_all(cfg, log, clock)
+        where = where_from(report.pop("_locators"))
         with clock("tokenize"):
             tok = build_tokenizer(cfg.model, _corpus(train))
             gc.freeze()  # the tokenizer and what the filters left behind join the skipped objects
             template, template_name = _template(tok, cfg)
-            train_tok, train_rep = tokenize_split(train, tok, template, cfg.data, "train", source_columns=not cfg.data.packing)
-            eval_tok, eval_rep = tokenize_split(eval_, tok, template, cfg.data, "eval") if eval_ is not None else (None, None)
+            train_tok, train_rep = tokenize_split(train, tok, template, cfg.data, "train",
+                                                  source_columns=not cfg.data.packing, locate=where)
+            eval_tok, eval_rep = tokenize_split(eval_, tok, template, cfg.data, "eval", locate=where) \
+                if eval_ is not None else (None, None)
             lengths = column(train_tok, "num_tokens")
+    template_invalid(report, [train_rep, eval_rep], cfg.data)
     if len(lengths) == 0:
         raise ValueError("data: no training rows left after tokenization (all too long, too short or with nothing to "
                          "train); raise data.max_seq_len or check data.train_on")
@@ -353,7 +355,8 @@ def summary(report: dict) -> str:
     lines = [f"data: template={report['chat_template']} train_on={report['train_on']} max_seq_len={report['max_seq_len']}"]
     if "rows_read" in report:
         inv, q, dd, dc = report["invalid"], report["quality"], report["dedup"], report["decontamination"]
-        lines.append(f"  read {report['rows_read'] + inv['skipped']} rows; skipped invalid: {inv['skipped']} {inv['reasons'] or ''}")
+        read = report["rows_read"] + inv["skipped"] - inv.get("template", 0)  # refused rows were read (and valid)
+        lines.append(f"  read {read} rows; skipped invalid: {inv['skipped']} {inv['reasons'] or ''}")
         lines.append("  sources: " + "; ".join(f"{x['source']} {x['rows_read']} read -> {x.get('rows_trained', '?')} trained"
                                               for x in report["sources"] if "rows_trained" in x))
         lines.append("  quality filters removed: " + (", ".join(f"{k} {v['removed']}" for k, v in q.items()) or "none"))

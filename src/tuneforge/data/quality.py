@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 
 import datasets
 
@@ -72,9 +73,11 @@ def failed_rules(messages: list[list[dict]], texts: list[str], scores: list | No
 
 
 def apply_quality_filters(ds: datasets.Dataset, q: QualityConfig, num_proc: int | None = None,
-                          reasons: list[str] | None = None) -> tuple[datasets.Dataset, dict]:
+                          reasons: list[str] | None = None, locate: Callable[[int], str] | None = None,
+                          ) -> tuple[datasets.Dataset, dict]:
     """Drop rows failing any rule. Returns (kept rows, {rule: {removed, examples}}). `reasons`: the rows'
-    `failed_rules` when already judged (prepare judges them in the same pass that hashes rows for dedup)."""
+    `failed_rules` when already judged (prepare judges them in the same pass that hashes rows for dedup).
+    Each example says where its row is: `locate(i)` ('file:line'), else its 1-based row number."""
     if reasons is None:
         # only the verdicts are written back; tuneforge caches the stage itself (no fingerprint hashing)
         judged = ds.map(lambda b: {"_drop": failed_rules(b["messages"], b["text"], b.get("score"), q)}, batched=True,
@@ -89,7 +92,8 @@ def apply_quality_filters(ds: datasets.Dataset, q: QualityConfig, num_proc: int 
         entry["removed"] += 1
         if len(entry["examples"]) < EXAMPLES_PER_RULE:
             _, response = prompt_and_response(ds[i]["messages"], ds[i]["text"])
-            entry["examples"].append({"row": i, "response": response[:120]})
+            where = {"where": locate(i)} if locate else {"row": i + 1}
+            entry["examples"].append({**where, "response": response[:120]})
     keep = [i for i, r in enumerate(reasons) if not r]
     kept = ds.select(keep, new_fingerprint=uuid.uuid4().hex) if len(keep) < len(ds) else ds
     return kept, report

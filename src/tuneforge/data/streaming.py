@@ -18,16 +18,20 @@ import numpy as np
 import xxhash
 
 from tuneforge.config.schema import DatasetSource, RunConfig
+from tuneforge.data import invalid as invalid_rows
 from tuneforge.data.dedup import NgramIndex, benchmark_texts, normalize_text
+from tuneforge.data.fields import RowError, to_canonical
 from tuneforge.data.formats import DataFormatError
+from tuneforge.data.locate import RowLocator
 from tuneforge.data.packing import pack_dataset
 from tuneforge.data.quality import failed_rule
 
 STREAM_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
-def stream_texts(src: DatasetSource) -> Iterator[tuple[str, int, object]]:
-    """(file name, row number, the row's text value) of every row of a completion-format source, streamed."""
+def stream_texts(src: DatasetSource) -> Iterator[tuple[RowLocator, int, dict]]:
+    """(where the file's rows are, the row's 0-based index in its file, {"text": the row's text value}) of every
+    row of a completion-format source, streamed. A row without the field has no "text"."""
     if src.path is None:
         raise DataFormatError("data.streaming reads files: a `synthetic` source cannot be streamed; set data.streaming=false")
     if src.format not in ("auto", "completion"):
@@ -45,14 +49,12 @@ def stream_texts(src: DatasetSource) -> Iterator[tuple[str, int, object]]:
     n = 0
     for f in files:
         stream = datasets.load_dataset(next(iter(kinds)), data_files=[str(f)], split="train", streaming=True)
-        for i, row in enumerate(stream, 1):
+        locate = RowLocator(str(f), [f])
+        for i, row in enumerate(stream):
             if src.max_rows is not None and n >= src.max_rows:
                 return
-            if column not in row:
-                raise DataFormatError(f"{f}: row {i} has no {column!r} field (it has {sorted(row)}); streaming reads "
-                                      f"raw text: map your field with columns: {{text: YOUR_FIELD}}")
             n += 1
-            yield str(f), i, row[column]
+            yield locate, i, ({"text": row[column]} if column in row else {"_has": sorted(row)})
 
 
 def _chunks(cfg: RunConfig) -> Iterator[tuple[int, list[tuple[str, int, object]]]]:
@@ -78,8 +80,9 @@ class StreamState:
         self.reference_texts = len(refs)
         self.seen: set[int] = set()
         self.lengths: list[np.ndarray] = []
-        self.sources = [{"source": s.path, "rows_read": 0, "rows_valid": 0, "rows_trained": 0} for s in cfg.data.train]
-        self.invalid = {"skipped": 0, "reasons": {}, "examples": []}
+        self.sources = [{"source": s.path, "format": "completion", "rows_read": 0, "rows_valid": 0, "rows_invalid": 0,
+                         "rows_trained": 0} for s in cfg.data.train]
+        self.invalid = invalid_rows.empty()
         self.quality: dict = {}
         self.exact_removed = self.contaminated = 0
         self.contaminated_examples: list[str] = []
@@ -88,21 +91,33 @@ class StreamState:
         self.packed_rows = 0
 
 
-def _valid(state: StreamState, chunk: list) -> list[str]:
+def _valid(state: StreamState, k: int, chunk: list) -> list[str]:
+    """The texts of the chunk's valid rows (the same type checks as the in-memory path, fields.py)."""
     texts = []
-    for name, line, value in chunk:
-        if isinstance(value, str) and value.strip():
-            texts.append(value)
+    names = dict(state.cfg.data.train[k].columns)
+    for locate, i, row in chunk:
+        try:
+            if "_has" in row:
+                raise RowError(f"missing field `{names.get('text', 'text')}` (the row has {row['_has']}): streaming "
+                               "reads raw text; map your field with columns: {text: YOUR_FIELD}")
+            texts.append(to_canonical(row, "completion", names)["text"])
             continue
-        reason = "`text` must be a non-empty string"
+        except RowError as e:
+            error = e
         if not state.cfg.data.skip_invalid:
-            raise DataFormatError(f"{name}: row {line}: {reason} (got {value!r:.60}); fix the row or set "
-                                  "data.skip_invalid=true to skip such rows")
-        state.invalid["skipped"] += 1
-        state.invalid["reasons"][reason] = state.invalid["reasons"].get(reason, 0) + 1
-        if len(state.invalid["examples"]) < 5:
-            state.invalid["examples"].append(f"{name}: row {line}: {value!r:.60}")
+            raise DataFormatError(f"{locate(i)}: {error}; {invalid_rows.SKIP_HINT}")
+        invalid_rows.add(state.invalid, error.reason, f"{locate(i)}: {error}")
+        state.sources[k]["rows_invalid"] += 1
     return texts
+
+
+def _check_source(state: StreamState, k: int) -> None:
+    """Stop when more than data.max_invalid_fraction of source k's rows were invalid."""
+    source = state.sources[k]
+    too_many = invalid_rows.too_many(source["source"], source["rows_invalid"], source["rows_read"],
+                                     state.invalid["examples"], state.cfg.data.max_invalid_fraction)
+    if too_many:
+        raise DataFormatError(too_many)
 
 
 def _filter(state: StreamState, texts: list[str]) -> list[str]:
@@ -175,9 +190,13 @@ def _rows(state: StreamState, samples: list[list[int]]) -> Iterator[dict]:
 
 def generate_rows(cfg: RunConfig, tok, state: StreamState) -> Iterator[dict]:
     """Every training row of the streamed corpus, chunk by chunk (the generator behind Dataset.from_generator)."""
+    last = None
     for k, chunk in _chunks(cfg):
+        if last is not None and k != last:
+            _check_source(state, last)
+        last = k
         state.sources[k]["rows_read"] += len(chunk)
-        texts = _valid(state, chunk)
+        texts = _valid(state, k, chunk)
         state.sources[k]["rows_valid"] += len(texts)
         samples = _tokenized(state, tok, _filter(state, texts))
         state.sources[k]["rows_trained"] += len(samples)
@@ -187,6 +206,8 @@ def generate_rows(cfg: RunConfig, tok, state: StreamState) -> Iterator[dict]:
         state.tok["tokens"] += int(lengths.sum())
         state.tok["trained_tokens"] += int(lengths.sum()) - len(samples)
         yield from _rows(state, samples)
+    if last is not None:
+        _check_source(state, last)
 
 
 def prepare_streamed(cfg: RunConfig, tok, eval_texts: list[str], work_dir: Path) -> tuple[datasets.Dataset, dict, dict, list[int]]:
@@ -230,7 +251,8 @@ def first_texts(cfg: RunConfig, n: int = 10_000) -> Iterator[str]:
     """The first n valid texts of the stream (to train a new model's tokenizer)."""
     count = 0
     for src in cfg.data.train:
-        for _, _, value in stream_texts(src):
+        for _, _, row in stream_texts(src):
+            value = row.get("text")
             if isinstance(value, str) and value.strip():
                 yield value
                 count += 1

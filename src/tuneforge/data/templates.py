@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jinja2.exceptions import TemplateError as JinjaError
+from jinja2.exceptions import TemplateSyntaxError
 from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
@@ -42,20 +44,43 @@ CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 
 class TemplateError(ValueError):
-    """A chat template that cannot be used to locate assistant turns."""
+    """A chat template that cannot be used to locate assistant turns, or that refuses a conversation."""
+
+
+def refusal(error: JinjaError) -> str:
+    """What a template said when it refused a conversation (its `raise_exception` message, an undefined value)."""
+    message = str(getattr(error, "message", None) or error).strip() or type(error).__name__
+    return message if type(error) is JinjaError else f"{type(error).__name__}: {message}"
+
+
+def check_syntax(template: str, where: str) -> None:
+    """Raise TemplateError naming `where` and the line when the template does not compile."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # a transformers without it: rendering will say
+        return
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as e:
+        raise TemplateError(f"{where}, line {e.lineno}: the chat template has a syntax error: {e.message}; fix it, "
+                            "or set data.chat_template: chatml (or alpaca)") from None
 
 
 def resolve_template(tokenizer: PreTrainedTokenizerBase, choice: str) -> tuple[str, str]:
     """Return (template source, name). `choice`: auto | alpaca | chatml | path to a .jinja file."""
     if choice == "auto":
         if getattr(tokenizer, "chat_template", None):
+            if isinstance(tokenizer.chat_template, str):
+                check_syntax(tokenizer.chat_template, f"the chat template of tokenizer {tokenizer.name_or_path}")
             return tokenizer.chat_template, "tokenizer"
         return BUILTIN_TEMPLATES["alpaca"], "alpaca"
     if choice in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[choice], choice
     path = Path(choice).expanduser()
     if path.is_file():
-        return path.read_text(encoding="utf-8"), str(path)
+        text = path.read_text(encoding="utf-8")
+        check_syntax(text, f"{path} (data.chat_template)")
+        return text, str(path)
     raise TemplateError(
         f"data.chat_template={choice!r} is neither a built-in ({', '.join(BUILTIN_TEMPLATES)}), "
         "'auto', nor an existing .jinja file"
@@ -199,9 +224,25 @@ def _turn_end(tokenizer, through: str, follow: str | None) -> int:
     return a["offset_mapping"][n - 1][1] if n else 0
 
 
-def chats_rendered(tokenizer, template: str, conversations: list[list[dict]], train_on: str) -> tuple[list[str], list]:
-    """(rendered texts, trained spans per text) of many conversations: the Python half of tokenizing chats."""
-    rendered = assistant_spans_many(tokenizer, template, conversations, train_on)
+def chats_rendered(tokenizer, template: str, conversations: list[list[dict]], train_on: str,
+                   refused: dict[int, str] | None = None) -> tuple[list[str], list]:
+    """(rendered texts, trained spans per text) of many conversations: the Python half of tokenizing chats.
+
+    A conversation the template refuses (its `raise_exception(...)`, an undefined value, any jinja error) raises
+    TemplateError with the template's message; or, given `refused`, is rendered as "" with no spans and its
+    position in `conversations` -> the message is put in `refused`."""
+    try:
+        rendered = assistant_spans_many(tokenizer, template, conversations, train_on)
+    except JinjaError as e:
+        if refused is None:
+            raise TemplateError(f"the chat template refused a conversation: {refusal(e)}") from None
+        rendered = []
+        for k, conv in enumerate(conversations):  # which ones: one by one
+            try:
+                rendered.append(assistant_spans_many(tokenizer, template, [conv], train_on)[0])
+            except JinjaError as e:
+                refused[k] = refusal(e)
+                rendered.append(("", []))
     return [text for text, _ in rendered], [sp for _, sp in rendered]
 
 

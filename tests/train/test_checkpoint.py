@@ -12,8 +12,15 @@ import tuneforge.train.loop as loop
 from tuneforge.cli import main
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.prepare import prepare
-from tuneforge.train.checkpoint import (CheckpointError, TrainState, check_resume_key, clean_partial, find_latest,
-                                        load_checkpoint, save_checkpoint)
+from tuneforge.train.checkpoint import (
+    CheckpointError,
+    TrainState,
+    check_resume_key,
+    clean_partial,
+    find_latest,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tuneforge.train.loop import Trainer
 from tuneforge.train.signals import BadStepsError
 
@@ -214,8 +221,8 @@ def test_train_resumes_refuses_incompatible_changes_and_accepts_more_steps(tiny_
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) == 0
     run = tmp_path / "run"
-    assert main(["train", str(path)]) == 2  # finished, no overwrite
-    assert "run/final already exists" in capsys.readouterr().err
+    assert main(["train", str(path)]) == 0  # finished: the same command again says so and trains nothing
+    assert "run is already complete: 4 steps trained" in capsys.readouterr().out
     import shutil
 
     shutil.rmtree(run / "final")  # as if it crashed after the last checkpoint

@@ -7,15 +7,15 @@ import sys
 from pathlib import Path
 
 from tuneforge.cli.console import EXIT_CONFIG, EXIT_FAILED, _err, _load
-from tuneforge.config.packages import require_packages
-from tuneforge.config.load import write_resolved_config
 from tuneforge.cli.eval_commands import _write_report_quietly
+from tuneforge.config.load import write_resolved_config
+from tuneforge.config.packages import require_packages
 
 
 # ---------------------------------------------------------------------------- train
 def _task_eval(model, data, cfg) -> dict:
-    from tuneforge.eval.runner import held_out_chats
     from tuneforge.eval.generation import generate
+    from tuneforge.eval.runner import held_out_chats
     from tuneforge.eval.tasks import task_metrics
 
     prompts, refs = held_out_chats(data.eval, cfg.eval.generate_rows)
@@ -46,9 +46,53 @@ def _print_comparison(before: dict, after: dict) -> None:
         print(f"{k:<24}{before[k]:>12.4f}{after[k]:>12.4f}{after[k] - before[k]:>+12.4f}")
 
 
-def _resume_point(resume: str, run_dir: Path, overwrite: bool, clear: bool = True) -> Path | None:
+class RunComplete(Exception):
+    """`train` into a run that already finished: there is nothing to train. Exit 0 when the config is the one it
+    was trained with (the command is done: running it again, as a script or a scheduler re-queuing the job would, is
+    a no-op, not a failure), 2 (a config error) when the config changed, since those changes would not apply."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _config_changes(run_dir: Path, cfg) -> list[str]:
+    """Settings of `cfg` that differ from the run's config.yaml (log.* ignored: it changes no result)."""
+    import yaml
+
+    from tuneforge.train.checkpoint import flat_config
+
+    try:
+        old = flat_config(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {})
+    except (OSError, yaml.YAMLError):
+        return []
+    new = flat_config(cfg.model_dump(mode="json"))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not k.startswith("log.") and k != "output.overwrite"]
+
+
+def _run_complete(run_dir: Path, cfg) -> RunComplete:
+    final = run_dir / "final"
+    try:
+        steps = f"{json.loads((final / 'tuneforge.json').read_text(encoding='utf-8'))['steps']} steps"
+    except (OSError, ValueError, KeyError):
+        steps = "its steps"
+    again = (f"To train again: choose a new output.dir; or start over here with output.overwrite=true; or, to "
+             f"continue it from its last checkpoint (e.g. with a larger train.max_steps), delete {final} (the "
+             "checkpoints stay) and run the command again")
+    changes = _config_changes(run_dir, cfg) if cfg is not None else []
+    if changes:
+        return RunComplete(f"{final} already exists: the run in {run_dir} is complete ({steps}), trained with another "
+                           f"config ({'; '.join(changes[:5])}{'; ...' if len(changes) > 5 else ''}), so this command "
+                           f"would train nothing. {again}", EXIT_CONFIG)
+    return RunComplete(f"{run_dir} is already complete: {steps} trained, the weights are in {final} (summary in "
+                       f"{run_dir / 'run_summary.json'}). Nothing to train. {again}", 0)
+
+
+def _resume_point(resume: str, run_dir: Path, overwrite: bool, clear: bool = True, cfg=None) -> Path | None:
     """Which checkpoint `train` continues from (None = a fresh start), per --resume and what the run dir holds.
-    A fresh start over an earlier run's results needs output.overwrite=true, and then clears them."""
+    A fresh start over an earlier run's results needs output.overwrite=true, and then clears them. A finished run
+    (final/ written) resumed with `auto` raises RunComplete."""
     from tuneforge.train.checkpoint import CheckpointError, clean_partial, find_latest, read_manifest
 
     ckpts = run_dir / "checkpoints"
@@ -66,6 +110,8 @@ def _resume_point(resume: str, run_dir: Path, overwrite: bool, clear: bool = Tru
         return latest
     if finished or latest is not None:
         what = f"{run_dir}/final already exists" if finished else f"{run_dir} has checkpoints up to {latest.name}"
+        if not overwrite and finished and resume == "auto":
+            raise _run_complete(run_dir, cfg)
         if not overwrite:
             hint = ("choose another output.dir or pass output.overwrite=true to train again from scratch" if finished
                     else "run without --resume never to continue it, or pass output.overwrite=true to start over")
@@ -102,7 +148,10 @@ def _launch_processes(args, cfg, run_dir: Path) -> int:
     spec = LaunchSpec(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port)
     resume_from = None
     if args.node_rank == 0:
-        resume_from = _resume_point(args.resume, run_dir, cfg.output.overwrite)
+        try:
+            resume_from = _resume_point(args.resume, run_dir, cfg.output.overwrite, cfg=cfg)
+        except RunComplete as done:
+            return _say_complete(done)
         write_resolved_config(cfg, run_dir)
         prepare(cfg, run_dir)  # the ranks find it cached (other nodes' ranks wait for it on the shared file system)
     elif args.resume not in ("auto", "never"):
@@ -115,6 +164,14 @@ def _launch_processes(args, cfg, run_dir: Path) -> int:
              "the failed rank and its error. Run the same command again to resume from the latest checkpoint.")
         return EXIT_FAILED
     return 0
+
+
+def _say_complete(done: RunComplete) -> int:
+    if done.exit_code:
+        _err(str(done))
+    else:
+        print(str(done))
+    return done.exit_code
 
 
 def torch_cuda_available() -> bool:
@@ -130,6 +187,8 @@ def cmd_train(args) -> int:
     from tuneforge.data.prepare import prepare, wait_for_prepared
     from tuneforge.eval.generation import generate
     from tuneforge.eval.perplexity import evaluate_loss
+    from tuneforge.train.alerts import end_of_run_warnings
+    from tuneforge.train.final import FinalWriteError
     from tuneforge.train.launch import RESUME_ENV, adopt_slurm_env, rank, under_launcher
     from tuneforge.train.loop import Trainer
 
@@ -144,7 +203,10 @@ def cmd_train(args) -> int:
     if RESUME_ENV in os.environ:  # started by our own launcher, which resolved it
         resume_from = Path(os.environ[RESUME_ENV]) if os.environ[RESUME_ENV] else None
     else:  # every rank reaches the same answer; only rank 0 clears an overwritten run
-        resume_from = _resume_point(args.resume, run_dir, cfg.output.overwrite, clear=main_rank)
+        try:
+            resume_from = _resume_point(args.resume, run_dir, cfg.output.overwrite, clear=main_rank, cfg=cfg)
+        except RunComplete as done:
+            return _say_complete(done) if main_rank else done.exit_code
     if main_rank:
         write_resolved_config(cfg, run_dir)
         from tuneforge.progress import stage_status
@@ -215,7 +277,11 @@ def cmd_train(args) -> int:
             with trainer.parallel.generation():
                 shown = prompts, refs, generate(model, data.tokenizer, prompts, cfg.eval.max_new_tokens,
                                                 data.report.get("stop_token_ids"))
-        final = trainer.save_final()
+        final, final_error = None, None
+        try:
+            final = trainer.save_final()
+        except FinalWriteError as e:  # the run is not lost: it says where the last good checkpoint is
+            final_error = e
     finally:
         trainer.cleanup()
     if not main_rank:
@@ -237,8 +303,19 @@ def cmd_train(args) -> int:
         for p, r, g in zip(prompts, refs, preds):
             print(f"  prompt:    {p[-1]['content']!r}\n  expected:  {r!r}\n  generated: {g!r}")
             samples.append({"prompt": p[-1]["content"], "reference": r, "generated": g})
-    (run_dir / "run_summary.json").write_text(json.dumps({"before": before, "after": after, **summary,
-                                                          "samples": samples}, indent=2))
+    for line in end_of_run_warnings(summary, run_dir):
+        print(line, file=sys.stderr)
+    try:
+        (run_dir / "run_summary.json").write_text(json.dumps({"before": before, "after": after, **summary,
+                                                              "samples": samples}, indent=2))
+    except OSError as e:
+        print(f"warning: {run_dir / 'run_summary.json'} could not be written ({e})", file=sys.stderr)
+    if final_error is not None:
+        import shlex
+
+        trainer.finish()
+        _err(f"{final_error}\n  the command: tuneforge train {shlex.join([args.config, *args.overrides])}")
+        return EXIT_FAILED
     _write_report_quietly(run_dir)
     trainer.finish()
     print(f"\nsaved {final} (try: tuneforge generate {run_dir} --prompt \"...\")")

@@ -249,6 +249,7 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, optimizer, scheduler, 
             part(publish)
         settle()
     except BaseException:
+        failure = None  # the frame -> failure -> traceback -> frame cycle would keep a failed writer's file open
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -6,8 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
+from tuneforge.errors import TuneforgeError
 
-class FinalWriteError(RuntimeError):
+
+class FinalWriteError(TuneforgeError):
     """final/ could not be written (disk full, read-only, ...); the message names the last good checkpoint."""
 
     def __init__(self, message: str, latest: Path | None):
@@ -39,7 +41,8 @@ def _write(tmp: Path, model, state_dict: dict | None, tokenizer, stops: list[int
     if state_dict is None:
         model.save_pretrained(str(tmp), safe_serialization=True)
     else:  # a gathered state dict names tied weights twice (e.g. lm_head = embed_tokens): keep the first name
-        tied = ({n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()})
+        named = {n for n, _ in model.named_parameters()}
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - named
         state_dict = {k: v for k, v in state_dict.items() if k not in tied}
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))

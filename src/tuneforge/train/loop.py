@@ -22,26 +22,35 @@ from tuneforge.data.formats import column
 from tuneforge.data.prepare import PreparedData
 from tuneforge.model.adapters import apply_adapter, describe, trainable_report
 from tuneforge.model.attention import check_samples_kept_apart, packed_calls, samples_share_rows, use_packed_sdpa
-from tuneforge.model.kernels import apply_liger, check_liger
 from tuneforge.model.gguf_source import is_gguf, link_base
-from tuneforge.model.load import (DTYPES, choose_attention, choose_precision, load_model, load_quantized,
-                                  model_source)
-from tuneforge.train.batches import BatchOrder, join_micro_batches, pass_budget
+from tuneforge.model.kernels import apply_liger, check_liger
+from tuneforge.model.lm_loss import forward_logits, nll_sum, trained_nll_sum, trained_tokens
+from tuneforge.model.load import DTYPES, choose_attention, choose_precision, load_model, load_quantized, model_source
 from tuneforge.train.alerts import alert, error_text, final_failed_message, save_failed_message
-from tuneforge.train.checkpoint import (CheckpointError, TrainState, check_resume_key, find_latest, flat_config,
-                                        load_checkpoint, load_weights_only, prune, read_manifest, save_checkpoint,
-                                        step_dir_name)
+from tuneforge.train.batches import BatchOrder, join_micro_batches, pass_budget
+from tuneforge.train.checkpoint import (
+    CheckpointError,
+    TrainState,
+    check_resume_key,
+    find_latest,
+    flat_config,
+    load_checkpoint,
+    load_weights_only,
+    prune,
+    read_manifest,
+    save_checkpoint,
+    step_dir_name,
+)
 from tuneforge.train.disk_space import directory_bytes, estimate_checkpoint_bytes, low_space_warning
 from tuneforge.train.final import FinalWriteError, write_final
 from tuneforge.train.host_memory import keep_freed_memory
-from tuneforge.model.lm_loss import forward_logits, nll_sum, trained_nll_sum, trained_tokens
 from tuneforge.train.monitor import Monitor
+from tuneforge.train.optim import build_optimizer, build_scheduler, compile_layers
 from tuneforge.train.parallel import build_parallel
 from tuneforge.train.planner import resolve_auto_checkpointing
-from tuneforge.train.trackers import open_trackers
 from tuneforge.train.signals import BadStepsError, StopSignals, TrainingStopped
 from tuneforge.train.throughput import MfuMeter, default_threads, device_peak_tflops, flop_model, peak_memory_gb
-from tuneforge.train.optim import build_optimizer, build_scheduler, compile_layers
+from tuneforge.train.trackers import open_trackers
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -160,7 +169,8 @@ class Trainer:
             self.log(f"deepspeed: {note}")
         if self.accelerator.num_processes > 1 or self.parallel.name != "ddp":
             self.log(f"distributed: {self.accelerator.num_processes} processes, {self.wrapper}, backend "
-                     f"{torch.distributed.get_backend() if torch.distributed.is_initialized() else 'none'}; global micro-batch "
+                     f"{torch.distributed.get_backend() if torch.distributed.is_initialized() else 'none'}; "
+                     f"global micro-batch "
                      f"{cfg.train.micro_batch_size * self.accelerator.num_processes} rows; this rank holds "
                      f"{self.local_fraction:.1%} of the parameters")
         # trackers (log.report_to) on the main process; a run with checkpoints continues its tracker runs
@@ -248,7 +258,8 @@ class Trainer:
                 m.update(step_time_s=dt, tokens_per_s=m["tokens"] / dt, trained_tokens_per_s=m["trained_tokens"] / dt,
                          mfu=mfu,
                          peak_mem_gb=peak_memory_gb(self.device), trained_tokens_total=st.trained_tokens_total,
-                         tokens_total=st.tokens_total, epoch=step * self.cfg.train.grad_accum / self.order.batches_per_epoch)
+                         tokens_total=st.tokens_total,
+                         epoch=step * self.cfg.train.grad_accum / self.order.batches_per_epoch)
                 if m["skipped"]:
                     self._bad_step(step, m)
                 else:
@@ -349,7 +360,8 @@ class Trainer:
 
     def resume_key(self) -> dict:
         dump = self.cfg.model_dump(mode="json")
-        return {"model": dump["model"], "adapter": dump["adapter"], "data_fingerprint": self.data.report.get("fingerprint"),
+        return {"model": dump["model"], "adapter": dump["adapter"],
+                "data_fingerprint": self.data.report.get("fingerprint"),
                 "data_order": self.order.layout(), "train.group_by_length": self.cfg.train.group_by_length,
                 "world_size": self.accelerator.num_processes, "train.seed": self.cfg.train.seed,
                 "checkpoint_layout": self.parallel.checkpoint_layout(),
@@ -427,7 +439,8 @@ class Trainer:
         if not load_weights_only(best, self.parallel.module(), self.parallel.load_shards):
             self.monitor.event(f"warning: best checkpoint {best} is missing; final/ holds the last step")
             return
-        self.monitor.event(f"loaded the best checkpoint {best.name} ({self.cfg.eval.metric}={self.state.best_metric:.4g})")
+        self.monitor.event(f"loaded the best checkpoint {best.name} "
+                           f"({self.cfg.eval.metric}={self.state.best_metric:.4g})")
 
     # ------------------------------------------------------------------------ results
     def save_final(self) -> Path:

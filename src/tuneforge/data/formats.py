@@ -177,18 +177,43 @@ def _read_files(files: list[Path], builder: str, skip_invalid: bool) -> tuple[da
             ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
             return ds, [], None
         except Exception as e:  # datasets wraps parser errors in many types
-            if not lenient:
-                found = [d for d in (_diagnose(f, e) for f in files) if "could not be read" not in d]
+            found = [d for d in (_diagnose(f, e) for f in files) if "could not be read" not in d]
+            if not lenient and (found or builder != "json"):
                 raise DataFormatError(found[0] if found else _diagnose(files[0], e)) from None
+            # JSON that parses, which datasets could not read (values of mixed types): read it here
     rows, skipped, where = [], [], []
     for f in files:
-        r, problems, lines = _scan_json_lines(f)
+        r, problems, lines = _scan_json(f)
         rows.extend(r)
         skipped.extend(problems)
         where.extend((str(f), n) for n in lines)
     if not rows:
         raise DataFormatError(f"{files[0]}: no readable rows ({len(skipped)} skipped: {skipped[:1]})")
-    return datasets.Dataset.from_list(rows), skipped, where
+    return _from_rows(rows), skipped, where
+
+
+def _scan_json(path: Path) -> tuple[list[dict], list[str], list[int]]:
+    """`_scan_json_lines`, or the elements of a file holding one JSON array."""
+    text = path.read_text(encoding="utf-8") if path.suffix == ".json" else ""
+    if not text.lstrip().startswith("["):
+        return _scan_json_lines(path)
+    from tuneforge.data.locate import _json_array_lines
+
+    rows, problems, lines = [], [], []
+    for row, line in zip(json.loads(text), _json_array_lines(text)):
+        if isinstance(row, dict):
+            rows.append(row)
+            lines.append(line)
+        else:
+            problems.append(f"{path}:{line}: expected a JSON object per array element, got {type(row).__name__}")
+    return rows, problems, lines
+
+
+def _from_rows(rows: list[dict]) -> datasets.Dataset:
+    """Rows of any keys and value types as a Dataset: every field keeps its JSON value (type-checked later)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return datasets.Dataset.from_dict({k: [r.get(k) for r in rows] for k in keys},
+                                      features=datasets.Features({k: datasets.Json() for k in keys}))
 
 
 def read_source(src: DatasetSource, skip_invalid: bool = False) -> tuple[datasets.Dataset, str, list[str]]:

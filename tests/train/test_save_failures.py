@@ -106,7 +106,7 @@ def test_a_real_full_disk_mid_save(tiny_config_dict, tmp_path, capsys):
     """The checkpoint directory on a tmpfs with room for one checkpoint and a half (needs root to mount)."""
     tr = trainer_for(tiny_config_dict, tmp_path, checkpoint={"every_steps": 2, "save_total_limit": 1})
     tr.ckpt_root.mkdir(parents=True, exist_ok=True)
-    size = int(1.5 * tr.ckpt_bytes)
+    size = int(1.5 * tr.checkpoints.need_bytes)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(tr.ckpt_root)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
@@ -136,7 +136,7 @@ def test_low_free_space_is_warned_before_the_first_checkpoint_from_an_estimate(t
                                                                                 monkeypatch, capsys):
     tr = trainer_for(tiny_config_dict, tmp_path, checkpoint={"every_steps": 1})
     monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda p: Usage(10**6, 10**6 - 1000, 1000))
-    estimate = tr.ckpt_bytes
+    estimate = tr.checkpoints.need_bytes
     tr.train()
     tr.cleanup()
     monkeypatch.undo()

@@ -26,28 +26,17 @@ from tuneforge.model.gguf_source import is_gguf, link_base
 from tuneforge.model.kernels import apply_liger, check_liger
 from tuneforge.model.lm_loss import forward_logits, nll_sum, trained_nll_sum, trained_tokens
 from tuneforge.model.load import DTYPES, choose_attention, choose_precision, load_model, load_quantized, model_source
-from tuneforge.train.alerts import alert, error_text, final_failed_message, save_failed_message
+from tuneforge.train.alerts import final_failed_message
 from tuneforge.train.batches import BatchOrder, join_micro_batches, pass_budget
-from tuneforge.train.checkpoint import (
-    CheckpointError,
-    TrainState,
-    check_resume_key,
-    find_latest,
-    flat_config,
-    load_checkpoint,
-    load_weights_only,
-    prune,
-    read_manifest,
-    save_checkpoint,
-    step_dir_name,
-)
-from tuneforge.train.disk_space import directory_bytes, estimate_checkpoint_bytes, low_space_warning
+from tuneforge.train.checkpoint import TrainState, find_latest, flat_config
+from tuneforge.train.disk_space import estimate_checkpoint_bytes
 from tuneforge.train.final import FinalWriteError, write_final
 from tuneforge.train.host_memory import keep_freed_memory
 from tuneforge.train.monitor import Monitor
 from tuneforge.train.optim import build_optimizer, build_scheduler, compile_layers
 from tuneforge.train.parallel import build_parallel
 from tuneforge.train.planner import resolve_auto_checkpointing
+from tuneforge.train.run_checkpoints import RunCheckpoints
 from tuneforge.train.signals import BadStepsError, StopSignals, TrainingStopped
 from tuneforge.train.throughput import MfuMeter, default_threads, device_peak_tflops, flop_model, peak_memory_gb
 from tuneforge.train.trackers import open_trackers
@@ -128,7 +117,7 @@ class Trainer:
             compiled = compile_layers(model)
             self.log(f"torch.compile: {compiled} decoder layers (compiled on first use)")
         self.params_report = trainable_report(model)
-        self.ckpt_bytes, self.ckpt_measured = estimate_checkpoint_bytes(model, cfg.train.optimizer), False
+        ckpt_bytes = estimate_checkpoint_bytes(model, cfg.train.optimizer)
         self.flops = flop_model(model)
         self.peak_tflops, peak_source = device_peak_tflops(device, self.precision, cfg.train.peak_tflops)
         self.mfu = MfuMeter(self.peak_tflops, peak_source, self.accelerator.num_processes)
@@ -178,6 +167,8 @@ class Trainer:
                                  resume=find_latest(self.ckpt_root) is not None) if self.is_main else []
         self.monitor = Monitor(self.run_dir, self.total_steps, cfg.log.every_steps, cfg.log.progress, self.is_main,
                                trackers=trackers)
+        self.checkpoints = RunCheckpoints(self.ckpt_root, cfg, self.accelerator, self.parallel, self.optimizer,
+                                          self.scheduler, self.monitor, ckpt_bytes)
         self.state = TrainState()
         return self
 
@@ -240,7 +231,7 @@ class Trainer:
         a SIGTERM/SIGINT (checkpoint written) and BadStepsError after too many non-finite steps."""
         self.model.train()
         st = self.state = self.resume(resume_from) if resume_from else TrainState()
-        self._low_space = self._check_space(find_latest(self.ckpt_root), warned=False)
+        self.checkpoints.check_space(find_latest(self.ckpt_root))
         every_eval, ck = self.cfg.eval.every_steps, self.cfg.checkpoint
         last_save = time.monotonic()
         t0 = time.perf_counter() - st.train_seconds
@@ -293,7 +284,7 @@ class Trainer:
             self._eval(st.step)
             final_eval = st.last_eval
         if self.cfg.eval.load_best_at_end and st.best_step is not None and st.best_step != st.step:
-            self._load_best()
+            self.checkpoints.load_best(st)
         self.summary = {"steps": st.step, "wall_s": wall, "tokens": st.tokens_total,
                         "trained_tokens": st.trained_tokens_total, "tokens_per_s": st.tokens_total / max(wall, 1e-9),
                         "first_loss": st.first_loss, "last_loss": st.last_loss, "bad_steps": st.bad_steps,
@@ -368,79 +359,12 @@ class Trainer:
                 "precision": self.precision, "config": flat_config(dump)}
 
     def save_checkpoint(self) -> Path | None:
-        """Save a checkpoint of the current step. When any writer fails (disk full, read-only, quota, ...), say so
-        whatever log.progress is, count it, keep the previous checkpoint and go on."""
-        acc, st = self.accelerator, self.state
-        try:
-            path = save_checkpoint(
-                self.ckpt_root, st.step, model=self.parallel.module(), optimizer=self.optimizer,
-                scheduler=self.scheduler, scaler=getattr(acc, "scaler", None), state=st, resume_key=self.resume_key(),
-                is_main=self.is_main, rank=acc.process_index, barrier=acc.wait_for_everyone,
-                shards=self.parallel.save_shards, any_failed=self._any_failed)
-        except TrainingStopped:
-            raise
-        except Exception as e:  # noqa: BLE001 - every writer's error; KeyboardInterrupt and SystemExit go through
-            st.failed_saves += 1
-            latest = find_latest(self.ckpt_root)
-            try:  # metrics.jsonl may sit on the same full disk
-                self.monitor.write({"type": "checkpoint_failed", "step": st.step, "error": error_text(e)})
-            except OSError:
-                pass
-            if self.is_main or not isinstance(e, CheckpointError):  # the main process, or the rank that failed
-                where = "" if self.is_main else f"rank {acc.process_index}: "
-                alert(self.monitor, where + save_failed_message(st.step, e, self.ckpt_root, latest, st.failed_saves))
-            return None
-        if self.is_main:
-            want_best = self.cfg.checkpoint.keep_best or self.cfg.eval.load_best_at_end
-            keep = {st.best_step} if want_best and st.best_step is not None else set()
-            prune(self.ckpt_root, self.cfg.checkpoint.save_total_limit, keep)
-            self._low_space = self._check_space(path, warned=self._low_space)
-        self.monitor.write({"type": "checkpoint", "step": st.step, "path": str(path)})
-        return path
-
-    def _any_failed(self, failed_here: bool) -> bool:
-        """Whether any process failed its part of a save (a collective in multi-process runs)."""
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return failed_here
-        return bool(acc.reduce(torch.tensor([float(failed_here)], device=acc.device), "sum").item() > 0)
-
-    def _check_space(self, written: Path | None, warned: bool) -> bool:
-        """Warn (once until it recovers) when the checkpoint directory has less free space than a checkpoint needs:
-        the size of `written` once one exists, an estimate before. Returns whether space is short."""
-        if not self.is_main:
-            return False
-        if written is not None and written.is_dir():
-            self.ckpt_bytes, self.ckpt_measured = directory_bytes(written), True
-        try:
-            warning = low_space_warning(self.ckpt_root, self.ckpt_bytes, self.ckpt_measured)
-        except OSError:
-            return warned
-        if warning and not warned:
-            alert(self.monitor, warning)
-        return warning is not None
+        """Checkpoint the current step; None when it could not be written (said whatever log.progress is, counted,
+        and survived: the previous checkpoint stays; train/checkpoint_writer.py)."""
+        return self.checkpoints.save(self.state, self.resume_key())
 
     def resume(self, path: str | Path) -> TrainState:
-        path = Path(path)
-        manifest = read_manifest(path)
-        changes = check_resume_key(path, manifest.get("resume_key", {}), self.resume_key())
-        acc = self.accelerator
-        state = load_checkpoint(path, model=self.parallel.module(), optimizer=self.optimizer,
-                                scheduler=self.scheduler, scaler=getattr(acc, "scaler", None), rank=acc.process_index,
-                                shards=self.parallel.load_shards)
-        if self.is_main:
-            self.monitor.truncate_after(state.step)
-        self.log(f"resuming from {path} (step {state.step} of {self.total_steps}, "
-                 f"{state.tokens_total:,} tokens seen)" + ("; changed since: " + "; ".join(changes) if changes else ""))
-        return state
-
-    def _load_best(self) -> None:
-        best = self.ckpt_root / step_dir_name(self.state.best_step)
-        if not load_weights_only(best, self.parallel.module(), self.parallel.load_shards):
-            self.monitor.event(f"warning: best checkpoint {best} is missing; final/ holds the last step")
-            return
-        self.monitor.event(f"loaded the best checkpoint {best.name} "
-                           f"({self.cfg.eval.metric}={self.state.best_metric:.4g})")
+        return self.checkpoints.resume(path, self.resume_key(), self.total_steps, self.log)
 
     # ------------------------------------------------------------------------ results
     def save_final(self) -> Path:

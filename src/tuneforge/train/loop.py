@@ -360,7 +360,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Checkpoint the current step; None when it could not be written (said whatever log.progress is, counted,
-        and survived: the previous checkpoint stays; train/checkpoint_writer.py)."""
+        and survived: the previous checkpoint stays; train/run_checkpoints.py)."""
         return self.checkpoints.save(self.state, self.resume_key())
 
     def resume(self, path: str | Path) -> TrainState:

@@ -1,7 +1,7 @@
 """What one request may ask of the server, and who may reach it.
 
-- Body size: read with a cap (`--max-request-bytes`, default 4 MiB); a larger body is answered 413 before the
-  rest of it is read. 4 MiB holds a full 128k-token context in any encoding a client sends: 128k token ids as
+- Body size: read with a cap (`--max-request-bytes`, default 4 MiB); a larger body is answered 413 and never
+  kept (see `read_body`). 4 MiB holds a full 128k-token context in any encoding a client sends: 128k token ids as
   JSON ("151643,") are about 0.9 MB, and text of 128k tokens about 0.5 MB, or ~1 MB of CJK escaped as \\uXXXX.
   Larger bodies are batch jobs: split them.
 - Sequences: prompts x `n` per request (`--max-sequences-per-request`, default 256 = 8 full batches at the
@@ -57,24 +57,30 @@ def _too_large(size: int | None, limit: int) -> APIError:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, at most `limit` bytes: APIError(413) as soon as it is known to be larger (from
-    Content-Length, before reading; or while reading a chunked body). A client that leaves mid-body is logged as
-    one line and answered 499 (which nobody receives)."""
+    """The request body, at most `limit` bytes, else APIError(413). A body declared (Content-Length) or found
+    (chunked) over the limit is read on and thrown away up to twice the limit, so that clients which read the
+    answer only after sending everything (http.client, requests) get the 413; larger ones are answered at once
+    and the connection closed. A client that leaves mid-body is logged as one line and answered 499 (which nobody
+    receives)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(int(declared), limit)
+    declared_size = int(declared) if declared is not None and declared.isdigit() else None
+    if declared_size is not None and declared_size > 2 * limit:
+        raise _too_large(declared_size, limit)
     parts, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
-                raise _too_large(None if declared is None else int(declared), limit)
-            parts.append(chunk)
+            if size <= limit:
+                parts.append(chunk)
+            elif size > 2 * limit:
+                break
     except ClientDisconnect:
         client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
         log.warning("%s disconnected after %d of %s body bytes of %s %s; request dropped", client, size,
                     declared or "?", request.method, request.url.path)
         raise APIError(499, "client closed the request", None, "client_closed") from None
+    if size > limit:
+        raise _too_large(declared_size, limit)
     return b"".join(parts)
 
 

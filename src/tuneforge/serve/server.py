@@ -16,6 +16,7 @@ are capped (`limits.RequestLimits`); prompts are rendered and tokenised on worke
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import secrets
 import time
@@ -84,7 +85,9 @@ def create_app(served: ServedModel, engine: Engine, api_key: str | None = None,
     tok("")
     per_token = max_chars_per_token(tok)
     vocab = len(tok)
-    workers = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="tuneforge-prompts")
+    # tokenising releases the GIL but takes a core: leave one to the event loop and the engine
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = ThreadPoolExecutor(max_workers=max(1, min(4, cores - 1)), thread_name_prefix="tuneforge-prompts")
 
     async def off_loop(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(workers, fn, *args)
@@ -317,4 +320,8 @@ def run_server(served: ServedModel, host: str = "127.0.0.1", port: int = 8000, a
     if not api_key and not is_loopback(host):
         print(f"warning: serving on {host} without an API key (--allow-unauthenticated): anyone who can reach port "
               f"{port} can use the model", flush=True)
+    # the ~400k objects of torch, transformers and the model never die: keep them out of the garbage collector's
+    # full collections, which otherwise stall every thread (the event loop too) for ~200 ms now and then
+    gc.collect()
+    gc.freeze()
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

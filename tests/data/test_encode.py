@@ -212,3 +212,36 @@ def test_chats_tokenize_as_the_tokenizer_does_the_rendered_text(name, split):
     assert trained.replace(" ", "") == "Blue." + (tok.eos_token or "")
     prompt = prompt_ids(tok, template, msgs[:1])  # generation sees the prompt as training did
     assert ids[:len(prompt)] == prompt
+
+
+def test_rows_the_template_refuses_are_found_in_this_process_and_in_workers(monkeypatch):
+    from tuneforge.data.formats import DataFormatError
+    from tuneforge.data.templates import TemplateError
+
+    tok = tokenizer("qwen2.5")
+    template = ("{% for m in messages %}{% if m['content'] == 'refuse me' %}{{ raise_exception('No refusals here.') }}"
+                "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    monkeypatch.setattr(encode, "CHUNK_ROWS", 8)
+    rows = [chat(f"question {i}", "refuse me" if i in (3, 17, 30) else f"answer {i}") for i in range(40)]
+    ds = datasets.Dataset.from_list([{"messages": m, "text": "", "source_id": 0, "source_row": i}
+                                     for i, m in enumerate(rows)])
+    refused_here: dict = {}
+    here = TokenizedRows.concat(encode.tokenize_dataset(ds, tok, template, "assistant", None, refused=refused_here))
+    monkeypatch.setattr(encode, "WORKER_PROCESSES_FROM", 2)
+    refused_workers: dict = {}
+    workers, = encode.tokenize_dataset(ds, tok, template, "assistant", 2, refused=refused_workers)
+    assert refused_here == refused_workers == {3: "No refusals here.", 17: "No refusals here.", 30: "No refusals here."}
+    assert np.array_equal(here.lengths, workers.lengths) and here.lengths[[3, 17, 30]].tolist() == [0, 0, 0]
+    assert here.lengths[4] == len(tokenize_chat(tok, template, rows[4], "assistant")[0])
+    with pytest.raises(TemplateError, match="the chat template refused a conversation: No refusals here."):
+        encode.tokenize_dataset(ds, tok, template, "assistant", None)
+    d = data_config(skip_invalid=True)
+    kept, report = encode.tokenize_split(ds, tok, template, d, "train", locate=lambda sid, row: f"f.jsonl:{row + 1}")
+    assert len(kept) == 37 and report["dropped_short_or_untrained_rows"] == 0
+    assert report["template_errors"] == {
+        "skipped": 3, "reasons": {"refused by the chat template: No refusals here.": 3}, "by_source": {"0": 3},
+        "examples": [f"f.jsonl:{n}: the chat template refused this row: No refusals here." for n in (4, 18, 31)]}
+    with pytest.raises(DataFormatError, match=r"^f.jsonl:4: the chat template refused this row: No refusals here. "
+                                              r"\(2 more rows refused\); fix the row"):
+        encode.tokenize_split(ds, tok, template, data_config(), "train", locate=lambda sid, row: f"f.jsonl:{row + 1}")

@@ -16,7 +16,8 @@ HINT = "; fix the row, or set data.skip_invalid: true to skip such rows (counted
 
 
 def alpaca(i: int) -> dict:
-    return {"instruction": f"Spell the number {i} in words, please.", "input": "", "output": f"It is number {i} indeed."}
+    return {"instruction": f"Spell the number {i} in words, please.", "input": "",
+            "output": f"It is number {i} indeed."}
 
 
 def write_jsonl(path, rows) -> str:
@@ -79,7 +80,7 @@ CHAT_WRONG = [
 ]
 
 
-@pytest.mark.parametrize("bad,message", CHAT_WRONG, ids=[m.split(" ")[0] + str(k) for k, (_, m) in enumerate(CHAT_WRONG)])
+@pytest.mark.parametrize("bad,message", CHAT_WRONG, ids=[f"chat{k}" for k in range(len(CHAT_WRONG))])
 def test_a_wrong_chat_field_is_an_invalid_row(tmp_path, bad, message):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     path = write_jsonl(tmp_path / "m.jsonl", [good, good, bad, good])
@@ -117,7 +118,8 @@ def test_text_content_parts_are_joined_and_image_parts_refused(tmp_path):
     plain = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     path = write_jsonl(tmp_path / "p.jsonl", [plain, parts])
     ds, invalid = load(path)
-    assert ds[1]["messages"] == [{"role": "user", "content": "Describe this."}, {"role": "assistant", "content": "A cat."}]
+    assert ds[1]["messages"] == [{"role": "user", "content": "Describe this."},
+                                 {"role": "assistant", "content": "A cat."}]
     assert invalid["skipped"] == 0
 
     image = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is it?"},
@@ -170,8 +172,8 @@ def test_skip_invalid_stops_when_a_source_is_mostly_invalid(tmp_path):
     with pytest.raises(DataFormatError) as e:
         prepare(run_cfg(tmp_path, path, skip_invalid=True), tmp_path / "run", log=lambda s: None)
     assert str(e.value) == (
-        f"{path}: 2 of 10 rows are invalid (20%), more than data.max_invalid_fraction=0.1 of a source, so the run stops "
-        f"rather than train on what is left. First reasons: {path}:9: field `output` must be a string, got a number "
+        f"{path}: 2 of 10 rows are invalid (20%), more than data.max_invalid_fraction=0.1 of a source, so the run "
+        f"stops rather than train on what is left. First reasons: {path}:9: field `output` must be a string, got a number "
         f"(1); {path}:10: missing field `output` (absent or null): every alpaca row needs it as a string. Fix those "
         "rows; if most rows are reported as another format or missing a field, set the source's `format:` or map its "
         "fields with `columns:`; to train on the valid rows anyway, raise data.max_invalid_fraction")
@@ -273,7 +275,8 @@ def test_a_real_template_refusal_and_too_many_refusals_stop_the_run(tmp_path):
     from tests.conftest import shared_path
 
     template = shared_path("chat_templates/chujiezheng-mistral-instruct.jinja")
-    rows = [chat(i, "user", "assistant") for i in range(7)] + [chat(i, "assistant", "user", "assistant") for i in range(3)]
+    rows = [chat(i, "user", "assistant") for i in range(7)]
+    rows += [chat(i, "assistant", "user", "assistant") for i in range(3)]  # lines 8-10: start with the assistant
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     cfg = run_cfg(tmp_path, path, chat_template=str(template), skip_invalid=True)
     cfg.model = cfg.model.model_copy(update={"init": None, "name_or_path": str(shared_path("tokenizers/llama2"))})

@@ -89,3 +89,26 @@ def test_streaming_refuses_what_needs_the_whole_corpus(corpus):
         RunConfig.model_validate({"model": {"name_or_path": "x"},
                                   "data": {"train": [{"path": "a.jsonl"}], "streaming": True, "eval_fraction": 0.1,
                                            "dedup": {"near": True}}})
+
+
+def test_streamed_rows_get_the_same_checks_and_the_invalid_share_stops_the_run(corpus):
+    path = corpus / "train.jsonl"
+    lines = path.read_text().splitlines()
+    lines[9] = json.dumps({"text": None})          # line 10: null
+    lines[19] = json.dumps({"body": "other field"})  # line 20: no `text`
+    lines[29] = json.dumps({"text": ["a", "list"]})  # line 30
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFormatError) as e:
+        prepare(_cfg(corpus, "strict", streaming=True), corpus / "strict", log=lambda s: None)
+    assert str(e.value) == (f"{path}:10: missing field `text` (absent or null): every completion row needs it as a "
+                            "string; fix the row, or set data.skip_invalid: true to skip such rows (counted in the "
+                            "data report)")
+    data = prepare(_cfg(corpus, "skip", streaming=True, skip_invalid=True), corpus / "skip", log=lambda s: None)
+    inv = data.report["invalid"]
+    assert inv["skipped"] == 3 and data.report["sources"][0]["rows_invalid"] == 3
+    assert inv["examples"][2] == f'{path}:30: field `text` must be a string, got a list (["a", "list"])'
+    assert inv["examples"][1].startswith(f"{path}:20: missing field `text`")
+    with pytest.raises(DataFormatError, match=r"train.jsonl: 3 of 454 rows are invalid \(1%\), more than "
+                                              r"data.max_invalid_fraction=0.005 of a source"):
+        prepare(_cfg(corpus, "share", streaming=True, skip_invalid=True, max_invalid_fraction=0.005), corpus / "share",
+                log=lambda s: None)

@@ -285,11 +285,11 @@ class Trainer:
             final_eval = st.last_eval
         if self.cfg.eval.load_best_at_end and st.best_step is not None and st.best_step != st.step:
             self.checkpoints.load_best(st)
+        latest = find_latest(self.ckpt_root)
         self.summary = {"steps": st.step, "wall_s": wall, "tokens": st.tokens_total,
                         "trained_tokens": st.trained_tokens_total, "tokens_per_s": st.tokens_total / max(wall, 1e-9),
                         "first_loss": st.first_loss, "last_loss": st.last_loss, "bad_steps": st.bad_steps,
-                        "failed_checkpoint_saves": st.failed_saves, "last_checkpoint": str(find_latest(self.ckpt_root)
-                                                                                           or "") or None,
+                        "failed_checkpoint_saves": st.failed_saves, "last_checkpoint": latest and str(latest),
                         "skipped_rows": (self.data.report.get("invalid") or {}).get("skipped", 0),
                         "stopped_early": st.stopped_early, "best_step": st.best_step,
                         "world_size": self.accelerator.num_processes, "wrapper": self.wrapper,

@@ -173,8 +173,8 @@ def test_skip_invalid_stops_when_a_source_is_mostly_invalid(tmp_path):
         prepare(run_cfg(tmp_path, path, skip_invalid=True), tmp_path / "run", log=lambda s: None)
     assert str(e.value) == (
         f"{path}: 2 of 10 rows are invalid (20%), more than data.max_invalid_fraction=0.1 of a source, so the run "
-        f"stops rather than train on what is left. First reasons: {path}:9: field `output` must be a string, got a number "
-        f"(1); {path}:10: missing field `output` (absent or null): every alpaca row needs it as a string. Fix those "
+        f"stops rather than train on what is left. First reasons: {path}:9: field `output` must be a string, got a "
+        f"number (1); {path}:10: missing field `output` (absent or null): every alpaca row needs it as a string. Fix those "
         "rows; if most rows are reported as another format or missing a field, set the source's `format:` or map its "
         "fields with `columns:`; to train on the valid rows anyway, raise data.max_invalid_fraction")
     data = prepare(run_cfg(tmp_path, path, skip_invalid=True, max_invalid_fraction=0.2), tmp_path / "run",
@@ -205,6 +205,12 @@ def test_the_same_row_has_the_same_line_in_every_message(tmp_path):
     array.write_text(json.dumps([good[0], good[1], {"instruction": "x", "output": None}], indent=1))
     with pytest.raises(DataFormatError, match=r"a.json:12: missing field `output`"):  # the line of its `{`
         load(array)
+    # parquet has no lines: the 1-based row
+    import datasets
+
+    datasets.Dataset.from_list([good[0], {"instruction": "x", "output": None}]).to_parquet(str(tmp_path / "a.parquet"))
+    with pytest.raises(DataFormatError, match=r"a.parquet row 2: missing field `output`"):
+        load(tmp_path / "a.parquet")
 
 
 def test_quality_examples_say_where_the_row_is(tmp_path):
@@ -307,3 +313,19 @@ def test_undefined_values_and_syntax_errors_of_a_template(tmp_path):
         prepare(run_cfg(tmp_path, path, chat_template=str(broken)), tmp_path / "run", log=lambda s: None)
     assert str(e.value).startswith(f"{broken} (data.chat_template), line 2: the chat template has a syntax error: ")
     assert str(e.value).endswith("; fix it, or set data.chat_template: chatml (or alpaca)")
+
+
+def test_the_command_prints_one_line_without_a_traceback(tmp_path, capsys):
+    import yaml
+
+    from tuneforge.cli import main
+
+    template = tmp_path / "mistral.jinja"
+    template.write_text(ALTERNATE)
+    path = write_jsonl(tmp_path / "c.jsonl", [chat(0, "user", "assistant"), chat(1, "assistant", "user", "assistant")])
+    cfg = run_cfg(tmp_path, path, chat_template=str(template)).model_dump(mode="json", exclude_unset=True)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["prepare", str(tmp_path / "c.yaml")]) != 0
+    err = capsys.readouterr().err
+    assert f"{path}:2: the chat template refused this row: Conversation roles must alternate" in err
+    assert "Traceback" not in err and "jinja2" not in err

@@ -47,10 +47,11 @@ class TemplateError(ValueError):
     """A chat template that cannot be used to locate assistant turns, or that refuses a conversation."""
 
 
-def refusal(error: JinjaError) -> str:
-    """What a template said when it refused a conversation (its `raise_exception` message, an undefined value)."""
+def refusal(error: Exception) -> str:
+    """What a template said when it refused a conversation (its `raise_exception` message, an undefined value),
+    or why its assistant turns cannot be found in this conversation."""
     message = str(getattr(error, "message", None) or error).strip() or type(error).__name__
-    return message if type(error) is JinjaError else f"{type(error).__name__}: {message}"
+    return message if type(error) in (JinjaError, TemplateError) else f"{type(error).__name__}: {message}"
 
 
 def check_syntax(template: str, where: str) -> None:
@@ -233,14 +234,16 @@ def chats_rendered(tokenizer, template: str, conversations: list[list[dict]], tr
     position in `conversations` -> the message is put in `refused`."""
     try:
         rendered = assistant_spans_many(tokenizer, template, conversations, train_on)
-    except JinjaError as e:
+    except (JinjaError, TemplateError) as e:
         if refused is None:
+            if isinstance(e, TemplateError):
+                raise
             raise TemplateError(f"the chat template refused a conversation: {refusal(e)}") from None
         rendered = []
         for k, conv in enumerate(conversations):  # which ones: one by one
             try:
                 rendered.append(assistant_spans_many(tokenizer, template, [conv], train_on)[0])
-            except JinjaError as e:
+            except (JinjaError, TemplateError) as e:
                 refused[k] = refusal(e)
                 rendered.append(("", []))
     return [text for text, _ in rendered], [sp for _, sp in rendered]

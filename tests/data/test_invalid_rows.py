@@ -174,9 +174,10 @@ def test_skip_invalid_stops_when_a_source_is_mostly_invalid(tmp_path):
     assert str(e.value) == (
         f"{path}: 2 of 10 rows are invalid (20%), more than data.max_invalid_fraction=0.1 of a source, so the run "
         f"stops rather than train on what is left. First reasons: {path}:9: field `output` must be a string, got a "
-        f"number (1); {path}:10: missing field `output` (absent or null): every alpaca row needs it as a string. Fix those "
-        "rows; if most rows are reported as another format or missing a field, set the source's `format:` or map its "
-        "fields with `columns:`; to train on the valid rows anyway, raise data.max_invalid_fraction")
+        f"number (1); {path}:10: missing field `output` (absent or null): every alpaca row needs it as a string. "
+        "Fix those rows; if most rows are reported as another format or missing a field, set the source's "
+        "`format:` or map its fields with `columns:`; to train on the valid rows anyway, raise "
+        "data.max_invalid_fraction")
     data = prepare(run_cfg(tmp_path, path, skip_invalid=True, max_invalid_fraction=0.2), tmp_path / "run",
                    log=lambda s: None)
     assert data.report["invalid"]["skipped"] == 2 and data.report["train"]["rows"] == 8

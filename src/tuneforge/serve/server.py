@@ -34,14 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tuneforge.data.masks import rendered_ids
 from tuneforge.data.templates import render
 from tuneforge.serve.engine import Engine, SamplingParams
-from tuneforge.serve.generation import (
-    CancellingStream,
-    Generation,
-    chunker,
-    collect,
-    events_or_error,
-    sse,
-)
+from tuneforge.serve.generation import CancellingStream, Generation, chunker, collect, events_or_error, sse
 from tuneforge.serve.limits import (
     RequestLimits,
     check_chars,
@@ -51,12 +44,9 @@ from tuneforge.serve.limits import (
     read_body,
 )
 from tuneforge.serve.loading import ServedModel, kv_bytes_per_token
-from tuneforge.serve.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    parse_request,
-)
+from tuneforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+
+SHORT_PROMPT_CHARS = 8192  # tokenised in well under 10 ms
 
 
 def _chat_ids(served: ServedModel, messages: list[dict], per_token: int | None) -> list[int]:
@@ -87,16 +77,20 @@ def create_app(served: ServedModel, engine: Engine, api_key: str | None = None,
     vocab = len(tok)
     # tokenising releases the GIL but takes a core: leave one to the event loop and the engine
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = ThreadPoolExecutor(max_workers=max(1, min(4, cores - 1)), thread_name_prefix="tuneforge-prompts")
+    # short prompts have a thread of their own, so they never queue behind someone's megabyte
+    pools = (ThreadPoolExecutor(1, thread_name_prefix="tuneforge-short-prompts"),
+             ThreadPoolExecutor(max(1, min(4, cores - 1)), thread_name_prefix="tuneforge-long-prompts"))
 
-    async def off_loop(fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(workers, fn, *args)
+    async def off_loop(chars: int, fn, *args):
+        pool = pools[chars > SHORT_PROMPT_CHARS]
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
         engine.stop()
-        workers.shutdown(wait=False, cancel_futures=True)
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     keyed = api_key is not None  # with a key, the API description is behind it too (routes below)
     app = FastAPI(title="tuneforge", description=f"OpenAI-compatible API for {served.name}", lifespan=lifespan,
@@ -196,7 +190,8 @@ def create_app(served: ServedModel, engine: Engine, api_key: str | None = None,
         req = parse_request(await read_body(request, limits.max_request_bytes), ChatCompletionRequest)
         check_model(req.model)
         limits.check_sequences(1, req.n)
-        ids = await off_loop(_chat_ids, served, [m.as_dict() for m in req.messages], per_token)
+        messages = [m.as_dict() for m in req.messages]
+        ids = await off_loop(sum(len(m["content"]) for m in messages), _chat_ids, served, messages, per_token)
         limit = budget(len(ids), req.token_limit(), "messages")
         gen = Generation(engine, [ids], req.n, params(req, limit), req.stream)
         rid, model = f"chatcmpl-{uuid.uuid4().hex}", served.name
@@ -242,8 +237,9 @@ def create_app(served: ServedModel, engine: Engine, api_key: str | None = None,
                 check_chars(len(p), served.context_length, per_token, "prompt")
             else:
                 budget(len(p), None, "prompt")
-        texts = iter(await off_loop(_encode, tok, [p for p in raw if isinstance(p, str)]))
-        prompts = [list(p) if isinstance(p, list) else next(texts) for p in raw]
+        texts = [p for p in raw if isinstance(p, str)]
+        encoded = iter(await off_loop(sum(map(len, texts)), _encode, tok, texts) if texts else [])
+        prompts = [list(p) if isinstance(p, list) else next(encoded) for p in raw]
         if any(not p for p in prompts):
             raise APIError(400, "prompt must not be empty", "prompt", "invalid_value")
         limit = budget(max(len(p) for p in prompts), req.token_limit(), "prompt")

@@ -99,7 +99,7 @@ def create_app(served: ServedModel, engine: Engine, api_key: str | None = None,
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
-        # a 413 is sent before the body is read: close the connection rather than read the rest
+        # after a 413 the rest of the body is not read: close the connection
         headers = {"Connection": "close"} if e.status == 413 else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
@@ -320,4 +320,7 @@ def run_server(served: ServedModel, host: str = "127.0.0.1", port: int = 8000, a
     # full collections, which otherwise stall every thread (the event loop too) for ~200 ms now and then
     gc.collect()
     gc.freeze()
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        gc.unfreeze()  # back to normal for a caller that goes on (tests)

@@ -41,8 +41,9 @@ from tuneforge.data.tokenizer import build_tokenizer
 from tuneforge.gguf_path import is_gguf, resolve_gguf_path
 
 # bumped whenever the same inputs give other prepared rows (2: BOS written by a template split off before
-# tokenizing, see data/masks.py; no newlines after Alpaca's last EOS), so older caches are rebuilt
-DATA_FORMAT = 2
+# tokenizing, see data/masks.py; no newlines after Alpaca's last EOS; 3: fields type-checked, never stringified,
+# CSV read as text, a source_row column), so older caches are rebuilt
+DATA_FORMAT = 3
 
 
 @dataclass

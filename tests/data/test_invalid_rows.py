@@ -330,3 +330,22 @@ def test_the_command_prints_one_line_without_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{path}:2: the chat template refused this row: Conversation roles must alternate" in err
     assert "Traceback" not in err and "jinja2" not in err
+
+
+def test_detection_votes_only_for_formats_whose_fields_the_source_has(tmp_path):
+    # an `instruction` field beside raw text is not an Alpaca row (there is no `output` column)
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": f"raw text {i}", "instruction": "meta"} for i in range(3)])
+    ds, invalid = load(path)
+    assert invalid["format"] == "completion" and ds["text"] == ["raw text 0", "raw text 1", "raw text 2"]
+    # most rows decide, not the first one
+    stray = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    rows = [stray] + [alpaca(i) for i in range(5)]
+    ds, invalid = load(write_jsonl(tmp_path / "m.jsonl", rows), skip_invalid=True)
+    assert invalid["format"] == "alpaca" and len(ds) == 5 and invalid["skipped"] == 1
+    assert invalid["examples"][0].endswith("m.jsonl:1: the row is a sharegpt row (it has `conversations`), but this "
+                                           "source's rows are alpaca (auto-detected from 5 of its first 6 rows) (a "
+                                           "source holds rows of one format: move it to a source of its own)")
+    # a format set in the config: the row of another format is reported as such
+    with pytest.raises(DataFormatError, match=r"m.jsonl:1: the row is a sharegpt row \(it has `conversations`\), but "
+                                              r"this source's rows are alpaca \(format: alpaca\)"):
+        load(tmp_path / "m.jsonl", format="alpaca")

@@ -162,14 +162,19 @@ def _sharegpt(f: Fields) -> list[dict]:
     return out
 
 
-def row_format(row: dict) -> str | None:
-    """The format whose fields the row has (the first of FORMATS), or None."""
-    return next((fmt for fmt in FORMATS if any(row.get(k) is not None for k in MARKERS[fmt])), None)
+def row_format(row: dict, candidates: tuple[str, ...] = FORMATS) -> str | None:
+    """The format whose fields the row has (the first of `candidates`), or None."""
+    return next((fmt for fmt in candidates if any(row.get(k) is not None for k in MARKERS[fmt])), None)
 
 
-def vote(rows: list[dict]) -> tuple[str | None, Counter]:
-    """The format most of `rows` have (ties: the first of FORMATS), and the votes."""
-    votes = Counter(f for f in map(row_format, rows) if f is not None)
+def candidate_formats(columns: list[str]) -> tuple[str, ...]:
+    """The formats whose required fields are all among a source's columns, in the order of FORMATS."""
+    return tuple(fmt for fmt in FORMATS if set(MARKERS[fmt]) <= set(columns))
+
+
+def vote(rows: list[dict], candidates: tuple[str, ...] = FORMATS) -> tuple[str | None, Counter]:
+    """The format most of `rows` have among `candidates` (ties: the first of FORMATS), and the votes."""
+    votes = Counter(f for f in (row_format(r, candidates) for r in rows) if f is not None)
     if not votes:
         return None, votes
     return max(FORMATS, key=lambda f: (votes[f], -FORMATS.index(f))), votes

@@ -28,10 +28,10 @@ from tuneforge.data import invalid as invalid_rows
 from tuneforge.data.fields import (
     CHAT_ROLES,
     DETECT_ROWS,
-    FORMATS,
     MARKERS,
     SHAREGPT_ROLES,
     RowError,
+    candidate_formats,
     to_canonical,
     vote,
 )
@@ -274,12 +274,11 @@ def _locator_of(name: str) -> RowLocator:
 
 def detect_format(columns: list[str], name: str = "data") -> str:
     """The format a source's columns suggest (the first of FORMATS whose fields are there)."""
-    cols = set(columns)
-    for fmt in FORMATS:
-        if (set(MARKERS[fmt]) <= cols) if fmt == "alpaca" else (MARKERS[fmt][0] in cols):
-            return fmt
+    candidates = candidate_formats(columns)
+    if candidates:
+        return candidates[0]
     raise DataFormatError(
-        f"{name}: cannot tell the data format from its columns {sorted(cols)}; set `format:` "
+        f"{name}: cannot tell the data format from its columns {sorted(columns)}; set `format:` "
         "(alpaca, messages, sharegpt, completion) and map your columns with `columns:`, e.g. "
         "columns: {instruction: question, output: answer}"
     )
@@ -288,12 +287,13 @@ def detect_format(columns: list[str], name: str = "data") -> str:
 def detect_rows(ds: datasets.Dataset, name: str) -> tuple[str, str]:
     """(format, how it was chosen) by a vote of the first DETECT_ROWS rows: each row votes for the format whose
     fields it has. Rows of another format are then invalid rows (reported with their line)."""
-    fields = [c for c in dict.fromkeys(k for fmt in FORMATS for k in MARKERS[fmt]) if c in ds.column_names]
-    if not fields:
+    candidates = candidate_formats(ds.column_names)
+    if not candidates:
         detect_format(ds.column_names, name)  # raises, naming the columns
+    fields = list(dict.fromkeys(k for fmt in candidates for k in MARKERS[fmt]))
     n = min(len(ds), DETECT_ROWS)
     head = ds.select_columns(fields).select(range(n))[:]
-    fmt, votes = vote([{k: head[k][i] for k in fields} for i in range(n)])
+    fmt, votes = vote([{k: head[k][i] for k in fields} for i in range(n)], candidates)
     if fmt is None:
         raise DataFormatError(f"{name}: none of its first {n} rows has the fields of a known format (it has columns "
                               f"{sorted(ds.column_names)}); set `format:` (alpaca, messages, sharegpt, completion) and "

@@ -112,3 +112,13 @@ def test_streamed_rows_get_the_same_checks_and_the_invalid_share_stops_the_run(c
                                               r"data.max_invalid_fraction=0.005 of a source"):
         prepare(_cfg(corpus, "share", streaming=True, skip_invalid=True, max_invalid_fraction=0.005), corpus / "share",
                 log=lambda s: None)
+
+
+def test_streamed_csv_values_stay_text_with_their_lines(tmp_path):
+    from tuneforge.config.schema import DatasetSource
+    from tuneforge.data.streaming import stream_texts
+
+    path = tmp_path / "s.csv"
+    path.write_text('text\n42\n\nhello there\n"a, b"\n')
+    rows = [(locate(i), row) for locate, i, row in stream_texts(DatasetSource(path=str(path)))]
+    assert rows == [(f"{path}:2", {"text": "42"}), (f"{path}:4", {"text": "hello there"}), (f"{path}:5", {"text": "a, b"})]

@@ -143,7 +143,7 @@ def _csv_problem(path: Path) -> str | None:
     return None
 
 
-def _csv_features(files: list[Path]) -> datasets.Features:
+def csv_features(files: list[Path]) -> datasets.Features:
     """Every CSV column as text: the data is text, not numbers to infer (an answer "3" stays "3")."""
     header = _csv_header(files[0])
     for f in files[1:]:
@@ -172,7 +172,7 @@ def _read_files(files: list[Path], builder: str, skip_invalid: bool) -> tuple[da
     if problem and not lenient:
         raise DataFormatError(problem)
     if not problem:
-        options = {"features": _csv_features(files), "na_filter": False} if builder == "csv" else {}
+        options = {"features": csv_features(files), "na_filter": False} if builder == "csv" else {}
         try:
             ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
             return ds, [], None

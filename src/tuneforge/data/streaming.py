@@ -21,7 +21,7 @@ from tuneforge.config.schema import DatasetSource, RunConfig
 from tuneforge.data import invalid as invalid_rows
 from tuneforge.data.dedup import NgramIndex, benchmark_texts, normalize_text
 from tuneforge.data.fields import RowError, to_canonical
-from tuneforge.data.formats import DataFormatError
+from tuneforge.data.formats import DataFormatError, csv_features
 from tuneforge.data.locate import RowLocator
 from tuneforge.data.packing import pack_dataset
 from tuneforge.data.quality import failed_rule
@@ -48,7 +48,9 @@ def stream_texts(src: DatasetSource) -> Iterator[tuple[RowLocator, int, dict]]:
     column = src.columns.get("text", "text")
     n = 0
     for f in files:
-        stream = datasets.load_dataset(next(iter(kinds)), data_files=[str(f)], split="train", streaming=True)
+        builder = next(iter(kinds))
+        options = {"features": csv_features([f]), "na_filter": False} if builder == "csv" else {}  # text, as read whole
+        stream = datasets.load_dataset(builder, data_files=[str(f)], split="train", streaming=True, **options)
         locate = RowLocator(str(f), [f])
         for i, row in enumerate(stream):
             if src.max_rows is not None and n >= src.max_rows:
@@ -57,7 +59,7 @@ def stream_texts(src: DatasetSource) -> Iterator[tuple[RowLocator, int, dict]]:
             yield locate, i, ({"text": row[column]} if column in row else {"_has": sorted(row)})
 
 
-def _chunks(cfg: RunConfig) -> Iterator[tuple[int, list[tuple[str, int, object]]]]:
+def _chunks(cfg: RunConfig) -> Iterator[tuple[int, list[tuple[RowLocator, int, dict]]]]:
     for k, src in enumerate(cfg.data.train):
         buf: list = []
         for item in stream_texts(src):

@@ -121,4 +121,5 @@ def test_streamed_csv_values_stay_text_with_their_lines(tmp_path):
     path = tmp_path / "s.csv"
     path.write_text('text\n42\n\nhello there\n"a, b"\n')
     rows = [(locate(i), row) for locate, i, row in stream_texts(DatasetSource(path=str(path)))]
-    assert rows == [(f"{path}:2", {"text": "42"}), (f"{path}:4", {"text": "hello there"}), (f"{path}:5", {"text": "a, b"})]
+    assert rows == [(f"{path}:2", {"text": "42"}), (f"{path}:4", {"text": "hello there"}),
+                    (f"{path}:5", {"text": "a, b"})]

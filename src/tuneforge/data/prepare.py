@@ -235,7 +235,6 @@ def _streamed(cfg: RunConfig, clock: StageClock, tmp: Path):
     return train_tok, eval_tok, tok, template, template_name, train_rep, eval_rep, report, lengths
 
 
-
 def prepare(cfg: RunConfig, run_dir: str | Path, force: bool = False, log=print) -> PreparedData:
     """Run the data stage into `<run_dir>/data`, or reuse it when its fingerprint matches."""
     out = data_dir(run_dir)

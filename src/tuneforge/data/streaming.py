@@ -100,8 +100,8 @@ def _valid(state: StreamState, k: int, chunk: list) -> list[str]:
     for locate, i, row in chunk:
         try:
             if "_has" in row:
-                raise RowError(f"missing field `{names.get('text', 'text')}` (the row has {row['_has']}): streaming "
-                               "reads raw text; map your field with columns: {text: YOUR_FIELD}")
+                raise RowError(f"missing field `{names.get('text', 'text')}`", f" (the row has {row['_has']}): "
+                               "streaming reads raw text; map your field with columns: {text: YOUR_FIELD}")
             texts.append(to_canonical(row, "completion", names)["text"])
             continue
         except RowError as e:

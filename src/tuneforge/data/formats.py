@@ -36,6 +36,7 @@ from tuneforge.data.fields import (
     vote,
 )
 from tuneforge.data.locate import RowLocator
+from tuneforge.errors import TuneforgeError
 
 __all__ = ["CHAT_ROLES", "SHAREGPT_ROLES", "DataFormatError", "column", "detect_format", "normalize", "read_source",
            "read_source_located"]
@@ -52,8 +53,8 @@ CANONICAL_FEATURES = datasets.Features(
 )
 
 
-class DataFormatError(ValueError):
-    """A data file or row that tuneforge cannot use; the message names the file, row and fix."""
+class DataFormatError(TuneforgeError, ValueError):
+    """A data file or row that tuneforge cannot use; the message names the file, line and fix."""
 
 
 def column(ds: datasets.Dataset, name: str) -> list:

@@ -18,6 +18,8 @@ from jinja2.exceptions import TemplateError as JinjaError
 from jinja2.exceptions import TemplateSyntaxError
 from transformers import PreTrainedTokenizerBase
 
+from tuneforge.errors import TuneforgeError
+
 IGNORE_INDEX = -100
 
 ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -43,7 +45,7 @@ BUILTIN_TEMPLATES = {
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 
-class TemplateError(ValueError):
+class TemplateError(TuneforgeError, ValueError):
     """A chat template that cannot be used to locate assistant turns, or that refuses a conversation."""
 
 

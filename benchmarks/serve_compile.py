@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def steps_per_s(engine, rows: int, new_tokens: int = 48) -> float:
-    from tuneforge.serve.engine import SamplingParams
+    from tuneforge.infer.engine import SamplingParams
 
     done = threading.Semaphore(0)
 
@@ -48,7 +48,7 @@ def main() -> None:
     import torch
 
     from tuneforge.serve.compile import compile_decode, warm_up
-    from tuneforge.serve.engine import Engine
+    from tuneforge.infer.engine import Engine
     from tuneforge.serve.loading import load_served
 
     torch.set_num_threads(args.threads)

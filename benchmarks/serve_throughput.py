@@ -58,7 +58,7 @@ def sequential_generate(model_dir: Path, requests: int, max_tokens: int) -> dict
     """The seed's way: each request alone through `model.generate`."""
     import torch
 
-    from tuneforge.data.templates import prompt_ids
+    from tuneforge.data.masks import prompt_ids
     from tuneforge.serve.loading import load_served
 
     served = load_served(model_dir, device="cpu")

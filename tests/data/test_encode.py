@@ -193,7 +193,8 @@ def test_truncation_or_padding_preset_on_the_rust_tokenizer_is_not_applied():
 def test_chats_tokenize_as_the_tokenizer_does_the_rendered_text(name, split):
     # a template that writes BOS as text: SentencePiece-style tokenizers would drop the first word's prefix space
     from tuneforge.data.masks import leading_bos
-    from tuneforge.data.templates import prompt_ids, render
+    from tuneforge.data.masks import prompt_ids
+    from tuneforge.data.templates import render
 
     tok = tokenizer(name)
     template = BUILTIN_TEMPLATES["alpaca"]

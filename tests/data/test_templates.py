@@ -4,9 +4,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import shared_path
-from tuneforge.data.templates import (
-    BUILTIN_TEMPLATES, IGNORE_INDEX, TemplateError, end_of_turn_ids, resolve_template, tokenize_chat, tokenize_text,
-)
+from tuneforge.data.masks import end_of_turn_ids, tokenize_chat, tokenize_text
+from tuneforge.data.templates import BUILTIN_TEMPLATES, IGNORE_INDEX, TemplateError, resolve_template
 
 CONVERSATION = [
     {"role": "system", "content": "You are a terse assistant."},

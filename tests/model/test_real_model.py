@@ -48,7 +48,8 @@ def test_greedy_answer_to_a_factual_question_before_any_training(smollm2):
 def test_masks_on_smollm2s_own_chat_template(smollm2):
     from transformers import AutoTokenizer
 
-    from tuneforge.data.templates import IGNORE_INDEX, resolve_template, tokenize_chat
+    from tuneforge.data.masks import tokenize_chat
+    from tuneforge.data.templates import IGNORE_INDEX, resolve_template
 
     tok = AutoTokenizer.from_pretrained(smollm2)
     template, source = resolve_template(tok, "auto")

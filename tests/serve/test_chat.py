@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tuneforge.cli import main
-from tuneforge.data.templates import prompt_ids
+from tuneforge.data.masks import prompt_ids
 from tuneforge.serve.loading import load_served
 
 

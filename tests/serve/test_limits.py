@@ -19,7 +19,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'tuneforge[serve]'")
 
 from tuneforge.cli import main  # noqa: E402
-from tuneforge.serve.engine import Engine  # noqa: E402
+from tuneforge.infer.engine import Engine  # noqa: E402
 from tuneforge.serve.limits import (  # noqa: E402
     DEFAULT_MAX_REQUEST_BYTES,
     DEFAULT_MAX_SEQUENCES,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tuneforge.cli import main
-from tuneforge.serve.engine import Engine, Event, SamplingParams
+from tuneforge.infer.engine import Engine, Event, SamplingParams
 from tuneforge.serve.loading import kv_bytes_per_token, load_served
 
 PROMPTS = [list(range(5 + i, 15 + i)) for i in range(8)]  # 8 prompts of 10 tokens

@@ -13,7 +13,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'tuneforge[serve]'")
 
-from tuneforge.data.templates import prompt_ids
+from tuneforge.data.masks import prompt_ids
 from tuneforge.serve.loading import load_served
 
 from .conftest import CONTEXT, running_server

@@ -68,7 +68,7 @@ def cmd_serve(args) -> int:
 
 def cmd_chat(args) -> int:
     from tuneforge.serve.chat import run_chat
-    from tuneforge.serve.engine import Engine
+    from tuneforge.infer.engine import Engine
     from tuneforge.serve.loading import load_served
 
     served = load_served(args.run_dir, device=args.device)

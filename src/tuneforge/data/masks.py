@@ -20,7 +20,7 @@ from itertools import chain
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from tuneforge.data.templates import IGNORE_INDEX, TemplateError, chats_rendered
+from tuneforge.data.templates import IGNORE_INDEX, TemplateError, chats_rendered, render
 
 
 @dataclass
@@ -288,3 +288,9 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, template: str) -> list[i
     if trained and trained[-1] not in stops and (trained[-1] in tokenizer.all_special_ids or trained[-1] in added):
         stops.append(trained[-1])
     return stops
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation followed by the assistant generation prompt (for generation): the same
+    tokens training sees for that text."""
+    return rendered_ids(tokenizer, render(tokenizer, template, messages, True))

@@ -42,7 +42,6 @@ BUILTIN_TEMPLATES = {
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     ),
 }
-CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 
 class TemplateError(TuneforgeError, ValueError):
@@ -206,13 +205,6 @@ def assistant_spans_many(
     return out
 
 
-def assistant_spans(
-    tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict], train_on: str
-) -> tuple[str, list[tuple[int, int, bool]]]:
-    """Render `messages` and return (text, [(start, end, has_end_marker)]) of the trained turns."""
-    return assistant_spans_many(tokenizer, template, [messages], train_on)[0]
-
-
 def _turn_end(tokenizer, through: str, follow: str | None) -> int:
     """Where an assistant turn ends in `through`: where it stops agreeing, token by token, with `follow`, a
     rendering in which another message follows (some templates close the whole conversation with an extra
@@ -249,22 +241,3 @@ def chats_rendered(tokenizer, template: str, conversations: list[list[dict]], tr
                 refused[k] = refusal(e)
                 rendered.append(("", []))
     return [text for text, _ in rendered], [sp for _, sp in rendered]
-
-
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation followed by the assistant generation prompt (for generation)."""
-    from tuneforge.data.masks import rendered_ids  # the same tokens as training (masks.py imports this module)
-
-    return rendered_ids(tokenizer, render(tokenizer, template, messages, True))
-
-
-# the token-level API (ids + labels) lives in masks.py; these names stay importable from here
-_IN_MASKS = {"tokenize_chat", "tokenize_chats", "tokenize_text", "end_of_turn_ids"}
-
-
-def __getattr__(name: str):
-    if name in _IN_MASKS:
-        from tuneforge.data import masks
-
-        return getattr(masks, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tuneforge.data.templates import prompt_ids
+from tuneforge.data.masks import prompt_ids
 
 
 @torch.no_grad()

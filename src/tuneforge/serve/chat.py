@@ -12,8 +12,8 @@ import queue
 import sys
 from typing import TextIO
 
-from tuneforge.data.templates import prompt_ids
-from tuneforge.serve.engine import Engine, Event, SamplingParams
+from tuneforge.data.masks import prompt_ids
+from tuneforge.infer.engine import Engine, Event, SamplingParams
 from tuneforge.serve.loading import ServedModel
 
 EXIT_COMMANDS = {"/exit", "/quit", "/bye"}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tuneforge.serve.engine import Engine, Event, SamplingParams
+from tuneforge.infer.engine import Engine, Event, SamplingParams
 
 RECOMPILE_LIMIT = 16  # graphs per compiled function: the shapes above, with room (torch's default is 8)
 WARM_UP_TIMEOUT_S = 1800.0

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from tuneforge.serve.engine import Engine, Event, SamplingParams, Sequence
+from tuneforge.infer.engine import Engine, Event, SamplingParams, Sequence
 from tuneforge.serve.protocol import APIError
 
 DISCONNECT_POLL_S = 0.25

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneforge.data.masks import rendered_ids
 from tuneforge.data.templates import render
-from tuneforge.serve.engine import Engine, SamplingParams
+from tuneforge.infer.engine import Engine, SamplingParams
 from tuneforge.serve.generation import CancellingStream, Generation, chunker, collect, events_or_error, sse
 from tuneforge.serve.limits import (
     RequestLimits,

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from tuneforge.serve.engine import Engine, Event, SamplingParams, sample
+from tuneforge.infer.engine import Engine, Event, SamplingParams, sample
 from tuneforge.serve.loading import load_served
 
 

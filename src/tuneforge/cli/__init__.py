@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tuneforge.cli.console import EXIT_CONFIG, EXIT_FAILED, _err
+from tuneforge.cli.console import _err
 from tuneforge.cli.data_commands import cmd_data_preview, cmd_prepare, cmd_reference, cmd_validate
 from tuneforge.cli.deploy_commands import cmd_chat, cmd_export, cmd_serve
 from tuneforge.cli.eval_commands import cmd_compare, cmd_eval, cmd_generate, cmd_report
 from tuneforge.cli.train_commands import cmd_plan, cmd_train
-from tuneforge.config.load import ConfigError
+from tuneforge.errors import TuneforgeError
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -183,33 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except ConfigError as e:
+    except TuneforgeError as e:  # every stage's errors for people: the message, no traceback (tuneforge/errors.py)
         _err(str(e))
-        return EXIT_CONFIG
+        return e.exit_code
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stderr.close()
         return 0
-    except Exception as e:  # a clear one-line reason for the known failure kinds; tracebacks for the rest
-        from tuneforge.data.formats import DataFormatError
-        from tuneforge.data.templates import TemplateError
-        from tuneforge.data.tokenizer import TokenizerLoadError
-        from tuneforge.eval.general_text import GeneralTextError
-        from tuneforge.model.load import ModelLoadError
-        from tuneforge.train.checkpoint import CheckpointError
-        from tuneforge.train.signals import BadStepsError, TrainingStopped
-
-        if isinstance(e, TrainingStopped):
-            _err(str(e))
-            return e.exit_code
-        if isinstance(e, CheckpointError):
-            _err(str(e))
-            return EXIT_CONFIG
-        if isinstance(e, (DataFormatError, TemplateError, TokenizerLoadError, ModelLoadError, BadStepsError,
-                          GeneralTextError)):
-            _err(str(e))
-            return EXIT_FAILED
-        raise
-

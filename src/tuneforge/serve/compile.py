@@ -18,13 +18,14 @@ from __future__ import annotations
 import threading
 import time
 
+from tuneforge.errors import TuneforgeError
 from tuneforge.infer.engine import Engine, Event, SamplingParams
 
 RECOMPILE_LIMIT = 16  # graphs per compiled function: the shapes above, with room (torch's default is 8)
 WARM_UP_TIMEOUT_S = 1800.0
 
 
-class CompileError(RuntimeError):
+class CompileError(TuneforgeError, RuntimeError):
     """torch.compile is unavailable or failed on this machine; the message says what to do."""
 
 

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuneforge import __version__
+from tuneforge.errors import InputError
 from tuneforge.train.durable_files import fsync_dir, fsync_file, replace_text, write_json
 
 LATEST = "latest"
@@ -55,7 +56,7 @@ WHY_CRITICAL = {
 }
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint cannot be written or resumed from; the message says why and what to do."""
 
 

@@ -9,8 +9,10 @@ import signal
 import threading
 from pathlib import Path
 
+from tuneforge.errors import TuneforgeError
 
-class TrainingStopped(RuntimeError):
+
+class TrainingStopped(TuneforgeError, RuntimeError):
     """The run stopped on a signal after writing a checkpoint."""
 
     def __init__(self, signame: str, step: int, checkpoint: Path | None, previous: Path | None = None):
@@ -25,7 +27,7 @@ class TrainingStopped(RuntimeError):
         return 128 + int(getattr(signal, self.signame, signal.SIGTERM))
 
 
-class BadStepsError(RuntimeError):
+class BadStepsError(TuneforgeError, RuntimeError):
     """Too many steps with a non-finite loss or gradient."""
 
 

@@ -37,13 +37,19 @@ import datasets
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-                 "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
 
 
 def base_rows() -> list[dict]:
     rows = []
-    for name in ("instruct/alpaca_en_demo.json", "instruct/alpaca_data_cleaned_1000.json", "instruct/gsm_8k_train.json"):
+    for name in (
+        "instruct/alpaca_en_demo.json",
+        "instruct/alpaca_data_cleaned_1000.json",
+        "instruct/gsm_8k_train.json",
+    ):
         for r in json.loads((SHARED / name).read_text()):
             inst = (r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")).strip()
             if inst and r["output"].strip():
@@ -86,11 +92,15 @@ def build_corpus(n_rows: int, seed: int = 0) -> tuple[list[dict], list[str]]:
             continue
         used.add((min(a, b), max(a, b)))
         ra, rb = base[a], base[b]
-        unique.append({"instruction": ra["instruction"] + "\n" + rb["instruction"], "output": ra["output"] + "\n" + rb["output"]})
+        unique.append(
+            {"instruction": ra["instruction"] + "\n" + rb["instruction"], "output": ra["output"] + "\n" + rb["output"]}
+        )
     rows, kinds = [dict(r) for r in unique], ["unique"] * len(unique)
     for _ in range(n_exact):
         r = rng.choice(unique)
-        rows.append({"instruction": "  " + r["instruction"].upper() + " ", "output": r["output"].replace(" ", "  ") + "."})
+        rows.append(
+            {"instruction": "  " + r["instruction"].upper() + " ", "output": r["output"].replace(" ", "  ") + "."}
+        )
         kinds.append("exact")
     long_rows = [r for r in unique if len((r["instruction"] + " " + r["output"]).split()) >= 80]
     for _ in range(n_near):
@@ -135,12 +145,19 @@ def tuneforge_prepare(path: Path, run_dir: Path, num_proc: int):
     from tuneforge.config.schema import RunConfig
     from tuneforge.data.prepare import prepare
 
-    cfg = RunConfig.model_validate({
-        "model": {"name_or_path": str(SHARED / "tokenizers" / "llama2")},
-        "data": {"train": [{"path": str(path)}], "max_seq_len": 1024, "num_proc": num_proc, "packing": True,
-                 "dedup": {"exact": True, "near": True, "threshold": 0.8}},
-        "output": {"dir": str(run_dir)},
-    })
+    cfg = RunConfig.model_validate(
+        {
+            "model": {"name_or_path": str(SHARED / "tokenizers" / "llama2")},
+            "data": {
+                "train": [{"path": str(path)}],
+                "max_seq_len": 1024,
+                "num_proc": num_proc,
+                "packing": True,
+                "dedup": {"exact": True, "near": True, "threshold": 0.8},
+            },
+            "output": {"dir": str(run_dir)},
+        }
+    )
     return prepare(cfg, run_dir, force=True, log=lambda s: None)
 
 
@@ -164,8 +181,12 @@ def run_worker(name: str, corpus: Path, tmp: Path, num_proc: int) -> dict:
     work.mkdir()
     shutil.copy(corpus, work / "corpus.jsonl")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(work / "hf-cache")}
-    out = subprocess.run([sys.executable, __file__, "--worker", name, "--path", str(work / "corpus.jsonl"),
-                          "--num-proc", str(num_proc)], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", name, "--path", str(work / "corpus.jsonl"), "--num-proc", str(num_proc)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if out.returncode:
         raise RuntimeError(f"{name} run failed:\n{out.stderr[-3000:]}")
     shutil.rmtree(work, ignore_errors=True)
@@ -176,7 +197,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=50_000)
     ap.add_argument("--num-proc", type=int, default=2)
-    ap.add_argument("--seed-num-proc", type=int, help="the seed's num_proc (default: --num-proc, the same as tuneforge)")
+    ap.add_argument(
+        "--seed-num-proc", type=int, help="the seed's num_proc (default: --num-proc, the same as tuneforge)"
+    )
     ap.add_argument("--repeat", type=int, default=1, help="runs of each pipeline (alternating seed, tuneforge)")
     ap.add_argument("--worker", choices=["seed", "tuneforge"], help=argparse.SUPPRESS)
     ap.add_argument("--path", type=Path, help=argparse.SUPPRESS)
@@ -198,14 +221,27 @@ def main() -> int:
         load_before = os.getloadavg()[0]
         for _ in range(args.repeat):
             seed_procs = args.num_proc if args.seed_num_proc is None else args.seed_num_proc
-            runs.append((run_worker("seed", corpus, Path(tmp), seed_procs),
-                         run_worker("tuneforge", corpus, Path(tmp), args.num_proc)))
+            runs.append(
+                (
+                    run_worker("seed", corpus, Path(tmp), seed_procs),
+                    run_worker("tuneforge", corpus, Path(tmp), args.num_proc),
+                )
+            )
         load_after = os.getloadavg()[0]
 
     # which planted rows does dedup catch? (run the dedup stage alone on the same rows, index-aligned)
-    canon = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": r["instruction"]},
-                                                      {"role": "assistant", "content": r["output"]}], "text": ""}
-                                        for r in rows])
+    canon = datasets.Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": r["instruction"]},
+                    {"role": "assistant", "content": r["output"]},
+                ],
+                "text": "",
+            }
+            for r in rows
+        ]
+    )
     texts = [normalize_text(t) for t in _texts(canon, "all")]
     exact = exact_duplicate_rows(texts)
     near = near_duplicate_rows(texts, DedupConfig(near=True), skip=exact)
@@ -215,22 +251,31 @@ def main() -> int:
     recall_near = sum(r for r, k in zip(removed, kinds) if k == "near") / n_near
     recall_exact = sum(r for r, k in zip(removed, kinds) if k == "exact") / kinds.count("exact")
     false_pos = sum(r for r, k in zip(removed, kinds) if k == "unique") / n_unique
-    print(f"\ncorpus: {len(rows)} rows ({n_unique} unique, {kinds.count('exact')} planted exact, {n_near} planted near); "
-          f"num_proc {args.num_proc} (seed: {args.num_proc if args.seed_num_proc is None else args.seed_num_proc}); load average {load_before:.2f} before, {load_after:.2f} after")
+    print(
+        f"\ncorpus: {len(rows)} rows ({n_unique} unique, {kinds.count('exact')} planted exact, {n_near} planted near); "
+        f"num_proc {args.num_proc} (seed: {args.num_proc if args.seed_num_proc is None else args.seed_num_proc}); "
+        f"load average {load_before:.2f} before, {load_after:.2f} after"
+    )
     print(f"{'run':<5}{'pipeline':<60}{'seconds':>9}{'rows/s':>9}{'cpu s':>8}")
     for k, (seed, ours) in enumerate(runs, 1):
-        for name, r in (("seed: lambda filters + tokenizer(padding=True) map", seed),
-                        ("tuneforge prepare (filters, exact+near dedup, masks, pack)", ours)):
+        for name, r in (
+            ("seed: lambda filters + tokenizer(padding=True) map", seed),
+            ("tuneforge prepare (filters, exact+near dedup, masks, pack)", ours),
+        ):
             print(f"{k:<5}{name:<60}{r['seconds']:>9.1f}{len(rows) / r['seconds']:>9.0f}{r['cpu_seconds']:>8.1f}")
         print(f"{k:<5}{'speed ratio tuneforge / seed':<60}{seed['seconds'] / ours['seconds']:>8.2f}x")
     if len(runs) > 1:
         median = statistics.median(seed["seconds"] / ours["seconds"] for seed, ours in runs)
         print(f"{'':<5}{'median speed ratio':<60}{median:>8.2f}x")
     rep = runs[-1][1]["report"]
-    print(f"\nplanted near-duplicates found: {100 * recall_near:.1f}%   planted exact found: {100 * recall_exact:.1f}%   "
-          f"unique rows wrongly removed: {100 * false_pos:.2f}%")
-    print(f"prepare report: exact removed {rep['dedup']['exact_removed']}, near removed {rep['dedup']['near_removed']}, "
-          f"train rows {rep['train']['rows_in']}, packing efficiency {100 * rep['train']['packing']['efficiency']:.1f}%")
+    print(
+        f"\nplanted near-duplicates found: {100 * recall_near:.1f}%   planted exact found: {100 * recall_exact:.1f}%   "
+        f"unique rows wrongly removed: {100 * false_pos:.2f}%"
+    )
+    print(
+        f"prepare report: exact removed {rep['dedup']['exact_removed']}, near removed {rep['dedup']['near_removed']}, "
+        f"train rows {rep['train']['rows_in']}, packing efficiency {100 * rep['train']['packing']['efficiency']:.1f}%"
+    )
     print("tuneforge seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in rep.get("seconds", {}).items()))
     return 0
 

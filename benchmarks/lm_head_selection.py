@@ -24,8 +24,15 @@ def run_variant(variant: str, steps: int, batch: int, seq: int) -> dict:
     from tuneforge.model.lm_loss import forward_logits, nll_sum, trained_nll_sum
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(3, 32000, (batch, seq))
@@ -40,8 +47,12 @@ def run_variant(variant: str, steps: int, batch: int, seq: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
-    return {"variant": variant, "step_s": sum(times[1:]) / steps, "loss": float(loss),
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {
+        "variant": variant,
+        "step_s": sum(times[1:]) / steps,
+        "loss": float(loss),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
 
 
 def main() -> int:
@@ -56,15 +67,32 @@ def main() -> int:
         return 0
     results = {}
     for variant in ("full", "trained"):
-        out = subprocess.run([sys.executable, __file__, "--variant", variant, "--steps", str(args.steps),
-                              "--batch", str(args.batch), "--seq", str(args.seq)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--variant",
+                variant,
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     f, t = results["full"], results["trained"]
     print(f"batch {args.batch} x {args.seq} tokens, vocab 32000, 1/3 of positions trained, {args.steps} steps")
     print(f"{'logits':<26}{'s/step':>10}{'peak RSS GB':>14}{'last loss':>12}")
     for r in (f, t):
         print(f"{r['variant']:<26}{r['step_s']:>10.3f}{r['peak_rss_gb']:>14.2f}{r['loss']:>12.3f}")
-    print(f"{'ratio full / trained':<26}{f['step_s'] / t['step_s']:>9.2f}x{f['peak_rss_gb'] / t['peak_rss_gb']:>13.2f}x")
+    print(
+        f"{'ratio full / trained':<26}{f['step_s'] / t['step_s']:>9.2f}x{f['peak_rss_gb'] / t['peak_rss_gb']:>13.2f}x"
+    )
     return 0
 
 

@@ -14,14 +14,15 @@ import torch
 
 from tuneforge.config.schema import RunConfig
 from tuneforge.model.adapters import apply_adapter
+from tuneforge.model.lm_loss import trained_nll_sum
 from tuneforge.model.load import load_model
 from tuneforge.train.optim import build_optimizer
-from tuneforge.model.lm_loss import trained_nll_sum
 from tuneforge.train.planner import plan_memory
 
 
-def measure_step_memory(model, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                        chunked: bool = True) -> dict[str, float]:
+def measure_step_memory(
+    model, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, chunked: bool = True
+) -> dict[str, float]:
     """Bytes of a real training step, counted from tensors (any device): weights, gradients, optimizer state,
     and everything autograd saved for backward (each storage once, parameters excluded). chunked: the LM head
     and loss as train.logits=chunked computes them (the default), else as `trained`."""
@@ -38,17 +39,35 @@ def measure_step_memory(model, batch: dict[str, torch.Tensor], optimizer: torch.
         loss = trained_nll_sum(model, batch, chunked=chunked)
     loss.backward()
     optimizer.step()
-    state = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
-                if torch.is_tensor(t) and t.numel() > 1)
-    return {"weights": float(sum(p.numel() * p.element_size() for p in model.parameters())),
-            "gradients": float(sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)),
-            "optimizer": float(state), "saved activations": float(sum(storages.values()))}
+    state = sum(
+        t.numel() * t.element_size()
+        for st in optimizer.state.values()
+        for t in st.values()
+        if torch.is_tensor(t) and t.numel() > 1
+    )
+    return {
+        "weights": float(sum(p.numel() * p.element_size() for p in model.parameters())),
+        "gradients": float(
+            sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+        ),
+        "optimizer": float(state),
+        "saved activations": float(sum(storages.values())),
+    }
 
 
 MODELS = {
-    "tiny (h128, 3 layers, vocab 512)": ({"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2}, 512, 4, 128),
-    "small (h256, 4 layers, vocab 32000)": ({"hidden_size": 256, "num_layers": 4, "num_heads": 8, "num_kv_heads": 4,
-                                             "intermediate_size": 704}, 32000, 4, 256),
+    "tiny (h128, 3 layers, vocab 512)": (
+        {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2},
+        512,
+        4,
+        128,
+    ),
+    "small (h256, 4 layers, vocab 32000)": (
+        {"hidden_size": 256, "num_layers": 4, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 704},
+        32000,
+        4,
+        256,
+    ),
 }
 
 
@@ -63,12 +82,25 @@ class _Vocab:
 
 
 def case(init: dict, vocab: int, rows: int, seq: int, adapter: str, checkpointing: bool, packing: bool):
-    cfg = RunConfig.model_validate({
-        "model": {"init": {"architecture": "llama", "max_position_embeddings": 1024, "tokenizer_vocab_size": vocab, **init}},
-        "data": {"train": [{"synthetic": {"task": "reverse_words", "rows": 8}}], "max_seq_len": seq, "packing": packing},
-        "adapter": {"type": adapter, "r": 16, "alpha": 32, "dropout": 0.0},
-        "train": {"micro_batch_size": rows, "gradient_checkpointing": checkpointing, "lr": 1e-4},
-    })
+    cfg = RunConfig.model_validate(
+        {
+            "model": {
+                "init": {
+                    "architecture": "llama",
+                    "max_position_embeddings": 1024,
+                    "tokenizer_vocab_size": vocab,
+                    **init,
+                }
+            },
+            "data": {
+                "train": [{"synthetic": {"task": "reverse_words", "rows": 8}}],
+                "max_seq_len": seq,
+                "packing": packing,
+            },
+            "adapter": {"type": adapter, "r": 16, "alpha": 32, "dropout": 0.0},
+            "train": {"micro_batch_size": rows, "gradient_checkpointing": checkpointing, "lr": 1e-4},
+        }
+    )
     plan = plan_memory(cfg, "cpu", "fp32")
     torch.manual_seed(0)
     model = apply_adapter(load_model(cfg.model, _Vocab(vocab), torch.float32, "sdpa"), cfg.adapter, checkpointing)
@@ -81,8 +113,12 @@ def case(init: dict, vocab: int, rows: int, seq: int, adapter: str, checkpointin
         batch["attention_mask"] = torch.ones_like(ids)
     measured = measure_step_memory(model, batch, build_optimizer(model, cfg.train))
     p = plan.parts
-    planned = {"weights": p["weights"], "gradients": p["gradients"], "optimizer": p["optimizer (adamw)"],
-               "saved activations": p["activations (decoder)"] + p["activations (LM head, loss)"]}
+    planned = {
+        "weights": p["weights"],
+        "gradients": p["gradients"],
+        "optimizer": p["optimizer (adamw)"],
+        "saved activations": p["activations (decoder)"] + p["activations (LM head, loss)"],
+    }
     return planned, measured
 
 
@@ -99,7 +135,10 @@ def main() -> None:
                     for part, m in measured.items():
                         err = (planned[part] - m) / m
                         worst = max(worst, abs(err))
-                        print(f"{mname:<38}{label:<26}{part:<20}{planned[part] / 2**20:>12.2f}{m / 2**20:>13.2f}{err:>+8.1%}")
+                        print(
+                            f"{mname:<38}{label:<26}{part:<20}"
+                            f"{planned[part] / 2**20:>12.2f}{m / 2**20:>13.2f}{err:>+8.1%}"
+                        )
     print(f"\nlargest error: {worst:.1%} (target: within 15%)")
 
 

@@ -47,8 +47,8 @@ def main() -> None:
 
     import torch
 
-    from tuneforge.serve.compile import compile_decode, warm_up
     from tuneforge.infer.engine import Engine
+    from tuneforge.serve.compile import compile_decode, warm_up
     from tuneforge.serve.loading import load_served
 
     torch.set_num_threads(args.threads)

@@ -43,10 +43,16 @@ HOSTILE = {  # kind -> (path, body or None for the special cases, expected statu
     "oversized chunked body": ("/v1/chat/completions", None, 413),
     "n-flood 2000 prompts x n=16": ("/v1/completions", FLOOD, 400),
     "3.9 MB prompt": ("/v1/completions", json.dumps({"prompt": "apple " * 650_000}).encode(), 400),
-    "400k-char prompt (tokenised)": ("/v1/completions", json.dumps({"prompt": "apple river stone " * 22_000}).encode(),
-                                     400),
-    "400k-char chat (tokenised)": ("/v1/chat/completions", json.dumps(
-        {"messages": [{"role": "user", "content": "apple river stone " * 22_000}]}).encode(), 400),
+    "400k-char prompt (tokenised)": (
+        "/v1/completions",
+        json.dumps({"prompt": "apple river stone " * 22_000}).encode(),
+        400,
+    ),
+    "400k-char chat (tokenised)": (
+        "/v1/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": "apple river stone " * 22_000}]}).encode(),
+        400,
+    ),
     "malformed JSON": ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"', 400),
     "disconnect mid-body": ("/v1/chat/completions", None, None),
 }
@@ -61,9 +67,18 @@ def build_model(out: Path) -> Path:
 
     rows = generate("reverse_words", 200, seed=0)
     tok = train_bpe_tokenizer([f"{r['instruction']}\n\n{r['input']} {r['output']}" for r in rows], 400)
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=CONTEXT,
-                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=CONTEXT,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tok.save_pretrained(out)
@@ -75,9 +90,12 @@ def start_server(model_dir: Path, threads: int, log: Path) -> tuple[subprocess.P
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "serve", str(model_dir), "--port", str(port)],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge.cli", "serve", str(model_dir), "--port", str(port)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+    )
     for _ in range(900):
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
@@ -114,11 +132,17 @@ def probe_health(port: int, stop, out, interval: float) -> None:
 def stream_client(port: int, k: int, rounds: int, max_tokens: int, record) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     for r in range(rounds):
-        body = {"messages": [{"role": "user", "content": f"request {k}.{r}: apple river stone"}], "stream": True,
-                "max_tokens": max_tokens, "temperature": 0.8, "stream_options": {"include_usage": True}}
+        body = {
+            "messages": [{"role": "user", "content": f"request {k}.{r}: apple river stone"}],
+            "stream": True,
+            "max_tokens": max_tokens,
+            "temperature": 0.8,
+            "stream_options": {"include_usage": True},
+        }
         try:
-            conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
-                         headers={"Content-Type": "application/json"})
+            conn.request(
+                "POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+            )
             resp = conn.getresponse()
             done, tokens = False, 0
             while line := resp.readline():
@@ -136,15 +160,23 @@ def hostile_request(port: int, kind: str) -> int | str | None:
     path, body, _ = HOSTILE[kind]
     if kind == "disconnect mid-body":
         with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      "Content-Length: 100000\r\n\r\n".encode() + b'{"messages": [')
+            s.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                "Content-Length: 100000\r\n\r\n".encode()
+                + b'{"messages": ['
+            )
             time.sleep(0.1)
         return None
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
         if body is None:  # chunked, no Content-Length
-            conn.request("POST", path, body=(b"a" * 2**20 for _ in range(6)), encode_chunked=True,
-                         headers={"Content-Type": "application/json"})
+            conn.request(
+                "POST",
+                path,
+                body=(b"a" * 2**20 for _ in range(6)),
+                encode_chunked=True,
+                headers={"Content-Type": "application/json"},
+            )
         else:
             conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
@@ -156,8 +188,9 @@ def hostile_request(port: int, kind: str) -> int | str | None:
         conn.close()
 
 
-def load_round(port: int, clients: int, rounds: int, max_tokens: int, hostile_workers: int,
-               hostile_rounds: int) -> dict:
+def load_round(
+    port: int, clients: int, rounds: int, max_tokens: int, hostile_workers: int, hostile_rounds: int
+) -> dict:
     results: list[tuple[str, object, int]] = []
     lock = threading.Lock()
 
@@ -183,8 +216,9 @@ def load_round(port: int, clients: int, rounds: int, max_tokens: int, hostile_wo
     prober.start()
     time.sleep(1.0)  # the prober is up (spawn imports) before the load starts
     t0, started = time.perf_counter(), time.time()
-    threads = [threading.Thread(target=stream_client, args=(port, k, rounds, max_tokens, record))
-               for k in range(clients)]
+    threads = [
+        threading.Thread(target=stream_client, args=(port, k, rounds, max_tokens, record)) for k in range(clients)
+    ]
     threads += [threading.Thread(target=hostile_worker) for _ in range(hostile_workers)]
     for t in threads:
         t.start()
@@ -199,16 +233,26 @@ def load_round(port: int, clients: int, rounds: int, max_tokens: int, hostile_wo
     slowest = max(health, key=lambda sample: sample[0])
     statuses = Counter(str(s) for kind, s, _ in results)
     five_xx = sum(1 for _, s, _ in results if isinstance(s, int) and s >= 500) + sum(
-        1 for _, s, _ in health if not isinstance(s, int) or s != 200)
+        1 for _, s, _ in health if not isinstance(s, int) or s != 200
+    )
     unexpected = [(kind, s) for kind, s, _ in results if kind != "stream" and s != HOSTILE[kind][2]]
     streams = [(s, n) for kind, s, n in results if kind == "stream"]
-    return {"wall_s": wall, "streams": len(streams), "streams_ok": sum(1 for s, _ in streams if s == 200),
-            "tokens": sum(n for _, n in streams), "hostile": len(todo), "statuses": dict(statuses),
-            "by_kind": {k: dict(Counter(str(s) for kind, s, _ in results if kind == k)) for k in HOSTILE},
-            "unexpected": unexpected, "errors_5xx": five_xx, "health_polls": len(health),
-            "health_p50_ms": 1000 * lat[len(lat) // 2], "health_max_ms": 1000 * lat[-1],
-            "slowest_at_s": slowest[2] - started,
-            "health_p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))]}
+    return {
+        "wall_s": wall,
+        "streams": len(streams),
+        "streams_ok": sum(1 for s, _ in streams if s == 200),
+        "tokens": sum(n for _, n in streams),
+        "hostile": len(todo),
+        "statuses": dict(statuses),
+        "by_kind": {k: dict(Counter(str(s) for kind, s, _ in results if kind == k)) for k in HOSTILE},
+        "unexpected": unexpected,
+        "errors_5xx": five_xx,
+        "health_polls": len(health),
+        "health_p50_ms": 1000 * lat[len(lat) // 2],
+        "health_max_ms": 1000 * lat[-1],
+        "slowest_at_s": slowest[2] - started,
+        "health_p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+    }
 
 
 def main() -> int:
@@ -228,18 +272,22 @@ def main() -> int:
         log = Path(tmp) / "server.log"
         proc, port = start_server(model_dir, args.threads, log)
         try:
-            runs = [load_round(port, args.clients, args.rounds, args.max_tokens, args.hostile_workers,
-                               args.hostile_rounds) for _ in range(args.repeat)]
+            runs = [
+                load_round(port, args.clients, args.rounds, args.max_tokens, args.hostile_workers, args.hostile_rounds)
+                for _ in range(args.repeat)
+            ]
         finally:
             proc.terminate()
             proc.wait(timeout=30)
         server_log = log.read_text()
 
     for i, r in enumerate(runs):
-        print(f"round {i + 1}: {r['streams_ok']}/{r['streams']} streams ok ({r['tokens']} tokens) and "
-              f"{r['hostile']} hostile requests in {r['wall_s']:.1f} s; 5xx: {r['errors_5xx']}; /health "
-              f"p50 {r['health_p50_ms']:.1f} ms, p99 {r['health_p99_ms']:.1f} ms, max {r['health_max_ms']:.1f} ms "
-              f"({r['health_polls']} polls; the slowest sent {r['slowest_at_s']:.1f} s into the load)")
+        print(
+            f"round {i + 1}: {r['streams_ok']}/{r['streams']} streams ok ({r['tokens']} tokens) and "
+            f"{r['hostile']} hostile requests in {r['wall_s']:.1f} s; 5xx: {r['errors_5xx']}; /health "
+            f"p50 {r['health_p50_ms']:.1f} ms, p99 {r['health_p99_ms']:.1f} ms, max {r['health_max_ms']:.1f} ms "
+            f"({r['health_polls']} polls; the slowest sent {r['slowest_at_s']:.1f} s into the load)"
+        )
         for kind, got in r["by_kind"].items():
             print(f"    {kind:<32} {got}")
         if r["unexpected"]:
@@ -251,11 +299,16 @@ def main() -> int:
 
     tracebacks = server_log.count("Traceback")
     disconnects = sum(1 for line in server_log.splitlines() if "disconnected after" in line)
-    print(f"\n{len(runs)} round(s): /health p50 {spread('health_p50_ms')} ms, p99 {spread('health_p99_ms')} ms, "
-          f"max {spread('health_max_ms')} ms; wall {spread('wall_s')} s; server log: {disconnects} disconnect "
-          f"line(s), {tracebacks} traceback(s)")
-    ok = (all(r["errors_5xx"] == 0 and not r["unexpected"] and r["streams_ok"] == r["streams"] for r in runs)
-          and tracebacks == 0 and max(r["health_p99_ms"] for r in runs) < 100)
+    print(
+        f"\n{len(runs)} round(s): /health p50 {spread('health_p50_ms')} ms, p99 {spread('health_p99_ms')} ms, "
+        f"max {spread('health_max_ms')} ms; wall {spread('wall_s')} s; server log: {disconnects} disconnect "
+        f"line(s), {tracebacks} traceback(s)"
+    )
+    ok = (
+        all(r["errors_5xx"] == 0 and not r["unexpected"] and r["streams_ok"] == r["streams"] for r in runs)
+        and tracebacks == 0
+        and max(r["health_p99_ms"] for r in runs) < 100
+    )
     print("PASS: 0 5xx, every hostile request refused, every stream done, /health p99 < 100 ms" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -37,9 +37,18 @@ def build_model(out: Path) -> Path:
 
     rows = generate("reverse_words", 2000, seed=0)
     tok = train_bpe_tokenizer([f"{r['instruction']}\n\n{r['input']} {r['output']}" for r in rows], 1000)
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=256, intermediate_size=1024,
-                               num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8,
-                               max_position_embeddings=256, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tok.save_pretrained(out)
@@ -50,8 +59,15 @@ def build_model(out: Path) -> Path:
 def chats(n: int) -> list[list[dict]]:
     from tuneforge.data.synthetic import WORDS
 
-    return [[{"role": "user", "content": PROMPTS[i % 2].format(" ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(4)))}]
-            for i in range(n)]
+    return [
+        [
+            {
+                "role": "user",
+                "content": PROMPTS[i % 2].format(" ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(4))),
+            }
+        ]
+        for i in range(n)
+    ]
 
 
 def sequential_generate(model_dir: Path, requests: int, max_tokens: int) -> dict:
@@ -68,9 +84,14 @@ def sequential_generate(model_dir: Path, requests: int, max_tokens: int) -> dict
     t0 = time.perf_counter()
     with torch.inference_mode():
         for p in ids:
-            out = served.model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                        max_new_tokens=max_tokens, do_sample=False, eos_token_id=served.stop_token_ids,
-                                        pad_token_id=tok.pad_token_id)
+            out = served.model.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=served.stop_token_ids,
+                pad_token_id=tok.pad_token_id,
+            )
             tokens += out.shape[1] - len(p)
     wall = time.perf_counter() - t0
     return {"requests": requests, "tokens": tokens, "wall_s": wall}
@@ -86,9 +107,13 @@ def load_server(port: int, requests: int, concurrency: int, max_tokens: int) -> 
 
     def client(k: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        for messages in todo[k * per:(k + 1) * per]:
-            conn.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"},
-                         body=json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0}))
+        for messages in todo[k * per : (k + 1) * per]:
+            conn.request(
+                "POST",
+                "/v1/chat/completions",
+                headers={"Content-Type": "application/json"},
+                body=json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0}),
+            )
             resp = conn.getresponse()
             body = json.loads(resp.read())
             with lock:
@@ -113,10 +138,24 @@ def start_server(model_dir: Path, threads: int, window_ms: float) -> tuple[subpr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "serve", str(model_dir), "--port", str(port),
-                             "--max-batch-size", "32", "--batch-window-ms", str(window_ms)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tuneforge.cli",
+            "serve",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--max-batch-size",
+            "32",
+            "--batch-window-ms",
+            str(window_ms),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -151,20 +190,26 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
         # measured before and after the server runs; the faster counts, so that a busy machine flatters no one
-        base = min(first, sequential_generate(model_dir, args.baseline_requests, args.max_tokens), key=lambda r: r["wall_s"])
+        base = min(
+            first, sequential_generate(model_dir, args.baseline_requests, args.max_tokens), key=lambda r: r["wall_s"]
+        )
 
     def rates(r: dict) -> tuple[float, float]:
         return r["requests"] / r["wall_s"], r["tokens"] / r["wall_s"]
 
     base_rps, base_tps = rates(base)
-    print(f"\nmodel: {args.model or 'random quickstart-sized Llama'}; max_tokens {args.max_tokens}; "
-          f"{args.threads} torch thread(s); greedy\n")
+    print(
+        f"\nmodel: {args.model or 'random quickstart-sized Llama'}; max_tokens {args.max_tokens}; "
+        f"{args.threads} torch thread(s); greedy\n"
+    )
     print(f"{'mode':<34}{'requests':>9}{'req/s':>9}{'tokens/s':>10}{'errors':>8}{'x generate':>12}")
     print(f"{'sequential model.generate':<34}{base['requests']:>9}{base_rps:>9.2f}{base_tps:>10.1f}{0:>8}{1.0:>12.2f}")
     for c, r in runs.items():
         rps, tps = rates(r)
-        print(f"{f'tuneforge serve, concurrency {c}':<34}{r['requests']:>9}{rps:>9.2f}{tps:>10.1f}{r['errors']:>8}"
-              f"{tps / base_tps:>12.2f}")
+        print(
+            f"{f'tuneforge serve, concurrency {c}':<34}{r['requests']:>9}{rps:>9.2f}{tps:>10.1f}{r['errors']:>8}"
+            f"{tps / base_tps:>12.2f}"
+        )
     print("\n(x generate = tokens/s relative to sequential model.generate)")
 
 

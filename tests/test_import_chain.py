@@ -27,8 +27,10 @@ def import_graph() -> dict[str, dict[str, int]]:
             targets = []
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 # `from tuneforge.data import masks` names the module tuneforge.data.masks
-                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
-                           for a in node.names]
+                targets = [
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                    for a in node.names
+                ]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             for t in targets:
@@ -97,8 +99,7 @@ def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
 
 def package_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
     """Cycles among modules, ignoring package __init__ files that re-export their own modules."""
-    inner = {m: {t: n for t, n in e.items() if not (t in graph and m.startswith(t + "."))}
-             for m, e in graph.items()}
+    inner = {m: {t: n for t, n in e.items() if not (t in graph and m.startswith(t + "."))} for m, e in graph.items()}
     return cycles(inner)
 
 
@@ -111,13 +112,18 @@ def test_no_module_imports_itself_through_others():
 
 
 def test_the_checks_catch_what_they_are_for():
-    graph = {"tuneforge.eval.runner": {"tuneforge.train.monitor": 3},
-             "tuneforge.train.monitor": {"tuneforge.eval.report": 9},
-             "tuneforge.eval.report": {"tuneforge.eval.runner": 5},
-             "tuneforge.progress": {"tuneforge.data.formats": 2},
-             "tuneforge.data.formats": {"tuneforge.progress": 1, "tuneforge": 1}}
+    graph = {
+        "tuneforge.eval.runner": {"tuneforge.train.monitor": 3},
+        "tuneforge.train.monitor": {"tuneforge.eval.report": 9},
+        "tuneforge.eval.report": {"tuneforge.eval.runner": 5},
+        "tuneforge.progress": {"tuneforge.data.formats": 2},
+        "tuneforge.data.formats": {"tuneforge.progress": 1, "tuneforge": 1},
+    }
     assert chain_violations(graph) == [
         "tuneforge.eval.runner:3 imports tuneforge.train.monitor: eval comes before train in the chain",
-        "tuneforge.progress:2 imports tuneforge.data.formats: a shared top-level module imports no stage"]
-    assert package_cycles(graph) == [["tuneforge.data.formats", "tuneforge.progress"],
-                                     ["tuneforge.eval.report", "tuneforge.eval.runner", "tuneforge.train.monitor"]]
+        "tuneforge.progress:2 imports tuneforge.data.formats: a shared top-level module imports no stage",
+    ]
+    assert package_cycles(graph) == [
+        ["tuneforge.data.formats", "tuneforge.progress"],
+        ["tuneforge.eval.report", "tuneforge.eval.runner", "tuneforge.train.monitor"],
+    ]

@@ -18,7 +18,9 @@ def test_a_bad_line_names_file_and_line_before_any_model_loads(tmp_path, capsys)
     path.write_text('{"prompt": "hi"}\n{"text": "no prompt"}\n')
     with pytest.raises(ConfigError, match=r'p.jsonl:2: expected a JSON object with "prompt" or "messages" \(KeyError'):
         read_prompt_file(str(path))
-    for argv in (["generate", str(tmp_path / "no-run"), "--file", str(path)],
-                 ["export", str(tmp_path / "no-run"), "--prompts", str(path)]):
+    for argv in (
+        ["generate", str(tmp_path / "no-run"), "--file", str(path)],
+        ["export", str(tmp_path / "no-run"), "--prompts", str(path)],
+    ):
         assert main(argv) == 2
         assert 'p.jsonl:2: expected a JSON object with "prompt" or "messages"' in capsys.readouterr().err

@@ -46,9 +46,21 @@ def data_file(shipped: str, tmp: Path) -> Path:
         convs = json.loads(shared_path("chat/dummy_conversation.json").read_text(encoding="utf-8"))[:24]
         out.write_text(json.dumps(convs), encoding="utf-8")
     elif name.endswith(".jsonl"):  # OpenAI messages
-        out.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
-                                                        {"role": "assistant", "content": r["output"]}]}) + "\n"
-                               for r in rows), encoding="utf-8")
+        out.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": r["instruction"]},
+                            {"role": "assistant", "content": r["output"]},
+                        ]
+                    }
+                )
+                + "\n"
+                for r in rows
+            ),
+            encoding="utf-8",
+        )
     elif name.startswith("alpaca"):
         out.write_text(json.dumps(rows), encoding="utf-8")
     else:
@@ -72,8 +84,12 @@ def tiny_version(example: Path, tmp: Path) -> Path:
         if "synthetic" in source:
             source["synthetic"]["rows"] = 48
     data["max_seq_len"] = min(data.get("max_seq_len", 256), 256)
-    cfg["train"] = {**cfg.get("train", {}), "max_steps": 1, "micro_batch_size": 2,
-                    "grad_accum": min(cfg.get("train", {}).get("grad_accum", 1), 2)}
+    cfg["train"] = {
+        **cfg.get("train", {}),
+        "max_steps": 1,
+        "micro_batch_size": 2,
+        "grad_accum": min(cfg.get("train", {}).get("grad_accum", 1), 2),
+    }
     cfg["eval"] = {**cfg.get("eval", {}), "generate_rows": 2, "max_new_tokens": 4, "show_samples": 0, "batch_size": 2}
     cfg["log"] = {**cfg.get("log", {}), "progress": "none"}
     cfg["output"] = {**cfg.get("output", {}), "dir": str(tmp / "run")}
@@ -115,16 +131,22 @@ def test_each_accelerate_file_is_read_by_accelerate(path):
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "deepspeed").glob("*.json")), ids=lambda p: p.name)
 def test_each_deepspeed_file_is_built_through_a_run_config(path):
-    cfg = RunConfig.model_validate({
-        "model": {"init": {"hidden_size": 64, "num_layers": 2, "num_heads": 4}},
-        "data": {"train": [{"synthetic": {"task": "sort_words", "rows": 16}}]},
-        "train": {"micro_batch_size": 2, "grad_accum": 3, "max_grad_norm": 1.0},
-        "dist": {"strategy": "deepspeed", "deepspeed_config": str(path)},
-    })
+    cfg = RunConfig.model_validate(
+        {
+            "model": {"init": {"hidden_size": 64, "num_layers": 2, "num_heads": 4}},
+            "data": {"train": [{"synthetic": {"task": "sort_words", "rows": 16}}]},
+            "train": {"micro_batch_size": 2, "grad_accum": 3, "max_grad_norm": 1.0},
+            "dist": {"strategy": "deepspeed", "deepspeed_config": str(path)},
+        }
+    )
     ds, _ = build_deepspeed_config(cfg, "bf16", world=4, hidden_size=64)
     zero = ds["zero_optimization"]
     assert zero["stage"] == (3 if "zero3" in path.name else 2)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 3, 24)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        2,
+        3,
+        24,
+    )
     assert ds["bf16"]["enabled"] is True and ds["gradient_clipping"] == 1.0
     offloaded = zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
     assert offloaded == ("offload" in path.name)

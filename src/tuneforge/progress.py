@@ -34,8 +34,14 @@ class TaskProgress:
                 TimeRemainingColumn,
             )
 
-            self._bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), transient=True)
+            self._bar = Progress(
+                TextColumn(description),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                transient=True,
+            )
             self._task = self._bar.add_task(description, total=total)
             self._bar.start()
 
@@ -49,8 +55,19 @@ class TaskProgress:
             self._next_line = fraction + 0.1
             elapsed = time.perf_counter() - self.start
             if self.mode == "json":
-                print(json.dumps({"type": "progress", "task": self.description, "done": self.done, "total": self.total,
-                                  "elapsed_s": round(elapsed, 3)}), file=sys.stderr, flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "type": "progress",
+                            "task": self.description,
+                            "done": self.done,
+                            "total": self.total,
+                            "elapsed_s": round(elapsed, 3),
+                        }
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
             else:
                 eta = elapsed / max(self.done, 1) * (self.total - self.done)
                 print(f"{self.description}: {self.done}/{self.total}  eta {eta:.0f}s", file=sys.stderr, flush=True)
@@ -67,8 +84,9 @@ def stage_status(description: str, progress: str = "auto") -> Iterator[Callable[
     function the stage should print through, so its lines appear above the spinner (or as JSON lines)."""
     mode = resolve_progress(progress)
     if mode == "json":
-        yield lambda text: print(json.dumps({"type": "event", "stage": description, "text": text}), file=sys.stderr,
-                                 flush=True)
+        yield lambda text: print(
+            json.dumps({"type": "event", "stage": description, "text": text}), file=sys.stderr, flush=True
+        )
         return
     if mode != "bar":
         yield print

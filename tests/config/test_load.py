@@ -65,8 +65,11 @@ def test_wrong_type_names_key_and_value(tmp_path):
 
 
 def test_literal_choice_lists_valid_values(tmp_path):
-    with pytest.raises(ConfigError, match=r"adapter.type: Input should be 'lora', 'dora', 'qlora' or 'full' "
-                                          r"\(got 'qlorra'\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"adapter.type: Input should be 'lora', 'dora', 'qlora' or 'full' "
+        r"\(got 'qlorra'\)",
+    ):
         load_config(write(tmp_path, MINIMAL), ["adapter.type=qlorra"])
 
 
@@ -87,8 +90,10 @@ def test_lr_outside_usual_range_warns(tmp_path):
 
 
 def test_overrides_parse_yaml_values_and_list_indices(tmp_path):
-    cfg = load_config(write(tmp_path, MINIMAL), ["train.lr=1e-4", "data.train.0.max_rows=5",
-                                                  "adapter.target_modules=[q_proj, v_proj]"])
+    cfg = load_config(
+        write(tmp_path, MINIMAL),
+        ["train.lr=1e-4", "data.train.0.max_rows=5", "adapter.target_modules=[q_proj, v_proj]"],
+    )
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.data.train[0].max_rows == 5
     assert cfg.adapter.target_modules == ["q_proj", "v_proj"]
@@ -146,7 +151,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_reference_documents_every_field(capsys):
     assert main(["reference"]) == 0
     out = capsys.readouterr().out
-    for section, model in RunConfig.model_fields.items():
+    for section in RunConfig.model_fields:
         assert f"\n{section}:" in out
     assert "  train.lr = None\n      Peak learning rate; default 2e-4 for LoRA/DoRA, 2e-5 for full." in out
     assert "  data.train.path = None" in out
@@ -175,7 +180,9 @@ def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, text))
     path = (tmp_path / "config.yaml").resolve()
-    assert str(e.value) == (f"{path}:9: key 'train.epochs' is given twice (first on line 7); YAML would "
-                            "silently keep only the last one. Delete one of them.")
+    assert str(e.value) == (
+        f"{path}:9: key 'train.epochs' is given twice (first on line 7); YAML would "
+        "silently keep only the last one. Delete one of them."
+    )
     # the same name in different sections is fine
     load_config(write(tmp_path, MINIMAL + "eval:\n  max_new_tokens: 8\n", "ok.yaml"))

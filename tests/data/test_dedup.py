@@ -2,7 +2,6 @@ import json
 import random
 
 import datasets
-import pytest
 
 from tests.conftest import shared_path
 from tuneforge.config.schema import DecontamConfig, DedupConfig
@@ -12,7 +11,11 @@ VOCAB = [f"w{i}" for i in range(2000)]
 
 
 def chat(prompt, response):
-    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], "text": "", "score": None}
+    return {
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+        "text": "",
+        "score": None,
+    }
 
 
 def sentence(rng, n=60):
@@ -28,15 +31,19 @@ def perturb(rng, text):
 
 def test_normalisation_folds_case_whitespace_and_punctuation():
     assert normalize_text("  Hello,\tWORLD!! ") == "hello world"
-    assert exact_duplicate_rows([normalize_text(t) for t in ["Hi there.", "hi   THERE", "hi where"]]) == [False, True, False]
+    assert exact_duplicate_rows([normalize_text(t) for t in ["Hi there.", "hi   THERE", "hi where"]]) == [
+        False,
+        True,
+        False,
+    ]
 
 
 def test_exact_and_near_duplicates_with_exact_counts():
     rng = random.Random(0)
     base = [sentence(rng) for _ in range(40)]
     rows = [chat(f"q{i}", t) for i, t in enumerate(base)]
-    rows += [chat(f"q{i}", perturb(rng, base[i])) for i in range(25)]              # 25 near-duplicates
-    rows += [chat(f"Q{i}!", base[i].upper() + "  .") for i in range(25, 35)]       # 10 exact (normalised)
+    rows += [chat(f"q{i}", perturb(rng, base[i])) for i in range(25)]  # 25 near-duplicates
+    rows += [chat(f"Q{i}!", base[i].upper() + "  .") for i in range(25, 35)]  # 10 exact (normalised)
     ds = datasets.Dataset.from_list(rows)
     kept, report = deduplicate(ds, DedupConfig(exact=True, near=True, fields="all"))
     assert report == {"exact_removed": 10, "near_removed": 25, "kept": 40}
@@ -47,7 +54,11 @@ def test_dedup_fields_prompt_only_and_exact_only():
     ds = datasets.Dataset.from_list([chat("same prompt", "answer one"), chat("Same prompt.", "answer two")])
     assert deduplicate(ds, DedupConfig(fields="prompt"))[1]["exact_removed"] == 1
     assert deduplicate(ds, DedupConfig(fields="all"))[1]["exact_removed"] == 0
-    assert deduplicate(ds, DedupConfig(exact=False, near=False))[1] == {"exact_removed": 0, "near_removed": 0, "kept": 2}
+    assert deduplicate(ds, DedupConfig(exact=False, near=False))[1] == {
+        "exact_removed": 0,
+        "near_removed": 0,
+        "kept": 2,
+    }
 
 
 def test_decontamination_against_eval_split_and_benchmark_file(tmp_path):
@@ -55,15 +66,17 @@ def test_decontamination_against_eval_split_and_benchmark_file(tmp_path):
     eval_text = sentence(rng, 30)
     bench = [{"question_id": 1, "turns": [sentence(rng, 20), "short benchmark question"]}]
     (tmp_path / "bench.jsonl").write_text("\n".join(json.dumps(b) for b in bench) + "\n")
-    leaked_eval = " ".join(eval_text.split()[5:18])          # a 13-gram of the eval text
+    leaked_eval = " ".join(eval_text.split()[5:18])  # a 13-gram of the eval text
     leaked_bench = " ".join(bench[0]["turns"][0].split()[:15])
-    train = datasets.Dataset.from_list([
-        chat("clean", sentence(rng, 30)),
-        chat("leak 1", f"prefix words {leaked_eval} suffix"),
-        chat("leak 2", leaked_bench),
-        chat("Short benchmark question?", ""),               # whole-text match of a short reference
-        chat("clean 2", "short benchmark question is not the whole text here"),
-    ])
+    train = datasets.Dataset.from_list(
+        [
+            chat("clean", sentence(rng, 30)),
+            chat("leak 1", f"prefix words {leaked_eval} suffix"),
+            chat("leak 2", leaked_bench),
+            chat("Short benchmark question?", ""),  # whole-text match of a short reference
+            chat("clean 2", "short benchmark question is not the whole text here"),
+        ]
+    )
     eval_ds = datasets.Dataset.from_list([chat("eval prompt", eval_text)])
     kept, report = decontaminate(train, eval_ds, DecontamConfig(files=[str(tmp_path / "bench.jsonl")]))
     assert report["removed"] == 3 and report["reference_texts"] == 3
@@ -83,8 +96,8 @@ def planted_rows(n_base=1200, seed=2):
     rng = random.Random(seed)
     base = [sentence(rng) for _ in range(n_base)]
     rows = [chat(f"q{i}", t) for i, t in enumerate(base)]
-    rows += [chat(f"q{i}", perturb(rng, base[i])) for i in range(0, 600, 2)]       # 300 near-duplicates
-    rows += [chat(f"Q{i}!", base[i].upper() + " .") for i in range(1, 400, 4)]    # 100 exact (normalised)
+    rows += [chat(f"q{i}", perturb(rng, base[i])) for i in range(0, 600, 2)]  # 300 near-duplicates
+    rows += [chat(f"Q{i}!", base[i].upper() + " .") for i in range(1, 400, 4)]  # 100 exact (normalised)
     rows += [{"messages": [], "text": "", "score": None}, {"messages": [], "text": "a  b", "score": None}]
     return datasets.Dataset.from_list(rows)
 
@@ -156,10 +169,12 @@ def test_an_instruction_every_row_repeats_is_not_contamination():
     instruction = "List every number in the text, in the order they appear, separated by semicolons, please now."
     rng = random.Random(5)
     eval_texts = [f"{instruction}\n\n{sentence(rng, 20)}" for _ in range(40)]
-    train = datasets.Dataset.from_list([chat(f"{instruction}\n\n{sentence(rng, 20)}", "1; 2") for _ in range(30)]
-                                       + [chat(f"{instruction}\n\n{eval_texts[3].split(chr(10))[-1]}", "3")]
-                                       # same instruction, and content that starts with an eval row's first word
-                                       + [chat(f"{instruction}\n\n{eval_texts[0].split()[-20]} {sentence(rng, 19)}", "5")])
+    train = datasets.Dataset.from_list(
+        [chat(f"{instruction}\n\n{sentence(rng, 20)}", "1; 2") for _ in range(30)]
+        + [chat(f"{instruction}\n\n{eval_texts[3].split(chr(10))[-1]}", "3")]
+        # same instruction, and content that starts with an eval row's first word
+        + [chat(f"{instruction}\n\n{eval_texts[0].split()[-20]} {sentence(rng, 19)}", "5")]
+    )
     eval_ds = datasets.Dataset.from_list([chat(t, "4") for t in eval_texts])
     kept, report = decontaminate(train, eval_ds, DecontamConfig())
     assert report["removed"] == 1 and len(kept) == 31 and report["shared_ngrams_ignored"] >= 2

@@ -12,7 +12,14 @@ import tuneforge.data.encode as encode
 from tests.conftest import shared_path
 from tuneforge.config.schema import DataConfig
 from tuneforge.data.masks import (
-    Encoded, TokenizedRows, _labels, backend_as_called, encode_texts, monotone_offsets, tokenize_chat, tokenize_text,
+    Encoded,
+    TokenizedRows,
+    _labels,
+    backend_as_called,
+    encode_texts,
+    monotone_offsets,
+    tokenize_chat,
+    tokenize_text,
 )
 from tuneforge.data.templates import BUILTIN_TEMPLATES, IGNORE_INDEX, chats_rendered, resolve_template
 
@@ -37,12 +44,19 @@ ROWS = [  # chats and completion texts ([] messages), byte-fallback emoji at the
 TEXTS = ["" if m else f"plain completion {i} ünïcode" for i, m in enumerate(ROWS)]
 
 
-@pytest.mark.parametrize("name,choice,train_on", [("llama2", "alpaca", "assistant"), ("qwen2.5", "auto", "assistant"),
-                                                  ("qwen2.5", "auto", "last"), ("gpt2", "chatml", "all")])
+@pytest.mark.parametrize(
+    "name,choice,train_on",
+    [
+        ("llama2", "alpaca", "assistant"),
+        ("qwen2.5", "auto", "assistant"),
+        ("qwen2.5", "auto", "last"),
+        ("gpt2", "chatml", "all"),
+    ],
+)
 def test_chunks_give_each_rows_own_ids_and_labels(name, choice, train_on):
     tok = tokenizer(name)
     template, _ = resolve_template(tok, choice)
-    chunks = [(ROWS[i:i + 2], TEXTS[i:i + 2]) for i in range(0, len(ROWS), 2)]  # 4 chunks: later ones bisect
+    chunks = [(ROWS[i : i + 2], TEXTS[i : i + 2]) for i in range(0, len(ROWS), 2)]  # 4 chunks: later ones bisect
     got = encode.tokenize_rows(tok, template, chunks, train_on).rows()
     want = [tokenize_chat(tok, template, m, train_on) if m else tokenize_text(tok, t) for m, t in zip(ROWS, TEXTS)]
     assert got == want
@@ -98,7 +112,9 @@ def test_tokenize_rows_keeps_the_offsets_rule_when_offsets_decrease(monkeypatch)
     monkeypatch.setattr(encode, "monotone_offsets", lambda enc: False)
     searched = []
     real = encode.chats_tokenized
-    monkeypatch.setattr(encode, "chats_tokenized", lambda *a, search=False: searched.append(search) or real(*a, search=search))
+    monkeypatch.setattr(
+        encode, "chats_tokenized", lambda *a, search=False: searched.append(search) or real(*a, search=search)
+    )
     tok = tokenizer("qwen2.5")
     template, _ = resolve_template(tok, "auto")
     rows = encode.tokenize_rows(tok, template, [(ROWS[:3], TEXTS[:3]), (ROWS[3:], TEXTS[3:])], "assistant").rows()
@@ -113,11 +129,13 @@ def test_worker_processes_give_the_same_arrays(monkeypatch):
     ds = datasets.Dataset.from_list([{"messages": ROWS[i % len(ROWS)], "text": TEXTS[i % len(ROWS)]} for i in range(n)])
     here = TokenizedRows.concat(encode.tokenize_dataset(ds, tok, template, "assistant", None))
     monkeypatch.setattr(encode, "WORKER_PROCESSES_FROM", 2)
-    workers, = encode.tokenize_dataset(ds, tok, template, "assistant", 2)  # one part from the workers' Arrow
+    (workers,) = encode.tokenize_dataset(ds, tok, template, "assistant", 2)  # one part from the workers' Arrow
     for field in ("ids", "labels", "lengths"):
         assert np.array_equal(getattr(here, field), getattr(workers, field))
-    assert len(here.lengths) == n and int(here.lengths[:len(ROWS)].sum()) == sum(
-        len(tokenize_chat(tok, template, m, "assistant")[0] if m else tokenize_text(tok, t)[0]) for m, t in zip(ROWS, TEXTS))
+    assert len(here.lengths) == n and int(here.lengths[: len(ROWS)].sum()) == sum(
+        len(tokenize_chat(tok, template, m, "assistant")[0] if m else tokenize_text(tok, t)[0])
+        for m, t in zip(ROWS, TEXTS)
+    )
 
 
 def test_process_environment_follows_os_environ_again(monkeypatch):
@@ -147,26 +165,43 @@ def test_split_truncates_or_drops_and_counts_trained_tokens():
     assert [len(ids) for ids, _ in full] == [41, 120, 39]
     d = data_config(overlong="truncate", quality={"min_tokens": 40})
     kept, report = encode.tokenize_split(ds, tok, template, d, "train")
-    assert kept.column_names == ["messages", "text", "score", "source_id", "input_ids", "labels", "num_tokens", "num_trained"]
+    assert kept.column_names == [
+        "messages",
+        "text",
+        "score",
+        "source_id",
+        "input_ids",
+        "labels",
+        "num_tokens",
+        "num_trained",
+    ]
     assert kept["num_tokens"] == [41, 64] and kept["num_trained"] == [3, 26]  # "▁Yes", ".", "</s>"; position 0 never
     assert kept["input_ids"][1] == full[1][0][:64] and kept["labels"][1] == full[1][1][:64]
     assert kept["messages"] == rows[:2]
     assert (report["rows"], report["truncated_rows"], report["dropped_short_or_untrained_rows"]) == (2, 1, 1)
     assert report["tokens"] == 105 and report["trained_tokens"] == 29 and report["length"]["max"] == 64
-    dropped, report = encode.tokenize_split(ds, tok, template, data_config(overlong="drop"), "train",
-                                            source_columns=False)
+    dropped, report = encode.tokenize_split(
+        ds, tok, template, data_config(overlong="drop"), "train", source_columns=False
+    )
     assert dropped.column_names == ["input_ids", "labels", "num_tokens", "num_trained"]
     assert dropped["num_tokens"] == [41, 39] and dropped["num_trained"] == [3, 1]  # an empty answer still trains EOS
     assert (report["dropped_overlong_rows"], report["truncated_rows"]) == (1, 0)
-    assert dropped.features["input_ids"].feature.dtype == "int32" and dropped.features["labels"].feature.dtype == "int64"
+    assert (
+        dropped.features["input_ids"].feature.dtype == "int32" and dropped.features["labels"].feature.dtype == "int64"
+    )
 
 
 def test_rows_picked_by_select_are_read_in_blocks_in_their_order(monkeypatch):
     rows = [{"messages": chat(f"q{i}", f"a{i}"), "text": f"t{i}"} for i in range(50)]
     ds = datasets.Dataset.from_list(rows)
     monkeypatch.setattr(encode, "CHUNK_ROWS", 8)
-    picks = {"kept by filters": [i for i in range(50) if i % 3], "sparse": list(range(0, 50, 7)),
-             "repeated (upsampling)": [1, 1, 2, 5, 5, 5, 9], "shuffled": [7, 3, 9, 0], "all": None}
+    picks = {
+        "kept by filters": [i for i in range(50) if i % 3],
+        "sparse": list(range(0, 50, 7)),
+        "repeated (upsampling)": [1, 1, 2, 5, 5, 5, 9],
+        "shuffled": [7, 3, 9, 0],
+        "all": None,
+    }
     for name, idx in picks.items():
         sel = ds if idx is None else ds.select(idx)
         chunks = list(encode._row_chunks(sel))
@@ -184,16 +219,28 @@ def test_truncation_or_padding_preset_on_the_rust_tokenizer_is_not_applied():
     tok.backend_tokenizer.enable_truncation(8)  # as a tokenizer.json may preset them
     tok.backend_tokenizer.enable_padding(length=64)
     ids, labels = tokenize_chat(tok, template, msgs, "assistant")
-    assert ids == full and len(ids) == 56 and tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == \
-        "Once upon a time a river ran to the sea and back again.<|im_end|>"
+    assert (
+        ids == full
+        and len(ids) == 56
+        and tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+        == "Once upon a time a river ran to the sea and back again.<|im_end|>"
+    )
 
 
-@pytest.mark.parametrize("name,split", [("llama2", True), ("mistral-7b-v0.1", True), ("llama3", False),
-                                        ("qwen2.5", False), ("gpt2", False), ("phi-3-mini", False)])
+@pytest.mark.parametrize(
+    "name,split",
+    [
+        ("llama2", True),
+        ("mistral-7b-v0.1", True),
+        ("llama3", False),
+        ("qwen2.5", False),
+        ("gpt2", False),
+        ("phi-3-mini", False),
+    ],
+)
 def test_chats_tokenize_as_the_tokenizer_does_the_rendered_text(name, split):
     # a template that writes BOS as text: SentencePiece-style tokenizers would drop the first word's prefix space
-    from tuneforge.data.masks import leading_bos
-    from tuneforge.data.masks import prompt_ids
+    from tuneforge.data.masks import leading_bos, prompt_ids
     from tuneforge.data.templates import render
 
     tok = tokenizer(name)
@@ -205,14 +252,14 @@ def test_chats_tokenize_as_the_tokenizer_does_the_rendered_text(name, split):
     rows = encode.tokenize_rows(tok, template, chunks, "assistant").rows()
     ids, labels = rows[-1]
     if split:
-        assert text.startswith(tok.bos_token) and ids == tok(text[len(tok.bos_token):])["input_ids"]
+        assert text.startswith(tok.bos_token) and ids == tok(text[len(tok.bos_token) :])["input_ids"]
     else:
         assert ids == tok(text, add_special_tokens=False)["input_ids"]
     assert all(r == rows[0] for r in rows) and tokenize_chat(tok, template, msgs, "assistant") == rows[0]
     trained = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX])
     assert trained.replace(" ", "") == "Blue." + (tok.eos_token or "")
     prompt = prompt_ids(tok, template, msgs[:1])  # generation sees the prompt as training did
-    assert ids[:len(prompt)] == prompt
+    assert ids[: len(prompt)] == prompt
 
 
 def test_rows_the_template_refuses_are_found_in_this_process_and_in_workers(monkeypatch):
@@ -220,18 +267,21 @@ def test_rows_the_template_refuses_are_found_in_this_process_and_in_workers(monk
     from tuneforge.data.templates import TemplateError
 
     tok = tokenizer("qwen2.5")
-    template = ("{% for m in messages %}{% if m['content'] == 'refuse me' %}{{ raise_exception('No refusals here.') }}"
-                "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    template = (
+        "{% for m in messages %}{% if m['content'] == 'refuse me' %}{{ raise_exception('No refusals here.') }}"
+        "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     monkeypatch.setattr(encode, "CHUNK_ROWS", 8)
     rows = [chat(f"question {i}", "refuse me" if i in (3, 17, 30) else f"answer {i}") for i in range(40)]
-    ds = datasets.Dataset.from_list([{"messages": m, "text": "", "source_id": 0, "source_row": i}
-                                     for i, m in enumerate(rows)])
+    ds = datasets.Dataset.from_list(
+        [{"messages": m, "text": "", "source_id": 0, "source_row": i} for i, m in enumerate(rows)]
+    )
     refused_here: dict = {}
     here = TokenizedRows.concat(encode.tokenize_dataset(ds, tok, template, "assistant", None, refused=refused_here))
     monkeypatch.setattr(encode, "WORKER_PROCESSES_FROM", 2)
     refused_workers: dict = {}
-    workers, = encode.tokenize_dataset(ds, tok, template, "assistant", 2, refused=refused_workers)
+    (workers,) = encode.tokenize_dataset(ds, tok, template, "assistant", 2, refused=refused_workers)
     assert refused_here == refused_workers == {3: "No refusals here.", 17: "No refusals here.", 30: "No refusals here."}
     assert np.array_equal(here.lengths, workers.lengths) and here.lengths[[3, 17, 30]].tolist() == [0, 0, 0]
     assert here.lengths[4] == len(tokenize_chat(tok, template, rows[4], "assistant")[0])
@@ -241,8 +291,14 @@ def test_rows_the_template_refuses_are_found_in_this_process_and_in_workers(monk
     kept, report = encode.tokenize_split(ds, tok, template, d, "train", locate=lambda sid, row: f"f.jsonl:{row + 1}")
     assert len(kept) == 37 and report["dropped_short_or_untrained_rows"] == 0
     assert report["template_errors"] == {
-        "skipped": 3, "reasons": {"refused by the chat template: No refusals here.": 3}, "by_source": {"0": 3},
-        "examples": [f"f.jsonl:{n}: the chat template refused this row: No refusals here." for n in (4, 18, 31)]}
-    with pytest.raises(DataFormatError, match=r"^f.jsonl:4: the chat template refused this row: No refusals here. "
-                                              r"\(2 more rows refused\); fix the row"):
+        "skipped": 3,
+        "reasons": {"refused by the chat template: No refusals here.": 3},
+        "by_source": {"0": 3},
+        "examples": [f"f.jsonl:{n}: the chat template refused this row: No refusals here." for n in (4, 18, 31)],
+    }
+    with pytest.raises(
+        DataFormatError,
+        match=r"^f.jsonl:4: the chat template refused this row: No refusals here. "
+        r"\(2 more rows refused\); fix the row",
+    ):
         encode.tokenize_split(ds, tok, template, data_config(), "train", locate=lambda sid, row: f"f.jsonl:{row + 1}")

@@ -22,8 +22,12 @@ def load(src: DatasetSource, skip_invalid=False):
 def test_alpaca_in_every_file_type(tmp_path, suffix):
     path = tmp_path / f"data{suffix}"
     frame = datasets.Dataset.from_list(ALPACA)
-    {".json": lambda: path.write_text(json.dumps(ALPACA)), ".jsonl": lambda: frame.to_json(str(path)),
-     ".csv": lambda: frame.to_csv(str(path), index=False), ".parquet": lambda: frame.to_parquet(str(path))}[suffix]()
+    {
+        ".json": lambda: path.write_text(json.dumps(ALPACA)),
+        ".jsonl": lambda: frame.to_json(str(path)),
+        ".csv": lambda: frame.to_csv(str(path), index=False),
+        ".parquet": lambda: frame.to_parquet(str(path)),
+    }[suffix]()
     ds = load(DatasetSource(path=str(path)))
     assert ds.column_names == ["messages", "text", "score", "source_row"]
     assert ds[0]["messages"] == [{"role": "user", "content": "Add.\n\n1 + 2"}, {"role": "assistant", "content": "3"}]
@@ -31,19 +35,31 @@ def test_alpaca_in_every_file_type(tmp_path, suffix):
 
 
 def test_saved_dataset_dict_directory_and_split(tmp_path):
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(ALPACA), "test": datasets.Dataset.from_list(ALPACA[:1])}).save_to_disk(str(tmp_path / "dd"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ALPACA), "test": datasets.Dataset.from_list(ALPACA[:1])}
+    ).save_to_disk(str(tmp_path / "dd"))
     assert len(load(DatasetSource(path=str(tmp_path / "dd"), split="test"))) == 1
     with pytest.raises(DataFormatError, match=r"no split 'valid'; it has \['test', 'train'\]"):
         load(DatasetSource(path=str(tmp_path / "dd"), split="valid"))
 
 
 def test_messages_sharegpt_completion_and_column_mapping(tmp_path):
-    rows = [{"chat": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]}]
+    rows = [
+        {
+            "chat": [
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "U"},
+                {"role": "assistant", "content": "A"},
+            ]
+        }
+    ]
     (tmp_path / "m.json").write_text(json.dumps(rows))
     ds = load(DatasetSource(path=str(tmp_path / "m.json"), columns={"messages": "chat"}))
     assert [m["role"] for m in ds[0]["messages"]] == ["system", "user", "assistant"]
 
-    (tmp_path / "s.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]))
+    (tmp_path / "s.json").write_text(
+        json.dumps([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}])
+    )
     ds = load(DatasetSource(path=str(tmp_path / "s.json")))
     assert ds[0]["messages"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
 
@@ -53,8 +69,10 @@ def test_messages_sharegpt_completion_and_column_mapping(tmp_path):
 
 
 def test_bad_row_error_names_file_and_row(tmp_path):
-    rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
-            {"conversations": [{"from": "narrator", "value": "?"}]}]
+    rows = [
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+        {"conversations": [{"from": "narrator", "value": "?"}]},
+    ]
     (tmp_path / "bad.json").write_text(json.dumps(rows))
     with pytest.raises(DataFormatError, match=r"bad.json:1: unknown speaker 'narrator'"):
         load(DatasetSource(path=str(tmp_path / "bad.json")))
@@ -70,7 +88,10 @@ def test_undetectable_format_and_missing_columns(tmp_path):
     with pytest.raises(DataFormatError, match=r"^data: cannot tell the data format from its columns \['a', 'b'\]"):
         detect_format(["a", "b"])
     (tmp_path / "q.json").write_text(json.dumps([{"question": "q", "answer": "a"}]))
-    with pytest.raises(DataFormatError, match=r"format 'alpaca' needs column\(s\) \['instruction', 'output'\].*columns: \{instruction: your_column\}"):
+    with pytest.raises(
+        DataFormatError,
+        match=r"format 'alpaca' needs column\(s\) \['instruction', 'output'\].*columns: \{instruction: your_column\}",
+    ):
         load(DatasetSource(path=str(tmp_path / "q.json"), format="alpaca"))
     with pytest.raises(DataFormatError, match="data file not found"):
         load(DatasetSource(path=str(tmp_path / "missing.json")))

@@ -16,8 +16,11 @@ HINT = "; fix the row, or set data.skip_invalid: true to skip such rows (counted
 
 
 def alpaca(i: int) -> dict:
-    return {"instruction": f"Spell the number {i} in words, please.", "input": "",
-            "output": f"It is number {i} indeed."}
+    return {
+        "instruction": f"Spell the number {i} in words, please.",
+        "input": "",
+        "output": f"It is number {i} indeed.",
+    }
 
 
 def write_jsonl(path, rows) -> str:
@@ -33,20 +36,32 @@ def load(path, skip_invalid=False, **source):
 
 def run_cfg(tmp_path, path, **data) -> RunConfig:
     """A run on a file with a new tiny model and its own tokenizer (no shared data needed)."""
-    return RunConfig.model_validate({
-        "model": {"init": {"architecture": "llama", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
-                           "max_position_embeddings": 128, "tokenizer_vocab_size": 300}},
-        "data": {"train": [{"path": str(path)}], "max_seq_len": 96, **data},
-        "output": {"dir": str(tmp_path / "run")},
-    })
+    return RunConfig.model_validate(
+        {
+            "model": {
+                "init": {
+                    "architecture": "llama",
+                    "hidden_size": 32,
+                    "num_layers": 1,
+                    "num_heads": 2,
+                    "max_position_embeddings": 128,
+                    "tokenizer_vocab_size": 300,
+                }
+            },
+            "data": {"train": [{"path": str(path)}], "max_seq_len": 96, **data},
+            "output": {"dir": str(tmp_path / "run")},
+        }
+    )
 
 
 # ---------------------------------------------------------------------------- wrong types, missing fields
 WRONG = [
     ({"instruction": 42, "output": "b"}, "field `instruction` must be a string, got a number (42)"),
     ({"instruction": "a", "output": ["a", "b"]}, 'field `output` must be a string, got a list (["a", "b"])'),
-    ({"instruction": None, "output": "b"},
-     "missing field `instruction` (absent or null): every alpaca row needs it as a string"),
+    (
+        {"instruction": None, "output": "b"},
+        "missing field `instruction` (absent or null): every alpaca row needs it as a string",
+    ),
     ({"instruction": "a", "output": {"x": 1}}, 'field `output` must be a string, got an object ({"x": 1})'),
     ({"instruction": "a", "input": 7.5, "output": "b"}, "field `input` must be a string, got a number (7.5)"),
     ({"instruction": "a", "output": "b", "system": True}, "field `system` must be a string, got a boolean (true)"),
@@ -69,12 +84,18 @@ def test_a_wrong_or_missing_alpaca_field_is_an_invalid_row(tmp_path, bad, messag
 
 
 CHAT_WRONG = [
-    ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "b"}]},
-     "`messages[0].content` must be a string or a list of text parts, got a number (5)"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None}]},
-     "`messages[1].content` is missing or null: every message needs its content as a string or a list of text parts"),
-    ({"messages": [{"role": 1, "content": "a"}, {"role": "assistant", "content": "b"}]},
-     "`messages[0].role` must be a string, got a number (1)"),
+    (
+        {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "b"}]},
+        "`messages[0].content` must be a string or a list of text parts, got a number (5)",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None}]},
+        "`messages[1].content` is missing or null: every message needs its content as a string or a list of text parts",
+    ),
+    (
+        {"messages": [{"role": 1, "content": "a"}, {"role": "assistant", "content": "b"}]},
+        "`messages[0].role` must be a string, got a number (1)",
+    ),
     ({"messages": "hello"}, '`messages` must be a non-empty list of {role, content}, got a string ("hello")'),
     ({"messages": [["user", "a"]]}, '`messages[0]` must be an object {role, content}, got a list (["user", "a"])'),
 ]
@@ -112,24 +133,40 @@ def test_the_user_field_name_is_named_after_columns_mapping(tmp_path):
 
 # ---------------------------------------------------------------------------- OpenAI content parts
 def test_text_content_parts_are_joined_and_image_parts_refused(tmp_path):
-    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Describe "},
-                                                       {"type": "text", "text": "this."}]},
-                          {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]}
+    parts = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Describe "}, {"type": "text", "text": "this."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+        ]
+    }
     plain = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     path = write_jsonl(tmp_path / "p.jsonl", [plain, parts])
     ds, invalid = load(path)
-    assert ds[1]["messages"] == [{"role": "user", "content": "Describe this."},
-                                 {"role": "assistant", "content": "A cat."}]
+    assert ds[1]["messages"] == [
+        {"role": "user", "content": "Describe this."},
+        {"role": "assistant", "content": "A cat."},
+    ]
     assert invalid["skipped"] == 0
 
-    image = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is it?"},
-                                                       {"type": "image_url", "image_url": {"url": "http://x/c.png"}}]},
-                          {"role": "assistant", "content": "A cat."}]}
+    image = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is it?"},
+                    {"type": "image_url", "image_url": {"url": "http://x/c.png"}},
+                ],
+            },
+            {"role": "assistant", "content": "A cat."},
+        ]
+    }
     path = write_jsonl(tmp_path / "i.jsonl", [plain, parts, image])
     with pytest.raises(DataFormatError) as e:
         load(path)
-    assert str(e.value) == (f"{path}:3: `messages[0].content[1]` is a content part of type 'image_url': tuneforge "
-                            f"trains on text only; drop the non-text parts or the row{HINT}")
+    assert str(e.value) == (
+        f"{path}:3: `messages[0].content[1]` is a content part of type 'image_url': tuneforge "
+        f"trains on text only; drop the non-text parts or the row{HINT}"
+    )
     ds, invalid = load(path, skip_invalid=True)
     assert len(ds) == 2 and invalid["skipped"] == 1
 
@@ -139,8 +176,10 @@ def test_one_stray_row_of_another_format_is_reported_not_the_whole_file(tmp_path
     rows = [alpaca(i) for i in range(59)]
     rows.insert(40, {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})  # line 41
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
-    message = ("the row is a sharegpt row (it has `conversations`), but this source's rows are alpaca (auto-detected "
-               "from 59 of its first 60 rows) (a source holds rows of one format: move it to a source of its own)")
+    message = (
+        "the row is a sharegpt row (it has `conversations`), but this source's rows are alpaca (auto-detected "
+        "from 59 of its first 60 rows) (a source holds rows of one format: move it to a source of its own)"
+    )
     with pytest.raises(DataFormatError) as e:
         prepare(run_cfg(tmp_path, path), tmp_path / "run", log=lambda s: None)
     assert str(e.value) == f"{path}:41: {message}{HINT}"
@@ -148,7 +187,13 @@ def test_one_stray_row_of_another_format_is_reported_not_the_whole_file(tmp_path
     inv = data.report["invalid"]
     assert inv["skipped"] == 1 and inv["examples"] == [f"{path}:41: {message}"]
     assert data.report["sources"][0] | {"rows_trained": 59} == {
-        "source": path, "format": "alpaca", "rows_read": 60, "rows_valid": 59, "rows_invalid": 1, "rows_trained": 59}
+        "source": path,
+        "format": "alpaca",
+        "rows_read": 60,
+        "rows_valid": 59,
+        "rows_invalid": 1,
+        "rows_trained": 59,
+    }
     assert data.report["train"]["rows"] == 59
 
 
@@ -177,9 +222,11 @@ def test_skip_invalid_stops_when_a_source_is_mostly_invalid(tmp_path):
         f"number (1); {path}:10: missing field `output` (absent or null): every alpaca row needs it as a string. "
         "Fix those rows; if most rows are reported as another format or missing a field, set the source's "
         "`format:` or map its fields with `columns:`; to train on the valid rows anyway, raise "
-        "data.max_invalid_fraction")
-    data = prepare(run_cfg(tmp_path, path, skip_invalid=True, max_invalid_fraction=0.2), tmp_path / "run",
-                   log=lambda s: None)
+        "data.max_invalid_fraction"
+    )
+    data = prepare(
+        run_cfg(tmp_path, path, skip_invalid=True, max_invalid_fraction=0.2), tmp_path / "run", log=lambda s: None
+    )
     assert data.report["invalid"]["skipped"] == 2 and data.report["train"]["rows"] == 8
 
 
@@ -193,8 +240,13 @@ def test_max_invalid_fraction_is_a_documented_key():
 # ---------------------------------------------------------------------------- consistent row numbers
 def test_the_same_row_has_the_same_line_in_every_message(tmp_path):
     good = [alpaca(i) for i in range(20)]
-    text = "".join(json.dumps(r) + "\n" for r in good[:3]) + "\n" + json.dumps({"instruction": 3, "output": "x"}) \
-        + "\n" + "".join(json.dumps(r) + "\n" for r in good[3:])  # a blank line 4; the bad row on line 5
+    text = (
+        "".join(json.dumps(r) + "\n" for r in good[:3])
+        + "\n"
+        + json.dumps({"instruction": 3, "output": "x"})
+        + "\n"
+        + "".join(json.dumps(r) + "\n" for r in good[3:])
+    )  # a blank line 4; the bad row on line 5
     path = tmp_path / "a.jsonl"
     path.write_text(text)
     with pytest.raises(DataFormatError, match=r"^" + str(path) + ":5: field `instruction` must be a string"):
@@ -228,15 +280,19 @@ def test_csv_errors_name_the_file_and_values_stay_text(tmp_path):
     wrong.write_text("question,answer\nq1,a1\n")
     with pytest.raises(DataFormatError) as e:
         load(wrong)
-    assert str(e.value) == (f"{wrong}: cannot tell the data format from its columns ['answer', 'question']; set "
-                            "`format:` (alpaca, messages, sharegpt, completion) and map your columns with `columns:`, "
-                            "e.g. columns: {instruction: question, output: answer}")
+    assert str(e.value) == (
+        f"{wrong}: cannot tell the data format from its columns ['answer', 'question']; set "
+        "`format:` (alpaca, messages, sharegpt, completion) and map your columns with `columns:`, "
+        "e.g. columns: {instruction: question, output: answer}"
+    )
     extra = tmp_path / "extra.csv"
     extra.write_text("instruction,input,output\na,b,c\nd,e,f,g\n")
     with pytest.raises(DataFormatError) as e:
         load(extra)
-    assert str(e.value) == (f'{extra}:3: 4 fields where the header (line 1) has 3 (instruction, input, output); '
-                            'quote fields that contain commas, e.g. "a, b"')
+    assert str(e.value) == (
+        f"{extra}:3: 4 fields where the header (line 1) has 3 (instruction, input, output); "
+        'quote fields that contain commas, e.g. "a, b"'
+    )
     numbers = tmp_path / "n.csv"
     numbers.write_text("instruction,input,output\nTwo plus one?,,3\nSay NA.,NA,NA\n")
     ds, _ = load(numbers)
@@ -268,12 +324,14 @@ def test_a_row_the_chat_template_refuses_is_a_data_error_or_skipped(tmp_path):
     with pytest.raises(DataFormatError) as e:
         prepare(run_cfg(tmp_path, path, chat_template=str(template)), tmp_path / "run", log=lambda s: None)
     assert str(e.value) == f"{path}:8: {refusal}{HINT}, or choose another data.chat_template"
-    data = prepare(run_cfg(tmp_path, path, chat_template=str(template), skip_invalid=True), tmp_path / "run",
-                   log=lambda s: None)
+    data = prepare(
+        run_cfg(tmp_path, path, chat_template=str(template), skip_invalid=True), tmp_path / "run", log=lambda s: None
+    )
     inv = data.report["invalid"]
     assert inv["skipped"] == 1 and inv["examples"] == [f"{path}:8: {refusal}"]
-    assert inv["reasons"] == {"refused by the chat template: Conversation roles must alternate "
-                              "user/assistant/user/assistant/...": 1}
+    assert inv["reasons"] == {
+        "refused by the chat template: Conversation roles must alternate user/assistant/user/assistant/...": 1
+    }
     assert data.report["train"]["rows"] == 20 and data.report["train"]["dropped_short_or_untrained_rows"] == 0
     assert data.report["sources"][0]["rows_invalid"] == 1
 
@@ -292,20 +350,25 @@ def test_a_real_template_refusal_and_too_many_refusals_stop_the_run(tmp_path):
     assert str(e.value).startswith(
         f"{path}: 3 of 10 rows are invalid (30%), more than data.max_invalid_fraction=0.1 of a source, so the run "
         f"stops rather than train on what is left. First reasons: {path}:8: the chat template refused this row: "
-        "Conversation roles must alternate user/assistant/user/assistant/...; ")
+        "Conversation roles must alternate user/assistant/user/assistant/...; "
+    )
 
 
 def test_undefined_values_and_syntax_errors_of_a_template(tmp_path):
     template = tmp_path / "t.jinja"
-    template.write_text("{% for m in messages %}{% if m['content'] == 'boom' %}{{ m.meta.tag }}{% endif %}"
-                        "{{ m['role'] }}: {{ m['content'] }}<|end|>\n{% endfor %}")
+    template.write_text(
+        "{% for m in messages %}{% if m['content'] == 'boom' %}{{ m.meta.tag }}{% endif %}"
+        "{{ m['role'] }}: {{ m['content'] }}<|end|>\n{% endfor %}"
+    )
     rows = [chat(i, "user", "assistant") for i in range(12)]
     rows[2]["messages"][0]["content"] = "boom"
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     with pytest.raises(DataFormatError) as e:
         prepare(run_cfg(tmp_path, path, chat_template=str(template)), tmp_path / "run", log=lambda s: None)
-    assert str(e.value).startswith(f"{path}:3: the chat template refused this row: UndefinedError: 'dict object' "
-                                   "has no attribute 'meta'; fix the row")
+    assert str(e.value).startswith(
+        f"{path}:3: the chat template refused this row: UndefinedError: 'dict object' "
+        "has no attribute 'meta'; fix the row"
+    )
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}\n{{ m['content'] }\n{% endfor %}")
     from tuneforge.data.templates import TemplateError
@@ -342,10 +405,15 @@ def test_detection_votes_only_for_formats_whose_fields_the_source_has(tmp_path):
     rows = [stray] + [alpaca(i) for i in range(5)]
     ds, invalid = load(write_jsonl(tmp_path / "m.jsonl", rows), skip_invalid=True)
     assert invalid["format"] == "alpaca" and len(ds) == 5 and invalid["skipped"] == 1
-    assert invalid["examples"][0].endswith("m.jsonl:1: the row is a sharegpt row (it has `conversations`), but this "
-                                           "source's rows are alpaca (auto-detected from 5 of its first 6 rows) (a "
-                                           "source holds rows of one format: move it to a source of its own)")
+    assert invalid["examples"][0].endswith(
+        "m.jsonl:1: the row is a sharegpt row (it has `conversations`), but this "
+        "source's rows are alpaca (auto-detected from 5 of its first 6 rows) (a "
+        "source holds rows of one format: move it to a source of its own)"
+    )
     # a format set in the config: the row of another format is reported as such
-    with pytest.raises(DataFormatError, match=r"m.jsonl:1: the row is a sharegpt row \(it has `conversations`\), but "
-                                              r"this source's rows are alpaca \(format: alpaca\)"):
+    with pytest.raises(
+        DataFormatError,
+        match=r"m.jsonl:1: the row is a sharegpt row \(it has `conversations`\), but "
+        r"this source's rows are alpaca \(format: alpaca\)",
+    ):
         load(tmp_path / "m.jsonl", format="alpaca")

@@ -48,8 +48,12 @@ def test_packed_rows_keep_samples_whole_with_restarting_positions():
 
 
 def test_packed_collator_pads_with_a_separate_position_run():
-    batch = PackedCollator(pad_id=0)([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, -100, 8, 9], "position_ids": [0, 1, 0, 1, 2]},
-                                       {"input_ids": [4, 4, 4], "labels": [-100, 4, 4], "position_ids": [0, 1, 2]}])
+    batch = PackedCollator(pad_id=0)(
+        [
+            {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, -100, 8, 9], "position_ids": [0, 1, 0, 1, 2]},
+            {"input_ids": [4, 4, 4], "labels": [-100, 4, 4], "position_ids": [0, 1, 2]},
+        ]
+    )
     assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2], [0, 1, 2, 0, 1]]
     assert batch["labels"].tolist()[1] == [-100, 4, 4, -100, -100]
     assert "attention_mask" not in batch and int(batch["num_tokens"]) == 8
@@ -57,8 +61,14 @@ def test_packed_collator_pads_with_a_separate_position_run():
 
 def tiny_llama():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).double()
 
 
@@ -89,8 +99,12 @@ def test_packed_and_unpacked_give_the_same_loss_and_gradients(attention):
 
 
 def test_packed_values_are_the_samples_in_packing_order():
-    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [], "labels": []},
-            {"input_ids": [4, 5, 6, 7, 8], "labels": [4, 5, 6, 7, 8]}, {"input_ids": [9, 10], "labels": [9, -100]}]
+    rows = [
+        {"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
+        {"input_ids": [], "labels": []},
+        {"input_ids": [4, 5, 6, 7, 8], "labels": [4, 5, 6, 7, 8]},
+        {"input_ids": [9, 10], "labels": [9, -100]},
+    ]
     packed, report = pack_dataset(datasets.Dataset.from_list(rows), 8)
     assert packed[:] == {
         "input_ids": [[4, 5, 6, 7, 8, 1, 2, 3], [9, 10]],
@@ -109,11 +123,18 @@ def test_packing_reads_columns_of_any_chunking():
     rows = sample_rows(9, seed=5)
     ids = [r["input_ids"] for r in rows]
     labels = [r["labels"] for r in rows]
-    chunked = pa.table({"input_ids": pa.chunked_array([ids[:2], ids[2:5], ids[5:]], pa.list_(pa.int32())),
-                        "labels": pa.chunked_array([labels[:4], labels[4:]], pa.list_(pa.int64()))})
-    one = datasets.Dataset.from_dict({"input_ids": ids, "labels": labels},
-                                     features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
-                                                                 "labels": datasets.List(datasets.Value("int64"))}))
+    chunked = pa.table(
+        {
+            "input_ids": pa.chunked_array([ids[:2], ids[2:5], ids[5:]], pa.list_(pa.int32())),
+            "labels": pa.chunked_array([labels[:4], labels[4:]], pa.list_(pa.int64())),
+        }
+    )
+    one = datasets.Dataset.from_dict(
+        {"input_ids": ids, "labels": labels},
+        features=datasets.Features(
+            {"input_ids": datasets.List(datasets.Value("int32")), "labels": datasets.List(datasets.Value("int64"))}
+        ),
+    )
     a, ra = pack_dataset(datasets.Dataset(chunked), 24)
     b, rb = pack_dataset(one, 24)
     assert a[:] == b[:] and ra == rb and a.features == b.features

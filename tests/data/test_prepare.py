@@ -10,12 +10,18 @@ from tuneforge.data.templates import IGNORE_INDEX
 
 
 def alpaca_cfg(tmp_path, **data):
-    return RunConfig.model_validate({
-        "model": {"name_or_path": str(shared_path("tokenizers/llama2"))},
-        "data": {"train": [{"path": str(shared_path("instruct/alpaca_en_demo.json")), "max_rows": 40}],
-                 "eval_fraction": 0.25, "max_seq_len": 256, **data},
-        "output": {"dir": str(tmp_path / "run")},
-    })
+    return RunConfig.model_validate(
+        {
+            "model": {"name_or_path": str(shared_path("tokenizers/llama2"))},
+            "data": {
+                "train": [{"path": str(shared_path("instruct/alpaca_en_demo.json")), "max_rows": 40}],
+                "eval_fraction": 0.25,
+                "max_seq_len": 256,
+                **data,
+            },
+            "output": {"dir": str(tmp_path / "run")},
+        }
+    )
 
 
 def test_prepare_writes_load_from_disk_dataset_and_report(tmp_path):
@@ -25,10 +31,17 @@ def test_prepare_writes_load_from_disk_dataset_and_report(tmp_path):
     assert {"input_ids", "labels"} <= set(train.column_names)
     report = json.loads((tmp_path / "run" / "data" / "data_report.json").read_text())
     assert report["chat_template"] == "alpaca" and report["stop_token_ids"] == [2]
-    assert report["train"]["rows"] + report["train"]["dropped_overlong_rows"] + report["train"]["dropped_short_or_untrained_rows"] == 30
+    assert (
+        report["train"]["rows"]
+        + report["train"]["dropped_overlong_rows"]
+        + report["train"]["dropped_short_or_untrained_rows"]
+        == 30
+    )
     assert report["eval"]["rows_in"] == 10
     assert report["train"]["tokens"] == sum(len(x) for x in train["input_ids"])
-    assert report["train"]["trained_tokens"] == sum(sum(1 for v in lab[1:] if v != IGNORE_INDEX) for lab in train["labels"])
+    assert report["train"]["trained_tokens"] == sum(
+        sum(1 for v in lab[1:] if v != IGNORE_INDEX) for lab in train["labels"]
+    )
     for ids, labels in zip(train["input_ids"], train["labels"]):
         assert len(ids) == len(labels) <= 256
         assert ids[0] == 1 and labels[0] == IGNORE_INDEX  # BOS is never trained
@@ -72,11 +85,13 @@ def test_prepare_command(tmp_path, capsys, tiny_config_dict):
 
 
 def write_cfg(tmp_path, train_path, **data):
-    return RunConfig.model_validate({
-        "model": {"name_or_path": str(shared_path("tokenizers/qwen2.5"))},
-        "data": {"train": [{"path": str(train_path)}], "max_seq_len": 128, **data},
-        "output": {"dir": str(tmp_path / "run")},
-    })
+    return RunConfig.model_validate(
+        {
+            "model": {"name_or_path": str(shared_path("tokenizers/qwen2.5"))},
+            "data": {"train": [{"path": str(train_path)}], "max_seq_len": 128, **data},
+            "output": {"dir": str(tmp_path / "run")},
+        }
+    )
 
 
 GOOD = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
@@ -88,7 +103,7 @@ def test_malformed_json_line_names_the_line_or_is_skipped_and_counted(tmp_path):
     from tuneforge.data.formats import DataFormatError
 
     path = tmp_path / "chat.jsonl"
-    path.write_text(f"{GOOD}\n{{\"messages\": [oops\n{GOOD}\n")
+    path.write_text(f'{GOOD}\n{{"messages": [oops\n{GOOD}\n')
     with pytest.raises(DataFormatError, match=r"chat.jsonl:2: invalid JSON .*skip_invalid"):
         prepare(write_cfg(tmp_path, path), tmp_path / "run", log=lambda s: None)
     cfg = write_cfg(tmp_path, path, skip_invalid=True, max_invalid_fraction=0.5)
@@ -112,15 +127,26 @@ def test_non_utf8_empty_file_bad_role_and_no_assistant(tmp_path):
     with pytest.raises(DataFormatError, match="empty.json: the file is empty"):
         prepare(write_cfg(tmp_path, empty), tmp_path / "run", log=lambda s: None)
     roles = tmp_path / "roles.jsonl"
-    roles.write_text(GOOD + "\n" + GOOD.replace('"user"', '"narrator"') + "\n"
-                     + '{"messages": [{"role": "user", "content": "only a question"}]}\n')
-    with pytest.raises(DataFormatError, match=r"roles.jsonl:2: unknown role 'narrator'.* \(1 more invalid rows in "
-                                              r".*roles.jsonl, the next at .*roles.jsonl:3\)"):
+    roles.write_text(
+        GOOD
+        + "\n"
+        + GOOD.replace('"user"', '"narrator"')
+        + "\n"
+        + '{"messages": [{"role": "user", "content": "only a question"}]}\n'
+    )
+    with pytest.raises(
+        DataFormatError,
+        match=r"roles.jsonl:2: unknown role 'narrator'.* \(1 more invalid rows in "
+        r".*roles.jsonl, the next at .*roles.jsonl:3\)",
+    ):
         prepare(write_cfg(tmp_path, roles), tmp_path / "run", log=lambda s: None)
     cfg = write_cfg(tmp_path, roles, skip_invalid=True, max_invalid_fraction=0.7)
     report = prepare(cfg, tmp_path / "run", log=lambda s: None).report
     assert report["invalid"]["skipped"] == 2
-    assert set(report["invalid"]["reasons"]) == {"unknown role 'narrator'", "the row has no assistant turn, so nothing would be trained"}
+    assert set(report["invalid"]["reasons"]) == {
+        "unknown role 'narrator'",
+        "the row has no assistant turn, so nothing would be trained",
+    }
 
 
 def test_nothing_left_after_filtering_is_a_clear_error(tmp_path):
@@ -143,7 +169,9 @@ def test_cache_rebuilds_on_file_tokenizer_and_template_changes(tmp_path):
     path.write_text(GOOD.replace("hello", "hello there") + "\n")
     assert not prepare(cfg, tmp_path / "run", log=log).reused
     assert msgs[-2] == f"data: preparing again, changed since the cached data: file {path}"
-    other_tok = cfg.model_copy(update={"model": cfg.model.model_copy(update={"tokenizer": str(shared_path("tokenizers/llama3"))})})
+    other_tok = cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"tokenizer": str(shared_path("tokenizers/llama3"))})}
+    )
     assert not prepare(other_tok, tmp_path / "run", log=log).reused
     assert msgs[-2] == "data: preparing again, changed since the cached data: tokenizer"
     template = tmp_path / "t.jinja"
@@ -157,9 +185,14 @@ def test_cache_rebuilds_on_file_tokenizer_and_template_changes(tmp_path):
 
 def test_mixing_samples_per_source_down_and_up(tmp_path, tiny_config_dict):
     d = dict(tiny_config_dict)
-    d["data"] = {"train": [{"synthetic": {"task": "reverse_words", "rows": 40, "seed": 0}, "samples": 10},
-                           {"synthetic": {"task": "add", "rows": 20, "seed": 0}, "samples": 50}],
-                 "max_seq_len": 64, "dedup": {"exact": False}}
+    d["data"] = {
+        "train": [
+            {"synthetic": {"task": "reverse_words", "rows": 40, "seed": 0}, "samples": 10},
+            {"synthetic": {"task": "add", "rows": 20, "seed": 0}, "samples": 50},
+        ],
+        "max_seq_len": 64,
+        "dedup": {"exact": False},
+    }
     cfg = RunConfig.model_validate(d)
     data = prepare(cfg, tmp_path / "run", log=lambda s: None)
     assert data.report["mixing"] == [10, 50]
@@ -177,9 +210,15 @@ def test_data_preview_marks_exactly_the_trained_tokens(tmp_path, capsys):
     path = tmp_path / "chat.jsonl"
     path.write_text(GOOD + "\n")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"name_or_path": str(shared_path("tokenizers/qwen2.5"))},
-                                   "data": {"train": [{"path": str(path)}], "max_seq_len": 128},
-                                   "output": {"dir": str(tmp_path / "run")}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(shared_path("tokenizers/qwen2.5"))},
+                "data": {"train": [{"path": str(path)}], "max_seq_len": 128},
+                "output": {"dir": str(tmp_path / "run")},
+            }
+        )
+    )
     assert main(["data", "preview", str(cfg), "--rows", "5", "--color", "never"]) == 0
     out = capsys.readouterr().out
     assert "1 of 1 training rows (trained tokens between [[ and ]]):" in out

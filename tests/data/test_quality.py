@@ -7,28 +7,38 @@ from tuneforge.data.quality import apply_quality_filters, garbage_frac, repeated
 def rows(*pairs, scores=None):
     out = []
     for i, (prompt, response) in enumerate(pairs):
-        out.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
-                    "text": "", "score": None if scores is None else scores[i]})
+        out.append(
+            {
+                "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                "text": "",
+                "score": None if scores is None else scores[i],
+            }
+        )
     return datasets.Dataset.from_list(out)
 
 
 def test_each_rule_counts_exactly_the_rows_it_removes():
     loop = " ".join(["I am sorry"] * 12)
     ds = rows(
-        ("ok?", "A fine answer."),                 # kept
-        ("empty?", "   "),                         # min_response_chars
-        ("long?", "x" * 500),                      # max_response_chars
-        ("hi", "A fine answer too."),              # min_prompt_chars (prompt < 3)
-        ("garbage?", "ab\x00\x01\x02\ufffd"),      # max_garbage_char_frac
-        ("lines?", "same\nsame\nsame\nother"),     # max_repeated_line_frac (2/4 repeats = 0.5, not > 0.5) -> kept
-        ("lines2?", "same\nsame\nsame\nsame"),     # max_repeated_line_frac (3/4)
-        ("loop?", loop),                           # max_repeated_ngram_frac
+        ("ok?", "A fine answer."),  # kept
+        ("empty?", "   "),  # min_response_chars
+        ("long?", "x" * 500),  # max_response_chars
+        ("hi", "A fine answer too."),  # min_prompt_chars (prompt < 3)
+        ("garbage?", "ab\x00\x01\x02\ufffd"),  # max_garbage_char_frac
+        ("lines?", "same\nsame\nsame\nother"),  # max_repeated_line_frac (2/4 repeats = 0.5, not > 0.5) -> kept
+        ("lines2?", "same\nsame\nsame\nsame"),  # max_repeated_line_frac (3/4)
+        ("loop?", loop),  # max_repeated_ngram_frac
     )
     q = QualityConfig(max_response_chars=400, min_prompt_chars=3)
     kept, report = apply_quality_filters(ds, q)
     assert {k: v["removed"] for k, v in report.items()} == {
-        "min_response_chars": 1, "max_response_chars": 1, "min_prompt_chars": 1,
-        "max_garbage_char_frac": 1, "max_repeated_line_frac": 1, "max_repeated_ngram_frac": 1}
+        "min_response_chars": 1,
+        "max_response_chars": 1,
+        "min_prompt_chars": 1,
+        "max_garbage_char_frac": 1,
+        "max_repeated_line_frac": 1,
+        "max_repeated_ngram_frac": 1,
+    }
     assert len(kept) == 2
     assert report["min_response_chars"]["examples"] == [{"row": 2, "response": "   "}]  # 1-based
 
@@ -41,8 +51,9 @@ def test_score_threshold_keeps_rows_strictly_above_and_drops_missing_scores():
 
 
 def test_completion_rows_use_the_text_as_response():
-    ds = datasets.Dataset.from_list([{"messages": [], "text": "plain text", "score": None},
-                                     {"messages": [], "text": "", "score": None}])
+    ds = datasets.Dataset.from_list(
+        [{"messages": [], "text": "plain text", "score": None}, {"messages": [], "text": "", "score": None}]
+    )
     kept, report = apply_quality_filters(ds, QualityConfig())
     assert len(kept) == 1 and report["min_response_chars"]["removed"] == 1
 

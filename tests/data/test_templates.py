@@ -74,7 +74,10 @@ def test_alpaca_rows_on_a_tokenizer_without_template_use_builtin_alpaca():
     assert not tok.chat_template
     template, source = resolve_template(tok, "auto")
     assert source == "alpaca" and template == BUILTIN_TEMPLATES["alpaca"]
-    msgs = [{"role": "user", "content": "Name a primary colour.\n\nOne word."}, {"role": "assistant", "content": "Blue"}]
+    msgs = [
+        {"role": "user", "content": "Name a primary colour.\n\nOne word."},
+        {"role": "assistant", "content": "Blue"},
+    ]
     ids, labels = tokenize_chat(tok, template, msgs, "assistant")
     runs = trained_runs(ids, labels)
     assert [tok.decode(r) for r in runs] == ["Blue</s>"]
@@ -101,8 +104,13 @@ def test_completion_text_trains_everything_plus_eos():
 
 def test_template_without_end_marker_gets_eos_appended():
     tok = tokenizer("gpt2")
-    template = "{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:\n{% endif %}"
-    ids, labels = tokenize_chat(tok, template, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "assistant")
+    template = (
+        "{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:\n{% endif %}"
+    )
+    ids, labels = tokenize_chat(
+        tok, template, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "assistant"
+    )
     assert [tok.decode(r) for r in trained_runs(ids, labels)] == ["yo<|endoftext|>"]
     assert tok.decode(ids).endswith("assistant:\nyo<|endoftext|>\n")  # EOS right after the content
     with pytest.raises(TemplateError, match="no end-of-turn marker after assistant turns"):

@@ -14,8 +14,9 @@ pytestmark = pytest.mark.integration
 
 
 def tuneforge(*args):
-    return subprocess.run([sys.executable, "-m", "tuneforge.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "tuneforge.cli", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.parametrize("adapter", [{"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, {"type": "full"}])
@@ -29,7 +30,11 @@ def test_eval_base_prints_both_columns_and_base_matches_the_before_training_eval
     run = Path(cfg["output"]["dir"])
     proc = tuneforge("train", path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (run / "report.md").exists() and (run / "report.html").exists() and (run / "plots" / "loss_vs_step.png").exists()
+    assert (
+        (run / "report.md").exists()
+        and (run / "report.html").exists()
+        and (run / "plots" / "loss_vs_step.png").exists()
+    )
     before = json.loads((run / "run_summary.json").read_text())["before"]
 
     ev = tuneforge("eval", run, "--base", "--rows", "3", "--max-new-tokens", "6", "--progress", "none")
@@ -38,8 +43,11 @@ def test_eval_base_prints_both_columns_and_base_matches_the_before_training_eval
     assert lines[0] == "held-out set: 8 rows (3 generated, max_new_tokens 6, temperature 0)"
     header = next(x for x in lines if x.startswith("metric"))
     assert header.split() == ["metric", "base", "tuned", "delta"]
-    rows = {x.split()[0]: [float(v) for v in x.split()[1:]] for x in lines[lines.index(header) + 1 :] if x.strip()
-            and not x.startswith("wrote")}
+    rows = {
+        x.split()[0]: [float(v) for v in x.split()[1:]]
+        for x in lines[lines.index(header) + 1 :]
+        if x.strip() and not x.startswith("wrote")
+    }
     assert list(rows) == ["eval_loss", "eval_ppl", "exact_match", "exact_match_normalized", "rouge_l", "chrf", "bleu"]
     base, tuned, delta = rows["eval_loss"]
     assert base == pytest.approx(before["eval_loss"], abs=1e-4)  # the base really is the model before training
@@ -48,7 +56,11 @@ def test_eval_base_prints_both_columns_and_base_matches_the_before_training_eval
     saved = json.loads((run / "eval.json").read_text())
     assert saved["base"]["eval_loss"] == pytest.approx(before["eval_loss"], rel=1e-5)
     assert saved["settings"] == {"rows": 8, "generated_rows": 3, "max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0}
-    assert len(saved["samples"]["tuned"]) == 3 and set(saved["samples"]["base"][0]) == {"prompt", "reference", "generated"}
+    assert len(saved["samples"]["tuned"]) == 3 and set(saved["samples"]["base"][0]) == {
+        "prompt",
+        "reference",
+        "generated",
+    }
 
     # the report picks up the base/tuned table
     assert tuneforge("report", run).returncode == 0

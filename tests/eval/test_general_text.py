@@ -11,8 +11,7 @@ import torch
 import yaml
 
 from tuneforge.cli import main
-from tuneforge.eval.general_text import (GeneralTextError, forgetting_line, general_text_perplexity,
-                                         general_text_windows)
+from tuneforge.eval.general_text import GeneralTextError, forgetting_line, general_text_perplexity, general_text_windows
 
 
 class _Chars:
@@ -32,8 +31,10 @@ def test_windows_cut_the_first_tokens_into_max_seq_len_pieces(tmp_path):
     assert [len(w) for w in general_text_windows(f, _Chars(), 21, 10)] == [10, 10]  # a 1-token tail is dropped
 
 
-@pytest.mark.parametrize("content,message", [(None, "does not exist"), (b"\xff\xfe bad", "is not UTF-8 text (byte 0)"),
-                                             (b"a", "holds no text to score")])
+@pytest.mark.parametrize(
+    "content,message",
+    [(None, "does not exist"), (b"\xff\xfe bad", "is not UTF-8 text (byte 0)"), (b"a", "holds no text to score")],
+)
 def test_unusable_text_is_a_clear_error(tmp_path, content, message):
     f = tmp_path / "t.txt"
     if content is not None:
@@ -47,8 +48,16 @@ def test_perplexity_is_token_weighted_over_every_window_position():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).eval()
     windows = [list(range(3, 13)), list(range(20, 25))]  # 9 + 4 predicted positions
     got = general_text_perplexity(model, windows, batch_size=2, pad_id=0)
     total = 0.0
@@ -71,8 +80,12 @@ def test_forgetting_line():
 def test_train_scores_it_before_and_after_and_reports_it(tiny_config_dict, tmp_path, capsys):
     text = tmp_path / "general.txt"
     text.write_text("Reverse the order of these words. " * 40, encoding="utf-8")
-    tiny_config_dict["eval"] = {"at_start": True, "show_samples": 0, "general_text": str(text),
-                                "general_text_tokens": 200}
+    tiny_config_dict["eval"] = {
+        "at_start": True,
+        "show_samples": 0,
+        "general_text": str(text),
+        "general_text_tokens": 200,
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tiny_config_dict))
     assert main(["train", str(path)]) == 0

@@ -35,9 +35,11 @@ class Fixed(torch.nn.Module):
 
 
 def test_perplexity_is_token_weighted_over_uneven_batches():
-    rows = [{"input_ids": [1, 2, 3, 0, 1], "labels": [-100, 2, 3, 0, 1]},  # 4 trained
-            {"input_ids": [1, 2], "labels": [-100, 2]},                      # 1 trained
-            {"input_ids": [3, 3, 3], "labels": [-100, -100, 3]}]             # 1 trained
+    rows = [
+        {"input_ids": [1, 2, 3, 0, 1], "labels": [-100, 2, 3, 0, 1]},  # 4 trained
+        {"input_ids": [1, 2], "labels": [-100, 2]},  # 1 trained
+        {"input_ids": [3, 3, 3], "labels": [-100, -100, 3]},
+    ]  # 1 trained
     ds = datasets.Dataset.from_list(rows)
     out = evaluate_loss(Fixed(), ds, PaddedCollator(0), batch_size=2, device="cpu")
     assert out["eval_tokens"] == 6
@@ -82,8 +84,9 @@ def test_chrf_and_bleu_hand_computed():
 
 def test_task_metrics_names_and_perfect_scores():
     out = task_metrics(["Paris.", "the sky is blue today"], ["paris", "the sky is blue today"])
-    assert out == pytest.approx({"exact_match": 0.5, "exact_match_normalized": 1.0, "rouge_l": 1.0,
-                                 "chrf": out["chrf"], "bleu": out["bleu"]})
+    assert out == pytest.approx(
+        {"exact_match": 0.5, "exact_match_normalized": 1.0, "rouge_l": 1.0, "chrf": out["chrf"], "bleu": out["bleu"]}
+    )
     assert 90 < out["chrf"] < 100
     # corpus BLEU, case-sensitive 13a tokens: hypothesis 'Paris .' + 5 words, reference 'paris' + 5 words;
     # 1-grams 5/7, 2-grams 4/5, 3-grams 3/3, 4-grams 2/2, no brevity penalty (7 > 6 tokens)
@@ -111,9 +114,11 @@ class Bigram(torch.nn.Module):
 
 
 def test_perplexity_is_exp_of_total_nll_over_trained_tokens_not_a_mean_of_batch_means():
-    rows = [{"input_ids": [1, 2, 3, 0, 1], "labels": [-100, 2, 3, 0, 1]},  # 1>2 ln2, 2>3 ln2, 3>0 ln4, 0>1 ln4 = 6 ln2
-            {"input_ids": [1, 2], "labels": [-100, 2]},                      # ln2
-            {"input_ids": [0, 1, 2], "labels": [-100, 1, 2]}]                # ln4 + ln2 = 3 ln2
+    rows = [
+        {"input_ids": [1, 2, 3, 0, 1], "labels": [-100, 2, 3, 0, 1]},  # 1>2 ln2, 2>3 ln2, 3>0 ln4, 0>1 ln4 = 6 ln2
+        {"input_ids": [1, 2], "labels": [-100, 2]},  # ln2
+        {"input_ids": [0, 1, 2], "labels": [-100, 1, 2]},
+    ]  # ln4 + ln2 = 3 ln2
     ds = datasets.Dataset.from_list(rows)
     out = evaluate_loss(Bigram(), ds, PaddedCollator(0), batch_size=2, device="cpu")
     assert out["eval_tokens"] == 7

@@ -12,10 +12,21 @@ from tuneforge.cli import main
 
 def _train(root: Path, adapter: dict, name: str) -> Path:
     cfg = {
-        "model": {"init": {"architecture": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-                           "max_position_embeddings": 128, "tokenizer_vocab_size": 400}},
-        "data": {"train": [{"synthetic": {"task": "reverse_words", "rows": 48, "seed": 0}}],
-                 "eval_fraction": 0.125, "max_seq_len": 64},
+        "model": {
+            "init": {
+                "architecture": "llama",
+                "hidden_size": 64,
+                "num_layers": 2,
+                "num_heads": 4,
+                "max_position_embeddings": 128,
+                "tokenizer_vocab_size": 400,
+            }
+        },
+        "data": {
+            "train": [{"synthetic": {"task": "reverse_words", "rows": 48, "seed": 0}}],
+            "eval_fraction": 0.125,
+            "max_seq_len": 64,
+        },
         "adapter": adapter,
         "train": {"lr": 1e-2, "max_steps": 5, "micro_batch_size": 4, "warmup_steps": 0, "seed": 1},
         "eval": {"at_start": False, "show_samples": 0},

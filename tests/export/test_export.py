@@ -29,8 +29,14 @@ def test_lora_export_is_a_plain_hf_model_with_the_adapters_logits_and_stop_ids(l
 
     out = tmp_path / "merged"
     assert main(["export", str(lora_run), "--out", str(out), "--dtype", "fp32"]) == 0
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "parity.json",
-            "tuneforge.json"} <= {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "parity.json",
+        "tuneforge.json",
+    } <= {p.name for p in out.iterdir()}
     assert not list(tmp_path.glob(".merged.tmp-*"))
 
     merged = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no peft
@@ -175,7 +181,14 @@ def test_export_and_adapter_directories_hold_what_vllm_reads(lora_run, tmp_path)
     assert adapter["peft_type"] == "LORA" and (adapter["r"], adapter["lora_alpha"]) == (4, 8)
     assert (Path(adapter["base_model_name_or_path"]) / "config.json").exists()
     assert {m.rsplit(".", 1)[-1] for m in adapter["target_modules"]} == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     with safe_open(str(lora_run / "final" / "adapter_model.safetensors"), "pt") as f:
         names = list(f.keys())
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)

@@ -14,8 +14,7 @@ import torch
 gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed: pip install 'tuneforge[gguf]'")
 
 from tuneforge.cli import main
-from tuneforge.export import ExportError, GGUFCheckError, GGUFExportError, export_run
-from tuneforge.export import gguf_file
+from tuneforge.export import ExportError, GGUFCheckError, GGUFExportError, export_run, gguf_file
 from tuneforge.export.gguf_file import SafetensorsSource, check_gguf, export_gguf, permute_qk, plan_gguf, write_gguf
 
 from ..conftest import shared_path
@@ -34,10 +33,15 @@ def tiny_dir(root: Path, model_type: str = "llama", tokenizer=None, **overrides)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = tokenizer or _bpe_tokenizer()
-    sizes = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "max_position_embeddings": 128}
-    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                               **{**sizes, **overrides})
+    sizes = {
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+    }
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), eos_token_id=tok.eos_token_id, **{**sizes, **overrides})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(root)
     tok.save_pretrained(root)
@@ -112,11 +116,14 @@ def test_a_gguf_that_reads_back_wrong_fails_and_leaves_no_file(lora_run, tmp_pat
 
 
 # ---------------------------------------------------------------------------- model directories
-@pytest.mark.parametrize("model_type,overrides,gguf_type,arch", [
-    ("llama", {"attention_bias": True}, "q8_0", "llama"),  # biases permuted with their rows too
-    ("mistral", {"sliding_window": None}, "bf16", "llama"),
-    ("qwen2", {"tie_word_embeddings": True}, "f32", "qwen2"),  # q/k/v biases, no output.weight
-])
+@pytest.mark.parametrize(
+    "model_type,overrides,gguf_type,arch",
+    [
+        ("llama", {"attention_bias": True}, "q8_0", "llama"),  # biases permuted with their rows too
+        ("mistral", {"sliding_window": None}, "bf16", "llama"),
+        ("qwen2", {"tie_word_embeddings": True}, "f32", "qwen2"),  # q/k/v biases, no output.weight
+    ],
+)
 def test_architectures_and_types_round_trip(tmp_path, model_type, overrides, gguf_type, arch):
     model = tiny_dir(tmp_path / model_type, model_type, **overrides)
     result = export_gguf(model, tmp_path / "m.gguf", gguf_type, log=lambda _: None)
@@ -169,7 +176,7 @@ def test_the_permutation_turns_rotate_half_rope_into_llama_cpp_pair_rope():
     cos, sin = angle.cos(), angle.sin()
 
     def rope_hf(v):  # v: (n, heads, d)
-        a, b = v[..., : d // 2], v[..., d // 2:]
+        a, b = v[..., : d // 2], v[..., d // 2 :]
         return torch.cat([a * cos[:, None] - b * sin[:, None], b * cos[:, None] + a * sin[:, None]], -1)
 
     def rope_pairs(v):
@@ -187,8 +194,14 @@ def test_the_permutation_turns_rotate_half_rope_into_llama_cpp_pair_rope():
 
 
 def test_llama3_rope_scaling_writes_rope_freqs(tmp_path):
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     model = tiny_dir(tmp_path / "m", rope_parameters=rope)
     result = export_gguf(model, tmp_path / "m.gguf", "f16", log=lambda _: None)
     reader, tensors = _read(result.path)
@@ -197,8 +210,9 @@ def test_llama3_rope_scaling_writes_rope_freqs(tmp_path):
     assert math.isclose(reader.fields["llama.rope.freq_base"].contents(), 500000.0)
 
 
-@pytest.mark.parametrize("model_type,overrides", [("llama", {"attention_bias": True}),
-                                                   ("qwen2", {"tie_word_embeddings": True})])
+@pytest.mark.parametrize(
+    "model_type,overrides", [("llama", {"attention_bias": True}), ("qwen2", {"tie_word_embeddings": True})]
+)
 def test_llama_cpp_reads_the_file_like_transformers(tmp_path, model_type, overrides):
     """Optional (needs llama-cpp-python, which compiles llama.cpp): llama.cpp's logits and tokenization of the
     GGUF file equal transformers' on the source directory."""
@@ -229,8 +243,10 @@ def test_unsupported_architecture_is_refused_before_any_work(tmp_path, capsys):
     cfg = AutoConfig.for_model("gpt2", vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=64)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
     _bpe_tokenizer().save_pretrained(model_dir)
-    want = ("GGUF export supports llama (LlamaForCausalLM), mistral (MistralForCausalLM) and qwen2 (Qwen2ForCausalLM); "
-            "this model is 'gpt2' (GPT2LMHeadModel)")
+    want = (
+        "GGUF export supports llama (LlamaForCausalLM), mistral (MistralForCausalLM) and qwen2 (Qwen2ForCausalLM); "
+        "this model is 'gpt2' (GPT2LMHeadModel)"
+    )
     with pytest.raises(GGUFExportError, match=want.replace("(", r"\(").replace(")", r"\)")):
         export_gguf(model_dir, tmp_path / "x.gguf", log=lambda _: None)
     assert main(["export", str(model_dir), "--out", str(tmp_path / "out"), "--gguf"]) == 2
@@ -243,8 +259,11 @@ def test_an_unknown_pre_tokenizer_is_refused_with_the_known_ones(tmp_path):
     tj = json.loads((model / "tokenizer.json").read_text())
     tj["pre_tokenizer"] = {"type": "Whitespace"}
     (model / "tokenizer.json").write_text(json.dumps(tj))
-    with pytest.raises(GGUFExportError, match=r"tokenizer.json: its pre-tokenizer \{\"type\": \"Whitespace\"\} is not "
-                       r"one this exporter can name for llama.cpp \(known: GPT-2 byte-level, Llama-3"):
+    with pytest.raises(
+        GGUFExportError,
+        match=r"tokenizer.json: its pre-tokenizer \{\"type\": \"Whitespace\"\} is not "
+        r"one this exporter can name for llama.cpp \(known: GPT-2 byte-level, Llama-3",
+    ):
         export_gguf(model, tmp_path / "m.gguf", log=lambda _: None)
 
 
@@ -252,8 +271,11 @@ def test_missing_gguf_package_and_bad_type_are_input_errors(lora_run, tmp_path, 
     with pytest.raises(ExportError, match=r"--gguf-type 'q4_k' is not one of f32, f16, bf16, q8_0"):
         export_run(lora_run, tmp_path / "a", gguf="q4_k", log=lambda _: None)
     monkeypatch.setitem(__import__("sys").modules, "gguf", None)
-    with pytest.raises(ExportError, match=r"--gguf needs the gguf package \(not installed\): pip install "
-                       r"'tuneforge\[gguf\]'"):
+    with pytest.raises(
+        ExportError,
+        match=r"--gguf needs the gguf package \(not installed\): pip install "
+        r"'tuneforge\[gguf\]'",
+    ):
         export_run(lora_run, tmp_path / "b", gguf="f16", log=lambda _: None)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -263,8 +285,9 @@ def _real_tokenizer_export(tmp_path: Path, name: str, model_type: str):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(shared_path(f"tokenizers/{name}"))
-    model = tiny_dir(tmp_path / name, model_type, tokenizer=tok, hidden_size=32, intermediate_size=32,
-                     tie_word_embeddings=True)
+    model = tiny_dir(
+        tmp_path / name, model_type, tokenizer=tok, hidden_size=32, intermediate_size=32, tie_word_embeddings=True
+    )
     return tok, export_gguf(model, tmp_path / "m.gguf", "f16", log=lambda _: None)
 
 

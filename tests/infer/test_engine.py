@@ -21,10 +21,15 @@ def served(tiny_model_dir):
 def _reference(served, ids: list[int], max_new_tokens: int) -> tuple[str, int]:
     """Greedy text and token count from plain `model.generate`, one prompt at a time (the seed's way)."""
     tok = served.tokenizer
-    out = served.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=served.stop_token_ids,
-                                pad_token_id=tok.pad_token_id)
-    new = out[0, len(ids):].tolist()
+    out = served.model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=served.stop_token_ids,
+        pad_token_id=tok.pad_token_id,
+    )
+    new = out[0, len(ids) :].tolist()
     return tok.decode(new, skip_special_tokens=True), len(new)
 
 
@@ -37,6 +42,7 @@ def _run(engine: Engine, prompts: list[list[int]], params: SamplingParams, stagg
             events[i].append(ev)
             if ev.finish_reason:
                 done.release()
+
         return on_event
 
     for i, p in enumerate(prompts):
@@ -49,8 +55,16 @@ def _run(engine: Engine, prompts: list[list[int]], params: SamplingParams, stagg
 
 def test_batched_greedy_equals_one_at_a_time_generate(served):
     tok = served.tokenizer
-    texts = ["Reverse the order of these words.\n\nrocket candle island", "hi", "apple river stone cloud tiger lamp",
-             "Sort these words alphabetically.", "window", "x y z", "marble shadow winter button castle", "7 + 5"]
+    texts = [
+        "Reverse the order of these words.\n\nrocket candle island",
+        "hi",
+        "apple river stone cloud tiger lamp",
+        "Sort these words alphabetically.",
+        "window",
+        "x y z",
+        "marble shadow winter button castle",
+        "7 + 5",
+    ]
     prompts = [tok(t)["input_ids"] for t in texts]
     engine = Engine(served.model, tok, served.stop_token_ids, served.context_length, max_batch_size=4).start()
     try:

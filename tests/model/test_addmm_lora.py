@@ -9,11 +9,22 @@ from tuneforge.model.addmm_lora import AddmmLoraLinear, use_addmm_lora
 
 def tiny_lora(alpha=8, dropout=0.0, **lora):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg).double()
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=alpha, target_modules="all-linear", lora_dropout=dropout,
-                                            init_lora_weights=False, **lora))
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=4, lora_alpha=alpha, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False, **lora
+        ),
+    )
 
 
 def loss_and_grads(model, ids):
@@ -59,8 +70,9 @@ def test_addmm_lora_hands_everything_else_to_peft():
     torch.testing.assert_close(merged, adapted, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(plain, adapted)
     # saved adapters are peft's own format: the state dict keys do not change
-    assert all(".lora_A.default.weight" in k or ".lora_B.default.weight" in k
-               for k in model.state_dict() if "lora_" in k)
+    assert all(
+        ".lora_A.default.weight" in k or ".lora_B.default.weight" in k for k in model.state_dict() if "lora_" in k
+    )
 
 
 def test_dora_layers_are_left_to_peft():
@@ -97,7 +109,7 @@ def _saved_bytes(model, ids) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids).loss
+        _ = model(input_ids=ids, labels=ids).loss
     return sum(kept.values())
 
 

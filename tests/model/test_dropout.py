@@ -47,12 +47,22 @@ def test_mask_dropout_follows_the_torch_seed():
 
 
 def test_use_mask_dropout_replaces_every_lora_dropout():
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_dropout=0.05, target_modules="all-linear"))
     assert use_mask_dropout(model) == 2 * 7
-    kinds = {type(d).__name__ for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
-             for d in m.lora_dropout.values()}
+    kinds = {
+        type(d).__name__
+        for m in model.modules()
+        if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
+        for d in m.lora_dropout.values()
+    }
     assert kinds == {"MaskDropout"}
     model.eval()
     assert all(not d.training for m in model.modules() for d in getattr(m, "lora_dropout", {}).values())
@@ -66,6 +76,6 @@ def test_mask_is_exactly_the_threshold_comparison_of_the_drawn_bits():
     mask = drop.keep_mask(torch.Size([37, 29]), torch.device("cpu"), torch.float32)
     torch.manual_seed(11)
     words = torch.empty((37 * 29 + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
-    bits = words.view(torch.int16)[:37 * 29].view(37, 29)
+    bits = words.view(torch.int16)[: 37 * 29].view(37, 29)
     assert torch.equal(mask, torch.where(bits >= drop.threshold, drop.scale, 0.0))
     assert torch.equal(torch.unique(mask), torch.tensor([0.0, drop.scale], dtype=torch.float32))

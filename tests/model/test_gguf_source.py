@@ -14,8 +14,8 @@ gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed: pip 
 
 from tuneforge.cli import main
 from tuneforge.export.gguf_file import export_gguf
-from tuneforge.model.gguf_source import DONE_FILE, GGUFError, converted_base, inspect_gguf
 from tuneforge.gguf_path import resolve_gguf_path
+from tuneforge.model.gguf_source import DONE_FILE, GGUFError, converted_base, inspect_gguf
 
 from ..export.test_gguf import tiny_dir
 
@@ -51,7 +51,9 @@ def test_conversion_gives_the_same_model_and_tokenizer_and_is_cached(tiny_gguf, 
     got = AutoModelForCausalLM.from_pretrained(out)(ids).logits
     assert torch.equal(want, got)
     text = "Reverse the order of these words.\n\nrocket candle island"
-    assert AutoTokenizer.from_pretrained(out)(text).input_ids == AutoTokenizer.from_pretrained(model_dir)(text).input_ids
+    assert (
+        AutoTokenizer.from_pretrained(out)(text).input_ids == AutoTokenizer.from_pretrained(model_dir)(text).input_ids
+    )
     # the second time: found by the file's hash, nothing converted, nothing else in the cache
     assert converted_base(path, torch.float32, logs.append) == out and "converted before" in logs[-1]
     assert sorted(p.name for p in (cache / "gguf").iterdir()) == [out.name]
@@ -76,13 +78,16 @@ def _bad_files(tmp_path: Path, good: Path) -> dict[str, Path]:
     return {"text": text, "cut": cut, "header": header_only, "rwkv": other, "missing": tmp_path / "absent.gguf"}
 
 
-@pytest.mark.parametrize("kind,message", [
-    ("text", "is not a GGUF file (it starts with b'this'"),
-    ("cut", "is truncated or corrupt"),
-    ("header", "is truncated or corrupt"),
-    ("rwkv", "architecture 'rwkv6' cannot be read by transformers' GGUF support"),
-    ("missing", "no such file"),
-])
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("text", "is not a GGUF file (it starts with b'this'"),
+        ("cut", "is truncated or corrupt"),
+        ("header", "is truncated or corrupt"),
+        ("rwkv", "architecture 'rwkv6' cannot be read by transformers' GGUF support"),
+        ("missing", "no such file"),
+    ],
+)
 def test_bad_gguf_files_are_refused_with_the_file_and_the_fix(kind, message, tiny_gguf, cache, tmp_path):
     bad = _bad_files(tmp_path, tiny_gguf[1])[kind]
     with pytest.raises(GGUFError) as e:

@@ -15,12 +15,15 @@ def test_nll_sum_matches_hand_computed_value():
 
 def test_step_loss_is_token_weighted_not_mean_of_micro_batch_means():
     torch.manual_seed(0)
-    a_logits, a_labels = torch.randn(1, 5, 7), torch.tensor([[0, 1, 2, 3, 4]])        # 4 trained tokens
+    a_logits, a_labels = torch.randn(1, 5, 7), torch.tensor([[0, 1, 2, 3, 4]])  # 4 trained tokens
     b_logits, b_labels = torch.randn(1, 5, 7), torch.tensor([[0, -100, -100, -100, 6]])  # 1 trained token
     total = nll_sum(a_logits, a_labels) + nll_sum(b_logits, b_labels)
     step_loss = total / (trained_tokens(a_labels) + trained_tokens(b_labels))
     flat = torch.nn.functional.cross_entropy(
-        torch.cat([a_logits[0, :-1], b_logits[0, :-1]]), torch.cat([a_labels[0, 1:], b_labels[0, 1:]]), ignore_index=-100)
+        torch.cat([a_logits[0, :-1], b_logits[0, :-1]]),
+        torch.cat([a_labels[0, 1:], b_labels[0, 1:]]),
+        ignore_index=-100,
+    )
     assert torch.allclose(step_loss, flat, atol=1e-6)
     mean_of_means = (nll_sum(a_logits, a_labels) / 4 + nll_sum(b_logits, b_labels) / 1) / 2
     assert not torch.allclose(step_loss, mean_of_means, atol=1e-3)
@@ -51,11 +54,20 @@ def varied_rows(n=10, seed=3):
 
 def tiny_llama(lora=False):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg).double()
     if lora:
-        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False))
+        model = get_peft_model(
+            model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
+        )
     return model
 
 
@@ -121,9 +133,9 @@ def test_packed_sdpa_attention_equals_running_each_sample_alone():
             logits = forward_logits(model, batch)[0]
             start = 0
             for n in row["seq_lens"]:
-                ids = torch.tensor([row["input_ids"][start:start + n]])
+                ids = torch.tensor([row["input_ids"][start : start + n]])
                 alone = model(input_ids=ids, use_cache=False).logits[0]
-                torch.testing.assert_close(logits[start:start + n], alone, rtol=1e-10, atol=1e-11)
+                torch.testing.assert_close(logits[start : start + n], alone, rtol=1e-10, atol=1e-11)
                 start += n
 
 
@@ -180,7 +192,7 @@ class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+        for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
         return out
@@ -209,15 +221,25 @@ def test_per_sample_attention_keeps_a_sliding_window_within_each_sample():
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, max_position_embeddings=64, sliding_window=6)
+    cfg = MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=6,
+    )
     model = MistralForCausalLM(cfg).double().eval()
     model.config._attn_implementation = "sdpa"
     rows = varied_rows(5, seed=4)
     assert max(len(r["input_ids"]) for r in rows) > 6 > min(len(r["input_ids"]) for r in rows)
     short = [{k: v[:6] for k, v in r.items()} for r in rows]
     with torch.no_grad():
-        alone = {id(r): model(input_ids=torch.tensor([r["input_ids"]]), use_cache=False).logits[0] for r in rows + short}
+        alone = {
+            id(r): model(input_ids=torch.tensor([r["input_ids"]]), use_cache=False).logits[0] for r in rows + short
+        }
         use_packed_sdpa(model)
         # samples past the window: SDPA per sample with a window mask; all within it: the CPU flash Function
         for group in (rows, short):
@@ -226,7 +248,7 @@ def test_per_sample_attention_keeps_a_sliding_window_within_each_sample():
             start = 0
             for r in group:
                 n = len(r["input_ids"])
-                torch.testing.assert_close(got[start:start + n], alone[id(r)], rtol=1e-10, atol=1e-11)
+                torch.testing.assert_close(got[start : start + n], alone[id(r)], rtol=1e-10, atol=1e-11)
                 start += n
 
 
@@ -241,9 +263,18 @@ def test_cpu_flash_per_sample_function_equals_autograd_sdpa_on_each_slice():
     grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
     got = [out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out)]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    rows = [torch.cat([torch.nn.functional.scaled_dot_product_attention(
-        qt[b:b + 1, :, s:e], kt[b:b + 1, :, s:e], vt[b:b + 1, :, s:e], is_causal=True, enable_gqa=True)
-        for s, e in row], dim=2) for b, row in enumerate(bounds)]
+    rows = [
+        torch.cat(
+            [
+                torch.nn.functional.scaled_dot_product_attention(
+                    qt[b : b + 1, :, s:e], kt[b : b + 1, :, s:e], vt[b : b + 1, :, s:e], is_causal=True, enable_gqa=True
+                )
+                for s, e in row
+            ],
+            dim=2,
+        )
+        for b, row in enumerate(bounds)
+    ]
     ref_out = torch.cat(rows).transpose(1, 2)
     ref = [ref_out.detach(), *torch.autograd.grad(ref_out, (q, k, v), grad_out)]
     assert out.shape == (2, 20, 4, 8) and out.is_contiguous()
@@ -370,6 +401,9 @@ def test_rows_holding_several_samples_are_stopped_when_attention_never_split_the
     assert not samples_share_rows(torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]]))  # one sample per row
     assert samples_share_rows(torch.tensor([[0, 1, 0, 1, 2]]))
     check_samples_kept_apart("LlamaForCausalLM", calls=4)  # the per-sample attention ran: fine
-    with pytest.raises(RuntimeError, match="LlamaForCausalLM's attention does not receive position_ids.*"
-                                           "set train.padding_free=false and data.packing=false"):
+    with pytest.raises(
+        RuntimeError,
+        match="LlamaForCausalLM's attention does not receive position_ids.*"
+        "set train.padding_free=false and data.packing=false",
+    ):
         check_samples_kept_apart("LlamaForCausalLM", calls=0)

@@ -2,10 +2,9 @@ import pytest
 import torch
 
 from tests.conftest import shared_path
-from tuneforge.config.schema import ModelConfig, TinyModelConfig
+from tuneforge.config.schema import AdapterConfig, ModelConfig, TinyModelConfig
 from tuneforge.data.tokenizer import TokenizerLoadError, load_pretrained_tokenizer, train_bpe_tokenizer
 from tuneforge.model.adapters import apply_adapter, trainable_report
-from tuneforge.config.schema import AdapterConfig
 from tuneforge.model.load import ModelLoadError, choose_attention, load_model, load_pretrained
 
 
@@ -13,7 +12,9 @@ def test_unreachable_hub_model_suggests_a_local_directory(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match=r"(?s)could not load model 'no-such-org/no-such-model'.*--local-dir DIR"):
         load_pretrained("no-such-org/no-such-model", torch.float32)
-    with pytest.raises(TokenizerLoadError, match="(?s)set model.name_or_path \\(or model.tokenizer\\) to that directory"):
+    with pytest.raises(
+        TokenizerLoadError, match="(?s)set model.name_or_path \\(or model.tokenizer\\) to that directory"
+    ):
         load_pretrained_tokenizer("no-such-org/no-such-model", ModelConfig(name_or_path="no-such-org/no-such-model"))
 
 

@@ -23,8 +23,16 @@ from tuneforge.train.optim import build_optimizer  # noqa: E402
 @pytest.fixture
 def base_dir(tmp_path):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "base")
     return tmp_path / "base"
 
@@ -43,13 +51,17 @@ def test_qlora_gradients_equal_lora_on_the_dequantized_base_even_after_an_eval(b
     # the reference: the same base with each 4-bit weight dequantised into an ordinary fp32 Linear
     ref = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     for name, m in linears.items():
-        ref.get_submodule(name).weight.data = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+        ref.get_submodule(name).weight.data = bnb.functional.dequantize_4bit(
+            m.weight.data, m.weight.quant_state
+        ).float()
 
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
     pq, pr = get_peft_model(q, lora), get_peft_model(ref, lora)
     torch.manual_seed(1)
-    for (nq, wq), (nr, wr) in zip(((n, p) for n, p in pq.named_parameters() if "lora_" in n),
-                                  ((n, p) for n, p in pr.named_parameters() if "lora_" in n)):
+    for (nq, wq), (nr, wr) in zip(
+        ((n, p) for n, p in pq.named_parameters() if "lora_" in n),
+        ((n, p) for n, p in pr.named_parameters() if "lora_" in n),
+    ):
         assert nq == nr
         with torch.no_grad():  # B != 0, so every layer's gradient depends on the frozen layers above it
             wq.copy_(torch.randn_like(wq) * 0.05)
@@ -72,10 +84,21 @@ def test_qlora_gradients_equal_lora_on_the_dequantized_base_even_after_an_eval(b
 
 def _cfg(tmp_path, **train) -> dict:
     return {
-        "model": {"init": {"architecture": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-                           "max_position_embeddings": 128, "tokenizer_vocab_size": 400}},
-        "data": {"train": [{"synthetic": {"task": "reverse_words", "rows": 48, "seed": 0}}], "eval_fraction": 0.125,
-                 "max_seq_len": 64},
+        "model": {
+            "init": {
+                "architecture": "llama",
+                "hidden_size": 64,
+                "num_layers": 2,
+                "num_heads": 4,
+                "max_position_embeddings": 128,
+                "tokenizer_vocab_size": 400,
+            }
+        },
+        "data": {
+            "train": [{"synthetic": {"task": "reverse_words", "rows": 48, "seed": 0}}],
+            "eval_fraction": 0.125,
+            "max_seq_len": 64,
+        },
         "adapter": {"type": "qlora", "r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"lr": 1e-2, "max_steps": 12, "micro_batch_size": 4, "warmup_steps": 0, "seed": 1, **train},
         "eval": {"at_start": True, "show_samples": 0},
@@ -115,9 +138,13 @@ def test_qlora_without_bitsandbytes_is_valid_but_cannot_start_here(tmp_path, mon
     from tuneforge.config.packages import MissingPackageError, missing_packages, require_packages
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     cfg = RunConfig.model_validate(_cfg(tmp_path, optimizer="adamw_8bit"))  # valid whatever is installed
-    assert missing_packages(cfg) == ["adapter.type=qlora and train.optimizer=adamw_8bit needs the bitsandbytes "
-                                     "package, which is not installed: pip install 'tuneforge[qlora]'"]
+    assert missing_packages(cfg) == [
+        "adapter.type=qlora and train.optimizer=adamw_8bit needs the bitsandbytes "
+        "package, which is not installed: pip install 'tuneforge[qlora]'"
+    ]
     with pytest.raises(MissingPackageError, match=r"this run cannot start on this machine:\n  adapter.type=qlora"):
         require_packages(cfg)

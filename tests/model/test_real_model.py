@@ -82,8 +82,12 @@ def test_lora_steps_on_the_gguf_then_export_parity_and_gguf_read_back(smollm2, t
 
     cfg = {
         "model": {"name_or_path": SMOLLM2},
-        "data": {"train": [{"path": str(shared_path("instruct/alpaca_en_demo.json"))}], "eval_fraction": 0.02,
-                 "max_seq_len": 128, "quality": {"max_response_chars": 400}},
+        "data": {
+            "train": [{"path": str(shared_path("instruct/alpaca_en_demo.json"))}],
+            "eval_fraction": 0.02,
+            "max_seq_len": 128,
+            "quality": {"max_response_chars": 400},
+        },
         "train": {"max_steps": 2, "micro_batch_size": 2, "warmup_steps": 0},
         "eval": {"generate_rows": 0, "show_samples": 0, "batch_size": 4},
         "log": {"every_steps": 1, "progress": "none"},
@@ -101,7 +105,10 @@ def test_lora_steps_on_the_gguf_then_export_parity_and_gguf_read_back(smollm2, t
     assert 0.3 < first_loss < 3.5 and 0.3 < before["eval_loss"] < 3.5
     assert main(["export", str(run), "--gguf"]) == 0
     parity = json.loads((run / "export" / "parity.json").read_text())
-    assert parity["passed"] and [(c["name"], c["passed"]) for c in parity["checks"]] == [("merge", True), ("export", True)]
+    assert parity["passed"] and [(c["name"], c["passed"]) for c in parity["checks"]] == [
+        ("merge", True),
+        ("export", True),
+    ]
     gguf_file = next((run / "export").glob("*.gguf"))
     ids = torch.tensor([[1, 2072, 314, 253, 1789, 30, 216, 2]])
     merged = AutoModelForCausalLM.from_pretrained(run / "export", dtype=torch.float32)
@@ -123,8 +130,13 @@ def test_the_shipped_real_model_recipe_runs_a_step(smollm2, tmp_path, capsys):
     overrides = [
         f"data.train=[{{synthetic: {{task: extract_numbers, text: {wiki}, rows: 16}}}}]",
         f"data.eval={{synthetic: {{task: extract_numbers, text: {c4}, rows: 8}}}}",
-        f"eval.general_text={general}", "eval.general_text_tokens=512", "eval.generate_rows=4",
-        "eval.max_new_tokens=8", "eval.show_samples=0", "train.max_steps=1", "log.progress=none",
+        f"eval.general_text={general}",
+        "eval.general_text_tokens=512",
+        "eval.generate_rows=4",
+        "eval.max_new_tokens=8",
+        "eval.show_samples=0",
+        "train.max_steps=1",
+        "log.progress=none",
         f"output.dir={tmp_path / 'run'}",
     ]
     assert main(["train", str(recipe), *overrides]) == 0

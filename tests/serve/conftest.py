@@ -27,9 +27,18 @@ def build_tiny_model(out: Path) -> Path:
 
     rows = generate("reverse_words", 200, seed=0)
     tok = train_bpe_tokenizer([f"{r['instruction']}\n\n{r['input']} {r['output']}" for r in rows], 400)
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=CONTEXT,
-                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=CONTEXT,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(out)
@@ -44,8 +53,10 @@ def build_tiny_adapter_run(base: Path, run: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     final = run / "final"
     model.save_pretrained(final)
     AutoTokenizer.from_pretrained(base).save_pretrained(final)
@@ -75,9 +86,13 @@ def running_server(model_dir: Path, *args: str, env: dict | None = None, timeout
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "serve", str(model_dir), "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge.cli", "serve", str(model_dir), "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout

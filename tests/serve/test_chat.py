@@ -18,16 +18,37 @@ from tuneforge.serve.loading import load_served
 
 def _greedy_reply(served, messages: list[dict], n: int) -> str:
     ids = prompt_ids(served.tokenizer, served.chat_template, messages)
-    out = served.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=n, do_sample=False, eos_token_id=served.stop_token_ids,
-                                pad_token_id=served.tokenizer.pad_token_id)
-    return served.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    out = served.model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=served.stop_token_ids,
+        pad_token_id=served.tokenizer.pad_token_id,
+    )
+    return served.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 
 def _chat(model_dir, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "chat", str(model_dir), "--temperature", "0",
-                             "--max-new-tokens", "6", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tuneforge.cli",
+            "chat",
+            str(model_dir),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "6",
+            *args,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_piped_chat_keeps_history_resets_and_ends_at_eof(tiny_model_dir):
@@ -36,16 +57,28 @@ def test_piped_chat_keeps_history_resets_and_ends_at_eof(tiny_model_dir):
     assert proc.returncode == 0, err[-2000:]
     served = load_served(tiny_model_dir, device="cpu")
     r1 = _greedy_reply(served, [{"role": "user", "content": "hello"}], 6)
-    r2 = _greedy_reply(served, [{"role": "user", "content": "hello"}, {"role": "assistant", "content": r1},
-                                {"role": "user", "content": "second"}], 6)
+    r2 = _greedy_reply(
+        served,
+        [
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": r1},
+            {"role": "user", "content": "second"},
+        ],
+        6,
+    )
     r3 = _greedy_reply(served, [{"role": "user", "content": "second"}], 6)
     assert out.split("\n") == [
         "chatting with tiny (context 128 tokens); /reset clears the history, /exit leaves",
-        "you> hello", f"assistant> {r1}",
-        "you> second", f"assistant> {r2}",
-        "you> /reset", "(history cleared)",
-        "you> second", f"assistant> {r3}",
-        "bye", "",
+        "you> hello",
+        f"assistant> {r1}",
+        "you> second",
+        f"assistant> {r2}",
+        "you> /reset",
+        "(history cleared)",
+        "you> second",
+        f"assistant> {r3}",
+        "bye",
+        "",
     ]  # split on "\n" only: the random model's text may hold other line-break characters
 
 
@@ -66,4 +99,5 @@ def test_serve_without_fastapi_names_the_extra(tiny_model_dir, monkeypatch, caps
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed: `import fastapi` raises ImportError
     assert main(["serve", str(tiny_model_dir)]) == 1
     assert capsys.readouterr().err == (
-        "error: tuneforge serve needs fastapi (not installed): pip install 'tuneforge[serve]'\n")
+        "error: tuneforge serve needs fastapi (not installed): pip install 'tuneforge[serve]'\n"
+    )

@@ -43,8 +43,16 @@ def live_server(served, **kwargs):
     engine = Engine(served.model, served.tokenizer, served.stop_token_ids, served.context_length)
     engine.start()
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(served, engine, **kwargs), host="127.0.0.1", port=port,
-                                           log_config=None, log_level="info", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(served, engine, **kwargs),
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            log_level="info",
+            timeout_graceful_shutdown=2,
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -118,10 +126,14 @@ def test_the_limits_follow_the_serve_flags(tiny_model_dir, monkeypatch, capsys):
     with TestClient(apps[0]) as client:
         r = client.post("/v1/completions", json={"prompt": "a" * 300})
         assert _error(r) == (413, None, "request_too_large") and "at most 300 bytes" in r.json()["error"]["message"]
-        assert _error(client.post("/v1/completions", json={"prompt": ["a", "b"], "n": 3})) == (400, "n",
-                                                                                               "too_many_sequences")
-        assert _error(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                                "n": 5})) == (400, "n", "too_many_sequences")
+        assert _error(client.post("/v1/completions", json={"prompt": ["a", "b"], "n": 3})) == (
+            400,
+            "n",
+            "too_many_sequences",
+        )
+        assert _error(
+            client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "n": 5})
+        ) == (400, "n", "too_many_sequences")
         assert client.post("/v1/completions", json={"prompt": ["a", "b"], "n": 2, "max_tokens": 1}).status_code == 200
     assert main(["serve", str(tiny_model_dir), "--max-sequences-per-request", "0"]) == 2
     assert "--max-sequences-per-request must be at least 1, got 0" in capsys.readouterr().err
@@ -151,8 +163,11 @@ def test_the_character_bound_holds_only_where_it_is_provable(served):
         assert len(tok(text, add_special_tokens=False)["input_ids"]) >= len(text) / per_token
     # a normalizer that can shorten text (NFC composes, Strip drops) or a pre-tokenizer that drops whitespace:
     # no shortcut
-    for normalizer, pre in [(normalizers.NFC(), None), (None, pre_tokenizers.Whitespace()),
-                            (normalizers.Sequence([normalizers.Strip()]), None)]:
+    for normalizer, pre in [
+        (normalizers.NFC(), None),
+        (None, pre_tokenizers.Whitespace()),
+        (normalizers.Sequence([normalizers.Strip()]), None),
+    ]:
         other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()))
         if normalizer is not None:
             other.backend_tokenizer.normalizer = normalizer
@@ -175,8 +190,11 @@ def test_health_answers_while_a_prompt_is_being_tokenised(url, served, route, mo
         return original(self, text, *args, **kwargs)
 
     monkeypatch.setattr(cls, "__call__", slow_call)
-    body = ({"prompt": "apple SLOWTOKENS river", "max_tokens": 2} if route == "/v1/completions" else
-            {"messages": [{"role": "user", "content": "apple SLOWTOKENS river"}], "max_tokens": 2})
+    body = (
+        {"prompt": "apple SLOWTOKENS river", "max_tokens": 2}
+        if route == "/v1/completions"
+        else {"messages": [{"role": "user", "content": "apple SLOWTOKENS river"}], "max_tokens": 2}
+    )
     result = {}
     worker = threading.Thread(target=lambda: result.update(r=httpx.post(f"{url}{route}", json=body, timeout=60)))
     worker.start()
@@ -197,8 +215,10 @@ def test_a_client_leaving_mid_body_is_one_log_line_not_a_traceback(url, caplog):
     port = int(url.rsplit(":", 1)[1])
     caplog.set_level(logging.INFO)
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 1000\r\n\r\n" + b'{"messages": [')
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b'{"messages": ['
+        )
         time.sleep(0.3)  # the handler is waiting for the rest of the body
     deadline = time.monotonic() + 10
     while not [r for r in caplog.records if "disconnected" in r.getMessage()]:

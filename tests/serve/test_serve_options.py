@@ -31,6 +31,7 @@ def _generate(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list
             texts[i] += ev.text
             if ev.finish_reason:
                 done.release()
+
         return on_event
 
     for i, p in enumerate(prompts):
@@ -91,8 +92,15 @@ def test_serve_options_reach_the_engine_and_health(tiny_model_dir, monkeypatch, 
 def test_kv_bytes_per_token_counts_grouped_query_heads():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model("llama", vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=3,
-                               num_attention_heads=8, num_key_value_heads=2)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=32,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    )
     model = AutoModelForCausalLM.from_config(cfg)
     assert kv_bytes_per_token(model) == 3 * 2 * 2 * 8 * 4
     assert kv_bytes_per_token(model.to(torch.bfloat16)) == 3 * 2 * 2 * 8 * 2
@@ -117,6 +125,7 @@ def test_a_compile_failure_at_warm_up_stops_startup_with_the_reason(tiny_model_d
     def broken_compile(model, **kwargs):  # what a machine without a C++ compiler gives on the first call
         def compiled(*a, **k):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx")
+
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)
@@ -132,11 +141,20 @@ def test_compiled_engine_gives_eager_greedy_outputs(served):
     from tuneforge.serve.compile import compile_decode, warm_up
 
     tok = served.tokenizer
-    texts = ["Reverse the order of these words.\n\nrocket candle island", "hi", "apple river stone cloud tiger lamp",
-             "Sort these words alphabetically.", "window", "x y z", "marble shadow winter button castle", "7 + 5"]
+    texts = [
+        "Reverse the order of these words.\n\nrocket candle island",
+        "hi",
+        "apple river stone cloud tiger lamp",
+        "Sort these words alphabetically.",
+        "window",
+        "x y z",
+        "marble shadow winter button castle",
+        "7 + 5",
+    ]
     prompts = [tok(t)["input_ids"] for t in texts]
-    eager = _generate(Engine(served.model, tok, served.stop_token_ids, served.context_length, max_batch_size=4),
-                      prompts, 24)
+    eager = _generate(
+        Engine(served.model, tok, served.stop_token_ids, served.context_length, max_batch_size=4), prompts, 24
+    )
 
     engine = Engine(served.model, tok, served.stop_token_ids, served.context_length, max_batch_size=4)
     compile_decode(engine)

@@ -18,8 +18,10 @@ from tuneforge.serve.loading import load_served
 
 from .conftest import CONTEXT, running_server
 
-MESSAGES = [{"role": "system", "content": "You reverse words."},
-            {"role": "user", "content": "Reverse the order of these words.\n\nrocket candle island"}]
+MESSAGES = [
+    {"role": "system", "content": "You reverse words."},
+    {"role": "user", "content": "Reverse the order of these words.\n\nrocket candle island"},
+]
 KEY = "sk-test-123"
 
 
@@ -37,10 +39,15 @@ def keyed_adapter_server(tiny_adapter_run):
 
 
 def _greedy(served, ids: list[int], n: int) -> tuple[str, int]:
-    out = served.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=n, do_sample=False, eos_token_id=served.stop_token_ids,
-                                pad_token_id=served.tokenizer.pad_token_id)
-    new = out[0, len(ids):].tolist()
+    out = served.model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=served.stop_token_ids,
+        pad_token_id=served.tokenizer.pad_token_id,
+    )
+    new = out[0, len(ids) :].tolist()
     return served.tokenizer.decode(new, skip_special_tokens=True), len(new)
 
 
@@ -62,14 +69,23 @@ def test_chat_completion_matches_generate_with_exact_usage(server, reference):
 
 def test_chat_stream_sends_the_same_text_then_done(server, reference):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
-    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     ids = prompt_ids(reference.tokenizer, reference.chat_template, MESSAGES)
     text, n = _greedy(reference, ids, 12)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
-        "length" if n == 12 else "stop"]
+        "length" if n == 12 else "stop"
+    ]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n
     raw = httpx.post(f"{server}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3, "stream": True})
     assert raw.headers["content-type"].startswith("text/event-stream")
@@ -84,8 +100,9 @@ def test_completions_plain_streamed_n_and_stop(server, reference):
     r = client.completions.create(model="tiny", prompt="apple river stone", max_tokens=10, temperature=0)
     assert r.choices[0].text == text
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), n)
-    streamed = client.completions.create(model="tiny", prompt="apple river stone", max_tokens=10, temperature=0,
-                                         stream=True)
+    streamed = client.completions.create(
+        model="tiny", prompt="apple river stone", max_tokens=10, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == text
 
     two = client.completions.create(model="tiny", prompt=["apple river stone", "x"], max_tokens=4, n=2, temperature=0)
@@ -108,7 +125,10 @@ def test_every_bad_request_gets_its_4xx_openai_error(server):
     chat, comp = f"{server}/v1/chat/completions", f"{server}/v1/completions"
     long_prompt = " ".join(["apple"] * 200)
     cases = [
-        (httpx.post(chat, content=b"{not json", headers={"content-type": "application/json"}), (400, None, "invalid_json")),
+        (
+            httpx.post(chat, content=b"{not json", headers={"content-type": "application/json"}),
+            (400, None, "invalid_json"),
+        ),
         (httpx.post(chat, json=["a list"]), (400, None, "invalid_json")),
         (httpx.post(chat, json={"model": "gpt-4", "messages": MESSAGES}), (404, "model", "model_not_found")),
         (httpx.post(chat, json={"messages": MESSAGES, "max_tokens": -1}), (400, "max_tokens", "invalid_value")),
@@ -116,13 +136,24 @@ def test_every_bad_request_gets_its_4xx_openai_error(server):
         (httpx.post(chat, json={"messages": MESSAGES, "temperature": 2.5}), (400, "temperature", "invalid_value")),
         (httpx.post(chat, json={"messages": MESSAGES, "top_p": 0}), (400, "top_p", "invalid_value")),
         (httpx.post(chat, json={"messages": MESSAGES, "n": 0}), (400, "n", "invalid_value")),
-        (httpx.post(chat, json={"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}), (400, "stop", "invalid_value")),
+        (
+            httpx.post(chat, json={"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}),
+            (400, "stop", "invalid_value"),
+        ),
         (httpx.post(chat, json={"messages": []}), (400, "messages", "invalid_value")),
         (httpx.post(chat, json={"max_tokens": 4}), (400, "messages", "missing_required_parameter")),
-        (httpx.post(chat, json={"messages": [{"role": "robot", "content": "hi"}]}), (400, "messages.0.role", "invalid_value")),
-        (httpx.post(chat, json={"messages": [{"role": "user", "content": long_prompt}]}),
-         (400, "messages", "context_length_exceeded")),
-        (httpx.post(chat, json={"messages": MESSAGES, "max_tokens": CONTEXT}), (400, "max_tokens", "context_length_exceeded")),
+        (
+            httpx.post(chat, json={"messages": [{"role": "robot", "content": "hi"}]}),
+            (400, "messages.0.role", "invalid_value"),
+        ),
+        (
+            httpx.post(chat, json={"messages": [{"role": "user", "content": long_prompt}]}),
+            (400, "messages", "context_length_exceeded"),
+        ),
+        (
+            httpx.post(chat, json={"messages": MESSAGES, "max_tokens": CONTEXT}),
+            (400, "max_tokens", "context_length_exceeded"),
+        ),
         (httpx.post(chat, json={"messages": MESSAGES, "logprobs": True}), (400, "logprobs", "unsupported_parameter")),
         (httpx.post(comp, json={"prompt": long_prompt}), (400, "prompt", "context_length_exceeded")),
         (httpx.post(comp, json={"prompt": [1, 2, 10**6]}), (400, "prompt", "invalid_value")),
@@ -147,8 +178,11 @@ def test_every_bad_request_gets_its_4xx_openai_error(server):
 
 def test_client_disconnect_mid_stream_frees_its_slot(server):
     before = httpx.get(f"{server}/health").json()["finished"].get("cancelled", 0)
-    with httpx.stream("POST", f"{server}/v1/completions",
-                      json={"prompt": "hello", "max_tokens": 120, "stream": True, "temperature": 1.0}) as resp:
+    with httpx.stream(
+        "POST",
+        f"{server}/v1/completions",
+        json={"prompt": "hello", "max_tokens": 120, "stream": True, "temperature": 1.0},
+    ) as resp:
         lines = resp.iter_lines()
         assert next(lines).startswith("data: {")
     deadline = time.monotonic() + 10
@@ -162,7 +196,11 @@ def test_api_key_is_enforced_on_an_adapter_run(keyed_adapter_server, tiny_adapte
     url = keyed_adapter_server
     assert httpx.get(f"{url}/health").status_code == 200  # open for load balancers
     assert _error(httpx.get(f"{url}/v1/models")) == (401, None, "invalid_api_key")
-    assert _error(httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"})) == (401, None, "invalid_api_key")
+    assert _error(httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"})) == (
+        401,
+        None,
+        "invalid_api_key",
+    )
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
 
@@ -184,8 +222,13 @@ def test_32_concurrent_streams_complete_without_errors_in_shared_batches(server)
 
     async def one(i: int) -> tuple[str, str, int]:
         stream = await client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": f"request {i}: apple river stone"}], max_tokens=24,
-            temperature=0.8, stream=True, stream_options={"include_usage": True})
+            model="tiny",
+            messages=[{"role": "user", "content": f"request {i}: apple river stone"}],
+            max_tokens=24,
+            temperature=0.8,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         text, reason, usage = "", None, None
         async for c in stream:
             if c.choices:

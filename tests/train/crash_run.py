@@ -1,8 +1,8 @@
 """Run `tuneforge train` in this process and SIGKILL it at a precise point (used by test_resume.py).
 
-  python crash_run.py micro N CONFIG [overrides]        kill during the N-th micro-batch (mid-accumulation)
-  python crash_run.py save STAGE N CONFIG [overrides]   kill in the N-th checkpoint save, at STAGE
-                                                        (start | weights | optimizer | manifest | rename | latest)
+python crash_run.py micro N CONFIG [overrides]        kill during the N-th micro-batch (mid-accumulation)
+python crash_run.py save STAGE N CONFIG [overrides]   kill in the N-th checkpoint save, at STAGE
+                                                      (start | weights | optimizer | manifest | rename | latest)
 """
 
 import os

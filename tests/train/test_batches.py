@@ -89,8 +89,13 @@ def test_pass_budget_joins_only_in_one_process_without_deepspeed():
     from tuneforge.train.batches import pass_budget
 
     def cfg(**train):
-        return RunConfig.model_validate({"model": {"name_or_path": "x"}, "data": {"train": [{"path": "d.json"}],
-                                         "max_seq_len": 512}, "train": {"micro_batch_size": 4, "grad_accum": 4, **train}})
+        return RunConfig.model_validate(
+            {
+                "model": {"name_or_path": "x"},
+                "data": {"train": [{"path": "d.json"}], "max_seq_len": 512},
+                "train": {"micro_batch_size": 4, "grad_accum": 4, **train},
+            }
+        )
 
     assert pass_budget(cfg(), 1, "ddp") == (2048, None)  # auto: micro_batch_size x max_seq_len
     assert pass_budget(cfg(pass_tokens=3000), 1, "fsdp2") == (3000, None)
@@ -98,5 +103,6 @@ def test_pass_budget_joins_only_in_one_process_without_deepspeed():
     assert pass_budget(cfg(grad_accum=1), 1, "ddp") == (None, None)
     assert pass_budget(cfg(), 2, "ddp") == (None, None) and pass_budget(cfg(), 1, "deepspeed") == (None, None)
     budget, note = pass_budget(cfg(pass_tokens=3000), 2, "ddp")
-    assert budget is None and note == ("train.pass_tokens=3000 ignored: with 2 process(es) (ddp) every rank runs "
-                                       "each micro-batch as its own pass")
+    assert budget is None and note == (
+        "train.pass_tokens=3000 ignored: with 2 process(es) (ddp) every rank runs each micro-batch as its own pass"
+    )

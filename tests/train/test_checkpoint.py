@@ -43,8 +43,9 @@ def take_step(model, opt, sched):
 
 
 def save(root, step, model, opt, sched):
-    return save_checkpoint(root, step, model=model, optimizer=opt, scheduler=sched, scaler=None,
-                           state=TrainState(step=step), resume_key={})
+    return save_checkpoint(
+        root, step, model=model, optimizer=opt, scheduler=sched, scaler=None, state=TrainState(step=step), resume_key={}
+    )
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -98,13 +99,27 @@ def test_prune_keeps_the_newest_and_the_best(tmp_path):
 
 def test_resume_key_refuses_critical_changes_and_lists_allowed_ones():
     order = {"rows": 64, "rows_per_step": 8, "global_micro_batch": None}
-    saved = {"model": {"a": 1}, "adapter": {"r": 8}, "data_fingerprint": "f1", "data_order": order,
-             "train.group_by_length": False, "world_size": 1, "train.seed": 1, "precision": "fp32",
-             "config": {"train.max_steps": 10, "log.every_steps": 1, "train.micro_batch_size": 4}}
-    allowed = {**saved, "world_size": 2, "config": {**saved["config"], "train.max_steps": 20, "log.every_steps": 5,
-                                                     "train.micro_batch_size": 2}}
-    assert check_resume_key("ck", saved, allowed) == ["log.every_steps: 1 -> 5", "train.max_steps: 10 -> 20",
-                                                      "train.micro_batch_size: 4 -> 2"]
+    saved = {
+        "model": {"a": 1},
+        "adapter": {"r": 8},
+        "data_fingerprint": "f1",
+        "data_order": order,
+        "train.group_by_length": False,
+        "world_size": 1,
+        "train.seed": 1,
+        "precision": "fp32",
+        "config": {"train.max_steps": 10, "log.every_steps": 1, "train.micro_batch_size": 4},
+    }
+    allowed = {
+        **saved,
+        "world_size": 2,
+        "config": {**saved["config"], "train.max_steps": 20, "log.every_steps": 5, "train.micro_batch_size": 2},
+    }
+    assert check_resume_key("ck", saved, allowed) == [
+        "log.every_steps: 1 -> 5",
+        "train.max_steps: 10 -> 20",
+        "train.micro_batch_size: 4 -> 2",
+    ]
     with pytest.raises(CheckpointError) as e:
         check_resume_key("ck", saved, {**saved, "data_order": {**order, "rows_per_step": 16}, "data_fingerprint": "f2"})
     msg = str(e.value)
@@ -124,8 +139,9 @@ def trainer_for(cfg_dict, tmp_path, evaluate=None, **sections):
     return Trainer(cfg, tmp_path / "run", data, evaluate, log=lambda s: None).setup()
 
 
-def test_a_failed_save_warns_keeps_the_previous_checkpoint_and_training_goes_on(tiny_config_dict, tmp_path, monkeypatch,
-                                                                                 capsys):
+def test_a_failed_save_warns_keeps_the_previous_checkpoint_and_training_goes_on(
+    tiny_config_dict, tmp_path, monkeypatch, capsys
+):
     tr = trainer_for(tiny_config_dict, tmp_path, checkpoint={"every_steps": 2}, log={"progress": "plain"})
     saves = {"n": 0}
 
@@ -175,8 +191,9 @@ def test_a_nan_step_is_skipped_and_counted_without_touching_the_weights(tiny_con
 
 
 def test_too_many_bad_steps_stop_the_run_with_the_last_good_checkpoint_intact(tiny_config_dict, tmp_path, monkeypatch):
-    tr = trainer_for(tiny_config_dict, tmp_path, train={"max_steps": 6, "max_bad_steps": 1},
-                     checkpoint={"every_steps": 2})
+    tr = trainer_for(
+        tiny_config_dict, tmp_path, train={"max_steps": 6, "max_bad_steps": 1}, checkpoint={"every_steps": 2}
+    )
     nan_at_steps(monkeypatch, {3, 4})
     with pytest.raises(BadStepsError, match=r"stopped at step 4: 2 steps had a non-finite loss.*step-000002"):
         tr.train()
@@ -188,14 +205,19 @@ def test_too_many_bad_steps_stop_the_run_with_the_last_good_checkpoint_intact(ti
 
 def scripted_eval(values):
     it = iter(values)
-    return lambda model: {"eval_loss": next(it)}
+    return lambda model, status=None: {"eval_loss": next(it)}
 
 
 def test_early_stopping_stops_at_the_expected_step_and_loads_the_best(tiny_config_dict, tmp_path):
     # evals at steps 1..: 1.0, 0.9 (best), 0.95, 0.91 -> two evals without improvement -> stop after step 4
-    tr = trainer_for(tiny_config_dict, tmp_path, scripted_eval([1.0, 0.9, 0.95, 0.91, 0.5, 0.5]),
-                     train={"max_steps": 10}, checkpoint={"every_steps": 100},
-                     eval={"every_steps": 1, "early_stopping_patience": 2, "load_best_at_end": True})
+    tr = trainer_for(
+        tiny_config_dict,
+        tmp_path,
+        scripted_eval([1.0, 0.9, 0.95, 0.91, 0.5, 0.5]),
+        train={"max_steps": 10},
+        checkpoint={"every_steps": 100},
+        eval={"every_steps": 1, "early_stopping_patience": 2, "load_best_at_end": True},
+    )
     summary = tr.train()
     assert summary["steps"] == 4 and summary["stopped_early"] and summary["best_step"] == 2
     best = checkpoint.load_file(str(tr.ckpt_root / "step-000002" / "trainable.safetensors"))
@@ -205,9 +227,14 @@ def test_early_stopping_stops_at_the_expected_step_and_loads_the_best(tiny_confi
 
 
 def test_min_delta_decides_what_counts_as_an_improvement(tiny_config_dict, tmp_path):
-    tr = trainer_for(tiny_config_dict, tmp_path, scripted_eval([1.0, 0.99, 0.98, 0.5]),
-                     train={"max_steps": 4}, checkpoint={"every_steps": 100},
-                     eval={"every_steps": 1, "early_stopping_patience": 2, "early_stopping_min_delta": 0.05})
+    tr = trainer_for(
+        tiny_config_dict,
+        tmp_path,
+        scripted_eval([1.0, 0.99, 0.98, 0.5]),
+        train={"max_steps": 4},
+        checkpoint={"every_steps": 100},
+        eval={"every_steps": 1, "early_stopping_patience": 2, "early_stopping_min_delta": 0.05},
+    )
     summary = tr.train()
     assert summary["steps"] == 3 and summary["best_step"] == 1
     tr.cleanup()
@@ -228,16 +255,22 @@ def test_train_resumes_refuses_incompatible_changes_and_accepts_more_steps(tiny_
     shutil.rmtree(run / "final")  # as if it crashed after the last checkpoint
     assert main(["train", str(path), "train.micro_batch_size=2"]) == 2
     err = capsys.readouterr().err
-    assert "cannot resume from" in err and "data_order: " in err and "\"rows_per_step\": 4} -> " in err
+    assert "cannot resume from" in err and "data_order: " in err and '"rows_per_step": 4} -> ' in err
     assert main(["train", str(path), "train.max_steps=6"]) == 0
     out = capsys.readouterr().out
     assert "resuming from" in out and "step 4 of 6" in out and "train.max_steps: 4 -> 6" in out
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
-             if json.loads(x)["type"] == "train"]
+    steps = [
+        json.loads(x)["step"]
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["type"] == "train"
+    ]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert main(["train", str(path), "--resume", "never", "output.overwrite=true"]) == 0
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
-             if json.loads(x)["type"] == "train"]
+    steps = [
+        json.loads(x)["step"]
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["type"] == "train"
+    ]
     assert steps == [1, 2, 3, 4]
 
 
@@ -293,7 +326,9 @@ def test_random_streams_round_trip_through_a_checkpoint_loaded_without_unpicklin
     assert sched2.state_dict()["last_epoch"] == 1 and torch.equal(model2.weight, model.weight)
     # an RNG file of an earlier version (numpy's key as an ndarray) still loads
     random.seed(3), np.random.seed(4), torch.manual_seed(5)
-    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-               ckpt / "rng-rank0.pt")
+    torch.save(
+        {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+        ckpt / "rng-rank0.pt",
+    )
     load_checkpoint(ckpt, model=model2, optimizer=opt2, scheduler=sched2, scaler=None)
     assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == want

@@ -12,9 +12,12 @@ pytestmark = pytest.mark.integration
 
 
 def losses(cfg_dict, tmp_path, name, compile_):
-    d = {**cfg_dict, "output": {"dir": str(tmp_path / name)},
-         "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-         "train": {**cfg_dict["train"], "max_steps": 3, "compile": compile_}}
+    d = {
+        **cfg_dict,
+        "output": {"dir": str(tmp_path / name)},
+        "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {**cfg_dict["train"], "max_steps": 3, "compile": compile_},
+    }
     cfg = RunConfig.model_validate(d)
     data = prepare(cfg, tmp_path / name, log=lambda s: None)
     logs = []

@@ -20,14 +20,32 @@ pytestmark = pytest.mark.integration
 
 def config(tmp_path: Path, name: str, adapter: dict, micro: int, **train) -> Path:
     cfg = {
-        "model": {"init": {"architecture": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-                           "max_position_embeddings": 128, "tokenizer_vocab_size": 400}},
+        "model": {
+            "init": {
+                "architecture": "llama",
+                "hidden_size": 64,
+                "num_layers": 2,
+                "num_heads": 4,
+                "max_position_embeddings": 128,
+                "tokenizer_vocab_size": 400,
+            }
+        },
         # uneven lengths (sort_words rows vary), so ranks pad differently from the single process
-        "data": {"train": [{"synthetic": {"task": "sort_words", "rows": 72, "seed": 0}}], "eval_fraction": 0.125,
-                 "max_seq_len": 64},
+        "data": {
+            "train": [{"synthetic": {"task": "sort_words", "rows": 72, "seed": 0}}],
+            "eval_fraction": 0.125,
+            "max_seq_len": 64,
+        },
         "adapter": adapter,
-        "train": {"lr": 5e-3, "max_steps": 6, "micro_batch_size": micro, "grad_accum": 2, "warmup_steps": 0,
-                  "seed": 3, **train},
+        "train": {
+            "lr": 5e-3,
+            "max_steps": 6,
+            "micro_batch_size": micro,
+            "grad_accum": 2,
+            "warmup_steps": 0,
+            "seed": 3,
+            **train,
+        },
         "eval": {"at_start": False, "show_samples": 0, "every_steps": 3},
         "log": {"every_steps": 1, "progress": "none"},
         "checkpoint": {"every_steps": 2},
@@ -39,8 +57,9 @@ def config(tmp_path: Path, name: str, adapter: dict, micro: int, **train) -> Pat
 
 
 def tuneforge(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tuneforge.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "tuneforge.cli", *map(str, args)], capture_output=True, text=True, timeout=300, **kw
+    )
 
 
 def records(run: Path, kind: str) -> list[dict]:
@@ -51,12 +70,14 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     final = run / "final"
-    return load_file(final / ("adapter_model.safetensors" if (final / "adapter_model.safetensors").exists()
-                              else "model.safetensors"))
+    return load_file(
+        final / ("adapter_model.safetensors" if (final / "adapter_model.safetensors").exists() else "model.safetensors")
+    )
 
 
-@pytest.mark.parametrize("adapter", [{"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, {"type": "full"}],
-                         ids=["lora", "full"])
+@pytest.mark.parametrize(
+    "adapter", [{"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, {"type": "full"}], ids=["lora", "full"]
+)
 def test_two_processes_give_the_same_losses_and_weights_as_one(tmp_path, adapter):
     one = tuneforge("train", config(tmp_path, "one", adapter, micro=4))
     assert one.returncode == 0, one.stderr[-3000:]
@@ -89,8 +110,12 @@ def test_two_processes_give_the_same_losses_and_weights_as_one(tmp_path, adapter
     assert len(records(tmp_path / "two", "train")) == 6
 
     # the 2-process run's step-2 checkpoint continues on 1 process (same rows per step): the 1-process losses
-    cont = tuneforge("train", config(tmp_path, "cont", adapter, micro=4), "--resume",
-                     tmp_path / "two" / "checkpoints" / "step-000002")
+    cont = tuneforge(
+        "train",
+        config(tmp_path, "cont", adapter, micro=4),
+        "--resume",
+        tmp_path / "two" / "checkpoints" / "step-000002",
+    )
     assert cont.returncode == 0, cont.stderr[-3000:]
     assert "resuming from" in cont.stdout and "train.micro_batch_size: 2 -> 4" in cont.stdout
     l3 = [r["loss"] for r in records(tmp_path / "cont", "train")]
@@ -111,8 +136,12 @@ def _worker(root_pid: int, rank: int) -> psutil.Process | None:
 def test_a_killed_rank_ends_the_job_with_its_rank_named_and_the_run_resumes(tmp_path):
     cfg = config(tmp_path, "kill", {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, micro=2, max_steps=400)
     run = tmp_path / "kill"
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "train", str(cfg), "--nproc", "2",
-                             "dist.timeout_minutes=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge.cli", "train", str(cfg), "--nproc", "2", "dist.timeout_minutes=1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run / "checkpoints" / "latest").exists():  # training is under way on both ranks

@@ -72,12 +72,24 @@ def test_accumulation_equivalence_holds_with_very_different_sample_lengths(tiny_
 
     rng = random.Random(0)
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    rows = [{"instruction": " ".join(rng.choices(words, k=rng.randint(1, 12))),
-             "output": " ".join(rng.choices(words, k=rng.choice([1, 2, 30, 45])))} for _ in range(8)]
+    rows = [
+        {
+            "instruction": " ".join(rng.choices(words, k=rng.randint(1, 12))),
+            "output": " ".join(rng.choices(words, k=rng.choice([1, 2, 30, 45]))),
+        }
+        for _ in range(8)
+    ]
     path = tmp_path / "varied.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    cfg = {**tiny_config_dict, "data": {"train": [{"path": str(path)}], "max_seq_len": 128, "dedup": {"exact": False},
-                                        "quality": {"max_repeated_ngram_frac": None, "max_repeated_line_frac": None}}}
+    cfg = {
+        **tiny_config_dict,
+        "data": {
+            "train": [{"path": str(path)}],
+            "max_seq_len": 128,
+            "dedup": {"exact": False},
+            "quality": {"max_repeated_ngram_frac": None, "max_repeated_line_frac": None},
+        },
+    }
     cfg["model"] = {"init": {**tiny_config_dict["model"]["init"], "tokenizer_vocab_size": 300}}
     one_losses, one = run(cfg, tmp_path, "one", micro_batch_size=8, grad_accum=1)
     acc_losses, acc = run(cfg, tmp_path, "acc", micro_batch_size=1, grad_accum=8, pass_tokens=None)
@@ -91,10 +103,12 @@ def test_micro_batches_joined_into_passes_give_the_same_steps(tiny_config_dict, 
     auto, joined, one, wide = {}, {}, {}, {}
     run(tiny_config_dict, tmp_path, "auto", passes=auto, micro_batch_size=2, grad_accum=4)
     assert auto["budget"] == 2 * 64  # auto: micro_batch_size x data.max_seq_len
-    joined_losses, joined_params = run(tiny_config_dict, tmp_path, "joined", passes=joined, micro_batch_size=1,
-                                       grad_accum=8, pass_tokens=128)
-    one_losses, one_params = run(tiny_config_dict, tmp_path, "one", passes=one, micro_batch_size=1, grad_accum=8,
-                                 pass_tokens=None)
+    joined_losses, joined_params = run(
+        tiny_config_dict, tmp_path, "joined", passes=joined, micro_batch_size=1, grad_accum=8, pass_tokens=128
+    )
+    one_losses, one_params = run(
+        tiny_config_dict, tmp_path, "one", passes=one, micro_batch_size=1, grad_accum=8, pass_tokens=None
+    )
     run(tiny_config_dict, tmp_path, "wide", passes=wide, micro_batch_size=1, grad_accum=8, pass_tokens=10_000)
     assert one["count"] == 16 and 2 < joined["count"] < 16 and wide["count"] == 2
     assert joined_losses == pytest.approx(one_losses, rel=1e-6)

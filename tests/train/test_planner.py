@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.memory_planner import measure_step_memory
 from tuneforge.cli import main
 from tuneforge.config.schema import RunConfig
 from tuneforge.model.adapters import apply_adapter
 from tuneforge.model.load import load_model
 from tuneforge.train.optim import build_optimizer
-from benchmarks.memory_planner import measure_step_memory
 from tuneforge.train.planner import GIB, parse_size, plan_memory
 
 
@@ -22,13 +22,24 @@ class _Tok:
 
 
 def _cfg(adapter: str, checkpointing: bool) -> RunConfig:
-    return RunConfig.model_validate({
-        "model": {"init": {"architecture": "llama", "hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
-                           "max_position_embeddings": 256, "tokenizer_vocab_size": 512}},
-        "data": {"train": [{"synthetic": {"task": "reverse_words", "rows": 8}}], "max_seq_len": 128},
-        "adapter": {"type": adapter, "r": 8, "alpha": 16, "dropout": 0.0},
-        "train": {"micro_batch_size": 4, "gradient_checkpointing": checkpointing, "lr": 1e-3},
-    })
+    return RunConfig.model_validate(
+        {
+            "model": {
+                "init": {
+                    "architecture": "llama",
+                    "hidden_size": 128,
+                    "num_layers": 3,
+                    "num_heads": 4,
+                    "num_kv_heads": 2,
+                    "max_position_embeddings": 256,
+                    "tokenizer_vocab_size": 512,
+                }
+            },
+            "data": {"train": [{"synthetic": {"task": "reverse_words", "rows": 8}}], "max_seq_len": 128},
+            "adapter": {"type": adapter, "r": 8, "alpha": 16, "dropout": 0.0},
+            "train": {"micro_batch_size": 4, "gradient_checkpointing": checkpointing, "lr": 1e-3},
+        }
+    )
 
 
 @pytest.mark.parametrize("adapter", ["lora", "full"])
@@ -46,8 +57,12 @@ def test_plan_is_within_15_percent_of_measured_bytes(adapter, checkpointing):
     measured = measure_step_memory(model, batch, build_optimizer(model, cfg.train))
 
     p = plan.parts
-    planned = {"weights": p["weights"], "gradients": p["gradients"], "optimizer": p["optimizer (adamw)"],
-               "saved activations": p["activations (decoder)"] + p["activations (LM head, loss)"]}
+    planned = {
+        "weights": p["weights"],
+        "gradients": p["gradients"],
+        "optimizer": p["optimizer (adamw)"],
+        "saved activations": p["activations (decoder)"] + p["activations (LM head, loss)"],
+    }
     # what stays saved through the forward (with checkpointing: the layers' inputs; their recompute comes later)
     assert ("recomputed layer (checkpointing)" in p) == checkpointing
     for k, m in measured.items():
@@ -82,7 +97,9 @@ def test_a_model_whose_config_cannot_be_read_is_a_clear_error(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["plan", str(path)]) == 1
     err = capsys.readouterr().err
-    assert "memory plan: could not read the config of model" in err and "set model.name_or_path to that directory" in err
+    assert (
+        "memory plan: could not read the config of model" in err and "set model.name_or_path to that directory" in err
+    )
 
 
 def test_sharded_strategies_divide_what_they_shard_and_offload_leaves_the_device():
@@ -109,22 +126,38 @@ def test_sharded_strategies_divide_what_they_shard_and_offload_leaves_the_device
     zero3 = plan(strategy="deepspeed", zero_stage=3, offload_optimizer=True, offload_params=True)
     assert zero3.parts["weights"] == 0.0 and zero3.parts["optimizer (adamw)"] == 0.0
     assert zero3.parts["gradients"] == pytest.approx(ddp["gradients"] / 4)
-    assert zero3.notes[-1] == ("DeepSpeed ZeRO-3 on 4 devices: optimizer, gradients, weights divided over the devices; "
-                               "optimizer, weights in CPU RAM")
-    assert zero3.total < plan(strategy="deepspeed", zero_stage=3).total < zero2["weights"] + sum(
-        v for k, v in zero2.items() if k != "weights")
+    assert zero3.notes[-1] == (
+        "DeepSpeed ZeRO-3 on 4 devices: optimizer, gradients, weights divided over the devices; "
+        "optimizer, weights in CPU RAM"
+    )
+    assert (
+        zero3.total
+        < plan(strategy="deepspeed", zero_stage=3).total
+        < zero2["weights"] + sum(v for k, v in zero2.items() if k != "weights")
+    )
 
 
 def _smollm2_sized(checkpointing="auto", micro_batch: int = 4, seq: int = 512) -> RunConfig:
     """A config with SmolLM2-135M's shapes (built on meta: nothing is loaded)."""
-    return RunConfig.model_validate({
-        "model": {"init": {"architecture": "llama", "hidden_size": 576, "num_layers": 30, "num_heads": 9,
-                           "num_kv_heads": 3, "intermediate_size": 1536, "max_position_embeddings": 2048,
-                           "tokenizer_vocab_size": 49152}},
-        "data": {"train": [{"synthetic": {"task": "reverse_words", "rows": 8}}], "max_seq_len": seq},
-        "adapter": {"type": "lora", "dropout": 0.1},
-        "train": {"micro_batch_size": micro_batch, "gradient_checkpointing": checkpointing},
-    })
+    return RunConfig.model_validate(
+        {
+            "model": {
+                "init": {
+                    "architecture": "llama",
+                    "hidden_size": 576,
+                    "num_layers": 30,
+                    "num_heads": 9,
+                    "num_kv_heads": 3,
+                    "intermediate_size": 1536,
+                    "max_position_embeddings": 2048,
+                    "tokenizer_vocab_size": 49152,
+                }
+            },
+            "data": {"train": [{"synthetic": {"task": "reverse_words", "rows": 8}}], "max_seq_len": seq},
+            "adapter": {"type": "lora", "dropout": 0.1},
+            "train": {"micro_batch_size": micro_batch, "gradient_checkpointing": checkpointing},
+        }
+    )
 
 
 def test_auto_checkpointing_follows_the_share_of_free_memory_and_says_why():
@@ -134,14 +167,17 @@ def test_auto_checkpointing_follows_the_share_of_free_memory_and_says_why():
     # plenty of room: no recomputation, the plan is the plain one
     roomy = plan_memory(_smollm2_sized(), device="cpu", precision="fp32", device_bytes=4 * need)
     assert not roomy.checkpointing and roomy.total == need
-    assert roomy.notes[0] == (f"gradient checkpointing off (auto: {need / GIB:.1f} GiB planned, 25% of the "
-                              f"{4 * need / GIB:.1f} GiB free)")
+    assert roomy.notes[0] == (
+        f"gradient checkpointing off (auto: {need / GIB:.1f} GiB planned, 25% of the {4 * need / GIB:.1f} GiB free)"
+    )
     # more than half of the free memory: checkpointing, and the plan is the run that will happen
     tight = plan_memory(_smollm2_sized(), device="cpu", precision="fp32", device_bytes=1.5 * need)
     forced = plan_memory(_smollm2_sized(True), device="cpu", precision="fp32", device_bytes=1.5 * need)
     assert tight.checkpointing and tight.total == forced.total < 0.4 * need
-    assert tight.notes[0] == (f"gradient checkpointing on (auto: {need / GIB:.1f} GiB without it would be 67% of "
-                              f"the {1.5 * need / GIB:.1f} GiB free, over 50%)")
+    assert tight.notes[0] == (
+        f"gradient checkpointing on (auto: {need / GIB:.1f} GiB without it would be 67% of "
+        f"the {1.5 * need / GIB:.1f} GiB free, over 50%)"
+    )
     # an explicit choice stands, whatever the plan
     assert plain.notes[0] == "gradient checkpointing off (train.gradient_checkpointing=False)"
     assert not plan_memory(_smollm2_sized(False), device="cpu", precision="fp32", device_bytes=need).checkpointing
@@ -163,7 +199,7 @@ def test_train_logs_the_decision_the_plan_shows(tiny_config_dict, tmp_path, caps
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tiny_config_dict))
     assert main(["plan", str(path)]) == 0
-    planned = next(x.strip()[len("note: "):] for x in capsys.readouterr().out.splitlines() if "checkpointing" in x)
+    planned = next(x.strip()[len("note: ") :] for x in capsys.readouterr().out.splitlines() if "checkpointing" in x)
     assert planned.startswith("gradient checkpointing off (auto:")
     assert main(["train", str(path)]) == 0
     assert planned.split(" (auto")[0] in capsys.readouterr().out

@@ -23,13 +23,32 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.integration
 HERE = Path(__file__).parent
 CONFIG = {
-    "model": {"init": {"architecture": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-                       "max_position_embeddings": 128, "tokenizer_vocab_size": 400}},
-    "data": {"train": [{"synthetic": {"task": "reverse_words", "rows": 240, "seed": 0}}],
-             "eval_fraction": 0.1, "max_seq_len": 128, "packing": True},
+    "model": {
+        "init": {
+            "architecture": "llama",
+            "hidden_size": 64,
+            "num_layers": 2,
+            "num_heads": 4,
+            "max_position_embeddings": 128,
+            "tokenizer_vocab_size": 400,
+        }
+    },
+    "data": {
+        "train": [{"synthetic": {"task": "reverse_words", "rows": 240, "seed": 0}}],
+        "eval_fraction": 0.1,
+        "max_seq_len": 128,
+        "packing": True,
+    },
     "adapter": {"type": "lora", "r": 8, "dropout": 0.1},
-    "train": {"lr": 1e-3, "max_steps": 20, "micro_batch_size": 2, "grad_accum": 2, "warmup_steps": 2, "seed": 3,
-              "threads": 1},
+    "train": {
+        "lr": 1e-3,
+        "max_steps": 20,
+        "micro_batch_size": 2,
+        "grad_accum": 2,
+        "warmup_steps": 2,
+        "seed": 3,
+        "threads": 1,
+    },
     "eval": {"every_steps": 4, "at_start": True, "show_samples": 0},
     "checkpoint": {"every_steps": 3, "save_total_limit": 2},
     "log": {"every_steps": 1, "progress": "none"},
@@ -48,13 +67,15 @@ def env():
 
 
 def tuneforge(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tuneforge.cli", "train", *args], env=env(), capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "tuneforge.cli", "train", *args], env=env(), capture_output=True, text=True, timeout=600
+    )
 
 
 def crash(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(HERE / "crash_run.py"), *args], env=env(), capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(HERE / "crash_run.py"), *args], env=env(), capture_output=True, text=True, timeout=600
+    )
 
 
 def train_steps(run: Path) -> list[tuple[int, float]]:
@@ -72,8 +93,13 @@ def last_step(run: Path) -> int:
 
 def signal_at_step(config: Path, run: Path, step: int, sig: int) -> subprocess.CompletedProcess:
     """Start training, send `sig` once `step` is logged, wait for the process."""
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "train", str(config)], env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge.cli", "train", str(config)],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while last_step(run) < step and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -121,6 +147,10 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    evals = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()  # noqa: E731
-                       if json.loads(x)["type"] == "eval"]
+
+    def evals(d):
+        return [
+            json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if json.loads(x)["type"] == "eval"
+        ]
+
     assert [(e["step"], e["eval_loss"]) for e in evals(run)] == [(e["step"], e["eval_loss"]) for e in evals(straight)]

@@ -75,21 +75,33 @@ def reloaded_eval_loss(run: Path, kind: str) -> float:
     else:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base", dtype=torch.float32), final)
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(run / "base", dtype=torch.float32), final
+        )
     tok = AutoTokenizer.from_pretrained(final)
-    return evaluate_loss(model, load_from_disk(str(run / "data" / "eval")), PaddedCollator(tok.pad_token_id), 8, "cpu")["eval_loss"]
+    return evaluate_loss(model, load_from_disk(str(run / "data" / "eval")), PaddedCollator(tok.pad_token_id), 8, "cpu")[
+        "eval_loss"
+    ]
 
 
 CASES = {
     "fsdp2-lora": ("lora", {"strategy": "fsdp2"}, "FSDPPeftModelForCausalLM", 0.5),
     "fsdp2-full": ("full", {"strategy": "fsdp2"}, "FSDPLlamaForCausalLM", 0.5),
     # the seed-style ZeRO-2 file, "auto" values and optimizer/scheduler sections included, used as given
-    "zero2-lora": ("lora", {"strategy": "deepspeed", "deepspeed_config": str(ROOT / "configs/deepspeed/zero2.json")},
-                   "DeepSpeedEngine(ZeRO-2)", 1.0),
+    "zero2-lora": (
+        "lora",
+        {"strategy": "deepspeed", "deepspeed_config": str(ROOT / "configs/deepspeed/zero2.json")},
+        "DeepSpeedEngine(ZeRO-2)",
+        1.0,
+    ),
     "zero2-full": ("full", {"strategy": "deepspeed", "zero_stage": 2}, "DeepSpeedEngine(ZeRO-2)", 1.0),
     "zero3-lora": ("lora", {"strategy": "deepspeed", "zero_stage": 3}, "DeepSpeedEngine(ZeRO-3)", 0.5),
-    "zero3-full": ("full", {"strategy": "deepspeed", "deepspeed_config": str(ROOT / "configs/deepspeed/zero3.json")},
-                   "DeepSpeedEngine(ZeRO-3)", 0.5),
+    "zero3-full": (
+        "full",
+        {"strategy": "deepspeed", "deepspeed_config": str(ROOT / "configs/deepspeed/zero3.json")},
+        "DeepSpeedEngine(ZeRO-3)",
+        0.5,
+    ),
 }
 
 
@@ -124,8 +136,14 @@ def test_two_sharded_processes_match_one(tmp_path, one_process, case):
         torch.testing.assert_close(losses(tmp_path / "cont"), losses(base)[2:], rtol=1e-5, atol=0)
     if case == "zero3-lora":
         # ZeRO partitions belong to one world size: resuming on 2 processes continues exactly ...
-        cont = tuneforge("train", config(tmp_path, "cont", adapter, micro=2, dist=dist), "--nproc", "2",
-                         "--resume", run / "checkpoints" / "step-000004")
+        cont = tuneforge(
+            "train",
+            config(tmp_path, "cont", adapter, micro=2, dist=dist),
+            "--nproc",
+            "2",
+            "--resume",
+            run / "checkpoints" / "step-000004",
+        )
         assert cont.returncode == 0, cont.stderr[-3000:]
         torch.testing.assert_close(losses(tmp_path / "cont"), losses(base)[4:], rtol=1e-5, atol=0)
         # ... and 1 process is refused before training, with the reason
@@ -143,8 +161,10 @@ def test_zero3_partitions_a_pretrained_model_while_loading_it(tmp_path, one_proc
     puts LoRA on the partitioned layers; losses match the same LoRA run on one process."""
     pretrained = one_process["full"] / "final"
     runs = {}
-    for name, micro, dist, extra in (("one", 4, {}, []), ("two", 2, {"strategy": "deepspeed", "zero_stage": 3},
-                                                          ["--nproc", "2"])):
+    for name, micro, dist, extra in (
+        ("one", 4, {}, []),
+        ("two", 2, {"strategy": "deepspeed", "zero_stage": 3}, ["--nproc", "2"]),
+    ):
         path = config(tmp_path, name, LORA, micro=micro, dist=dist)
         cfg = yaml.safe_load(path.read_text())
         cfg["model"] = {"name_or_path": str(pretrained)}

@@ -1,7 +1,6 @@
 """FLOP accounting for MFU, attention pairs from the collators, memory and thread defaults."""
 
 import pytest
-import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -10,8 +9,15 @@ from tuneforge.train.throughput import MfuMeter, default_threads, flop_model, pe
 
 
 def llama(h=32, i=64, layers=2, heads=4, kv=2, vocab=100):
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=h,
+        intermediate_size=i,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -73,8 +79,10 @@ def test_mfu_is_never_above_100_percent_when_the_start_up_peak_was_low():
     # a step at 3 TFLOP/s per process: the measured peak was low (busy cores); the step becomes the peak
     mfu, note = meter.update(6e12, 1.0)
     assert mfu == 1.0 and meter.peak == pytest.approx(3.0)
-    assert note == ("MFU: a step reached 3 TFLOP/s per process, above the peak of 2 (measured fp32 matmul, best of "
-                    "4 bursts); MFU is now measured against 3 (the cores were probably busy while it was measured)")
+    assert note == (
+        "MFU: a step reached 3 TFLOP/s per process, above the peak of 2 (measured fp32 matmul, best of "
+        "4 bursts); MFU is now measured against 3 (the cores were probably busy while it was measured)"
+    )
     # later steps are measured against the raised peak; the note is given once
     assert meter.update(3e12, 1.0) == (pytest.approx(0.5), None)
     assert meter.update(8e12, 1.0) == (1.0, None) and meter.peak == pytest.approx(4.0)

@@ -32,9 +32,13 @@ def run_monitor(run_dir: Path, report_to: list[str], **log) -> None:
 
 def test_record_metrics_namespaces_numbers_and_skips_the_rest():
     assert record_metrics({"type": "train", "step": 4, "loss": 1.0, "skipped": False, "note": "x", "tokens": 7}) == (
-        {"train/loss": 1.0, "train/tokens": 7.0}, 4)
+        {"train/loss": 1.0, "train/tokens": 7.0},
+        4,
+    )
     assert record_metrics({"type": "eval", "step": 0, "eval_loss": 2.0, "exact_match": 0.5}) == (
-        {"eval/loss": 2.0, "eval/exact_match": 0.5}, 0)
+        {"eval/loss": 2.0, "eval/exact_match": 0.5},
+        0,
+    )
     assert record_metrics({"type": "checkpoint", "step": 3, "path": "p"}) is None
 
 
@@ -53,7 +57,7 @@ def test_tensorboard_event_file_read_by_tensorboard(tmp_path):
     assert acc.Scalars("eval/ppl")[0].value == pytest.approx(4.4816890703380645)
     assert "train/skipped" not in acc.Tags()["scalars"]
     config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert '    train.lr: 0.001' in config_text and '    eval.every_steps: null' in config_text
+    assert "    train.lr: 0.001" in config_text and "    eval.every_steps: null" in config_text
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     content = acc.PluginTagToContent("hparams")
@@ -133,7 +137,11 @@ def test_wandb_offline_run_directory_read_back(tmp_path, monkeypatch):
     for r in records:
         if r.WhichOneof("record_type") == "config":
             config.update({u.key: json.loads(u.value_json) for u in r.config.update})
-    assert config["train.lr"] == 0.001 and config["adapter.type"] == "lora" and config["data.train"] == '[{"synthetic": "x"}]'
+    assert (
+        config["train.lr"] == 0.001
+        and config["adapter.type"] == "lora"
+        and config["data.train"] == '[{"synthetic": "x"}]'
+    )
     history = []
     for r in records:
         if r.WhichOneof("record_type") == "history":
@@ -150,14 +158,18 @@ def test_missing_tracker_package_is_a_finding_of_validate_and_train_refuses_to_s
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     path = tmp_path / "c.yaml"
-    path.write_text("model: {init: {}}\ndata: {train: [{synthetic: {task: reverse_words}}]}\n"
-                    f"log: {{report_to: [jsonl, wandb]}}\noutput: {{dir: {tmp_path / 'run'}}}\n")
+    path.write_text(
+        "model: {init: {}}\ndata: {train: [{synthetic: {task: reverse_words}}]}\n"
+        f"log: {{report_to: [jsonl, wandb]}}\noutput: {{dir: {tmp_path / 'run'}}}\n"
+    )
     load_config(path)  # the config is valid on any machine
     assert main(["validate", str(path)]) == 0
     out = capsys.readouterr().out
-    assert out.endswith("missing on this machine (train will not start until they are installed):\n  "
-                        "log.report_to includes 'wandb' needs the wandb package, which is not installed: "
-                        "pip install 'tuneforge[wandb]'\n")
+    assert out.endswith(
+        "missing on this machine (train will not start until they are installed):\n  "
+        "log.report_to includes 'wandb' needs the wandb package, which is not installed: "
+        "pip install 'tuneforge[wandb]'\n"
+    )
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert "this run cannot start on this machine:" in err and "pip install 'tuneforge[wandb]'" in err
@@ -166,7 +178,9 @@ def test_missing_tracker_package_is_a_finding_of_validate_and_train_refuses_to_s
 
 def test_unknown_tracker_name_is_a_config_error(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("model: {init: {}}\ndata: {train: [{synthetic: {task: reverse_words}}]}\nlog: {report_to: [neptune]}\n")
+    path.write_text(
+        "model: {init: {}}\ndata: {train: [{synthetic: {task: reverse_words}}]}\nlog: {report_to: [neptune]}\n"
+    )
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert "log.report_to" in str(e.value) and "'tensorboard'" in str(e.value)
@@ -179,14 +193,20 @@ def test_json_progress_mode_prints_each_record_as_a_json_line(tmp_path, capsys):
     mon.close()
     lines = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
     assert [(x["type"], x.get("step"), x.get("loss"), x.get("text")) for x in lines] == [
-        ("train", 1, 2.0, None), ("event", None, None, "hello")]
+        ("train", 1, 2.0, None),
+        ("event", None, None, "hello"),
+    ]
 
     bar = TaskProgress("eval", 4, "json")
     for _ in range(4):
         bar.advance()
     progress = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
-    assert [(p["task"], p["done"], p["total"]) for p in progress] == [("eval", 1, 4), ("eval", 2, 4), ("eval", 3, 4),
-                                                                      ("eval", 4, 4)]
+    assert [(p["task"], p["done"], p["total"]) for p in progress] == [
+        ("eval", 1, 4),
+        ("eval", 2, 4),
+        ("eval", 3, 4),
+        ("eval", 4, 4),
+    ]
 
 
 @pytest.mark.integration
@@ -203,15 +223,24 @@ def test_training_run_sends_its_metrics_and_config_to_tensorboard(tmp_path, tiny
     cfg["eval"] = {"at_start": True, "show_samples": 0}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "tuneforge.cli", "train", str(path)], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tuneforge.cli", "train", str(path)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = Path(cfg["output"]["dir"])
     train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"type": "train"' in x]
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
-        (r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in train]
+        (r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in train
+    ]
     assert [e.step for e in acc.Scalars("eval/loss")] == [0, 4]
-    assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "train/trained_tokens", "train/step_time_s",
-            "train/peak_mem_gb", "eval/ppl"} <= set(acc.Tags()["scalars"])
+    assert {
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/trained_tokens",
+        "train/step_time_s",
+        "train/peak_mem_gb",
+        "eval/ppl",
+    } <= set(acc.Tags()["scalars"])

@@ -1,4 +1,5 @@
-"""What a command says and returns: exit codes, error and warning lines on stderr, the config loaded with its warnings shown."""
+"""What a command says and returns: exit codes, error and warning lines on stderr, the config loaded with its
+warnings shown."""
 
 from __future__ import annotations
 
@@ -36,8 +37,10 @@ def _check_input_files(cfg) -> None:
     if is_gguf(cfg.model.name_or_path):
         inspect_gguf(cfg.model.name_or_path)
     if cfg.eval.general_text and not Path(cfg.eval.general_text).is_file():
-        raise ConfigError(f"eval.general_text: {cfg.eval.general_text} does not exist; name a UTF-8 text file "
-                          "(e.g. wikitext2_valid.txt) or remove the key")
+        raise ConfigError(
+            f"eval.general_text: {cfg.eval.general_text} does not exist; name a UTF-8 text file "
+            "(e.g. wikitext2_valid.txt) or remove the key"
+        )
 
 
 def read_prompt_file(path: str) -> list[str | list[dict]]:
@@ -51,6 +54,7 @@ def read_prompt_file(path: str) -> list[str | list[dict]]:
             row = json.loads(line)
             prompts.append(row["messages"] if "messages" in row else row["prompt"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ConfigError(f"{path}:{n}: expected a JSON object with \"prompt\" or \"messages\" "
-                              f"({type(e).__name__}: {e})") from None
+            raise ConfigError(
+                f'{path}:{n}: expected a JSON object with "prompt" or "messages" ({type(e).__name__}: {e})'
+            ) from None
     return prompts

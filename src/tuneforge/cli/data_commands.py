@@ -30,7 +30,10 @@ def cmd_reference(args) -> int:
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
             ann = field.annotation
-            sub = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            sub = next(
+                (a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)),
+                None,
+            )
             if sub is not None:
                 print(f"\n{prefix}{name}:  {field.description or ''}")
                 walk(sub, f"{prefix}{name}.")

@@ -11,16 +11,25 @@ def cmd_export(args) -> int:
 
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     try:
-        result = export_run(args.run_dir, args.out, args.dtype, prompts, base_model=args.base,
-                            max_shard_size=args.max_shard_size, gguf=args.gguf_type if args.gguf else None)
+        result = export_run(
+            args.run_dir,
+            args.out,
+            args.dtype,
+            prompts,
+            base_model=args.base,
+            max_shard_size=args.max_shard_size,
+            gguf=args.gguf_type if args.gguf else None,
+        )
     except (ExportParityError, GGUFCheckError) as e:  # the numbers disagree: a failed check
         _err(str(e))
         return EXIT_FAILED
     except ExportError as e:  # inputs: the message names the file or option and the fix
         _err(str(e))
         return EXIT_CONFIG
-    print(f"export ok: {result.out_dir} ({result.dtype}{', merged ' + result.adapter if result.merged else ''}); "
-          f"parity report in {result.out_dir / 'parity.json'}" + (f"; GGUF {result.gguf}" if result.gguf else ""))
+    print(
+        f"export ok: {result.out_dir} ({result.dtype}{', merged ' + result.adapter if result.merged else ''}); "
+        f"parity report in {result.out_dir / 'parity.json'}" + (f"; GGUF {result.gguf}" if result.gguf else "")
+    )
     return 0
 
 
@@ -44,22 +53,35 @@ def cmd_serve(args) -> int:
     if refused:  # before loading the model: the answer does not depend on it
         _err(refused)
         return EXIT_CONFIG
-    for flag, value in (("--max-request-bytes", args.max_request_bytes),
-                        ("--max-sequences-per-request", args.max_sequences_per_request)):
+    for flag, value in (
+        ("--max-request-bytes", args.max_request_bytes),
+        ("--max-sequences-per-request", args.max_sequences_per_request),
+    ):
         if value < 1:
             _err(f"{flag} must be at least 1, got {value}")
             return EXIT_CONFIG
     limits = RequestLimits(args.max_request_bytes, args.max_sequences_per_request)
     served = load_served(args.run_dir, name=args.model_name, device=args.device)
     if args.max_kv_tokens is not None and args.max_kv_tokens < served.context_length:
-        _err(f"--max-kv-tokens {args.max_kv_tokens} is less than the model's context ({served.context_length} tokens, "
-             "max_position_embeddings in its config.json): one full-length request would never fit; use at least "
-             f"{served.context_length}, or leave it out for no limit")
+        _err(
+            f"--max-kv-tokens {args.max_kv_tokens} is less than the model's context ({served.context_length} tokens, "
+            "max_position_embeddings in its config.json): one full-length request would never fit; use at least "
+            f"{served.context_length}, or leave it out for no limit"
+        )
         return EXIT_CONFIG
     try:
-        run_server(served, args.host, args.port, api_key, args.max_batch_size, args.batch_window_ms,
-                   max_kv_tokens=args.max_kv_tokens, compile_model_first=args.compile, limits=limits,
-                   allow_unauthenticated=args.allow_unauthenticated)
+        run_server(
+            served,
+            args.host,
+            args.port,
+            api_key,
+            args.max_batch_size,
+            args.batch_window_ms,
+            max_kv_tokens=args.max_kv_tokens,
+            compile_model_first=args.compile,
+            limits=limits,
+            allow_unauthenticated=args.allow_unauthenticated,
+        )
     except CompileError as e:
         _err(str(e))
         return EXIT_FAILED
@@ -67,8 +89,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from tuneforge.serve.chat import run_chat
     from tuneforge.infer.engine import Engine
+    from tuneforge.serve.chat import run_chat
     from tuneforge.serve.loading import load_served
 
     served = load_served(args.run_dir, device=args.device)

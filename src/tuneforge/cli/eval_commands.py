@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from tuneforge.cli.console import EXIT_CONFIG, EXIT_FAILED, _err, read_prompt_file
@@ -11,26 +10,19 @@ from tuneforge.config.load import load_config
 
 
 # ---------------------------------------------------------------------------- eval / report / compare
-def _write_report_quietly(run_dir: Path) -> None:
-    """The run report after training; a report problem is a warning, never a failed run."""
-    from tuneforge.eval.report import write_report
-
-    try:
-        md, page = write_report(run_dir)
-    except Exception as e:  # noqa: BLE001 - the weights are saved; the report can be rebuilt with `tuneforge report`
-        print(f"warning: the run report was not written ({type(e).__name__}: {e}); "
-              f"retry with: tuneforge report {run_dir}", file=sys.stderr)
-        return
-    print(f"report: {md} and {page.name} (plots in {run_dir / 'plots'})")
-
-
 def cmd_eval(args) -> int:
     import torch
 
     from tuneforge.data.prepare import load_prepared
     from tuneforge.eval.harness import LmEvalMissing, require_lm_eval, run_lm_eval
-    from tuneforge.eval.runner import (EvalError, ModelEval, base_model, comparison_table, evaluate_model,
-                                       write_eval_json)
+    from tuneforge.eval.runner import (
+        EvalError,
+        ModelEval,
+        base_model,
+        comparison_table,
+        evaluate_model,
+        write_eval_json,
+    )
     from tuneforge.model.load import load_trained
 
     run_dir = Path(args.run_dir)
@@ -38,8 +30,10 @@ def cmd_eval(args) -> int:
         _err(f"{run_dir}: no config.yaml here; give a run directory written by `tuneforge train`")
         return EXIT_CONFIG
     if not (run_dir / "data" / "eval").exists():
-        _err(f"{run_dir}: no held-out set in {run_dir / 'data' / 'eval'}; train with data.eval_fraction > 0 "
-             "or data.eval set to have one")
+        _err(
+            f"{run_dir}: no held-out set in {run_dir / 'data' / 'eval'}; train with data.eval_fraction > 0 "
+            "or data.eval set to have one"
+        )
         return EXIT_CONFIG
     tasks = [t for t in (args.lm_eval or "").split(",") if t]
     if tasks:
@@ -85,11 +79,18 @@ def cmd_eval(args) -> int:
     except EvalError as e:
         _err(str(e))
         return EXIT_FAILED
-    settings = {"rows": len(data.eval), "generated_rows": tuned.metrics.get("generated_rows", 0),
-                "max_new_tokens": cfg.eval.max_new_tokens, "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p}
+    settings = {
+        "rows": len(data.eval),
+        "generated_rows": tuned.metrics.get("generated_rows", 0),
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "temperature": cfg.eval.temperature,
+        "top_p": cfg.eval.top_p,
+    }
     out = write_eval_json(run_dir, tuned, base, settings)
-    print(f"held-out set: {len(data.eval)} rows ({settings['generated_rows']} generated, "
-          f"max_new_tokens {cfg.eval.max_new_tokens}, temperature {cfg.eval.temperature:g})\n")
+    print(
+        f"held-out set: {len(data.eval)} rows ({settings['generated_rows']} generated, "
+        f"max_new_tokens {cfg.eval.max_new_tokens}, temperature {cfg.eval.temperature:g})\n"
+    )
     print(comparison_table(base.metrics if base else None, tuned.metrics))
     print(f"\nwrote {out}")
     return 0
@@ -134,8 +135,15 @@ def cmd_generate(args) -> int:
     if args.system:
         chats = [[{"role": "system", "content": args.system}, *c] for c in chats]
     model, tok, info = load_trained(args.run_dir)
-    outs = generate(model, tok, chats, args.max_new_tokens, info.get("stop_token_ids"), temperature=args.temperature,
-                    top_p=args.top_p)
+    outs = generate(
+        model,
+        tok,
+        chats,
+        args.max_new_tokens,
+        info.get("stop_token_ids"),
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
     if args.prompt is not None:
         print(outs[0])
     else:

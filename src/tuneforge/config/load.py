@@ -35,9 +35,11 @@ def _line_map(text: str, source: Path) -> dict[tuple[str, ...], int]:
                 name, line = str(key.value), key.start_mark.line + 1
                 if name in seen and name != "<<":
                     dotted = ".".join((*path, name))
-                    raise ConfigError(f"{source}:{line}: key '{dotted}' is given twice (first on line "
-                                      f"{seen[name]}); YAML would silently keep only the last one. "
-                                      "Delete one of them.")
+                    raise ConfigError(
+                        f"{source}:{line}: key '{dotted}' is given twice (first on line "
+                        f"{seen[name]}); YAML would silently keep only the last one. "
+                        "Delete one of them."
+                    )
                 seen[name] = line
                 sub = (*path, name)
                 lines[sub] = line

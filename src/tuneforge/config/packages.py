@@ -23,8 +23,14 @@ def missing_packages(cfg: RunConfig) -> list[str]:
         if name != "jsonl":
             module, pip_name = TRACKER_PACKAGES[name]
             needs.append((module, pip_name, f"log.report_to includes {name!r}"))
-    bnb = [what for what, used in (("adapter.type=qlora", cfg.adapter.type == "qlora"),
-                                   (f"train.optimizer={cfg.train.optimizer}", cfg.train.optimizer != "adamw")) if used]
+    bnb = [
+        what
+        for what, used in (
+            ("adapter.type=qlora", cfg.adapter.type == "qlora"),
+            (f"train.optimizer={cfg.train.optimizer}", cfg.train.optimizer != "adamw"),
+        )
+        if used
+    ]
     if bnb:
         needs.append(("bitsandbytes", "tuneforge[qlora]", " and ".join(bnb)))
     if cfg.dist.strategy == "deepspeed":
@@ -33,13 +39,19 @@ def missing_packages(cfg: RunConfig) -> list[str]:
         needs.append(("liger_kernel", "tuneforge[liger]", "train.liger_kernels=true"))
     if cfg.model.attn_implementation == "flash_attention_2":
         needs.append(("flash_attn", "flash-attn", "model.attn_implementation=flash_attention_2"))
-    return [f"{keys} needs the {module} package, which is not installed: pip install '{pip_name}'"
-            for module, pip_name, keys in needs if importlib.util.find_spec(module) is None]
+    return [
+        f"{keys} needs the {module} package, which is not installed: pip install '{pip_name}'"
+        for module, pip_name, keys in needs
+        if importlib.util.find_spec(module) is None
+    ]
 
 
 def require_packages(cfg: RunConfig) -> None:
     """Raise MissingPackageError (exit 2) naming every missing package and its install command."""
     missing = missing_packages(cfg)
     if missing:
-        raise MissingPackageError("this run cannot start on this machine:\n  " + "\n  ".join(missing)
-                                  + "\n(or change those keys; `tuneforge validate CONFIG` lists what is missing)")
+        raise MissingPackageError(
+            "this run cannot start on this machine:\n  "
+            + "\n  ".join(missing)
+            + "\n(or change those keys; `tuneforge validate CONFIG` lists what is missing)"
+        )

@@ -35,8 +35,13 @@ class PaddedCollator:
             labels[i, :n] = torch.as_tensor(r["labels"])
             mask[i, :n] = 1
         lengths = [len(r["input_ids"]) for r in rows]
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "num_tokens": mask.sum(),
-                "num_attended": torch.tensor(sum(n * (n + 1) // 2 for n in lengths))}
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": mask,
+            "num_tokens": mask.sum(),
+            "num_attended": torch.tensor(sum(n * (n + 1) // 2 for n in lengths)),
+        }
 
 
 @dataclass
@@ -64,8 +69,13 @@ class PackedCollator:
             labels[i, :n] = torch.as_tensor(r["labels"])
             pos[i, :n] = torch.as_tensor(r["position_ids"])
             pos[i, n:] = torch.arange(width - n)
-        return {"input_ids": ids, "labels": labels, "position_ids": pos, "num_tokens": torch.tensor(real),
-                "num_attended": torch.tensor(attended)}
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "position_ids": pos,
+            "num_tokens": torch.tensor(real),
+            "num_attended": torch.tensor(attended),
+        }
 
 
 @dataclass

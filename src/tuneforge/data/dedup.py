@@ -34,8 +34,9 @@ def normalize_text(text: str) -> str:
     """Lower-case, drop ASCII punctuation, collapse whitespace: 'The  answer: 42.' -> 'the answer 42'."""
     # bytes.translate drops the punctuation bytes in C; ASCII bytes never occur inside a multi-byte UTF-8
     # character, and str.split() splits on exactly the characters the regex \s matches
-    return " ".join(text.lower().encode("utf-8", "surrogatepass").translate(None, _PUNCT)
-                    .decode("utf-8", "surrogatepass").split())
+    return " ".join(
+        text.lower().encode("utf-8", "surrogatepass").translate(None, _PUNCT).decode("utf-8", "surrogatepass").split()
+    )
 
 
 def compared_text(messages: list[dict], text: str, fields: str) -> str:
@@ -69,7 +70,7 @@ def near_duplicate_rows(normalized: list[str], cfg: DedupConfig, skip: list[bool
         return [False] * len(normalized)
     hashes, offsets = shingle_hashes([normalized[i] for i in rows], cfg.shingle_words, MINHASH_SEED)
     sig = signatures(hashes, offsets, cfg.num_perm, MINHASH_SEED)
-    near = _near_rows(sig, lambda k: hashes[offsets[k]:offsets[k + 1]], cfg)
+    near = _near_rows(sig, lambda k: hashes[offsets[k] : offsets[k + 1]], cfg)
     dup = [False] * len(normalized)
     for k in np.flatnonzero(near).tolist():
         dup[rows[k]] = True
@@ -80,12 +81,42 @@ def near_duplicate_rows(normalized: list[str], cfg: DedupConfig, skip: list[bool
 # answers for common settings, checked against it by tests/data/test_dedup.py. Other settings ask datasketch
 # itself, whose import (scipy) takes longer than finding the near-duplicates of 50k rows.
 LSH_BANDS = {
-    64: {0.5: (21, 3), 0.55: (19, 3), 0.6: (16, 4), 0.65: (16, 4), 0.7: (12, 5), 0.75: (12, 5), 0.8: (10, 6),
-         0.85: (8, 8), 0.9: (6, 10), 0.95: (4, 16)},
-    128: {0.5: (26, 3), 0.55: (32, 4), 0.6: (24, 4), 0.65: (25, 5), 0.7: (21, 6), 0.75: (18, 7), 0.8: (16, 8),
-          0.85: (12, 10), 0.9: (9, 14), 0.95: (6, 21)},
-    256: {0.5: (53, 4), 0.55: (51, 5), 0.6: (41, 5), 0.65: (42, 6), 0.7: (36, 7), 0.75: (30, 8), 0.8: (25, 10),
-          0.85: (19, 13), 0.9: (15, 17), 0.95: (9, 28)},
+    64: {
+        0.5: (21, 3),
+        0.55: (19, 3),
+        0.6: (16, 4),
+        0.65: (16, 4),
+        0.7: (12, 5),
+        0.75: (12, 5),
+        0.8: (10, 6),
+        0.85: (8, 8),
+        0.9: (6, 10),
+        0.95: (4, 16),
+    },
+    128: {
+        0.5: (26, 3),
+        0.55: (32, 4),
+        0.6: (24, 4),
+        0.65: (25, 5),
+        0.7: (21, 6),
+        0.75: (18, 7),
+        0.8: (16, 8),
+        0.85: (12, 10),
+        0.9: (9, 14),
+        0.95: (6, 21),
+    },
+    256: {
+        0.5: (53, 4),
+        0.55: (51, 5),
+        0.6: (41, 5),
+        0.65: (42, 6),
+        0.7: (36, 7),
+        0.75: (30, 8),
+        0.8: (25, 10),
+        0.85: (19, 13),
+        0.9: (15, 17),
+        0.95: (9, 28),
+    },
 }
 
 
@@ -132,8 +163,9 @@ def _near_rows(sig: np.ndarray, shingles_of, cfg: DedupConfig) -> np.ndarray:
     return _near_row_by_row(groups, shared, sig, floor, cfg.threshold, jaccard)
 
 
-def _near_row_by_row(groups: np.ndarray, shared: np.ndarray, sig: np.ndarray, floor: float, threshold: float,
-                     jaccard) -> np.ndarray:
+def _near_row_by_row(
+    groups: np.ndarray, shared: np.ndarray, sig: np.ndarray, floor: float, threshold: float, jaccard
+) -> np.ndarray:
     """Rows in order: a row is a near-duplicate when an earlier kept row shares one of its LSH buckets, has a
     MinHash estimate >= floor and an exact Jaccard >= threshold; otherwise it joins its buckets as kept."""
     kept: list[dict[int, list[int]]] = [{} for _ in range(groups.shape[1])]
@@ -169,8 +201,9 @@ def _near_by_pairs(groups: np.ndarray, sig: np.ndarray, floor: float, threshold:
     pairs = np.unique(np.concatenate(codes))
     c_rows, k_rows = pairs // n, pairs % n
     step = 1 << 16  # pairs per comparison block (bounded memory)
-    est = np.concatenate([(sig[c_rows[i:i + step]] == sig[k_rows[i:i + step]]).mean(axis=1)
-                          for i in range(0, len(pairs), step)])
+    est = np.concatenate(
+        [(sig[c_rows[i : i + step]] == sig[k_rows[i : i + step]]).mean(axis=1) for i in range(0, len(pairs), step)]
+    )
     passing = est >= floor
     by_row: dict[int, list[int]] = {}  # row -> its earlier partners with a passing estimate
     for c, k in zip(c_rows[passing].tolist(), k_rows[passing].tolist()):
@@ -200,10 +233,21 @@ def _row_features_batch(batch: pa.Table, cfg: DedupConfig) -> pa.Table:
 
 def features_in_workers(ds: datasets.Dataset, fn, num_proc: int, desc: str, **fn_kwargs) -> pa.Table:
     """`fn` (a batch as an Arrow table -> a table of new columns) over every row in `num_proc` worker processes."""
-    return ds.select_columns([c for c in ("messages", "text", "score") if c in ds.column_names]).with_format("arrow").map(
-        fn, batched=True, batch_size=min(FEATURE_BATCH_ROWS, -(-len(ds) // num_proc)), num_proc=num_proc,
-        remove_columns=[c for c in ("messages", "text", "score") if c in ds.column_names], fn_kwargs=fn_kwargs,
-        desc=desc, new_fingerprint=uuid.uuid4().hex).data.table  # tuneforge caches the stage itself
+    return (
+        ds.select_columns([c for c in ("messages", "text", "score") if c in ds.column_names])
+        .with_format("arrow")
+        .map(
+            fn,
+            batched=True,
+            batch_size=min(FEATURE_BATCH_ROWS, -(-len(ds) // num_proc)),
+            num_proc=num_proc,
+            remove_columns=[c for c in ("messages", "text", "score") if c in ds.column_names],
+            fn_kwargs=fn_kwargs,
+            desc=desc,
+            new_fingerprint=uuid.uuid4().hex,
+        )
+        .data.table
+    )  # tuneforge caches the stage itself
 
 
 def _decide(features: pa.Table, cfg: DedupConfig, rows: list[int] | None) -> tuple[list[bool], list[bool]]:
@@ -226,14 +270,19 @@ def _decide(features: pa.Table, cfg: DedupConfig, rows: list[int] | None) -> tup
         hashes = pc.list_flatten(shingles).to_numpy(zero_copy_only=False)
         offsets = np.zeros(features.num_rows + 1, dtype=np.int64)
         np.cumsum(pc.list_value_length(shingles).to_numpy(zero_copy_only=False), out=offsets[1:])
-        found = _near_rows(sig, lambda k: hashes[offsets[at[k]]:offsets[at[k] + 1]], cfg)
+        found = _near_rows(sig, lambda k: hashes[offsets[at[k]] : offsets[at[k] + 1]], cfg)
         for k in np.flatnonzero(found).tolist():
             near[left[k]] = True
     return exact, near
 
 
-def deduplicate(ds: datasets.Dataset, cfg: DedupConfig, num_proc: int | None = None, features: pa.Table | None = None,
-                rows: list[int] | None = None) -> tuple[datasets.Dataset, dict]:
+def deduplicate(
+    ds: datasets.Dataset,
+    cfg: DedupConfig,
+    num_proc: int | None = None,
+    features: pa.Table | None = None,
+    rows: list[int] | None = None,
+) -> tuple[datasets.Dataset, dict]:
     """Drop exact and near duplicates (the first occurrence is kept). With num_proc > 1 worker processes
     compute the per-row part (normalising, hashing, signatures), or `features` holds it already: the
     `row_features` of ds's rows (at positions `rows` of the table when given). The decisions are the same."""
@@ -320,7 +369,7 @@ class NgramIndex:
         covered = [False] * len(words)
         for i, g in enumerate(_ngrams(words, self.n)):
             if g in self.template:
-                covered[i:i + self.n] = [True] * self.n
+                covered[i : i + self.n] = [True] * self.n
         segment: list[str] = []
         for w, c in zip([*words, ""], [*covered, True]):
             if not c:
@@ -337,7 +386,9 @@ class NgramIndex:
         return any(g in self.grams for g in self._content_ngrams(words))
 
 
-def decontaminate(ds: datasets.Dataset, eval_ds: datasets.Dataset | None, cfg: DecontamConfig) -> tuple[datasets.Dataset, dict]:
+def decontaminate(
+    ds: datasets.Dataset, eval_ds: datasets.Dataset | None, cfg: DecontamConfig
+) -> tuple[datasets.Dataset, dict]:
     refs: list[str] = []
     if cfg.against_eval and eval_ds is not None:
         refs.extend(_texts(eval_ds, "all"))
@@ -349,6 +400,10 @@ def decontaminate(ds: datasets.Dataset, eval_ds: datasets.Dataset | None, cfg: D
     hits = [index.hit(t) for t in texts]
     keep = [i for i, h in enumerate(hits) if not h]
     examples = [texts[i][:120] for i, h in enumerate(hits) if h][:3]
-    report = {"removed": sum(hits), "reference_texts": len(refs), "shared_ngrams_ignored": index.shared,
-              "examples": examples}
+    report = {
+        "removed": sum(hits),
+        "reference_texts": len(refs),
+        "shared_ngrams_ignored": index.shared,
+        "examples": examples,
+    }
     return (ds.select(keep) if len(keep) < len(ds) else ds), report

@@ -49,15 +49,22 @@ WORKER_PROCESSES_FROM = 4  # num_proc from which worker processes tokenize (belo
 WORKER_BATCH_ROWS = 8192  # rows per map call in a worker (a few chunks each, so the overlap pays)
 
 
-def tokenize_rows(tokenizer, template: str, chunks: Iterable[tuple[list[list[dict]], list[str]]],
-                  train_on: str) -> TokenizedRows:
+def tokenize_rows(
+    tokenizer, template: str, chunks: Iterable[tuple[list[list[dict]], list[str]]], train_on: str
+) -> TokenizedRows:
     """Ids and labels of every row of every (messages, texts) chunk, in order: a row with messages is a chat
     (template + masks), a row without is a completion text (all trained, EOS appended)."""
     return TokenizedRows.concat(tokenize_chunks(tokenizer, template, chunks, train_on))
 
 
-def tokenize_chunks(tokenizer, template: str, chunks: Iterable[tuple[list[list[dict]], list[str]]], train_on: str,
-                    shape: Callable[[TokenizedRows], Any] | None = None, refused: dict[int, str] | None = None) -> list:
+def tokenize_chunks(
+    tokenizer,
+    template: str,
+    chunks: Iterable[tuple[list[list[dict]], list[str]]],
+    train_on: str,
+    shape: Callable[[TokenizedRows], Any] | None = None,
+    refused: dict[int, str] | None = None,
+) -> list:
     """`tokenize_rows` chunk by chunk: each chunk's TokenizedRows, or `shape(it)` (computed while the next
     chunk is tokenized). `refused`: see `chats_rendered`; a row the template refuses becomes an empty row (no
     tokens) and its index among all rows -> the template's message goes in `refused`.
@@ -80,8 +87,11 @@ def tokenize_chunks(tokenizer, template: str, chunks: Iterable[tuple[list[list[d
             encoded = encode_texts(tokenizer, backend, rendered, future.result() if future else None)
             if search is None and train_on != "all":
                 search = encoded.encodings is not None and monotone_offsets(encoded)
-            chats = with_bos(chats_tokenized(tokenizer, backend, rendered, spans, train_on, encoded, search=bool(search)),
-                             bos_rows, tokenizer.bos_token_id)
+            chats = with_bos(
+                chats_tokenized(tokenizer, backend, rendered, spans, train_on, encoded, search=bool(search)),
+                bos_rows,
+                tokenizer.bos_token_id,
+            )
         plain = texts_tokenized(tokenizer, [texts[k] for k in plain_idx]) if plain_idx else None
         part = chats if plain is None else plain if chats is None else _merge(chats, chat_idx, plain)
         parts.append(shape(part) if shape else part)
@@ -92,14 +102,17 @@ def tokenize_chunks(tokenizer, template: str, chunks: Iterable[tuple[list[list[d
             chat_idx = [k for k, m in enumerate(messages) if m]
             plain_idx = [k for k, m in enumerate(messages) if not m]
             chunk_refused: dict[int, str] | None = {} if refused is not None else None
-            rendered, spans = chats_rendered(tokenizer, template, [messages[k] for k in chat_idx], train_on,
-                                             chunk_refused)
+            rendered, spans = chats_rendered(
+                tokenizer, template, [messages[k] for k in chat_idx], train_on, chunk_refused
+            )
             for k, message in (chunk_refused or {}).items():
                 refused[first_row + chat_idx[k]] = message
             first_row += len(messages)
             rendered, spans, bos_rows = split_leading_bos(rendered, spans, bos)
             # the background thread only runs Rust (GIL released): back to back, while this thread does the Python
-            future = pool.submit(backend.encode_batch, rendered, add_special_tokens=False) if chat_idx and backend else None
+            future = (
+                pool.submit(backend.encode_batch, rendered, add_special_tokens=False) if chat_idx and backend else None
+            )
             pending.append((chat_idx, plain_idx, texts, rendered, spans, bos_rows, future))
             if len(pending) > 1:  # the previous chunk's labels while this one is tokenized
                 finish()
@@ -148,7 +161,7 @@ def _row_chunks(ds: datasets.Dataset) -> Iterator[tuple[list, list]]:
         return
     table = rows.data.table
     for start in range(0, len(picked), CHUNK_ROWS):
-        at = picked[start:start + CHUNK_ROWS]
+        at = picked[start : start + CHUNK_ROWS]
         span = int(at[-1]) - int(at[0]) + 1
         if span > 2 * len(at):  # few rows kept here: taking them is cheaper
             block = table.take(pa.array(at))
@@ -162,7 +175,7 @@ def _row_chunks(ds: datasets.Dataset) -> Iterator[tuple[list, list]]:
 
 def _chunked(messages: list, texts: list) -> Iterator[tuple[list, list]]:
     for start in range(0, len(messages), CHUNK_ROWS):
-        yield messages[start:start + CHUNK_ROWS], texts[start:start + CHUNK_ROWS]
+        yield messages[start : start + CHUNK_ROWS], texts[start : start + CHUNK_ROWS]
 
 
 def _worker_tokenize(batch: pa.Table, tokenizer, template: str, train_on: str) -> pa.Table:
@@ -173,9 +186,13 @@ def _worker_tokenize(batch: pa.Table, tokenizer, template: str, train_on: str) -
     chunks = _chunked(batch.column("messages").to_pylist(), batch.column("text").to_pylist())
     refused: dict[int, str] = {}
     enc = TokenizedRows.concat(tokenize_chunks(tokenizer, template, chunks, train_on, refused=refused))
-    return pa.table({"input_ids": list_column(enc.lengths, enc.ids, pa.int64()),
-                     "labels": list_column(enc.lengths, enc.labels, pa.int64()),
-                     "_refused": pa.array([refused.get(k, "") for k in range(batch.num_rows)], pa.string())})
+    return pa.table(
+        {
+            "input_ids": list_column(enc.lengths, enc.ids, pa.int64()),
+            "labels": list_column(enc.lengths, enc.labels, pa.int64()),
+            "_refused": pa.array([refused.get(k, "") for k in range(batch.num_rows)], pa.string()),
+        }
+    )
 
 
 def restore_tokenizers_parallelism() -> None:
@@ -191,9 +208,16 @@ def restore_tokenizers_parallelism() -> None:
         os.putenv("TOKENIZERS_PARALLELISM", value)
 
 
-def tokenize_dataset(ds: datasets.Dataset, tokenizer, template: str, train_on: str, num_proc: int | None,
-                     desc: str = "tokenize", shape: Callable[[TokenizedRows], Any] | None = None,
-                     refused: dict[int, str] | None = None) -> list:
+def tokenize_dataset(
+    ds: datasets.Dataset,
+    tokenizer,
+    template: str,
+    train_on: str,
+    num_proc: int | None,
+    desc: str = "tokenize",
+    shape: Callable[[TokenizedRows], Any] | None = None,
+    refused: dict[int, str] | None = None,
+) -> list:
     """`tokenize_chunks` of a dataset with `messages` and `text` columns: in this process, or in `num_proc`
     worker processes from WORKER_PROCESSES_FROM of them (then one part for all rows). `refused`: see
     `tokenize_chunks` (without it, a row the template refuses raises TemplateError)."""
@@ -202,9 +226,15 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer, template: str, train_on: s
         restore_tokenizers_parallelism()
         return tokenize_chunks(tokenizer, template, _row_chunks(ds), train_on, shape, refused)
     enc = rows.with_format("arrow").map(
-        _worker_tokenize, batched=True, batch_size=min(WORKER_BATCH_ROWS, -(-len(ds) // num_proc)), num_proc=num_proc,
-        remove_columns=["messages", "text"], fn_kwargs={"tokenizer": tokenizer, "template": template, "train_on": train_on},
-        desc=desc, new_fingerprint=uuid.uuid4().hex)  # tuneforge caches the stage itself; skip hashing the tokenizer
+        _worker_tokenize,
+        batched=True,
+        batch_size=min(WORKER_BATCH_ROWS, -(-len(ds) // num_proc)),
+        num_proc=num_proc,
+        remove_columns=["messages", "text"],
+        fn_kwargs={"tokenizer": tokenizer, "template": template, "train_on": train_on},
+        desc=desc,
+        new_fingerprint=uuid.uuid4().hex,
+    )  # tuneforge caches the stage itself; skip hashing the tokenizer
     table = enc.data.table
     for k, message in enumerate(table.column("_refused").to_pylist()):
         if message and refused is None:
@@ -212,9 +242,11 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer, template: str, train_on: s
         if message:
             refused[k] = message
     ids_col, labels_col = table.column("input_ids"), table.column("labels")
-    part = TokenizedRows(pc.list_flatten(ids_col).to_numpy(zero_copy_only=False),
-                         pc.list_flatten(labels_col).to_numpy(zero_copy_only=False),
-                         pc.list_value_length(ids_col).to_numpy(zero_copy_only=False).astype(np.int64))
+    part = TokenizedRows(
+        pc.list_flatten(ids_col).to_numpy(zero_copy_only=False),
+        pc.list_flatten(labels_col).to_numpy(zero_copy_only=False),
+        pc.list_value_length(ids_col).to_numpy(zero_copy_only=False).astype(np.int64),
+    )
     return [shape(part) if shape else part]
 
 
@@ -247,7 +279,7 @@ def cut_rows(enc: TokenizedRows, max_len: int, overlong: str, min_tokens: int) -
     if overlong == "truncate" and truncated.any():
         keep_token = np.ones(len(ids), dtype=bool)
         for start, n in zip(enc.offsets[:-1][truncated].tolist(), lengths[truncated].tolist()):
-            keep_token[start + max_len:start + n] = False
+            keep_token[start + max_len : start + n] = False
         ids, labels, lengths = ids[keep_token], labels[keep_token], np.minimum(lengths, max_len)
     trained = trained_per_row(labels, lengths)
     keep = ~(truncated & (overlong == "drop")) & (trained > 0) & (lengths >= min_tokens)
@@ -257,9 +289,15 @@ def cut_rows(enc: TokenizedRows, max_len: int, overlong: str, min_tokens: int) -
     return Cut(TokenizedRows(ids, labels, lengths), trained, keep, truncated)
 
 
-def tokenize_split(ds: datasets.Dataset, tok, template: str, d: DataConfig, split: str,
-                   source_columns: bool = True, locate: Callable[[int, int], str] | None = None,
-                   ) -> tuple[datasets.Dataset, dict]:
+def tokenize_split(
+    ds: datasets.Dataset,
+    tok,
+    template: str,
+    d: DataConfig,
+    split: str,
+    source_columns: bool = True,
+    locate: Callable[[int, int], str] | None = None,
+) -> tuple[datasets.Dataset, dict]:
     """Tokenize every row (ids + labels), then truncate or drop over-long rows and drop rows too short or with
     nothing to train (`cut_rows`, chunk by chunk). The result has input_ids, labels, num_tokens, num_trained,
     after the source columns unless `source_columns` is False (packing keeps only the tokens); its token
@@ -269,19 +307,35 @@ def tokenize_split(ds: datasets.Dataset, tok, template: str, d: DataConfig, spli
     and the template's message; with d.skip_invalid it is dropped and counted in the report's
     `template_errors` {skipped, reasons, examples, by_source}."""
     refused: dict[int, str] = {}
-    cuts = tokenize_dataset(ds, tok, template, d.train_on, d.num_proc, desc=f"tokenize {split}",
-                            shape=lambda enc: cut_rows(enc, d.max_seq_len, d.overlong, d.quality.min_tokens),
-                            refused=refused)
+    cuts = tokenize_dataset(
+        ds,
+        tok,
+        template,
+        d.train_on,
+        d.num_proc,
+        desc=f"tokenize {split}",
+        shape=lambda enc: cut_rows(enc, d.max_seq_len, d.overlong, d.quality.min_tokens),
+        refused=refused,
+    )
     template_errors = _refused_rows(ds, refused, locate, d.skip_invalid)
     parts = [c.rows for c in cuts]
-    keep, truncated, trained = (_joined(cuts, f, t) for f, t in (("kept", bool), ("truncated", bool), ("trained", np.int64)))
+    keep, truncated, trained = (
+        _joined(cuts, f, t) for f, t in (("kept", bool), ("truncated", bool), ("trained", np.int64))
+    )
     lengths = _joined(parts, "lengths", np.int64)
     bounds = [v for p in parts if len(p.ids) for v in (p.ids.min(), p.ids.max())]
     id_type = ids_type(np.array(bounds, dtype=np.int64))
-    columns = {"input_ids": _list_chunks(parts, "ids", id_type), "labels": _list_chunks(parts, "labels", pa.int64()),
-               "num_tokens": pa.array(lengths, pa.int64()), "num_trained": pa.array(trained, pa.int64())}
-    kept = _with_source_columns(ds, np.flatnonzero(keep), columns) if source_columns else \
-        datasets.Dataset(pa.table(columns), fingerprint=uuid.uuid4().hex)
+    columns = {
+        "input_ids": _list_chunks(parts, "ids", id_type),
+        "labels": _list_chunks(parts, "labels", pa.int64()),
+        "num_tokens": pa.array(lengths, pa.int64()),
+        "num_trained": pa.array(trained, pa.int64()),
+    }
+    kept = (
+        _with_source_columns(ds, np.flatnonzero(keep), columns)
+        if source_columns
+        else datasets.Dataset(pa.table(columns), fingerprint=uuid.uuid4().hex)
+    )
     n_truncated = int(truncated.sum())
     dropped_overlong = n_truncated if d.overlong == "drop" else 0
     sorted_lengths = np.sort(lengths)
@@ -293,10 +347,12 @@ def tokenize_split(ds: datasets.Dataset, tok, template: str, d: DataConfig, spli
         "truncated_rows": n_truncated if d.overlong == "truncate" else 0,
         "dropped_overlong_rows": dropped_overlong,
         "dropped_short_or_untrained_rows": len(ds) - len(kept) - dropped_overlong - len(refused),
-        "length": {"min": int(sorted_lengths[0]) if len(lengths) else 0,
-                   "median": int(sorted_lengths[len(lengths) // 2]) if len(lengths) else 0,
-                   "p95": int(sorted_lengths[int(0.95 * (len(lengths) - 1))]) if len(lengths) else 0,
-                   "max": int(sorted_lengths[-1]) if len(lengths) else 0},
+        "length": {
+            "min": int(sorted_lengths[0]) if len(lengths) else 0,
+            "median": int(sorted_lengths[len(lengths) // 2]) if len(lengths) else 0,
+            "p95": int(sorted_lengths[int(0.95 * (len(lengths) - 1))]) if len(lengths) else 0,
+            "max": int(sorted_lengths[-1]) if len(lengths) else 0,
+        },
     }
     report["trained_fraction"] = report["trained_tokens"] / max(report["tokens"], 1)
     if template_errors:
@@ -340,11 +396,21 @@ def _joined(items: list, field: str, dtype) -> np.ndarray:
 
 def _with_source_columns(ds: datasets.Dataset, rows: np.ndarray, columns: dict[str, pa.Array]) -> datasets.Dataset:
     """The kept rows of `ds` with the tokenized columns after its own (in memory; save_to_disk writes them)."""
-    table = ds.with_format("arrow")[:] if len(rows) == len(ds) else ds.with_format("arrow")[rows.tolist()] if len(rows) else \
-        ds.with_format("arrow")[:0]
+    table = (
+        ds.with_format("arrow")[:]
+        if len(rows) == len(ds)
+        else ds.with_format("arrow")[rows.tolist()]
+        if len(rows)
+        else ds.with_format("arrow")[:0]
+    )
     for name, col in columns.items():
         table = table.append_column(name, col)
-    features = datasets.Features({**ds.features, **datasets.Features.from_arrow_schema(pa.schema(
-        [pa.field(n, c.type) for n, c in columns.items()]))})
-    return datasets.Dataset(table.cast(features.arrow_schema), info=datasets.DatasetInfo(features=features),
-                            fingerprint=uuid.uuid4().hex)
+    features = datasets.Features(
+        {
+            **ds.features,
+            **datasets.Features.from_arrow_schema(pa.schema([pa.field(n, c.type) for n, c in columns.items()])),
+        }
+    )
+    return datasets.Dataset(
+        table.cast(features.arrow_schema), info=datasets.DatasetInfo(features=features), fingerprint=uuid.uuid4().hex
+    )

@@ -19,14 +19,27 @@ from collections import Counter
 from typing import Any
 
 SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-    "bard": "assistant", "model": "assistant", "system": "system", "function_call": "assistant",
-    "observation": "tool", "tool": "tool", "function": "tool",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
 }
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
 FORMATS = ("messages", "sharegpt", "alpaca", "completion")  # a row with the fields of several votes for the first
-MARKERS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
-           "completion": ("text",)}
+MARKERS = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "completion": ("text",),
+}
 DETECT_ROWS = 1000  # auto-detection votes over this many first rows
 
 
@@ -81,8 +94,9 @@ class Fields:
         value = self.row.get(field)
         if value is None:
             if required:
-                raise RowError(f"missing field `{self.name(field)}` (absent or null): every {fmt} row needs it "
-                               "as a string")
+                raise RowError(
+                    f"missing field `{self.name(field)}` (absent or null): every {fmt} row needs it as a string"
+                )
             return ""
         if not isinstance(value, str):
             raise RowError(f"field `{self.name(field)}` must be a string, got {kind(value)}", shown(value))
@@ -94,18 +108,22 @@ def content_text(value: Any, field: str) -> str:
     if isinstance(value, str):
         return value
     if value is None:
-        raise RowError(f"`{field}` is missing or null: every message needs its content as a string or a list of "
-                       "text parts")
+        raise RowError(
+            f"`{field}` is missing or null: every message needs its content as a string or a list of text parts"
+        )
     if not isinstance(value, (list, tuple)):
         raise RowError(f"`{field}` must be a string or a list of text parts, got {kind(value)}", shown(value))
     texts = []
     for k, part in enumerate(value):
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise RowError(f"`{field}[{k}]` must be a content part {{\"type\": \"text\", \"text\": ...}}, "
-                           f"got {kind(part)}", shown(part))
+            raise RowError(
+                f'`{field}[{k}]` must be a content part {{"type": "text", "text": ...}}, got {kind(part)}', shown(part)
+            )
         if part["type"] != "text":
-            raise RowError(f"`{field}[{k}]` is a content part of type {part['type']!r}: tuneforge trains on text only; "
-                           "drop the non-text parts or the row")
+            raise RowError(
+                f"`{field}[{k}]` is a content part of type {part['type']!r}: tuneforge trains on text only; "
+                "drop the non-text parts or the row"
+            )
         if not isinstance(part.get("text"), str):
             text = part.get("text")
             raise RowError(f"`{field}[{k}].text` must be a string, got {kind(text)}", shown(text))
@@ -119,8 +137,11 @@ def _alpaca(f: Fields) -> list[dict]:
     output = f.text("output", True, "alpaca")
     system = f.text("system", False, "alpaca")
     user = f"{instruction}\n\n{extra}" if instruction and extra else instruction or extra
-    return [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": user},
-            {"role": "assistant", "content": output}]
+    return [
+        *([{"role": "system", "content": system}] if system else []),
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": output},
+    ]
 
 
 def _messages(f: Fields) -> list[dict]:
@@ -188,8 +209,10 @@ def to_canonical(row: dict, fmt: str, names: dict[str, str] | None = None, why_f
         other = row_format(row)
         if other is not None:
             has = " and ".join(f"`{f.name(k)}`" for k in MARKERS[other] if f.present(k))
-            raise RowError(f"the row is a {other} row (it has {has}), but this source's rows are {fmt}{why_fmt} "
-                           "(a source holds rows of one format: move it to a source of its own)")
+            raise RowError(
+                f"the row is a {other} row (it has {has}), but this source's rows are {fmt}{why_fmt} "
+                "(a source holds rows of one format: move it to a source of its own)"
+            )
     if fmt == "completion":
         return {"messages": [], "text": f.text("text", True, "completion")}
     msgs = {"alpaca": _alpaca, "messages": _messages, "sharegpt": _sharegpt}[fmt](f)

@@ -38,8 +38,16 @@ from tuneforge.data.fields import (
 from tuneforge.data.locate import RowLocator
 from tuneforge.errors import TuneforgeError
 
-__all__ = ["CHAT_ROLES", "SHAREGPT_ROLES", "DataFormatError", "column", "detect_format", "normalize", "read_source",
-           "read_source_located"]
+__all__ = [
+    "CHAT_ROLES",
+    "SHAREGPT_ROLES",
+    "DataFormatError",
+    "column",
+    "detect_format",
+    "normalize",
+    "read_source",
+    "read_source_located",
+]
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 CANONICAL_FEATURES = datasets.Features(
@@ -95,7 +103,10 @@ def _utf8_problem(path: Path) -> str | None:
                 decoder.decode(chunk)
             except UnicodeDecodeError as e:
                 line = lines + chunk[: max(e.start, 0)].count(b"\n") + 1
-                return f"{path}:{line}: not UTF-8 text ({e.reason} at byte {offset + max(e.start, 0)}); re-save the file as UTF-8"
+                return (
+                    f"{path}:{line}: not UTF-8 text ({e.reason} at byte {offset + max(e.start, 0)}); "
+                    "re-save the file as UTF-8"
+                )
             offset += len(chunk)
             lines += chunk.count(b"\n")
     return None
@@ -138,8 +149,10 @@ def _csv_problem(path: Path) -> str | None:
         header, last = next(reader, []), reader.line_num
         for record in reader:
             if record and len(record) != len(header):
-                return (f"{path}:{last + 1}: {len(record)} fields where the header (line 1) has {len(header)} "
-                        f"({', '.join(header)}); quote fields that contain commas, e.g. \"a, b\"")
+                return (
+                    f"{path}:{last + 1}: {len(record)} fields where the header (line 1) has {len(header)} "
+                    f'({", ".join(header)}); quote fields that contain commas, e.g. "a, b"'
+                )
             last = reader.line_num
     return None
 
@@ -149,8 +162,10 @@ def csv_features(files: list[Path]) -> datasets.Features:
     header = _csv_header(files[0])
     for f in files[1:]:
         if _csv_header(f) != header:
-            raise DataFormatError(f"{f}: its columns {_csv_header(f)} differ from those of {files[0]} {header}; "
-                                  "the CSV files of one source need the same header line")
+            raise DataFormatError(
+                f"{f}: its columns {_csv_header(f)} differ from those of {files[0]} {header}; "
+                "the CSV files of one source need the same header line"
+            )
     if len(set(header)) != len(header) or not all(header):
         raise DataFormatError(f"{files[0]}:1: the header line needs distinct, non-empty column names; it has {header}")
     return datasets.Features({name: datasets.Value("string") for name in header})
@@ -213,8 +228,9 @@ def _scan_json(path: Path) -> tuple[list[dict], list[str], list[int]]:
 def _from_rows(rows: list[dict]) -> datasets.Dataset:
     """Rows of any keys and value types as a Dataset: every field keeps its JSON value (type-checked later)."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    return datasets.Dataset.from_dict({k: [r.get(k) for r in rows] for k in keys},
-                                      features=datasets.Features({k: datasets.Json() for k in keys}))
+    return datasets.Dataset.from_dict(
+        {k: [r.get(k) for r in rows] for k in keys}, features=datasets.Features({k: datasets.Json() for k in keys})
+    )
 
 
 def read_source(src: DatasetSource, skip_invalid: bool = False) -> tuple[datasets.Dataset, str, list[str]]:
@@ -223,8 +239,10 @@ def read_source(src: DatasetSource, skip_invalid: bool = False) -> tuple[dataset
     return ds, name, skipped
 
 
-def read_source_located(src: DatasetSource, skip_invalid: bool = False,
-                        ) -> tuple[datasets.Dataset, str, list[str], RowLocator]:
+def read_source_located(
+    src: DatasetSource,
+    skip_invalid: bool = False,
+) -> tuple[datasets.Dataset, str, list[str], RowLocator]:
     """`read_source`, and where each row is (`RowLocator`: row index -> 'file:line')."""
     if src.synthetic is not None:
         from tuneforge.data.synthetic import SyntheticTextError, generate
@@ -238,7 +256,9 @@ def read_source_located(src: DatasetSource, skip_invalid: bool = False,
     path = Path(src.path).expanduser()
     skipped: list[str] = []
     if not path.exists():
-        raise DataFormatError(f"{path}: data file not found (data source `path`); check the path or run from the config's folder")
+        raise DataFormatError(
+            f"{path}: data file not found (data source `path`); check the path or run from the config's folder"
+        )
     locator = RowLocator(str(path))
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         ds = datasets.load_from_disk(str(path))
@@ -296,14 +316,23 @@ def detect_rows(ds: datasets.Dataset, name: str) -> tuple[str, str]:
     head = ds.select_columns(fields).select(range(n))[:]
     fmt, votes = vote([{k: head[k][i] for k in fields} for i in range(n)], candidates)
     if fmt is None:
-        raise DataFormatError(f"{name}: none of its first {n} rows has the fields of a known format (it has columns "
-                              f"{sorted(ds.column_names)}); set `format:` (alpaca, messages, sharegpt, completion) and "
-                              "map your columns with `columns:`")
+        raise DataFormatError(
+            f"{name}: none of its first {n} rows has the fields of a known format (it has columns "
+            f"{sorted(ds.column_names)}); set `format:` (alpaca, messages, sharegpt, completion) and "
+            "map your columns with `columns:`"
+        )
     return fmt, f" (auto-detected from {votes[fmt]} of its first {n} rows)"
 
 
-def normalize(ds: datasets.Dataset, src: DatasetSource, name: str, num_proc: int = 1, score_column: str | None = None,
-              skip_invalid: bool = False, locate: RowLocator | None = None) -> tuple[datasets.Dataset, dict]:
+def normalize(
+    ds: datasets.Dataset,
+    src: DatasetSource,
+    name: str,
+    num_proc: int = 1,
+    score_column: str | None = None,
+    skip_invalid: bool = False,
+    locate: RowLocator | None = None,
+) -> tuple[datasets.Dataset, dict]:
     """Rename columns, detect the layout and convert every row to the canonical columns.
 
     Returns (rows, invalid) where invalid = {"skipped": n, "reasons": {reason: count}, "examples": [...],
@@ -320,7 +349,12 @@ def normalize(ds: datasets.Dataset, src: DatasetSource, name: str, num_proc: int
         raise DataFormatError(f"{name}: the data source has no rows")
     locate = locate or _locator_of(name)
     fmt, why = detect_rows(ds, name) if src.format == "auto" else (src.format, f" (format: {src.format})")
-    required = {"alpaca": ["instruction", "output"], "messages": ["messages"], "sharegpt": ["conversations"], "completion": ["text"]}[fmt]
+    required = {
+        "alpaca": ["instruction", "output"],
+        "messages": ["messages"],
+        "sharegpt": ["conversations"],
+        "completion": ["text"],
+    }[fmt]
     absent = [c for c in required if c not in ds.column_names]
     if absent:
         raise DataFormatError(
@@ -349,8 +383,13 @@ def normalize(ds: datasets.Dataset, src: DatasetSource, name: str, num_proc: int
         return out
 
     conv = ds.map(
-        convert, batched=True, with_indices=True, remove_columns=ds.column_names,
-        features=CANONICAL_FEATURES, num_proc=num_proc if len(ds) > 1000 and num_proc > 1 else None, desc=f"format {fmt}",
+        convert,
+        batched=True,
+        with_indices=True,
+        remove_columns=ds.column_names,
+        features=CANONICAL_FEATURES,
+        num_proc=num_proc if len(ds) > 1000 and num_proc > 1 else None,
+        desc=f"format {fmt}",
         new_fingerprint=uuid.uuid4().hex,  # tuneforge caches the stage itself; skip hashing the closure
     )
     invalid = invalid_rows.empty()

@@ -45,8 +45,12 @@ class TokenizedRows:
 
     @staticmethod
     def concat(parts: list[TokenizedRows]) -> TokenizedRows:
-        return TokenizedRows(*(np.concatenate([np.zeros(0, np.int64), *(getattr(p, f) for p in parts)])
-                               for f in ("ids", "labels", "lengths")))
+        return TokenizedRows(
+            *(
+                np.concatenate([np.zeros(0, np.int64), *(getattr(p, f) for p in parts)])
+                for f in ("ids", "labels", "lengths")
+            )
+        )
 
 
 def leading_bos(tokenizer) -> str | None:
@@ -86,8 +90,11 @@ def with_bos(rows: TokenizedRows, which: np.ndarray, bos_id: int) -> TokenizedRo
     if not which.any():
         return rows
     starts = rows.offsets[:-1][which]
-    return TokenizedRows(np.insert(rows.ids, starts, bos_id), np.insert(rows.labels, starts, IGNORE_INDEX),
-                         rows.lengths + which.astype(np.int64))
+    return TokenizedRows(
+        np.insert(rows.ids, starts, bos_id),
+        np.insert(rows.labels, starts, IGNORE_INDEX),
+        rows.lengths + which.astype(np.int64),
+    )
 
 
 def backend_as_called(tokenizer):
@@ -113,8 +120,9 @@ class Encoded:
     def with_offsets(self) -> np.ndarray:
         if self.offsets is None:
             n = len(self.ids)
-            self.offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in self.encodings)),
-                                       dtype=np.int64, count=2 * n).reshape(n, 2)
+            self.offsets = np.fromiter(
+                chain.from_iterable(chain.from_iterable(e.offsets for e in self.encodings)), dtype=np.int64, count=2 * n
+            ).reshape(n, 2)
         return self.offsets
 
 
@@ -133,7 +141,9 @@ def encode_texts(tokenizer, backend, texts: list[str], encodings: list | None = 
     n = int(lengths.sum())
     out = Encoded(np.concatenate([np.zeros(0, np.int64), *ids]), lengths, encodings)
     if offs is not None:
-        out.offsets = np.fromiter(chain.from_iterable(chain.from_iterable(offs)), dtype=np.int64, count=2 * n).reshape(n, 2)
+        out.offsets = np.fromiter(chain.from_iterable(chain.from_iterable(offs)), dtype=np.int64, count=2 * n).reshape(
+            n, 2
+        )
     return out
 
 
@@ -221,8 +231,15 @@ def _close_turn(tokenizer, ids: list[int], labels: list[int], spans, train_on: s
     labels.insert(end, tokenizer.eos_token_id)
 
 
-def chats_tokenized(tokenizer, backend, texts: list[str], spans: list, train_on: str, encoded: Encoded | None = None,
-                    search: bool = False) -> TokenizedRows:
+def chats_tokenized(
+    tokenizer,
+    backend,
+    texts: list[str],
+    spans: list,
+    train_on: str,
+    encoded: Encoded | None = None,
+    search: bool = False,
+) -> TokenizedRows:
     """Token ids and labels of rendered conversations (`chats_rendered`); `encoded` is `encode_texts` of the
     texts when already done (in another thread); `search`: see `_labels`."""
     enc = encoded or encode_texts(tokenizer, backend, texts)
@@ -231,9 +248,11 @@ def chats_tokenized(tokenizer, backend, texts: list[str], spans: list, train_on:
         rows = out.rows()
         for (row_ids, row_labels), sp in zip(rows, spans):
             _close_turn(tokenizer, row_ids, row_labels, sp, train_on)
-        out = TokenizedRows(np.fromiter(chain.from_iterable(r for r, _ in rows), dtype=np.int64),
-                            np.fromiter(chain.from_iterable(lab for _, lab in rows), dtype=np.int64),
-                            np.fromiter((len(r) for r, _ in rows), dtype=np.int64, count=len(rows)))
+        out = TokenizedRows(
+            np.fromiter(chain.from_iterable(r for r, _ in rows), dtype=np.int64),
+            np.fromiter(chain.from_iterable(lab for _, lab in rows), dtype=np.int64),
+            np.fromiter((len(r) for r, _ in rows), dtype=np.int64, count=len(rows)),
+        )
     return out
 
 

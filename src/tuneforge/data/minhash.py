@@ -37,7 +37,7 @@ def _word_starts(arr: pa.LargeStringArray) -> np.ndarray | None:
     """Byte offsets (into arr's data buffer) where the words of single-spaced texts start, plus the end of the
     last text: the offsets of a string array whose items are the words, each with the space that follows it.
     None when a text is empty or has a leading, trailing or double space (those take the general path)."""
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
     if len(arr) == 0 or arr.null_count or np.any(offsets[1:] == offsets[:-1]):
         return None
     data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
@@ -64,13 +64,16 @@ def word_hashes(normalized: list[str], seed: int) -> tuple[np.ndarray, np.ndarra
         flat = pc.list_flatten(words)
     else:  # the words as slices of the texts' own bytes (each but a text's last one ending with its space)
         flat = pa.LargeStringArray.from_buffers(len(starts) - 1, pa.py_buffer(starts), arr.buffers()[2])
-        text_offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + len(arr) + 1]
+        text_offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
         counts = np.diff(np.searchsorted(starts, text_offsets))
     empty = np.fromiter((not t for t in normalized), dtype=bool, count=len(normalized))
     enc = pc.dictionary_encode(flat)
     vocab = enc.dictionary.to_pylist()
-    vocab_hashes = np.fromiter((xxhash.xxh64_intdigest(w.removesuffix(" ").encode("utf-8", "surrogatepass"), seed)
-                                for w in vocab), dtype=U64, count=len(vocab))
+    vocab_hashes = np.fromiter(
+        (xxhash.xxh64_intdigest(w.removesuffix(" ").encode("utf-8", "surrogatepass"), seed) for w in vocab),
+        dtype=U64,
+        count=len(vocab),
+    )
     hashes = vocab_hashes[enc.indices.to_numpy(zero_copy_only=False)]
     if empty.any():  # drop the "" word of empty rows
         keep = np.repeat(~empty, counts)
@@ -95,7 +98,7 @@ def shingle_hashes(normalized: list[str], k: int, seed: int) -> tuple[np.ndarray
     n_win = max(len(words) - k + 1, 0)
     acc = np.zeros(n_win, dtype=U64)
     for j in range(k):
-        acc += words[j:j + n_win] * mult[j]
+        acc += words[j : j + n_win] * mult[j]
     window_end = np.arange(n_win, dtype=np.int64) + k
     inside = window_end <= np.repeat(wo[1:], lens)[:n_win]  # the window ends inside its first word's row
     out[~np.repeat(short, n_sh)] = acc[inside]
@@ -138,6 +141,6 @@ def band_keys(sig: np.ndarray, bands: int, rows_per_band: int) -> np.ndarray:
     mult = np.random.default_rng(0).integers(0, 2**63, size=rows_per_band, dtype=np.uint64) * U64(2) + U64(1)
     keys = np.empty((len(sig), bands), dtype=U64)
     for b in range(bands):
-        block = sig[:, b * rows_per_band:(b + 1) * rows_per_band].astype(U64)
+        block = sig[:, b * rows_per_band : (b + 1) * rows_per_band].astype(U64)
         keys[:, b] = _fmix64((block * mult).sum(axis=1, dtype=U64) + U64(b))
     return keys

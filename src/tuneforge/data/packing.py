@@ -46,8 +46,12 @@ def _list_column(offsets: np.ndarray, values: np.ndarray, value_type) -> pa.Chun
     while True:
         last = int(np.searchsorted(offsets, offsets[first] + (1 << 31) - 1, side="right")) - 1
         last = min(max(last, first + 1), n)  # at least one row per chunk
-        chunks.append(pa.ListArray.from_arrays(pa.array(offsets[first:last + 1] - offsets[first], pa.int32()),
-                                               pa.array(values[offsets[first]:offsets[last]], value_type)))
+        chunks.append(
+            pa.ListArray.from_arrays(
+                pa.array(offsets[first : last + 1] - offsets[first], pa.int32()),
+                pa.array(values[offsets[first] : offsets[last]], value_type),
+            )
+        )
         first = last
         if first >= n:
             return pa.chunked_array(chunks, pa.list_(value_type))
@@ -62,15 +66,20 @@ def _samples(col: pa.ChunkedArray) -> tuple[list[np.ndarray], np.ndarray, np.nda
         values.append(pc.list_flatten(chunk).to_numpy(zero_copy_only=False))
         chunk_of.append(np.full(len(n), k, dtype=np.int64))
         start_of.append(np.cumsum(n) - n)
-    return values, np.concatenate([np.zeros(0, np.int64), *chunk_of]), np.concatenate([np.zeros(0, np.int64), *start_of])
+    return (
+        values,
+        np.concatenate([np.zeros(0, np.int64), *chunk_of]),
+        np.concatenate([np.zeros(0, np.int64), *start_of]),
+    )
 
 
 def _gather(col: pa.ChunkedArray, order: np.ndarray, lengths: list[int]) -> np.ndarray:
     """The values of samples `order` (of `lengths` tokens), concatenated in that order."""
     values, chunk_of, start_of = _samples(col)
     empty = values[0][:0] if values else np.zeros(0, col.type.value_type.to_pandas_dtype())
-    return np.concatenate([empty, *(values[c][s:s + n] for c, s, n in zip(chunk_of[order].tolist(),
-                                                                        start_of[order].tolist(), lengths))])
+    return np.concatenate(
+        [empty, *(values[c][s : s + n] for c, s, n in zip(chunk_of[order].tolist(), start_of[order].tolist(), lengths))]
+    )
 
 
 def pack_dataset(ds: datasets.Dataset, capacity: int) -> tuple[datasets.Dataset, dict]:
@@ -99,14 +108,19 @@ def pack_dataset(ds: datasets.Dataset, capacity: int) -> tuple[datasets.Dataset,
     nonempty = np.diff(row_off) > 0
     if nonempty.any():
         trained[nonempty] = np.add.reduceat(is_trained, row_off[:-1][nonempty], dtype=np.int64)
-    packed = datasets.Dataset(pa.table({
-        "input_ids": _list_column(row_off, packed_ids, ids_col.type.value_type),
-        "labels": _list_column(row_off, packed_labels, labels_col.type.value_type),
-        "position_ids": _list_column(row_off, within, pa.int64()),
-        "seq_lens": _list_column(sample_off, sample_len, pa.int64()),
-        "num_tokens": pa.array(np.diff(row_off), pa.int64()),
-        "num_trained": pa.array(trained, pa.int64()),
-    }), fingerprint=uuid.uuid4().hex)  # a fresh fingerprint: datasets would otherwise hash every token
+    packed = datasets.Dataset(
+        pa.table(
+            {
+                "input_ids": _list_column(row_off, packed_ids, ids_col.type.value_type),
+                "labels": _list_column(row_off, packed_labels, labels_col.type.value_type),
+                "position_ids": _list_column(row_off, within, pa.int64()),
+                "seq_lens": _list_column(sample_off, sample_len, pa.int64()),
+                "num_tokens": pa.array(np.diff(row_off), pa.int64()),
+                "num_trained": pa.array(trained, pa.int64()),
+            }
+        ),
+        fingerprint=uuid.uuid4().hex,
+    )  # a fresh fingerprint: datasets would otherwise hash every token
     tokens = int(lengths.sum())
     report = {
         "samples": len(lengths),

@@ -86,17 +86,25 @@ def fingerprint_parts(cfg: RunConfig) -> dict[str, str]:
         tok_source = str(resolve_gguf_path(tok_source))
     parts = {
         "data config": _digest([cfg.data.model_dump(mode="json")]),
-        "tokenizer": _digest([tok_source, cfg.model.revision,
-                              cfg.model.init.tokenizer_vocab_size if cfg.model.init and not cfg.model.tokenizer else None,
-                              *([Path(tok_source)] if tok_source and Path(tok_source).exists() else [])]),
+        "tokenizer": _digest(
+            [
+                tok_source,
+                cfg.model.revision,
+                cfg.model.init.tokenizer_vocab_size if cfg.model.init and not cfg.model.tokenizer else None,
+                *([Path(tok_source)] if tok_source and Path(tok_source).exists() else []),
+            ]
+        ),
         "tuneforge version": __version__,
         "prepared-data format": str(DATA_FORMAT),
     }
     if cfg.data.chat_template not in ("auto", "alpaca", "chatml") and Path(cfg.data.chat_template).exists():
         parts["chat template file"] = _digest([Path(cfg.data.chat_template)])
     sources = [*cfg.data.train, *([cfg.data.eval] if cfg.data.eval else [])]
-    files = [*(s.path for s in sources if s.path), *(s.synthetic.text for s in sources if s.synthetic and s.synthetic.text),
-             *cfg.data.decontaminate.files]
+    files = [
+        *(s.path for s in sources if s.path),
+        *(s.synthetic.text for s in sources if s.synthetic and s.synthetic.text),
+        *cfg.data.decontaminate.files,
+    ]
     for f in files:
         parts[f"file {f}"] = _digest([Path(f)]) if Path(f).exists() else "missing"
     return parts
@@ -151,11 +159,13 @@ def _load_all(cfg: RunConfig, log, clock: StageClock) -> tuple[datasets.Dataset,
         reasons = features = None
         if d.num_proc > 1 and (d.dedup.exact or d.dedup.near) and len(train) >= d.num_proc * 1000:
             # one pass of the worker processes over the rows: the quality verdicts and the dedup hashes together
-            features = features_in_workers(train, _judge_and_hash, d.num_proc, "quality filters, dedup hashes",
-                                           q=d.quality, dedup=d.dedup)
+            features = features_in_workers(
+                train, _judge_and_hash, d.num_proc, "quality filters, dedup hashes", q=d.quality, dedup=d.dedup
+            )
             reasons = features.column("_drop").to_pylist()
-        train, report["quality"] = apply_quality_filters(train, d.quality, d.num_proc if d.num_proc > 1 else None,
-                                                         reasons, locate=row_locator(train, locators))
+        train, report["quality"] = apply_quality_filters(
+            train, d.quality, d.num_proc if d.num_proc > 1 else None, reasons, locate=row_locator(train, locators)
+        )
     with clock("dedup"):
         kept = [i for i, r in enumerate(reasons) if not r] if features is not None else None
         train, report["dedup"] = deduplicate(train, d.dedup, d.num_proc, features, kept)
@@ -230,8 +240,11 @@ def _streamed(cfg: RunConfig, clock: StageClock, tmp: Path):
         template, template_name = _template(tok, cfg)
         train_tok, train_rep, report, lengths = prepare_streamed(cfg, tok, _texts(eval_, "all") if eval_ else [], tmp)
     with clock("tokenize"):
-        eval_tok, eval_rep = tokenize_split(eval_, tok, template, cfg.data, "eval", locate=where_from(locators)) \
-            if eval_ is not None else (None, None)
+        eval_tok, eval_rep = (
+            tokenize_split(eval_, tok, template, cfg.data, "eval", locate=where_from(locators))
+            if eval_ is not None
+            else (None, None)
+        )
     return train_tok, eval_tok, tok, template, template_name, train_rep, eval_rep, report, lengths
 
 
@@ -274,7 +287,9 @@ def _build(cfg: RunConfig, out: Path, fp: str, parts: dict[str, str], log) -> No
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if cfg.data.streaming:
-        train_tok, eval_tok, tok, template, template_name, train_rep, eval_rep, report, lengths = _streamed(cfg, clock, tmp)
+        train_tok, eval_tok, tok, template, template_name, train_rep, eval_rep, report, lengths = _streamed(
+            cfg, clock, tmp
+        )
     else:
         train, eval_, report = _load_all(cfg, log, clock)
         where = where_from(report.pop("_locators"))
@@ -282,18 +297,25 @@ def _build(cfg: RunConfig, out: Path, fp: str, parts: dict[str, str], log) -> No
             tok = build_tokenizer(cfg.model, _corpus(train))
             gc.freeze()  # the tokenizer and what the filters left behind join the skipped objects
             template, template_name = _template(tok, cfg)
-            train_tok, train_rep = tokenize_split(train, tok, template, cfg.data, "train",
-                                                  source_columns=not cfg.data.packing, locate=where)
-            eval_tok, eval_rep = tokenize_split(eval_, tok, template, cfg.data, "eval", locate=where) \
-                if eval_ is not None else (None, None)
+            train_tok, train_rep = tokenize_split(
+                train, tok, template, cfg.data, "train", source_columns=not cfg.data.packing, locate=where
+            )
+            eval_tok, eval_rep = (
+                tokenize_split(eval_, tok, template, cfg.data, "eval", locate=where)
+                if eval_ is not None
+                else (None, None)
+            )
             lengths = column(train_tok, "num_tokens")
     template_invalid(report, [train_rep, eval_rep], cfg.data)
     if len(lengths) == 0:
-        raise ValueError("data: no training rows left after tokenization (all too long, too short or with nothing to "
-                         "train); raise data.max_seq_len or check data.train_on")
+        raise ValueError(
+            "data: no training rows left after tokenization (all too long, too short or with nothing to "
+            "train); raise data.max_seq_len or check data.train_on"
+        )
     # drawn by a child process while this one packs and saves
-    histogram_done = start_length_histogram(lengths, cfg.data.max_seq_len, tmp / "lengths.png",
-                                            f"training samples ({len(lengths)})")
+    histogram_done = start_length_histogram(
+        lengths, cfg.data.max_seq_len, tmp / "lengths.png", f"training samples ({len(lengths)})"
+    )
     if cfg.data.packing and not cfg.data.streaming:
         with clock("pack"):
             train_tok, train_rep["packing"] = pack_dataset(train_tok, cfg.data.max_seq_len)
@@ -334,8 +356,10 @@ def wait_for_prepared(cfg: RunConfig, run_dir: str | Path, timeout_s: float, pol
     deadline = time.monotonic() + timeout_s
     while not (fp_file.exists() and fp_file.read_text().strip() == fp):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_s:.0f}s for rank 0 to prepare {data_dir(run_dir)}; is the run "
-                               "directory on a file system every node shares? (raise dist.timeout_minutes for huge data)")
+            raise TimeoutError(
+                f"waited {timeout_s:.0f}s for rank 0 to prepare {data_dir(run_dir)}; is the run "
+                "directory on a file system every node shares? (raise dist.timeout_minutes for huge data)"
+            )
         time.sleep(poll_s)
     return load_prepared(run_dir, reused=True)
 
@@ -352,30 +376,44 @@ def load_prepared(run_dir: str | Path, reused: bool = True) -> PreparedData:
 
 
 def summary(report: dict) -> str:
-    lines = [f"data: template={report['chat_template']} train_on={report['train_on']} max_seq_len={report['max_seq_len']}"]
+    lines = [
+        f"data: template={report['chat_template']} train_on={report['train_on']} max_seq_len={report['max_seq_len']}"
+    ]
     if "rows_read" in report:
         inv, q, dd, dc = report["invalid"], report["quality"], report["dedup"], report["decontamination"]
         read = report["rows_read"] + inv["skipped"] - inv.get("template", 0)  # refused rows were read (and valid)
         lines.append(f"  read {read} rows; skipped invalid: {inv['skipped']} {inv['reasons'] or ''}")
-        lines.append("  sources: " + "; ".join(f"{x['source']} {x['rows_read']} read -> {x.get('rows_trained', '?')} trained"
-                                              for x in report["sources"] if "rows_trained" in x))
+        lines.append(
+            "  sources: "
+            + "; ".join(
+                f"{x['source']} {x['rows_read']} read -> {x.get('rows_trained', '?')} trained"
+                for x in report["sources"]
+                if "rows_trained" in x
+            )
+        )
         lines.append("  quality filters removed: " + (", ".join(f"{k} {v['removed']}" for k, v in q.items()) or "none"))
-        lines.append(f"  duplicates removed: exact {dd['exact_removed']}, near {dd['near_removed']}; "
-                     f"contaminated rows removed: {dc['removed']}")
+        lines.append(
+            f"  duplicates removed: exact {dd['exact_removed']}, near {dd['near_removed']}; "
+            f"contaminated rows removed: {dc['removed']}"
+        )
     for split in ("train", "eval"):
         r = report.get(split)
         if r:
             ln = r["length"]
             lines.append(
                 f"  {split}: {r['rows']} rows ({r['rows_in']} in), {r['tokens']} tokens, {r['trained_tokens']} trained "
-                f"({100 * r['trained_fraction']:.0f}%), {r['truncated_rows']} truncated, {r['dropped_overlong_rows']} dropped "
+                f"({100 * r['trained_fraction']:.0f}%), {r['truncated_rows']} truncated, "
+                f"{r['dropped_overlong_rows']} dropped "
                 f"as too long, {r['dropped_short_or_untrained_rows']} dropped as too short or with nothing to train; "
                 f"length min/median/p95/max {ln['min']}/{ln['median']}/{ln['p95']}/{ln['max']}"
             )
             if "packing" in r:
                 pk = r["packing"]
-                lines.append(f"  packing: {pk['samples']} samples -> {pk['rows']} rows; efficiency {100 * pk['efficiency']:.1f}% "
-                             f"(unpacked, padded to max_seq_len: {100 * pk['efficiency_unpacked']:.1f}%)")
+                lines.append(
+                    f"  packing: {pk['samples']} samples -> {pk['rows']} rows; "
+                    f"efficiency {100 * pk['efficiency']:.1f}% "
+                    f"(unpacked, padded to max_seq_len: {100 * pk['efficiency_unpacked']:.1f}%)"
+                )
     if report.get("seconds"):
         lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
     return "\n".join(lines)

@@ -15,8 +15,15 @@ import datasets
 from tuneforge.config.schema import QualityConfig
 from tuneforge.data.formats import column
 
-RULES = ("min_score", "min_response_chars", "max_response_chars", "min_prompt_chars",
-         "max_garbage_char_frac", "max_repeated_line_frac", "max_repeated_ngram_frac")
+RULES = (
+    "min_score",
+    "min_response_chars",
+    "max_response_chars",
+    "min_prompt_chars",
+    "max_garbage_char_frac",
+    "max_repeated_line_frac",
+    "max_repeated_ngram_frac",
+)
 GARBAGE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]")
 EXAMPLES_PER_RULE = 3
 
@@ -72,17 +79,27 @@ def failed_rules(messages: list[list[dict]], texts: list[str], scores: list | No
     return [failed_rule(*prompt_and_response(m, t), s, q) for m, t, s in zip(messages, texts, scores)]
 
 
-def apply_quality_filters(ds: datasets.Dataset, q: QualityConfig, num_proc: int | None = None,
-                          reasons: list[str] | None = None, locate: Callable[[int], str] | None = None,
-                          ) -> tuple[datasets.Dataset, dict]:
+def apply_quality_filters(
+    ds: datasets.Dataset,
+    q: QualityConfig,
+    num_proc: int | None = None,
+    reasons: list[str] | None = None,
+    locate: Callable[[int], str] | None = None,
+) -> tuple[datasets.Dataset, dict]:
     """Drop rows failing any rule. Returns (kept rows, {rule: {removed, examples}}). `reasons`: the rows'
     `failed_rules` when already judged (prepare judges them in the same pass that hashes rows for dedup).
     Each example says where its row is: `locate(i)` ('file:line'), else its 1-based row number."""
     if reasons is None:
         # only the verdicts are written back; tuneforge caches the stage itself (no fingerprint hashing)
-        judged = ds.map(lambda b: {"_drop": failed_rules(b["messages"], b["text"], b.get("score"), q)}, batched=True,
-                        batch_size=1000, num_proc=num_proc, remove_columns=ds.column_names, desc="quality filters",
-                        new_fingerprint=uuid.uuid4().hex)
+        judged = ds.map(
+            lambda b: {"_drop": failed_rules(b["messages"], b["text"], b.get("score"), q)},
+            batched=True,
+            batch_size=1000,
+            num_proc=num_proc,
+            remove_columns=ds.column_names,
+            desc="quality filters",
+            new_fingerprint=uuid.uuid4().hex,
+        )
         reasons = column(judged, "_drop")
     report: dict = {}
     for i, reason in enumerate(reasons):

@@ -24,15 +24,23 @@ def read_normalized(src: DatasetSource, d: DataConfig, locators: dict, source_id
     too_many = invalid_rows.too_many(name, invalid["skipped"], read, invalid["examples"], d.max_invalid_fraction)
     if too_many:
         raise DataFormatError(too_many)
-    return rows, {"source": name, "format": bad_rows["format"], "rows_read": read, "rows_valid": len(rows),
-                  "rows_invalid": invalid["skipped"], "invalid": invalid}
+    return rows, {
+        "source": name,
+        "format": bad_rows["format"],
+        "rows_read": read,
+        "rows_valid": len(rows),
+        "rows_invalid": invalid["skipped"],
+        "invalid": invalid,
+    }
 
 
 def row_locator(ds: datasets.Dataset, locators: dict):
     """row index of `ds` (rows with source_id and source_row) -> 'file:line'."""
+
     def locate(i: int) -> str:
         row = ds.select_columns(["source_id", "source_row"])[i]
         return locators[row["source_id"]](row["source_row"])
+
     return locate if {"source_id", "source_row"} <= set(ds.column_names) else None
 
 
@@ -51,8 +59,13 @@ def template_invalid(report: dict, reps: list[dict | None], d: DataConfig) -> No
                 continue
             source = report["sources"][at]
             source["rows_invalid"] = source.get("rows_invalid", 0) + n
-            too_many = invalid_rows.too_many(source["source"], source["rows_invalid"], source["rows_read"],
-                                             refused["examples"], d.max_invalid_fraction)
+            too_many = invalid_rows.too_many(
+                source["source"],
+                source["rows_invalid"],
+                source["rows_read"],
+                refused["examples"],
+                d.max_invalid_fraction,
+            )
             if too_many:
                 raise DataFormatError(too_many)
 

@@ -33,18 +33,24 @@ def stream_texts(src: DatasetSource) -> Iterator[tuple[RowLocator, int, dict]]:
     """(where the file's rows are, the row's 0-based index in its file, {"text": the row's text value}) of every
     row of a completion-format source, streamed. A row without the field has no "text"."""
     if src.path is None:
-        raise DataFormatError("data.streaming reads files: a `synthetic` source cannot be streamed; set data.streaming=false")
+        raise DataFormatError(
+            "data.streaming reads files: a `synthetic` source cannot be streamed; set data.streaming=false"
+        )
     if src.format not in ("auto", "completion"):
-        raise DataFormatError(f"{src.path}: data.streaming supports the completion format (a `text` field) only, "
-                              f"not format {src.format!r}; set data.streaming=false for it")
+        raise DataFormatError(
+            f"{src.path}: data.streaming supports the completion format (a `text` field) only, "
+            f"not format {src.format!r}; set data.streaming=false for it"
+        )
     path = Path(src.path).expanduser()
     if not path.exists():
         raise DataFormatError(f"{path}: data file not found (data source `path`)")
     files = sorted(p for p in path.rglob("*") if p.suffix in STREAM_BUILDERS) if path.is_dir() else [path]
     kinds = {STREAM_BUILDERS.get(p.suffix) for p in files}
     if not files or None in kinds or len(kinds) != 1:
-        raise DataFormatError(f"{path}: data.streaming reads .jsonl/.json/.csv/.parquet/.txt files, one kind per "
-                              f"source; found {sorted(p.suffix for p in files) or 'none'}")
+        raise DataFormatError(
+            f"{path}: data.streaming reads .jsonl/.json/.csv/.parquet/.txt files, one kind per "
+            f"source; found {sorted(p.suffix for p in files) or 'none'}"
+        )
     column = src.columns.get("text", "text")
     n = 0
     for f in files:
@@ -76,20 +82,41 @@ class StreamState:
 
     def __init__(self, cfg: RunConfig, eval_texts: list[str]):
         self.cfg = cfg
-        refs = (eval_texts if cfg.data.decontaminate.against_eval else []) + benchmark_texts(cfg.data.decontaminate.files)
-        self.index = (NgramIndex(refs, cfg.data.decontaminate.ngram, cfg.data.decontaminate.shared_ngram_fraction)
-                      if refs else None)
+        refs = (eval_texts if cfg.data.decontaminate.against_eval else []) + benchmark_texts(
+            cfg.data.decontaminate.files
+        )
+        self.index = (
+            NgramIndex(refs, cfg.data.decontaminate.ngram, cfg.data.decontaminate.shared_ngram_fraction)
+            if refs
+            else None
+        )
         self.reference_texts = len(refs)
         self.seen: set[int] = set()
         self.lengths: list[np.ndarray] = []
-        self.sources = [{"source": s.path, "format": "completion", "rows_read": 0, "rows_valid": 0, "rows_invalid": 0,
-                         "rows_trained": 0} for s in cfg.data.train]
+        self.sources = [
+            {
+                "source": s.path,
+                "format": "completion",
+                "rows_read": 0,
+                "rows_valid": 0,
+                "rows_invalid": 0,
+                "rows_trained": 0,
+            }
+            for s in cfg.data.train
+        ]
         self.invalid = invalid_rows.empty()
         self.quality: dict = {}
         self.exact_removed = self.contaminated = 0
         self.contaminated_examples: list[str] = []
-        self.tok = {"rows_in": 0, "rows": 0, "tokens": 0, "trained_tokens": 0, "truncated_rows": 0,
-                    "dropped_overlong_rows": 0, "dropped_short_or_untrained_rows": 0}
+        self.tok = {
+            "rows_in": 0,
+            "rows": 0,
+            "tokens": 0,
+            "trained_tokens": 0,
+            "truncated_rows": 0,
+            "dropped_overlong_rows": 0,
+            "dropped_short_or_untrained_rows": 0,
+        }
         self.packed_rows = 0
 
 
@@ -100,8 +127,11 @@ def _valid(state: StreamState, k: int, chunk: list) -> list[str]:
     for locate, i, row in chunk:
         try:
             if "_has" in row:
-                raise RowError(f"missing field `{names.get('text', 'text')}`", f" (the row has {row['_has']}): "
-                               "streaming reads raw text; map your field with columns: {text: YOUR_FIELD}")
+                raise RowError(
+                    f"missing field `{names.get('text', 'text')}`",
+                    f" (the row has {row['_has']}): "
+                    "streaming reads raw text; map your field with columns: {text: YOUR_FIELD}",
+                )
             texts.append(to_canonical(row, "completion", names)["text"])
             continue
         except RowError as e:
@@ -116,8 +146,13 @@ def _valid(state: StreamState, k: int, chunk: list) -> list[str]:
 def _check_source(state: StreamState, k: int) -> None:
     """Stop when more than data.max_invalid_fraction of source k's rows were invalid."""
     source = state.sources[k]
-    too_many = invalid_rows.too_many(source["source"], source["rows_invalid"], source["rows_read"],
-                                     state.invalid["examples"], state.cfg.data.max_invalid_fraction)
+    too_many = invalid_rows.too_many(
+        source["source"],
+        source["rows_invalid"],
+        source["rows_read"],
+        state.invalid["examples"],
+        state.cfg.data.max_invalid_fraction,
+    )
     if too_many:
         raise DataFormatError(too_many)
 
@@ -212,40 +247,68 @@ def generate_rows(cfg: RunConfig, tok, state: StreamState) -> Iterator[dict]:
         _check_source(state, last)
 
 
-def prepare_streamed(cfg: RunConfig, tok, eval_texts: list[str], work_dir: Path) -> tuple[datasets.Dataset, dict, dict, list[int]]:
+def prepare_streamed(
+    cfg: RunConfig, tok, eval_texts: list[str], work_dir: Path
+) -> tuple[datasets.Dataset, dict, dict, list[int]]:
     """(train dataset written under work_dir, train report, the rest of the report, sample lengths)."""
     state = StreamState(cfg, eval_texts)
-    features = {"input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
-                "num_tokens": datasets.Value("int64"), "num_trained": datasets.Value("int64")}
+    features = {
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+        "num_tokens": datasets.Value("int64"),
+        "num_trained": datasets.Value("int64"),
+    }
     if cfg.data.packing:
-        features.update(position_ids=datasets.Sequence(datasets.Value("int64")),
-                        seq_lens=datasets.Sequence(datasets.Value("int64")))
+        features.update(
+            position_ids=datasets.Sequence(datasets.Value("int64")), seq_lens=datasets.Sequence(datasets.Value("int64"))
+        )
     # a fresh cache directory per preparation: datasets must never hand back an older generation's rows
     try:
-        ds = datasets.Dataset.from_generator(generate_rows, features=datasets.Features(features),
-                                             gen_kwargs={"cfg": cfg, "tok": tok, "state": state},
-                                             cache_dir=str(work_dir / "stream-cache"), keep_in_memory=False)
+        ds = datasets.Dataset.from_generator(
+            generate_rows,
+            features=datasets.Features(features),
+            gen_kwargs={"cfg": cfg, "tok": tok, "state": state},
+            cache_dir=str(work_dir / "stream-cache"),
+            keep_in_memory=False,
+        )
     except datasets.exceptions.DatasetGenerationError as e:  # our own errors (bad rows, files) are the cause
         if isinstance(e.__cause__, (DataFormatError, ValueError)):
             raise e.__cause__ from None
         raise
     lengths = np.sort(np.concatenate(state.lengths)) if state.lengths else np.zeros(0, dtype=np.int32)
     n = len(lengths)
-    train = {**state.tok,
-             "length": {"min": int(lengths[0]) if n else 0, "median": int(lengths[n // 2]) if n else 0,
-                        "p95": int(lengths[int(0.95 * (n - 1))]) if n else 0, "max": int(lengths[-1]) if n else 0},
-             "streamed": True, "chunk_rows": cfg.data.stream_chunk_rows}
+    train = {
+        **state.tok,
+        "length": {
+            "min": int(lengths[0]) if n else 0,
+            "median": int(lengths[n // 2]) if n else 0,
+            "p95": int(lengths[int(0.95 * (n - 1))]) if n else 0,
+            "max": int(lengths[-1]) if n else 0,
+        },
+        "streamed": True,
+        "chunk_rows": cfg.data.stream_chunk_rows,
+    }
     train["trained_fraction"] = train["trained_tokens"] / max(train["tokens"], 1)
     if cfg.data.packing:
-        train["packing"] = {"samples": n, "rows": state.packed_rows,
-                            "efficiency": train["tokens"] / max(1, state.packed_rows * cfg.data.max_seq_len),
-                            "efficiency_unpacked": train["tokens"] / max(1, n * cfg.data.max_seq_len)}
-    rest = {"sources": state.sources, "invalid": state.invalid, "rows_read": sum(s["rows_read"] for s in state.sources),
-            "quality": state.quality, "dedup": {"exact_removed": state.exact_removed, "near_removed": 0,
-                                                "kept": train["rows_in"]},
-            "decontamination": {"removed": state.contaminated, "reference_texts": state.reference_texts,
-                                "examples": state.contaminated_examples},
-            "mixing": [s["rows_trained"] for s in state.sources]}
+        train["packing"] = {
+            "samples": n,
+            "rows": state.packed_rows,
+            "efficiency": train["tokens"] / max(1, state.packed_rows * cfg.data.max_seq_len),
+            "efficiency_unpacked": train["tokens"] / max(1, n * cfg.data.max_seq_len),
+        }
+    rest = {
+        "sources": state.sources,
+        "invalid": state.invalid,
+        "rows_read": sum(s["rows_read"] for s in state.sources),
+        "quality": state.quality,
+        "dedup": {"exact_removed": state.exact_removed, "near_removed": 0, "kept": train["rows_in"]},
+        "decontamination": {
+            "removed": state.contaminated,
+            "reference_texts": state.reference_texts,
+            "examples": state.contaminated_examples,
+        },
+        "mixing": [s["rows_trained"] for s in state.sources],
+    }
     return ds, train, rest, lengths.tolist()
 
 

@@ -66,12 +66,15 @@ def extract_numbers(text: str) -> str:
 def text_task_rows(task: str, path: str | Path, rows: int, seed: int = 0) -> list[dict]:
     """`rows` rows of a text task, one per distinct sentence of `path` that has an answer (shuffled by seed)."""
     if not Path(path).is_file():
-        raise SyntheticTextError(f"synthetic.text: {path} does not exist; name a UTF-8 .txt file or a .jsonl file of "
-                                 "{\"text\": ...} rows")
+        raise SyntheticTextError(
+            f'synthetic.text: {path} does not exist; name a UTF-8 .txt file or a .jsonl file of {{"text": ...}} rows'
+        )
     usable = [s for s in sentences(path) if NUMBER.search(s)]
     if len(usable) < rows:
-        raise SyntheticTextError(f"synthetic.text: {path} has {len(usable)} distinct sentences with a number, fewer "
-                                 f"than synthetic.rows={rows}; lower rows or name a longer text")
+        raise SyntheticTextError(
+            f"synthetic.text: {path} has {len(usable)} distinct sentences with a number, fewer "
+            f"than synthetic.rows={rows}; lower rows or name a longer text"
+        )
     random.Random(f"{task}:{seed}").shuffle(usable)
     return [{"instruction": TEXT_TASKS[task], "input": s, "output": extract_numbers(s)} for s in usable[:rows]]
 

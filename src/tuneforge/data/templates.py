@@ -22,7 +22,9 @@ from tuneforge.errors import TuneforgeError
 
 IGNORE_INDEX = -100
 
-ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_SYSTEM = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
 BUILTIN_TEMPLATES = {
     # Alpaca (Stanford) layout; the default system line is used when a row has none.
     "alpaca": (
@@ -64,8 +66,10 @@ def check_syntax(template: str, where: str) -> None:
     try:
         _compile_jinja_template(template)
     except TemplateSyntaxError as e:
-        raise TemplateError(f"{where}, line {e.lineno}: the chat template has a syntax error: {e.message}; fix it, "
-                            "or set data.chat_template: chatml (or alpaca)") from None
+        raise TemplateError(
+            f"{where}, line {e.lineno}: the chat template has a syntax error: {e.message}; fix it, "
+            "or set data.chat_template: chatml (or alpaca)"
+        ) from None
 
 
 def resolve_template(tokenizer: PreTrainedTokenizerBase, choice: str) -> tuple[str, str]:
@@ -108,8 +112,13 @@ def _direct_renderer(tokenizer, template: str):
         return None
     # Template.render(**vars) without its per-call merge of the template globals (a ChainMap) into the
     # variables: the context's variables are built from one pre-merged dict instead (2x faster, same text)
-    env, root, blocks, name, globals_ = (compiled.environment, compiled.root_render_func, compiled.blocks,
-                                         compiled.name, compiled.globals)
+    env, root, blocks, name, globals_ = (
+        compiled.environment,
+        compiled.root_render_func,
+        compiled.blocks,
+        compiled.name,
+        compiled.globals,
+    )
     base = {**dict(globals_), "tools": None, "documents": None, **tokenizer.special_tokens_map}
 
     def render_direct(msgs: list[dict], flag: bool) -> str:
@@ -133,8 +142,9 @@ def _render_many(tokenizer, template: str, requests: list[tuple[list[dict], bool
         if direct is not None and direct(requests[idx[0]][0], flag) == first:
             texts = [first] + [direct(requests[k][0], flag) for k in idx[1:]]
         else:
-            texts = tokenizer.apply_chat_template([requests[k][0] for k in idx], chat_template=template,
-                                                  tokenize=False, add_generation_prompt=flag)
+            texts = tokenizer.apply_chat_template(
+                [requests[k][0] for k in idx], chat_template=template, tokenize=False, add_generation_prompt=flag
+            )
         for k, text in zip(idx, texts):
             out[k] = text
     for k, (msgs, g) in enumerate(requests):
@@ -196,10 +206,10 @@ def assistant_spans_many(
                     f"the chat template renders assistant turn {i} differently depending on what follows it, so its "
                     "tokens cannot be located; use data.chat_template: chatml (or alpaca), or a template file"
                 )
-            turn = through[len(before):end].rstrip()
+            turn = through[len(before) : end].rstrip()
             content = msgs[i]["content"].strip()
             at = turn.find(content) if content else 0
-            has_marker = bool(turn[at + len(content):].strip()) if at >= 0 else True
+            has_marker = bool(turn[at + len(content) :].strip()) if at >= 0 else True
             spans.append((len(before), len(before) + len(turn), has_marker))
         out.append((full, spans))
     return out
@@ -219,8 +229,9 @@ def _turn_end(tokenizer, through: str, follow: str | None) -> int:
     return a["offset_mapping"][n - 1][1] if n else 0
 
 
-def chats_rendered(tokenizer, template: str, conversations: list[list[dict]], train_on: str,
-                   refused: dict[int, str] | None = None) -> tuple[list[str], list]:
+def chats_rendered(
+    tokenizer, template: str, conversations: list[list[dict]], train_on: str, refused: dict[int, str] | None = None
+) -> tuple[list[str], list]:
     """(rendered texts, trained spans per text) of many conversations: the Python half of tokenizing chats.
 
     A conversation the template refuses (its `raise_exception(...)`, an undefined value, any jinja error) raises

@@ -43,9 +43,11 @@ def _gguf_tokenizer(source: str) -> PreTrainedTokenizerBase:
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - a damaged file raises anything from gguf-py; said with its name
-        raise TokenizerLoadError(f"could not read the tokenizer of the GGUF file {source} ({type(e).__name__}: "
-                                 f"{str(e)[:200]}); check the file, or set model.tokenizer to a tokenizer "
-                                 "directory") from None
+        raise TokenizerLoadError(
+            f"could not read the tokenizer of the GGUF file {source} ({type(e).__name__}: "
+            f"{str(e)[:200]}); check the file, or set model.tokenizer to a tokenizer "
+            "directory"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

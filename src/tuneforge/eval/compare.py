@@ -9,8 +9,20 @@ from tuneforge.eval.plots import plot_loss_overlay, read_metrics, series
 from tuneforge.eval.report import fmt
 
 # columns of the table, in order; a column no run has is left out
-COLUMNS = ["steps", "train_loss", "eval_loss", "eval_ppl", "exact_match", "exact_match_normalized", "rouge_l",
-           "chrf", "bleu", "tokens", "tokens_per_s", "wall_s"]
+COLUMNS = [
+    "steps",
+    "train_loss",
+    "eval_loss",
+    "eval_ppl",
+    "exact_match",
+    "exact_match_normalized",
+    "rouge_l",
+    "chrf",
+    "bleu",
+    "tokens",
+    "tokens_per_s",
+    "wall_s",
+]
 
 
 def final_metrics(run_dir: str | Path) -> dict:

@@ -31,13 +31,16 @@ def general_text_windows(path: str | Path, tokenizer, max_tokens: int, window: i
         with open(p, encoding="utf-8") as fh:
             text = fh.read(max_tokens * CHARS_PER_TOKEN_BOUND)
     except FileNotFoundError:
-        raise GeneralTextError(f"eval.general_text: {p} does not exist; name a UTF-8 text file (e.g. "
-                               "wikitext2_valid.txt) or remove the key") from None
+        raise GeneralTextError(
+            f"eval.general_text: {p} does not exist; name a UTF-8 text file (e.g. "
+            "wikitext2_valid.txt) or remove the key"
+        ) from None
     except UnicodeDecodeError as e:
-        raise GeneralTextError(f"eval.general_text: {p} is not UTF-8 text (byte {e.start}); convert it or "
-                               "name another file") from None
+        raise GeneralTextError(
+            f"eval.general_text: {p} is not UTF-8 text (byte {e.start}); convert it or name another file"
+        ) from None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-    windows = [ids[i:i + window] for i in range(0, len(ids), window)]
+    windows = [ids[i : i + window] for i in range(0, len(ids), window)]
     windows = [w for w in windows if len(w) >= 2]
     if not windows:
         raise GeneralTextError(f"eval.general_text: {p} holds no text to score (fewer than 2 tokens)")
@@ -52,14 +55,14 @@ def general_text_perplexity(model, windows: list[list[int]], batch_size: int, pa
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for b in range(0, len(windows), batch_size):
-        chunk = windows[b:b + batch_size]
+        chunk = windows[b : b + batch_size]
         width = max(len(w) for w in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         labels = torch.full((len(chunk), width), -100, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for i, w in enumerate(chunk):
-            ids[i, :len(w)] = labels[i, :len(w)] = torch.tensor(w)
-            mask[i, :len(w)] = 1
+            ids[i, : len(w)] = labels[i, : len(w)] = torch.tensor(w)
+            mask[i, : len(w)] = 1
         batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
         total += float(trained_nll_sum(model, batch))
         count += sum(len(w) - 1 for w in chunk)
@@ -75,5 +78,7 @@ def forgetting_line(before: dict, after: dict, path: str | None) -> str | None:
         return None
     b, a = before["general_ppl"], after["general_ppl"]
     name = Path(path).name if path else "eval.general_text"
-    return (f"forgetting check: perplexity on {name} {b:.2f} -> {a:.2f} ({100 * (a / b - 1):+.1f}%) over "
-            f"{int(after.get('general_tokens', 0)):,} tokens")
+    return (
+        f"forgetting check: perplexity on {name} {b:.2f} -> {a:.2f} ({100 * (a / b - 1):+.1f}%) over "
+        f"{int(after.get('general_tokens', 0)):,} tokens"
+    )

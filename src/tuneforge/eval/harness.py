@@ -18,8 +18,10 @@ class LmEvalMissing(InputError, RuntimeError):
 
 def require_lm_eval() -> None:
     if importlib.util.find_spec("lm_eval") is None:
-        raise LmEvalMissing("--lm-eval needs lm-evaluation-harness, which is not installed: pip install lm-eval "
-                            "(its tasks download datasets from the Hugging Face Hub, so this needs network access)")
+        raise LmEvalMissing(
+            "--lm-eval needs lm-evaluation-harness, which is not installed: pip install lm-eval "
+            "(its tasks download datasets from the Hugging Face Hub, so this needs network access)"
+        )
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict[str, float]:

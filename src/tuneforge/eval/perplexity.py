@@ -12,7 +12,9 @@ from tuneforge.model.lm_loss import trained_nll_sum, trained_tokens
 
 
 @torch.no_grad()
-def evaluate_loss(model, dataset, collate, batch_size: int, device, on_batch: Callable[[int], None] | None = None) -> dict:
+def evaluate_loss(
+    model, dataset, collate, batch_size: int, device, on_batch: Callable[[int], None] | None = None
+) -> dict:
     """eval_loss = sum of token NLLs over every trained position / number of trained positions; eval_ppl = exp of it
     (capped at exp(50)); eval_tokens = that count. `on_batch(n)` is called after each batch of n rows."""
     was_training = model.training

@@ -88,9 +88,11 @@ def plot_run(records: list[dict], out_dir: str | Path, title: str = "") -> dict[
         ax.legend()
         name = "loss_vs_step" if x == "step" else "loss_vs_tokens"
         drawn[name] = _save(plt, fig, out_dir / f"{name}.png")
-    single = [("lr", [("lr", "learning rate")], "learning rate"),
-              ("throughput", [("tokens_per_s", "tokens/s"), ("trained_tokens_per_s", "trained tokens/s")], "tokens/s"),
-              ("memory", [("peak_mem_gb", "peak memory")], "GB")]
+    single = [
+        ("lr", [("lr", "learning rate")], "learning rate"),
+        ("throughput", [("tokens_per_s", "tokens/s"), ("trained_tokens_per_s", "trained tokens/s")], "tokens/s"),
+        ("memory", [("peak_mem_gb", "peak memory")], "GB"),
+    ]
     for name, keys, ylabel in single:
         lines = [(label, *series(records, "train", key)) for key, label in keys]
         lines = [ln for ln in lines if ln[1]]

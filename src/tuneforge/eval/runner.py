@@ -23,7 +23,11 @@ from tuneforge.eval.perplexity import evaluate_loss
 from tuneforge.eval.tasks import task_metrics
 from tuneforge.progress import TaskProgress
 
-COUNTS = ("eval_tokens", "generated_rows", "general_tokens")  # sizes of the eval, not scores: printed above the table, not in it
+COUNTS = (
+    "eval_tokens",
+    "generated_rows",
+    "general_tokens",
+)  # sizes of the eval, not scores: printed above the table, not in it
 
 
 class EvalError(TuneforgeError, RuntimeError):
@@ -51,28 +55,56 @@ def held_out_chats(dataset, n: int | None = None) -> tuple[list[list[dict]], lis
     return prompts, refs
 
 
-def evaluate_model(model, tokenizer, eval_rows, cfg: EvalConfig, stop_ids: list[int] | None, rows: int | None = None,
-                   progress: str = "auto", label: str = "eval") -> ModelEval:
+def evaluate_model(
+    model,
+    tokenizer,
+    eval_rows,
+    cfg: EvalConfig,
+    stop_ids: list[int] | None,
+    rows: int | None = None,
+    progress: str = "auto",
+    label: str = "eval",
+) -> ModelEval:
     """Token-weighted loss/perplexity over every held-out row, then task metrics on `rows` generations
     (all rows when None)."""
     device = next(model.parameters()).device
     bar = TaskProgress(f"{label}: loss", len(eval_rows), progress)
     try:
-        metrics = evaluate_loss(model, eval_rows, PaddedCollator(tokenizer.pad_token_id), cfg.batch_size, device,
-                                on_batch=bar.advance)
+        metrics = evaluate_loss(
+            model, eval_rows, PaddedCollator(tokenizer.pad_token_id), cfg.batch_size, device, on_batch=bar.advance
+        )
     finally:
         bar.close()
     prompts, refs = held_out_chats(eval_rows, rows)
-    if not prompts:
-        return ModelEval(metrics)
     bar = TaskProgress(f"{label}: generate", len(prompts), progress)
     try:
-        preds = generate(model, tokenizer, prompts, cfg.max_new_tokens, stop_ids, batch_size=cfg.batch_size,
-                         temperature=cfg.temperature, top_p=cfg.top_p, on_batch=bar.advance)
+        tasks, samples = task_eval(model, tokenizer, eval_rows, cfg, stop_ids, rows, on_batch=bar.advance)
     finally:
         bar.close()
+    return ModelEval({**metrics, **tasks}, samples)
+
+
+def task_eval(
+    model, tokenizer, eval_rows, cfg: EvalConfig, stop_ids: list[int] | None, rows: int | None, on_batch=None
+) -> tuple[dict, list[dict]]:
+    """Generate an answer for `rows` held-out conversations (all when None) and score them against the
+    references: ({"generated_rows", exact match, ROUGE-L, ...}, [{"prompt", "reference", "generated"}])."""
+    prompts, refs = held_out_chats(eval_rows, rows)
+    if not prompts:
+        return {}, []
+    preds = generate(
+        model,
+        tokenizer,
+        prompts,
+        cfg.max_new_tokens,
+        stop_ids,
+        batch_size=cfg.batch_size,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        on_batch=on_batch,
+    )
     samples = [{"prompt": p[-1]["content"], "reference": r, "generated": g} for p, r, g in zip(prompts, refs, preds)]
-    return ModelEval({**metrics, "generated_rows": len(preds), **task_metrics(preds, refs)}, samples)
+    return {"generated_rows": len(preds), **task_metrics(preds, refs)}, samples
 
 
 @contextlib.contextmanager
@@ -88,23 +120,26 @@ def base_model(model, cfg: RunConfig, tokenizer) -> Iterator[torch.nn.Module]:
     try:
         base = load_model(cfg.model, tokenizer, torch.float32, "sdpa", seed=cfg.train.seed)
     except Exception as e:
-        raise EvalError(f"--base: could not load the base model {cfg.model.name_or_path!r} ({e}); "
-                        "make it reachable at model.name_or_path in the run's config.yaml") from None
+        raise EvalError(
+            f"--base: could not load the base model {cfg.model.name_or_path!r} ({e}); "
+            "make it reachable at model.name_or_path in the run's config.yaml"
+        ) from None
     base.eval()
     yield base.to(next(model.parameters()).device)
 
 
-def comparison_table(base: dict | None, tuned: dict) -> str:
-    """metric | base | tuned | delta, for the numeric metrics both share (only `tuned` without a base)."""
+def comparison_table(base: dict | None, tuned: dict, names: tuple[str, str] = ("base", "tuned")) -> str:
+    """metric | base | tuned | delta, for the numeric metrics both share (only `tuned` without a base); `names`
+    heads the two columns (before / after for a training run)."""
     keys = [k for k, v in tuned.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in COUNTS]
     if base is None:
         width = max(len(k) for k in keys) + 2 if keys else 8
-        lines = [f"{'metric':<{width}}{'tuned':>12}"]
+        lines = [f"{'metric':<{width}}{names[1]:>12}"]
         lines += [f"{k:<{width}}{tuned[k]:>12.4f}" for k in keys]
         return "\n".join(lines)
     keys = [k for k in keys if k in base]
     width = max(len(k) for k in keys) + 2 if keys else 8
-    lines = [f"{'metric':<{width}}{'base':>12}{'tuned':>12}{'delta':>12}"]
+    lines = [f"{'metric':<{width}}{names[0]:>12}{names[1]:>12}{'delta':>12}"]
     for k in keys:
         lines.append(f"{k:<{width}}{base[k]:>12.4f}{tuned[k]:>12.4f}{tuned[k] - base[k]:>+12.4f}")
     return "\n".join(lines)
@@ -112,7 +147,11 @@ def comparison_table(base: dict | None, tuned: dict) -> str:
 
 def write_eval_json(run_dir: str | Path, tuned: ModelEval, base: ModelEval | None, settings: dict) -> Path:
     out = Path(run_dir) / "eval.json"
-    payload = {"settings": settings, "tuned": tuned.metrics, "base": base.metrics if base else None,
-               "samples": {"tuned": tuned.samples, "base": base.samples if base else []}}
+    payload = {
+        "settings": settings,
+        "tuned": tuned.metrics,
+        "base": base.metrics if base else None,
+        "samples": {"tuned": tuned.samples, "base": base.samples if base else []},
+    }
     out.write_text(json.dumps(payload, indent=2, ensure_ascii=False))
     return out

@@ -5,5 +5,13 @@ from tuneforge.export.errors import ExportError, ExportParityError, GGUFCheckErr
 from tuneforge.export.merge import ExportResult, export_run
 from tuneforge.export.parity import THRESHOLDS, ParityCheck
 
-__all__ = ["THRESHOLDS", "ExportError", "ExportParityError", "ExportResult", "GGUFCheckError", "GGUFExportError",
-           "ParityCheck", "export_run"]
+__all__ = [
+    "THRESHOLDS",
+    "ExportError",
+    "ExportParityError",
+    "ExportResult",
+    "GGUFCheckError",
+    "GGUFExportError",
+    "ParityCheck",
+    "export_run",
+]

@@ -20,26 +20,29 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np
 import torch
 
-from tuneforge.export.gguf_tokenizer import Vocab, detokenize, metadata, read_vocab
 from tuneforge.export.errors import GGUFCheckError, GGUFExportError
+from tuneforge.export.gguf_tokenizer import Vocab, detokenize, metadata, read_vocab
 
 Q = gguf.GGMLQuantizationType
-GGUF_TYPES = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
-              "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16), "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
+GGUF_TYPES = {
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
 TORCH_OF = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 # Hugging Face model_type -> llama.cpp architecture (Mistral without sliding-window attention is a Llama)
 ARCHES = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 SUPPORTED = "llama (LlamaForCausalLM), mistral (MistralForCausalLM) and qwen2 (Qwen2ForCausalLM)"
-SAMPLE_TEXTS = ["Hello world! 1234 numbers, punctuation... and    spaces.",
-                "naïve café, 東京 and emoji 🚀\nnew line"]
+SAMPLE_TEXTS = ["Hello world! 1234 numbers, punctuation... and    spaces.", "naïve café, 東京 and emoji 🚀\nnew line"]
 
 
 @dataclass
@@ -82,8 +85,10 @@ def arch_of(config: dict) -> gguf.MODEL_ARCH:
     arch = ARCHES.get(model_type)
     if arch is None:
         names = ", ".join(config.get("architectures") or []) or "?"
-        raise GGUFExportError(f"GGUF export supports {SUPPORTED}; this model is {model_type!r} ({names}). Use "
-                              "llama.cpp's convert_hf_to_gguf.py on the exported directory for other architectures.")
+        raise GGUFExportError(
+            f"GGUF export supports {SUPPORTED}; this model is {model_type!r} ({names}). Use "
+            "llama.cpp's convert_hf_to_gguf.py on the exported directory for other architectures."
+        )
     if config.get("num_local_experts"):
         raise GGUFExportError(f"GGUF export supports dense {SUPPORTED} models, not mixture-of-experts ones")
     return arch
@@ -135,8 +140,10 @@ class SafetensorsSource:
         elif (model_dir / "model.safetensors").exists():
             files = None
         else:
-            raise GGUFExportError(f"{model_dir}: no model.safetensors(.index.json); GGUF export reads safetensors "
-                                  "(`tuneforge export` writes them)")
+            raise GGUFExportError(
+                f"{model_dir}: no model.safetensors(.index.json); GGUF export reads safetensors "
+                "(`tuneforge export` writes them)"
+            )
         names = sorted(set(files.values())) if files else ["model.safetensors"]
         self._open = {n: safe_open(str(model_dir / n), framework="pt") for n in names}
         self.file_of = files or {k: "model.safetensors" for k in self._open["model.safetensors"].keys()}
@@ -163,29 +170,46 @@ def plan_gguf(model_dir: Path, gguf_type: str, source: SafetensorsSource, name: 
     theta, rope_type, rope = _rope(cfg)
     K, A, R = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
     meta: dict[str, object] = {
-        gguf.Keys.General.TYPE: "model", gguf.Keys.General.NAME: name, gguf.Keys.General.FILE_TYPE: int(file_type),
+        gguf.Keys.General.TYPE: "model",
+        gguf.Keys.General.NAME: name,
+        gguf.Keys.General.FILE_TYPE: int(file_type),
         gguf.Keys.General.QUANTIZATION_VERSION: gguf.GGML_QUANT_VERSION,
-        K.CONTEXT_LENGTH: cfg["max_position_embeddings"], K.EMBEDDING_LENGTH: hidden, K.BLOCK_COUNT: layers,
-        K.FEED_FORWARD_LENGTH: cfg["intermediate_size"], K.VOCAB_SIZE: cfg["vocab_size"], A.HEAD_COUNT: heads,
-        A.HEAD_COUNT_KV: kv_heads, A.LAYERNORM_RMS_EPS: float(cfg.get("rms_norm_eps", 1e-6)), A.KEY_LENGTH: head_dim,
-        A.VALUE_LENGTH: head_dim, R.DIMENSION_COUNT: head_dim, R.FREQ_BASE: theta,
+        K.CONTEXT_LENGTH: cfg["max_position_embeddings"],
+        K.EMBEDDING_LENGTH: hidden,
+        K.BLOCK_COUNT: layers,
+        K.FEED_FORWARD_LENGTH: cfg["intermediate_size"],
+        K.VOCAB_SIZE: cfg["vocab_size"],
+        A.HEAD_COUNT: heads,
+        A.HEAD_COUNT_KV: kv_heads,
+        A.LAYERNORM_RMS_EPS: float(cfg.get("rms_norm_eps", 1e-6)),
+        A.KEY_LENGTH: head_dim,
+        A.VALUE_LENGTH: head_dim,
+        R.DIMENSION_COUNT: head_dim,
+        R.FREQ_BASE: theta,
     }
     extra: list[TensorSpec] = []
     if rope_type == "linear":
         meta[R.SCALING_TYPE], meta[R.SCALING_FACTOR] = "linear", float(rope["factor"])
     elif rope_type == "llama3" and model_arch == gguf.MODEL_ARCH.LLAMA:
         factors = _llama3_rope_factors(cfg, rope, head_dim, theta)
-        extra.append(TensorSpec(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", None, factors.shape,
-                                Q.F32, data=factors))
+        extra.append(
+            TensorSpec(
+                gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", None, factors.shape, Q.F32, data=factors
+            )
+        )
     elif rope_type != "default":
-        raise GGUFExportError(f"{model_dir / 'config.json'}: RoPE scaling {rope_type!r} is not supported by this "
-                              "GGUF export (default, linear, and llama3 for Llama are); use llama.cpp's "
-                              "convert_hf_to_gguf.py")
+        raise GGUFExportError(
+            f"{model_dir / 'config.json'}: RoPE scaling {rope_type!r} is not supported by this "
+            "GGUF export (default, linear, and llama3 for Llama are); use llama.cpp's "
+            "convert_hf_to_gguf.py"
+        )
     notes = []
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
     if window and window < cfg["max_position_embeddings"]:
-        notes.append(f"sliding_window {window} is shorter than the context: llama.cpp attends to the whole context, "
-                     f"so past {window} tokens its outputs differ from transformers'")
+        notes.append(
+            f"sliding_window {window} is shorter than the context: llama.cpp attends to the whole context, "
+            f"so past {window} tokens its outputs differ from transformers'"
+        )
     meta = {k.format(arch=arch): v for k, v in meta.items()}
 
     names = gguf.get_tensor_name_map(model_arch, layers)
@@ -196,8 +220,10 @@ def plan_gguf(model_dir: Path, gguf_type: str, source: SafetensorsSource, name: 
             continue
         mapped = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         if mapped is None:
-            raise GGUFExportError(f"{model_dir}: tensor {hf!r} has no llama.cpp name for {arch}; this model has parts "
-                                  "llama.cpp's graph does not have, so it cannot be exported to GGUF")
+            raise GGUFExportError(
+                f"{model_dir}: tensor {hf!r} has no llama.cpp name for {arch}; this model has parts "
+                "llama.cpp's graph does not have, so it cannot be exported to GGUF"
+            )
         shape = source.shape(hf)
         dims_ok = len(shape) > 1 and mapped.endswith(".weight") and not mapped.endswith("_norm.weight")
         stored = qtype if dims_ok else Q.F32
@@ -213,9 +239,11 @@ def plan_gguf(model_dir: Path, gguf_type: str, source: SafetensorsSource, name: 
         raise GGUFExportError(f"{model_dir}: no lm_head.weight and tie_word_embeddings is false in config.json")
     rows = next((t.shape[0] for t in tensors if t.name == "token_embd.weight"), None)
     if rows != cfg["vocab_size"]:
-        raise GGUFExportError(f"{model_dir / 'config.json'}: vocab_size {cfg['vocab_size']} but the embedding has "
-                              f"{rows} rows; llama.cpp would refuse the file. Save the model again with "
-                              "save_pretrained after resize_token_embeddings")
+        raise GGUFExportError(
+            f"{model_dir / 'config.json'}: vocab_size {cfg['vocab_size']} but the embedding has "
+            f"{rows} rows; llama.cpp would refuse the file. Save the model again with "
+            "save_pretrained after resize_token_embeddings"
+        )
 
     gen_file = model_dir / "generation_config.json"
     eos = json.loads(gen_file.read_text()).get("eos_token_id") if gen_file.exists() else None
@@ -302,13 +330,16 @@ def _tensor_problem(spec: TensorSpec, tensor, source: SafetensorsSource, worst: 
     allowed = blocks.max(axis=1, keepdims=True) / 127  # one quantization step (rounding gives at most half)
     bad = diff > allowed + 1e-12
     if bad.any():
-        return (f"{spec.name}: {int(bad.sum())} values off by more than one q8_0 step of their block "
-                f"(max |diff| {float(diff.max()):.3g})")
+        return (
+            f"{spec.name}: {int(bad.sum())} values off by more than one q8_0 step of their block "
+            f"(max |diff| {float(diff.max()):.3g})"
+        )
     return None
 
 
-def check_gguf(path: Path, plan: GGUFPlan, source: SafetensorsSource, model_dir: Path,
-               label: str | None = None) -> dict[str, float]:
+def check_gguf(
+    path: Path, plan: GGUFPlan, source: SafetensorsSource, model_dir: Path, label: str | None = None
+) -> dict[str, float]:
     """Read `path` back and compare it with the plan, the tokenizer and the source tensors. Returns the max |diff|
     per stored type; raises GGUFCheckError listing what differs."""
     from transformers import AutoTokenizer
@@ -342,27 +373,38 @@ def check_gguf(path: Path, plan: GGUFPlan, source: SafetensorsSource, model_dir:
         want_text = tok.decode(ids, clean_up_tokenization_spaces=False)
         got_text = detokenize(tokens, plan.vocab.model, ids)
         if got_text.lstrip(" ") != want_text.lstrip(" "):
-            problems.append(f"{text!r} decodes to {got_text!r} through the GGUF tokens, {want_text!r} through "
-                            "the tokenizer")
+            problems.append(
+                f"{text!r} decodes to {got_text!r} through the GGUF tokens, {want_text!r} through the tokenizer"
+            )
 
     found = {t.name: t for t in reader.tensors}
     planned = {s.name for s in plan.tensors}
     if set(found) != planned:
-        problems.append(f"tensors missing {sorted(planned - set(found))[:5]}, "
-                        f"unexpected {sorted(set(found) - planned)[:5]}")
+        problems.append(
+            f"tensors missing {sorted(planned - set(found))[:5]}, unexpected {sorted(set(found) - planned)[:5]}"
+        )
     worst: dict[str, float] = {}
     for spec in plan.tensors:
         if spec.name in found and (problem := _tensor_problem(spec, found[spec.name], source, worst)):
             problems.append(problem)
     if problems:
-        raise GGUFCheckError(f"GGUF round-trip check of {label or path.name} failed ({len(problems)} problems): "
-                             + "; ".join(problems[:6]) + ("; ..." if len(problems) > 6 else ""))
+        raise GGUFCheckError(
+            f"GGUF round-trip check of {label or path.name} failed ({len(problems)} problems): "
+            + "; ".join(problems[:6])
+            + ("; ..." if len(problems) > 6 else "")
+        )
     return worst
 
 
 # ---------------------------------------------------------------------------- the whole step
-def export_gguf(model_dir: str | Path, out_file: str | Path, gguf_type: str = "f16", *, name: str | None = None,
-                log: Callable[[str], None] = print) -> GGUFResult:
+def export_gguf(
+    model_dir: str | Path,
+    out_file: str | Path,
+    gguf_type: str = "f16",
+    *,
+    name: str | None = None,
+    log: Callable[[str], None] = print,
+) -> GGUFResult:
     """Write `model_dir` (a Hugging Face directory with safetensors and tokenizer.json) as `out_file` and check
     it by reading it back. Raises GGUFExportError (unsupported model) or GGUFCheckError (the file differs from its
     source); on either, no file is left at `out_file`."""
@@ -377,16 +419,26 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, gguf_type: str = "f
         try:
             worst = check_gguf(tmp, plan, source, model_dir, label=out_file.name)
         except GGUFCheckError as e:
-            raise GGUFCheckError(f"{e}. Nothing was written to {out_file}; please report this with the model's "
-                                 "config.json") from None
+            raise GGUFCheckError(
+                f"{e}. Nothing was written to {out_file}; please report this with the model's config.json"
+            ) from None
         tmp.replace(out_file)
     finally:
         tmp.unlink(missing_ok=True)
     v = plan.vocab
-    result = GGUFResult(path=out_file, arch=plan.arch, gguf_type=gguf_type, tensors=len(plan.tensors),
-                        vocab_size=len(v.tokens), tokenizer=f"{v.model} ({v.pre})", bytes=out_file.stat().st_size,
-                        max_abs_diff=worst)
-    log(f"gguf: {out_file} ({plan.arch}, {gguf_type}, {result.tensors} tensors, {result.vocab_size} tokens, tokenizer "
+    result = GGUFResult(
+        path=out_file,
+        arch=plan.arch,
+        gguf_type=gguf_type,
+        tensors=len(plan.tensors),
+        vocab_size=len(v.tokens),
+        tokenizer=f"{v.model} ({v.pre})",
+        bytes=out_file.stat().st_size,
+        max_abs_diff=worst,
+    )
+    log(
+        f"gguf: {out_file} ({plan.arch}, {gguf_type}, {result.tensors} tensors, {result.vocab_size} tokens, tokenizer "
         f"{result.tokenizer}, {result.bytes / 2**20:.1f} MiB); round trip ok, max |diff| "
-        + ", ".join(f"{k} {d:.3g}" for k, d in sorted(worst.items())))
+        + ", ".join(f"{k} {d:.3g}" for k, d in sorted(worst.items()))
+    )
     return result

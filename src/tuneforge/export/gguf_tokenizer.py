@@ -22,10 +22,14 @@ import gguf
 from tuneforge.export.errors import GGUFExportError
 
 # the pre-tokenizer regexes of tokenizer.json that llama.cpp implements under these `tokenizer.ggml.pre` names
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 SPLIT_NAMES = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 KNOWN_PRE = "GPT-2 byte-level, Llama-3 (llama-bpe), Qwen2 (qwen2), and SentencePiece-style BPE (Llama-2, Mistral)"
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -63,15 +67,20 @@ def _pre_name(tj: dict, where: Path) -> str:
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space", False):
         return "gpt-2"  # GPT-2's own regex, no prefix space
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
-    if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel"
-            and not steps[1].get("use_regex", True)):
+    if (
+        len(steps) == 2
+        and steps[0].get("type") == "Split"
+        and steps[1].get("type") == "ByteLevel"
+        and not steps[1].get("use_regex", True)
+    ):
         name = SPLIT_NAMES.get(steps[0].get("pattern", {}).get("Regex"))
         if name:
             return name
     raise GGUFExportError(
         f"{where}: its pre-tokenizer {json.dumps(pre)[:300]} is not one this exporter can name for llama.cpp (known: "
         f"{KNOWN_PRE}); llama.cpp would split text differently from training. Use llama.cpp's "
-        "convert_hf_to_gguf.py on the exported directory, which knows more tokenizers.")
+        "convert_hf_to_gguf.py on the exported directory, which knows more tokenizers."
+    )
 
 
 def _space_prefix(tj: dict) -> bool:
@@ -91,20 +100,25 @@ def read_vocab(model_dir: Path, vocab_size: int, stop_ids: list[int]) -> Vocab:
 
     path = model_dir / "tokenizer.json"
     if not path.exists():
-        raise GGUFExportError(f"{path} is missing: GGUF export reads the fast tokenizer's tokenizer.json; save the "
-                              "tokenizer with transformers (tokenizer.save_pretrained) into the model directory")
+        raise GGUFExportError(
+            f"{path} is missing: GGUF export reads the fast tokenizer's tokenizer.json; save the "
+            "tokenizer with transformers (tokenizer.save_pretrained) into the model directory"
+        )
     tj = json.loads(path.read_text(encoding="utf-8"))
     bpe = tj.get("model", {})
     if bpe.get("type") != "BPE":
-        raise GGUFExportError(f"{path}: tokenizer model {bpe.get('type')!r} is not supported for GGUF "
-                              f"(known: {KNOWN_PRE})")
+        raise GGUFExportError(
+            f"{path}: tokenizer model {bpe.get('type')!r} is not supported for GGUF (known: {KNOWN_PRE})"
+        )
     spm = bool(bpe.get("byte_fallback"))
     by_id = {int(i): t for t, i in bpe.get("vocab", {}).items()}
     added = {int(a["id"]): a for a in tj.get("added_tokens", [])}
     by_id.update({i: a["content"] for i, a in added.items()})
     if by_id and max(by_id) >= vocab_size:
-        raise GGUFExportError(f"{path}: token id {max(by_id)} does not fit the model's embedding ({vocab_size} rows); "
-                              "resize the embedding to the tokenizer (model.resize_token_embeddings) and export again")
+        raise GGUFExportError(
+            f"{path}: token id {max(by_id)} does not fit the model's embedding ({vocab_size} rows); "
+            "resize the embedding to the tokenizer (model.resize_token_embeddings) and export again"
+        )
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     merges = [_merge_text(m) for m in bpe.get("merges", [])]
     rank: dict[str, int] = {}
@@ -136,12 +150,19 @@ def read_vocab(model_dir: Path, vocab_size: int, stop_ids: list[int]) -> Vocab:
         special["eot"] = eot  # llama.cpp stops on eos and eot
     probe = tok("a")["input_ids"]
     template = tok.chat_template if isinstance(tok.chat_template, str) and tok.chat_template else None
-    return Vocab(model="llama" if spm else "gpt2", pre="default" if spm else _pre_name(tj, path), tokens=tokens,
-                 types=types, scores=scores if spm else None, merges=[] if spm else merges,
-                 special_ids={k: int(v) for k, v in special.items() if v is not None},
-                 add_bos=bool(probe) and probe[0] == tok.bos_token_id,
-                 add_eos=bool(probe) and probe[-1] == tok.eos_token_id and tok.eos_token_id != tok.bos_token_id,
-                 add_space_prefix=_space_prefix(tj) if spm else None, chat_template=template)
+    return Vocab(
+        model="llama" if spm else "gpt2",
+        pre="default" if spm else _pre_name(tj, path),
+        tokens=tokens,
+        types=types,
+        scores=scores if spm else None,
+        merges=[] if spm else merges,
+        special_ids={k: int(v) for k, v in special.items() if v is not None},
+        add_bos=bool(probe) and probe[0] == tok.bos_token_id,
+        add_eos=bool(probe) and probe[-1] == tok.eos_token_id and tok.eos_token_id != tok.bos_token_id,
+        add_space_prefix=_space_prefix(tj) if spm else None,
+        chat_template=template,
+    )
 
 
 def metadata(vocab: Vocab) -> dict[str, object]:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -47,8 +47,10 @@ def find_final(run_dir: Path) -> Path:
         return final
     if (run_dir / "adapter_config.json").exists() or (run_dir / "config.json").exists():
         return run_dir
-    raise ExportError(f"{run_dir}: no trained result here (expected {final}); the run has not finished or was "
-                      "stopped before saving: run `tuneforge train CONFIG` to the end, then export")
+    raise ExportError(
+        f"{run_dir}: no trained result here (expected {final}); the run has not finished or was "
+        "stopped before saving: run `tuneforge train CONFIG` to the end, then export"
+    )
 
 
 def resolve_dtype(dtype: str, info: dict) -> str:
@@ -74,13 +76,17 @@ def _check_base(final: Path, run_dir: Path, base_model: str | None) -> str | Non
     base = base_model or recorded
     if base and (not _looks_local(base) or Path(base).expanduser().is_dir()):
         return base
-    where = (f"--base {base_model!r}" if base_model else
-             f"{config} says base_model_name_or_path = {recorded!r}")
-    hint = (f" This run has its own base at {run_dir / 'base'}: pass --base {run_dir / 'base'}."
-            if (run_dir / "base" / "config.json").exists() and base != str(run_dir / "base") else "")
-    raise ExportError(f"base model not found: {where}, and there is no model directory there. If the run or the "
-                      "base model moved, pass the base model's directory with --base DIR (export_run(base_model=DIR)) "
-                      f"or fix base_model_name_or_path in adapter_config.json.{hint}")
+    where = f"--base {base_model!r}" if base_model else f"{config} says base_model_name_or_path = {recorded!r}"
+    hint = (
+        f" This run has its own base at {run_dir / 'base'}: pass --base {run_dir / 'base'}."
+        if (run_dir / "base" / "config.json").exists() and base != str(run_dir / "base")
+        else ""
+    )
+    raise ExportError(
+        f"base model not found: {where}, and there is no model directory there. If the run or the "
+        "base model moved, pass the base model's directory with --base DIR (export_run(base_model=DIR)) "
+        f"or fix base_model_name_or_path in adapter_config.json.{hint}"
+    )
 
 
 def _load_fp32(final: Path, base: str | None, base_model: str | None):
@@ -123,7 +129,9 @@ def _write(model, tok, info: dict, dtype: str, stops: list[int], tmp: Path, max_
         config = json.loads(config_file.read_text())
         config.setdefault("chat_template", tok.chat_template)
         config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    (tmp / "tuneforge.json").write_text(json.dumps({**info, "stop_token_ids": stops, "exported_dtype": dtype}, indent=2))
+    (tmp / "tuneforge.json").write_text(
+        json.dumps({**info, "stop_token_ids": stops, "exported_dtype": dtype}, indent=2)
+    )
 
 
 def _reload(tmp: Path, dtype: str):
@@ -140,8 +148,9 @@ def _check_out(out: Path, final: Path, run_root: Path) -> None:
     if out.resolve() in (final.resolve(), run_root.resolve()):
         raise ExportError(f"--out {out} would overwrite the run; choose another directory")
     if out.exists() and any(out.iterdir()) and not (out / "parity.json").exists():
-        raise ExportError(f"--out {out} exists and is not a tuneforge export (no parity.json); "
-                          "remove it or choose another directory")
+        raise ExportError(
+            f"--out {out} exists and is not a tuneforge export (no parity.json); remove it or choose another directory"
+        )
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -155,10 +164,19 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- the stage
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: str = "auto", prompts: list | None = None,
-               *, base_model: str | None = None, max_shard_size: str | int = "5GB", num_prompts: int = 4,
-               max_prompt_tokens: int = 128, gguf: str | None = None,
-               log: Callable[[str], None] = print) -> ExportResult:
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    dtype: str = "auto",
+    prompts: list | None = None,
+    *,
+    base_model: str | None = None,
+    max_shard_size: str | int = "5GB",
+    num_prompts: int = 4,
+    max_prompt_tokens: int = 128,
+    gguf: str | None = None,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
     """Merge (if an adapter) and write `<run>/final` as a Hugging Face directory (default `<run>/export`).
 
     dtype: auto (the run's training precision) | fp32 | bf16 | fp16. prompts: text, chat messages or token
@@ -191,8 +209,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: st
     merged = base is not None
     stops = [int(t) for t in (info.get("stop_token_ids") or [tok.eos_token_id])]
     rows, source = pick_prompts(run_root, tok, prompts, num_prompts, max_prompt_tokens)
-    log(f"export: {final} ({adapter}{', merging into ' + base if merged else ''}) -> {out} as {dtype}; "
-        f"parity on {len(rows)} prompts from {source}")
+    log(
+        f"export: {final} ({adapter}{', merging into ' + base if merged else ''}) -> {out} as {dtype}; "
+        f"parity on {len(rows)} prompts from {source}"
+    )
 
     reference = prompt_logits(model, rows)  # base + adapter, fp32: the numbers the export must reproduce
     checks: list[ParityCheck] = []
@@ -216,24 +236,44 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: st
                 + "; ".join(c.describe() for c in failed)
                 + ". A failing 'merge' check means the merged weights are wrong (try another peft version or "
                 "report it); a failing 'export' check alone means the saved weights or the dtype cast are wrong "
-                "(try --dtype fp32).", checks)
-        parity = {"dtype": dtype, "compute_dtype": "fp32", "prompts": len(rows), "prompt_source": source,
-                  "positions": checks[-1].positions, "source": str(final.resolve()), "adapter": adapter,
-                  "merged": merged, "thresholds": {c.name: vars(THRESHOLDS[c.dtype]) for c in checks},
-                  "checks": [c.to_dict() for c in checks], "passed": True}
+                "(try --dtype fp32).",
+                checks,
+            )
+        parity = {
+            "dtype": dtype,
+            "compute_dtype": "fp32",
+            "prompts": len(rows),
+            "prompt_source": source,
+            "positions": checks[-1].positions,
+            "source": str(final.resolve()),
+            "adapter": adapter,
+            "merged": merged,
+            "thresholds": {c.name: vars(THRESHOLDS[c.dtype]) for c in checks},
+            "checks": [c.to_dict() for c in checks],
+            "passed": True,
+        }
         (tmp / "parity.json").write_text(json.dumps(parity, indent=2))
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     files = sorted(p.name for p in out.iterdir())
     log(f"exported {out} ({', '.join(files)})")
-    result = ExportResult(out_dir=out, dtype=dtype, adapter=adapter, merged=merged, prompts=len(rows),
-                          prompt_source=source, checks=checks, files=files)
+    result = ExportResult(
+        out_dir=out,
+        dtype=dtype,
+        adapter=adapter,
+        merged=merged,
+        prompts=len(rows),
+        prompt_source=source,
+        checks=checks,
+        files=files,
+    )
     if gguf is not None:
         from tuneforge.export.gguf_file import export_gguf
 
-        result.gguf = export_gguf(out, out / f"{run_root.name}-{gguf.upper()}.gguf", gguf, name=run_root.name,
-                                  log=log).path
+        result.gguf = export_gguf(
+            out, out / f"{run_root.name}-{gguf.upper()}.gguf", gguf, name=run_root.name, log=log
+        ).path
         result.files = sorted(p.name for p in out.iterdir())
     return result
 

@@ -60,9 +60,13 @@ class ParityCheck:
 
     def describe(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
-        return (f"{self.name} ({self.dtype}): max |logit diff| {self.max_abs_diff:.3g} (allowed {self.allowed_max_abs_diff:.3g}"
-                f" = {THRESHOLDS[self.dtype].rtol:g} x scale {self.logit_scale:.3g}), top-1 agreement "
-                f"{self.top1_agreement:.4f} (needed >= {self.min_top1_agreement}) over {self.positions} positions: {verdict}")
+        return (
+            f"{self.name} ({self.dtype}): max |logit diff| {self.max_abs_diff:.3g} "
+            f"(allowed {self.allowed_max_abs_diff:.3g}"
+            f" = {THRESHOLDS[self.dtype].rtol:g} x scale {self.logit_scale:.3g}), top-1 agreement "
+            f"{self.top1_agreement:.4f} (needed >= {self.min_top1_agreement}) "
+            f"over {self.positions} positions: {verdict}"
+        )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
@@ -78,8 +82,9 @@ def _encode(item, tokenizer) -> list[int]:
     return [int(t) for t in item]
 
 
-def pick_prompts(run_dir: Path, tokenizer, prompts: list | None = None, n: int = 4,
-                 max_tokens: int = 128) -> tuple[list[list[int]], str]:
+def pick_prompts(
+    run_dir: Path, tokenizer, prompts: list | None = None, n: int = 4, max_tokens: int = 128
+) -> tuple[list[list[int]], str]:
     """Token rows for the check and where they came from.
 
     `prompts` items may be text, chat messages (a list of {"role", "content"}) or token ids. Without them:
@@ -134,7 +139,14 @@ def compare(name: str, reference: list[torch.Tensor], candidate: list[torch.Tens
         scale = max(scale, float(r.abs().max()))
         agree += int((r.argmax(-1) == c.argmax(-1)).sum())
         positions += r.shape[0]
-    return ParityCheck(name=name, dtype=dtype, max_abs_diff=max_diff,
-                       mean_abs_diff=sum_diff / max(1, sum(r.numel() for r in reference)), logit_scale=scale,
-                       allowed_max_abs_diff=th.rtol * max(1.0, scale), top1_agreement=agree / max(1, positions),
-                       min_top1_agreement=th.min_top1, positions=positions)
+    return ParityCheck(
+        name=name,
+        dtype=dtype,
+        max_abs_diff=max_diff,
+        mean_abs_diff=sum_diff / max(1, sum(r.numel() for r in reference)),
+        logit_scale=scale,
+        allowed_max_abs_diff=th.rtol * max(1.0, scale),
+        top1_agreement=agree / max(1, positions),
+        min_top1_agreement=th.min_top1,
+        positions=positions,
+    )

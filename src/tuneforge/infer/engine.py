@@ -23,7 +23,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
@@ -102,7 +103,7 @@ class Sequence:
         elif reason is None and (len(self.generated) >= self.params.max_tokens or room <= 0):
             reason = "length"
         safe = len(text) if reason else len(text) - _held_back(text, self.params.stop)
-        delta = text[self.emitted:safe] if safe > self.emitted else ""
+        delta = text[self.emitted : safe] if safe > self.emitted else ""
         self.emitted = max(self.emitted, safe)
         if delta or reason:
             self.emit(Event(delta, reason, len(self.generated)))
@@ -124,8 +125,9 @@ def _held_back(text: str, stops: Seq[str]) -> int:
     return hold
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-           generator: torch.Generator | None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
     """One token per row: greedy where temperature is 0, else nucleus sampling at that row's temperature/top_p."""
     logits = logits.float()
     greedy = logits.argmax(-1)
@@ -158,13 +160,18 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-def merge_batches(cache_a: DynamicCache, mask_a: torch.Tensor, cache_b: DynamicCache, mask_b: torch.Tensor
-                  ) -> tuple[DynamicCache, torch.Tensor]:
+def merge_batches(
+    cache_a: DynamicCache, mask_a: torch.Tensor, cache_b: DynamicCache, mask_b: torch.Tensor
+) -> tuple[DynamicCache, torch.Tensor]:
     """Two left-padded batches as one: caches and masks left-padded to the longer length, then stacked."""
     width = max(mask_a.shape[1], mask_b.shape[1])
-    kv = [(torch.cat([_left_pad(ka, width, 2), _left_pad(kb, width, 2)]),
-           torch.cat([_left_pad(va, width, 2), _left_pad(vb, width, 2)]))
-          for (ka, va), (kb, vb) in zip(_kv(cache_a), _kv(cache_b))]
+    kv = [
+        (
+            torch.cat([_left_pad(ka, width, 2), _left_pad(kb, width, 2)]),
+            torch.cat([_left_pad(va, width, 2), _left_pad(vb, width, 2)]),
+        )
+        for (ka, va), (kb, vb) in zip(_kv(cache_a), _kv(cache_b))
+    ]
     return DynamicCache(ddp_cache_data=kv), torch.cat([_left_pad(mask_a, width, 1), _left_pad(mask_b, width, 1)])
 
 
@@ -190,13 +197,23 @@ class Engine:
     called from the engine thread (hand them to your own thread or event loop from there).
     """
 
-    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, stop_token_ids: Seq[int], context_length: int,
-                 max_batch_size: int = 32, batch_window_ms: float = 0.0, seed: int = 0,
-                 max_kv_tokens: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer: PreTrainedTokenizerBase,
+        stop_token_ids: Seq[int],
+        context_length: int,
+        max_batch_size: int = 32,
+        batch_window_ms: float = 0.0,
+        seed: int = 0,
+        max_kv_tokens: int | None = None,
+    ):
         if max_kv_tokens is not None and max_kv_tokens < context_length:
-            raise ValueError(f"max_kv_tokens {max_kv_tokens} is less than the model's context ({context_length} "
-                             f"tokens): one full-length request would never fit; use at least {context_length}, "
-                             "or no limit")
+            raise ValueError(
+                f"max_kv_tokens {max_kv_tokens} is less than the model's context ({context_length} "
+                f"tokens): one full-length request would never fit; use at least {context_length}, "
+                "or no limit"
+            )
         self.model = model
         self.decode_model = model  # what runs the decode steps (`serve --compile` puts a compiled model here)
         self.tokenizer = tokenizer
@@ -324,11 +341,11 @@ class Engine:
         reserved = [self.reservation(s) for s in (*self.rows, *new, seq)]
         return len(reserved) * max(reserved) <= self.max_kv_tokens
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
-                 model=None):
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, model=None):
         """Last-position logits; `cache` is extended in place with this input's keys and values."""
-        out = (self.model if model is None else model)(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{CACHE_ARG: cache})
+        out = (self.model if model is None else model)(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{CACHE_ARG: cache}
+        )
         return out.logits[:, -1], cache
 
     def _prefill(self, seqs: list[Sequence]) -> None:
@@ -336,8 +353,8 @@ class Engine:
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):  # left padding: every row's next token lands in the same column
-            ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
-            mask[i, width - len(s.prompt_ids):] = 1
+            ids[i, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
+            mask[i, width - len(s.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._forward(ids, mask, positions, DynamicCache())
@@ -356,8 +373,9 @@ class Engine:
 
     def _decode_step(self) -> None:
         mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        logits, self.cache = self._forward(self.next_tokens[:, None], mask, self.positions[:, None], self.cache,
-                                           self.decode_model)
+        logits, self.cache = self._forward(
+            self.next_tokens[:, None], mask, self.positions[:, None], self.cache, self.decode_model
+        )
         self.mask = mask
         self._note_peaks()
         self.positions = self.positions + 1

@@ -8,8 +8,13 @@ from tuneforge.config.schema import AdapterConfig
 from tuneforge.model.dropout import use_mask_dropout
 
 
-def apply_adapter(model: PreTrainedModel, cfg: AdapterConfig, gradient_checkpointing: bool = False,
-                  mask_dropout: bool = False, addmm: bool = False):
+def apply_adapter(
+    model: PreTrainedModel,
+    cfg: AdapterConfig,
+    gradient_checkpointing: bool = False,
+    mask_dropout: bool = False,
+    addmm: bool = False,
+):
     """Return the model ready to train: a peft model for lora/dora, or the model itself for full.
     mask_dropout: LoRA dropout masks from 16 random bits per element instead of bernoulli_ (model/dropout.py,
     for CPUs); addmm: plain LoRA products added inside the GEMM (model/addmm_lora.py, not on sharded models)."""

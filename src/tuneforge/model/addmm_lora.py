@@ -48,8 +48,12 @@ class AddmmLoraLinear(LoraLinear):
             h = dropped_linear(x, lora_A.weight, dropout)  # the mask is drawn again in backward, not kept
         else:
             h = lora_A(dropout(x))
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.weight.t(),
-                          alpha=self.scaling[name])
+        out = torch.addmm(
+            result.reshape(-1, result.shape[-1]),
+            h.reshape(-1, h.shape[-1]),
+            lora_B.weight.t(),
+            alpha=self.scaling[name],
+        )
         return out.view(result.shape)
 
 

@@ -59,21 +59,32 @@ def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return out
 
 
-def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                        position_ids: torch.Tensor | None = None, **kwargs):
+def packed_sdpa_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling=None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+):
     """(batch, heads, seq, dim) in -> (batch, seq, heads, dim) out, as transformers' sdpa_attention_forward.
     A layer with a sliding window (kwargs["sliding_window"]) keeps it within each sample."""
     length = query.shape[2]
     if position_ids is None or length != position_ids.shape[-1] or length == 1 or key.shape[2] != length:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     bounds = segments(position_ids.expand(query.shape[0], -1))
     window = kwargs.get("sliding_window")
     windowed = bool(window) and max(e - s for row in bounds for s, e in row) > window  # some sample outgrows it
     if all(len(b) == 1 for b in bounds) and (attention_mask is not None or not windowed):
         # one sample per row: SDPA with the mask, or causal where rows_by_position() left the mask out
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     _Seen.packed_calls += 1
     if query.device.type == "cpu" and dropout == 0.0 and not windowed:
         return PackedFlashCPU.apply(query, key, value, bounds, scaling), None
@@ -86,9 +97,18 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
             if windowed and e - s > window:  # causal within the window (transformers' sliding_window_overlay)
                 i = torch.arange(e - s, device=query.device)
                 near = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
-            parts.append(F.scaled_dot_product_attention(
-                query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], attn_mask=near,
-                dropout_p=dropout, is_causal=near is None, scale=scaling, enable_gqa=gqa))
+            parts.append(
+                F.scaled_dot_product_attention(
+                    query[b : b + 1, :, s:e],
+                    key[b : b + 1, :, s:e],
+                    value[b : b + 1, :, s:e],
+                    attn_mask=near,
+                    dropout_p=dropout,
+                    is_causal=near is None,
+                    scale=scaling,
+                    enable_gqa=gqa,
+                )
+            )
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
@@ -108,8 +128,9 @@ class PackedFlashCPU(torch.autograd.Function):
         for b, row in enumerate(bounds):
             for s, e in row:
                 o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], 0.0, True, scale=scale)
-                out[b:b + 1, s:e].copy_(o.transpose(1, 2))
+                    query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e], 0.0, True, scale=scale
+                )
+                out[b : b + 1, s:e].copy_(o.transpose(1, 2))
                 logsumexps.append(lse)
         ctx.save_for_backward(query, key, value, out, *logsumexps)
         ctx.bounds, ctx.scale = bounds, scale
@@ -123,11 +144,18 @@ class PackedFlashCPU(torch.autograd.Function):
         for b, row in enumerate(ctx.bounds):
             for s, e in row:
                 pieces = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    grad_out[b:b + 1, s:e].transpose(1, 2), query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
-                    value[b:b + 1, :, s:e], out[b:b + 1, s:e].transpose(1, 2), logsumexps[i], 0.0, True,
-                    scale=ctx.scale)
+                    grad_out[b : b + 1, s:e].transpose(1, 2),
+                    query[b : b + 1, :, s:e],
+                    key[b : b + 1, :, s:e],
+                    value[b : b + 1, :, s:e],
+                    out[b : b + 1, s:e].transpose(1, 2),
+                    logsumexps[i],
+                    0.0,
+                    True,
+                    scale=ctx.scale,
+                )
                 for grad, piece in zip(grads, pieces):
-                    grad[b:b + 1, s:e].copy_(piece.transpose(1, 2))
+                    grad[b : b + 1, s:e].copy_(piece.transpose(1, 2))
                 i += 1
         return *(grad.transpose(1, 2) for grad in grads), None, None
 
@@ -168,4 +196,5 @@ def check_samples_kept_apart(model_name: str, calls: int) -> None:
     if calls == 0:
         raise RuntimeError(
             f"{model_name}'s attention does not receive position_ids, so samples laid in one row (train.padding_free "
-            "or data.packing) would attend to each other; set train.padding_free=false and data.packing=false")
+            "or data.packing) would attend to each other; set train.padding_free=false and data.packing=false"
+        )

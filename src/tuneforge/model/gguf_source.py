@@ -21,8 +21,16 @@ import torch
 from tuneforge.gguf_path import is_gguf, resolve_gguf_path
 from tuneforge.model.errors import ModelLoadError
 
-__all__ = ["GGUFError", "GGUFInfo", "cache_root", "converted_base", "gguf_config", "inspect_gguf", "is_gguf",
-           "link_base"]
+__all__ = [
+    "GGUFError",
+    "GGUFInfo",
+    "cache_root",
+    "converted_base",
+    "gguf_config",
+    "inspect_gguf",
+    "is_gguf",
+    "link_base",
+]
 
 GGUF_MAGIC = b"GGUF"
 CACHE_ENV = "TUNEFORGE_CACHE"
@@ -70,18 +78,23 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
     """Header, architecture and tensor types of a GGUF file, or a GGUFError that says what is wrong with it."""
     p = resolve_gguf_path(path)
     if not p.is_file():
-        raise GGUFError(f"model.name_or_path {str(path)!r}: no such file (nor in an installed package of that name). "
-                        "Point it at a .gguf file (llama.cpp / Ollama), a Hugging Face model directory or a hub id")
+        raise GGUFError(
+            f"model.name_or_path {str(path)!r}: no such file (nor in an installed package of that name). "
+            "Point it at a .gguf file (llama.cpp / Ollama), a Hugging Face model directory or a hub id"
+        )
     with open(p, "rb") as fh:
         head = fh.read(4)
     if head != GGUF_MAGIC:
-        raise GGUFError(f"{p} is not a GGUF file (it starts with {head!r}, a GGUF file with b'GGUF'). Point "
-                        "model.name_or_path at a llama.cpp GGUF file, or at a Hugging Face model directory")
+        raise GGUFError(
+            f"{p} is not a GGUF file (it starts with {head!r}, a GGUF file with b'GGUF'). Point "
+            "model.name_or_path at a llama.cpp GGUF file, or at a Hugging Face model directory"
+        )
     done = _converted(p)
     if done is not None:  # this very file (same hash) was read and converted before
         rec = json.loads((done / DONE_FILE).read_text())
-        return GGUFInfo(p, rec["architecture"], rec.get("name", ""), rec["tensor_types"], rec.get("tensors", 0),
-                        p.stat().st_size)
+        return GGUFInfo(
+            p, rec["architecture"], rec.get("name", ""), rec["tensor_types"], rec.get("tensors", 0), p.stat().st_size
+        )
     try:
         import gguf
     except ImportError:
@@ -91,29 +104,38 @@ def inspect_gguf(path: str | Path) -> GGUFInfo:
         reader = gguf.GGUFReader(str(p))
         end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     except Exception as e:  # noqa: BLE001 - gguf-py raises ValueError, IndexError, struct errors on damaged files
-        raise GGUFError(f"{p} is truncated or corrupt: its header or tensor table cannot be read ({type(e).__name__}: "
-                        f"{str(e)[:200]}). The file has {size:,} bytes; download or copy it again") from None
+        raise GGUFError(
+            f"{p} is truncated or corrupt: its header or tensor table cannot be read ({type(e).__name__}: "
+            f"{str(e)[:200]}). The file has {size:,} bytes; download or copy it again"
+        ) from None
     if end > size:
-        raise GGUFError(f"{p} is truncated: its tensors need {end:,} bytes, the file has {size:,}. Download or copy "
-                        "it again")
+        raise GGUFError(
+            f"{p} is truncated: its tensors need {end:,} bytes, the file has {size:,}. Download or copy it again"
+        )
     if not reader.tensors:
         raise GGUFError(f"{p} holds no tensors (a vocabulary-only GGUF?); use a GGUF with the model's weights")
     arch = _field(reader, "general.architecture")
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     known = ARCH_ALIASES.get(arch, arch)
-    if known in NOT_CAUSAL_LM or (arch not in GGUF_SUPPORTED_ARCHITECTURES and known not in GGUF_SUPPORTED_ARCHITECTURES):
+    if known in NOT_CAUSAL_LM or (
+        arch not in GGUF_SUPPORTED_ARCHITECTURES and known not in GGUF_SUPPORTED_ARCHITECTURES
+    ):
         readable = sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in NOT_CAUSAL_LM | {"general", "tokenizer"})
-        raise GGUFError(f"{p}: architecture {arch!r} cannot be read by transformers' GGUF support (it reads: "
-                        f"{', '.join(readable)}). Use the model's Hugging Face checkpoint instead "
-                        "(model.name_or_path: a hub id or directory)")
+        raise GGUFError(
+            f"{p}: architecture {arch!r} cannot be read by transformers' GGUF support (it reads: "
+            f"{', '.join(readable)}). Use the model's Hugging Face checkpoint instead "
+            "(model.name_or_path: a hub id or directory)"
+        )
     types = sorted({t.tensor_type.name for t in reader.tensors})
     readable_types = _readable_types()
     if readable_types is not None and set(types) - readable_types:
-        raise GGUFError(f"{p}: tensor type(s) {', '.join(sorted(set(types) - readable_types))} cannot be dequantised "
-                        f"by gguf {getattr(gguf, '__version__', '')} (readable: F32, F16, BF16, Q4_0 ... Q8_0, K-quants "
-                        "and most IQ types). Use a GGUF of another quantisation (Q8_0, Q4_K_M, F16) or the "
-                        "Hugging Face checkpoint")
+        raise GGUFError(
+            f"{p}: tensor type(s) {', '.join(sorted(set(types) - readable_types))} cannot be dequantised "
+            f"by gguf {getattr(gguf, '__version__', '')} (readable: F32, F16, BF16, Q4_0 ... Q8_0, K-quants "
+            "and most IQ types). Use a GGUF of another quantisation (Q8_0, Q4_K_M, F16) or the "
+            "Hugging Face checkpoint"
+        )
     return GGUFInfo(p, arch, _field(reader, "general.name"), types, len(reader.tensors), size)
 
 
@@ -160,17 +182,29 @@ def converted_base(path: str | Path, dtype: torch.dtype, log: Callable[[str], No
     if (target / DONE_FILE).exists():
         log(f"model: {info.path.name} converted before, loading {target}")
         return target
-    log(f"model: converting {info.path.name} ({info.architecture}, {info.tensors} tensors of type "
+    log(
+        f"model: converting {info.path.name} ({info.architecture}, {info.tensors} tensors of type "
         f"{'/'.join(info.tensor_types)}, {info.size / 2**20:.0f} MiB) to a {dtype_name} safetensors base in {target} "
-        "(once; later runs load it in seconds)")
+        "(once; later runs load it in seconds)"
+    )
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _convert(info, dtype, tmp)
-        (tmp / DONE_FILE).write_text(json.dumps({
-            "gguf_file": str(info.path.resolve()), "architecture": info.architecture, "name": info.name,
-            "tensor_types": info.tensor_types, "tensors": info.tensors, "dtype": dtype_name, "bytes": info.size},
-            indent=2))
+        (tmp / DONE_FILE).write_text(
+            json.dumps(
+                {
+                    "gguf_file": str(info.path.resolve()),
+                    "architecture": info.architecture,
+                    "name": info.name,
+                    "tensor_types": info.tensor_types,
+                    "tensors": info.tensors,
+                    "dtype": dtype_name,
+                    "bytes": info.size,
+                },
+                indent=2,
+            )
+        )
         try:
             tmp.rename(target)
         except OSError:  # another process finished the same conversion first: keep theirs
@@ -182,8 +216,10 @@ def converted_base(path: str | Path, dtype: torch.dtype, log: Callable[[str], No
         raise
     except Exception as e:  # noqa: BLE001 - whatever transformers / gguf-py raise, said with the file's name
         shutil.rmtree(tmp, ignore_errors=True)
-        raise GGUFError(f"{info.path}: transformers could not convert this {info.architecture} GGUF "
-                        f"({type(e).__name__}: {str(e)[:300]}). Use the model's Hugging Face checkpoint instead") from e
+        raise GGUFError(
+            f"{info.path}: transformers could not convert this {info.architecture} GGUF "
+            f"({type(e).__name__}: {str(e)[:300]}). Use the model's Hugging Face checkpoint instead"
+        ) from e
     return target
 
 
@@ -203,8 +239,10 @@ def _convert(info: GGUFInfo, dtype: torch.dtype, out: Path) -> None:
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False, assign=True)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise GGUFError(f"{info.path}: the converted weights do not match a {config.model_type} model "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise GGUFError(
+            f"{info.path}: the converted weights do not match a {config.model_type} model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     fresh.tie_weights()
     del loaded
     fresh.save_pretrained(str(out))

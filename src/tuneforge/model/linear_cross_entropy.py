@@ -64,7 +64,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         if in_place:
             buf = _workspace(hidden.device, exact, min(rows, hidden.shape[0]) * weight.shape[0])
         for start in range(0, hidden.shape[0], rows):
-            h, t = hidden[start:start + rows].to(compute), targets[start:start + rows, None]
+            h, t = hidden[start : start + rows].to(compute), targets[start : start + rows, None]
             if in_place:
                 p = buf[: h.shape[0] * weight.shape[0]].view(h.shape[0], weight.shape[0])
                 if b is None:
@@ -87,9 +87,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             p.scatter_(1, t, p_t - 1.0)  # softmax - onehot = d(-log p_t) / d logits
             g = p.to(compute)
             if want_h and in_place:  # no autocast here: one dtype throughout, written straight into place
-                torch.mm(g, w, out=grad_h[start:start + rows])
+                torch.mm(g, w, out=grad_h[start : start + rows])
             elif want_h:
-                grad_h[start:start + rows] = g @ w
+                grad_h[start : start + rows] = g @ w
             if want_w and in_place:
                 grad_w.addmm_(g.t(), h)
             elif want_w:
@@ -102,16 +102,25 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102 - the loss is a sum: its gradients scale with grad_out
-        return (*(None if g is None else (g * grad_out).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)),
-                None, None)
+        return (
+            *(None if g is None else (g * grad_out).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)),
+            None,
+            None,
+        )
 
 
-def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                             targets: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    rows: int | None = None,
+) -> torch.Tensor:
     """sum_i -log softmax(hidden_i @ weight.T + bias)[targets_i], in fp32, differentiable in hidden, weight
     and bias; equal to `F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")`
     (fp64 throughout for fp64 inputs)."""
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
-        raise ValueError(f"hidden must be (rows, dim) and targets (rows,), got {tuple(hidden.shape)} and "
-                         f"{tuple(targets.shape)}")
+        raise ValueError(
+            f"hidden must be (rows, dim) and targets (rows,), got {tuple(hidden.shape)} and {tuple(targets.shape)}"
+        )
     return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, rows or chunk_rows(weight.shape[0]))

@@ -89,10 +89,12 @@ def trained_nll_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False
     def keep_trained(module, args):
         hidden = args[0]
         if hidden.dim() != 3 or hidden.shape[:2] != select.shape:
-            raise RuntimeError(f"LM head got hidden states of shape {tuple(hidden.shape)}, expected "
-                               f"{tuple(select.shape)} + (hidden,); use train.logits=full for this model")
+            raise RuntimeError(
+                f"LM head got hidden states of shape {tuple(hidden.shape)}, expected "
+                f"{tuple(select.shape)} + (hidden,); use train.logits=full for this model"
+            )
         kept.append(hidden[select])
-        return (kept[0][:int(check)] if chunked else kept[0], *args[1:])
+        return (kept[0][: int(check)] if chunked else kept[0], *args[1:])
 
     handle = head.register_forward_pre_hook(keep_trained)
     try:

@@ -14,8 +14,19 @@ from tuneforge.config.schema import ModelConfig, TinyModelConfig
 from tuneforge.model.errors import ModelLoadError
 from tuneforge.model.gguf_source import converted_base, is_gguf
 
-__all__ = ["DTYPES", "ModelLoadError", "choose_attention", "choose_precision", "load_model", "load_pretrained",
-           "load_quantized", "load_trained", "model_source", "pretrained_config", "tiny_config"]
+__all__ = [
+    "DTYPES",
+    "ModelLoadError",
+    "choose_attention",
+    "choose_precision",
+    "load_model",
+    "load_pretrained",
+    "load_quantized",
+    "load_trained",
+    "model_source",
+    "pretrained_config",
+    "tiny_config",
+]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,7 +91,11 @@ def tiny_config(init: TinyModelConfig, tokenizer: PreTrainedTokenizerBase):
 
 
 def load_model(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, attention: str, seed: int = 0,
+    cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: torch.dtype,
+    attention: str,
+    seed: int = 0,
     log=print,
 ) -> PreTrainedModel:
     """The model to fine-tune, with its embeddings sized to the tokenizer."""
@@ -112,8 +127,13 @@ def pretrained_config(cfg: ModelConfig):
     return AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
 
 
-def load_pretrained(source: str, dtype: torch.dtype, attention: str = "sdpa", revision: str | None = None,
-                    trust_remote_code: bool = False) -> PreTrainedModel:
+def load_pretrained(
+    source: str,
+    dtype: torch.dtype,
+    attention: str = "sdpa",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
     try:
         return AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, attn_implementation=attention, revision=revision, trust_remote_code=trust_remote_code
@@ -121,26 +141,45 @@ def load_pretrained(source: str, dtype: torch.dtype, attention: str = "sdpa", re
     except OSError as e:
         local = Path(source).exists()
         hint = (
-            f"{source} exists but holds no loadable model (config.json + weights)" if local else
-            "this machine may not reach the Hugging Face Hub: download the model elsewhere "
+            f"{source} exists but holds no loadable model (config.json + weights)"
+            if local
+            else "this machine may not reach the Hugging Face Hub: download the model elsewhere "
             f"(`hf download {source} --local-dir DIR`) and set model.name_or_path to that directory"
         )
         raise ModelLoadError(f"could not load model {source!r}: {e}\n{hint}") from None
 
 
-def load_quantized(source: str, compute_dtype: torch.dtype, device: str, quant_type: str = "nf4",
-                   double_quant: bool = True, attention: str = "sdpa", revision: str | None = None,
-                   trust_remote_code: bool = False, vocab_size: int | None = None) -> PreTrainedModel:
+def load_quantized(
+    source: str,
+    compute_dtype: torch.dtype,
+    device: str,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    attention: str = "sdpa",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    vocab_size: int | None = None,
+) -> PreTrainedModel:
     """The frozen base of a QLoRA run: linear weights in 4 bits (bitsandbytes), computed in `compute_dtype`;
     embeddings resized up to `vocab_size` (a tokenizer with added tokens) when given."""
     from transformers import BitsAndBytesConfig
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, quantization_config=quant, dtype=compute_dtype, device_map={"": device},
-            attn_implementation=attention, revision=revision, trust_remote_code=trust_remote_code)
+            source,
+            quantization_config=quant,
+            dtype=compute_dtype,
+            device_map={"": device},
+            attn_implementation=attention,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+        )
     except OSError as e:
         raise ModelLoadError(f"could not load model {source!r} for 4-bit QLoRA: {e}") from None
     # bitsandbytes (0.50) repacks a CPU Linear4bit's weight for a faster kernel on its first eval-mode forward,
@@ -154,7 +193,9 @@ def load_quantized(source: str, compute_dtype: torch.dtype, device: str, quant_t
     return model
 
 
-def load_trained(run_or_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
+def load_trained(
+    run_or_dir: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
     """Load a run's result for inference: `<run>/final` (adapter + its base, or full weights) and tokenizer.
 
     Accepts a run directory or a `final/`-like directory. Returns (model, tokenizer, run info).

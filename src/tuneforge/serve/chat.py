@@ -40,8 +40,10 @@ class ChatSession:
             if len(ids) + min_room <= self.served.context_length:
                 return ids, dropped
             if len(self.turns) <= 1:
-                raise ValueError(f"this message needs {len(ids)} tokens but the model's context is "
-                                 f"{self.served.context_length}; write a shorter one")
+                raise ValueError(
+                    f"this message needs {len(ids)} tokens but the model's context is "
+                    f"{self.served.context_length}; write a shorter one"
+                )
             self.turns = self.turns[2:] if self.turns[0]["role"] == "user" and len(self.turns) > 2 else self.turns[1:]
             dropped += 1
 
@@ -86,8 +88,16 @@ def _stream_reply(engine: Engine, ids: list[int], params: SamplingParams, out: T
     return text, reason
 
 
-def run_chat(served: ServedModel, engine: Engine, max_tokens: int = 256, temperature: float = 0.7, top_p: float = 1.0,
-             system: str | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
+def run_chat(
+    served: ServedModel,
+    engine: Engine,
+    max_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    system: str | None = None,
+    stdin: TextIO | None = None,
+    out: TextIO | None = None,
+) -> int:
     """The chat loop; returns the exit code (0 on /exit, EOF or Ctrl-C at the prompt)."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
     interactive = stdin is sys.stdin and stdin.isatty()
@@ -98,8 +108,12 @@ def run_chat(served: ServedModel, engine: Engine, max_tokens: int = 256, tempera
             pass
     session = ChatSession(served, system)
     try:
-        print(f"chatting with {served.name} (context {served.context_length} tokens); "
-              "/reset clears the history, /exit leaves", file=out, flush=True)
+        print(
+            f"chatting with {served.name} (context {served.context_length} tokens); "
+            "/reset clears the history, /exit leaves",
+            file=out,
+            flush=True,
+        )
         _loop(session, engine, stdin, out, interactive, max_tokens, temperature, top_p)
     except KeyboardInterrupt:  # Ctrl-C anywhere but inside a reply leaves
         if interactive:
@@ -108,8 +122,16 @@ def run_chat(served: ServedModel, engine: Engine, max_tokens: int = 256, tempera
     return 0
 
 
-def _loop(session: ChatSession, engine: Engine, stdin: TextIO, out: TextIO, interactive: bool, max_tokens: int,
-          temperature: float, top_p: float) -> None:
+def _loop(
+    session: ChatSession,
+    engine: Engine,
+    stdin: TextIO,
+    out: TextIO,
+    interactive: bool,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+) -> None:
     """Read a line, answer it, until /exit or EOF."""
     served = session.served
     while True:

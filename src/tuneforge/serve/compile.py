@@ -36,8 +36,10 @@ def compile_decode(engine: Engine) -> None:
     import torch._dynamo
 
     if not torch._dynamo.is_dynamo_supported():
-        raise CompileError(f"--compile: torch.compile is not supported with this Python/torch (torch "
-                           f"{torch.__version__}); run without --compile")
+        raise CompileError(
+            f"--compile: torch.compile is not supported with this Python/torch (torch "
+            f"{torch.__version__}); run without --compile"
+        )
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     engine.decode_model = torch.compile(engine.model, dynamic=True)
 
@@ -51,7 +53,7 @@ def warm_up(engine: Engine, timeout_s: float = WARM_UP_TIMEOUT_S) -> float:
         done = threading.Semaphore(0)
         events: list[Event] = []
 
-        def on_event(ev: Event) -> None:
+        def on_event(ev: Event, events: list[Event] = events, done: threading.Semaphore = done) -> None:
             if ev.finish_reason is not None:
                 events.append(ev)
                 done.release()
@@ -60,13 +62,16 @@ def warm_up(engine: Engine, timeout_s: float = WARM_UP_TIMEOUT_S) -> float:
             engine.submit(prompt, SamplingParams(max_tokens=3, temperature=0.0), on_event)
         for _ in range(rows):
             if not done.acquire(timeout=timeout_s):
-                raise CompileError(f"--compile: compiling the model took longer than {timeout_s:.0f} s; run without "
-                                   "--compile")
+                raise CompileError(
+                    f"--compile: compiling the model took longer than {timeout_s:.0f} s; run without --compile"
+                )
         failed = [e for e in events if e.finish_reason == "error"]
         if failed:
             reason = (failed[0].error or "").strip().splitlines()
-            raise CompileError(f"--compile: torch.compile failed on this machine: {reason[0][:500] if reason else '?'}"
-                               "\nRun without --compile. (On a CPU, torch.compile's inductor needs a working C++ "
-                               "compiler, e.g. `apt-get install g++`; on a GPU, triton.)")
+            raise CompileError(
+                f"--compile: torch.compile failed on this machine: {reason[0][:500] if reason else '?'}"
+                "\nRun without --compile. (On a CPU, torch.compile's inductor needs a working C++ "
+                "compiler, e.g. `apt-get install g++`; on a GPU, triton.)"
+            )
     engine.reset_counters()  # /health counts clients' requests only
     return time.monotonic() - start

@@ -21,8 +21,9 @@ class CancellingStream(StreamingResponse):
     """A streaming response that cancels its sequences however the stream ends (finished, client gone, error)."""
 
     def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self._on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
@@ -38,6 +39,7 @@ def sse(obj: dict | str) -> str:
 
 def chunker(rid: str, obj: str, model: str):
     """The SSE line maker of one streamed response: chunk(choices, usage=None) -> 'data: {...}'."""
+
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
         body = {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": choices}
         if usage is not None:
@@ -72,6 +74,7 @@ class Generation:
             if ev.finish_reason is not None:
                 whole = Event("".join(parts), ev.finish_reason, ev.completion_tokens, ev.error)
                 loop.call_soon_threadsafe(self.queue.put_nowait, (index, whole))
+
         return gather
 
     def cancel(self) -> None:
@@ -89,8 +92,11 @@ class Generation:
             yield index, ev
 
     def usage(self, completion_tokens: int) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        }
 
 
 async def events_or_error(gen: Generation) -> AsyncIterator[tuple[int, Event | str]]:

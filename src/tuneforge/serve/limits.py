@@ -44,16 +44,25 @@ class RequestLimits:
     def check_sequences(self, prompts: int, n: int) -> None:
         """APIError(400) when prompts x n exceeds the cap."""
         if prompts * n > self.max_sequences:
-            raise APIError(400, f"this request asks for {prompts * n} sequences ({prompts} prompt(s) x n={n}); this "
-                           f"server generates at most {self.max_sequences} per request (--max-sequences-per-request); "
-                           "send fewer prompts or a lower n, or split the request", "n", "too_many_sequences")
+            raise APIError(
+                400,
+                f"this request asks for {prompts * n} sequences ({prompts} prompt(s) x n={n}); this "
+                f"server generates at most {self.max_sequences} per request (--max-sequences-per-request); "
+                "send fewer prompts or a lower n, or split the request",
+                "n",
+                "too_many_sequences",
+            )
 
 
 def _too_large(size: int | None, limit: int) -> APIError:
     got = f"is {size} bytes" if size is not None else f"is over {limit} bytes"
-    return APIError(413, f"the request body {got}; this server accepts at most {limit} bytes per request "
-                    "(--max-request-bytes); send fewer or shorter prompts, or split the request", None,
-                    "request_too_large")
+    return APIError(
+        413,
+        f"the request body {got}; this server accepts at most {limit} bytes per request "
+        "(--max-request-bytes); send fewer or shorter prompts, or split the request",
+        None,
+        "request_too_large",
+    )
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -76,8 +85,14 @@ async def read_body(request: Request, limit: int) -> bytes:
                 break
     except ClientDisconnect:
         client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
-        log.warning("%s disconnected after %d of %s body bytes of %s %s; request dropped", client, size,
-                    declared or "?", request.method, request.url.path)
+        log.warning(
+            "%s disconnected after %d of %s body bytes of %s %s; request dropped",
+            client,
+            size,
+            declared or "?",
+            request.method,
+            request.url.path,
+        )
         raise APIError(499, "client closed the request", None, "client_closed") from None
     if size > limit:
         raise _too_large(declared_size, limit)
@@ -135,9 +150,14 @@ def max_chars_per_token(tokenizer) -> int | None:
 def check_chars(chars: int, context: int, per_token: int | None, what: str) -> None:
     """APIError(400) when `chars` characters cannot fit the context at `per_token` characters per token at most."""
     if per_token is not None and chars > context * per_token:
-        raise APIError(400, f"this model's maximum context length is {context} tokens, but the {what} has {chars} "
-                       f"characters, more than {context} tokens can hold (at most {per_token} characters per token "
-                       f"with this tokenizer); shorten the {what}", what, "context_length_exceeded")
+        raise APIError(
+            400,
+            f"this model's maximum context length is {context} tokens, but the {what} has {chars} "
+            f"characters, more than {context} tokens can hold (at most {per_token} characters per token "
+            f"with this tokenizer); shorten the {what}",
+            what,
+            "context_length_exceeded",
+        )
 
 
 # ---------------------------------------------------------------------------- binding
@@ -155,7 +175,9 @@ def exposure_error(host: str, api_key: str | None, allow_unauthenticated: bool) 
     """Why serving on `host` without a key is refused (None when allowed)."""
     if api_key or allow_unauthenticated or is_loopback(host):
         return None
-    return (f"refusing to serve on --host {host or repr(host)} without an API key: other machines could reach the "
-            "port and use the model. Set a key with --api-key KEY (or the TUNEFORGE_API_KEY environment variable; "
-            "clients send 'Authorization: Bearer KEY'), bind to 127.0.0.1, or pass --allow-unauthenticated if the "
-            "network in front of the server is trusted")
+    return (
+        f"refusing to serve on --host {host or repr(host)} without an API key: other machines could reach the "
+        "port and use the model. Set a key with --api-key KEY (or the TUNEFORGE_API_KEY environment variable; "
+        "clients send 'Authorization: Bearer KEY'), bind to 127.0.0.1, or pass --allow-unauthenticated if the "
+        "network in front of the server is trusted"
+    )

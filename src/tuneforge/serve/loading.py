@@ -59,8 +59,15 @@ def load_served(path: str | Path, name: str | None = None, device: str = "auto")
     template = tok.chat_template if has_own else resolve_template(tok, "auto")[0]  # training's fallback too
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(tok, "model_max_length", 2048)
-    return ServedModel(model=model, tokenizer=tok, name=name or served_name(Path(path)), chat_template=template,
-                       stop_token_ids=stop_ids_of(model, tok, info), context_length=int(context), source=Path(path))
+    return ServedModel(
+        model=model,
+        tokenizer=tok,
+        name=name or served_name(Path(path)),
+        chat_template=template,
+        stop_token_ids=stop_ids_of(model, tok, info),
+        context_length=int(context),
+        source=Path(path),
+    )
 
 
 def kv_bytes_per_token(model) -> int:

@@ -22,8 +22,9 @@ UNION_MEMBER_LOCS = {"str", "list[str]", "list[int]", "list[list[int]]", "list[C
 class APIError(Exception):
     """An error answered to the client as OpenAI-style JSON with this HTTP status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, type_: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
@@ -63,8 +64,12 @@ class _Request(BaseModel):
 
     def refuse_unsupported(self) -> None:
         if self.logprobs not in (None, False):
-            raise APIError(400, f"logprobs={self.logprobs!r} is not supported by tuneforge serve; leave it unset",
-                           "logprobs", "unsupported_parameter")
+            raise APIError(
+                400,
+                f"logprobs={self.logprobs!r} is not supported by tuneforge serve; leave it unset",
+                "logprobs",
+                "unsupported_parameter",
+            )
 
 
 class ContentPart(BaseModel):
@@ -92,8 +97,9 @@ class ChatCompletionRequest(_Request):
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         if self.tools:
-            raise APIError(400, "tools are not supported by tuneforge serve; leave them unset", "tools",
-                           "unsupported_parameter")
+            raise APIError(
+                400, "tools are not supported by tuneforge serve; leave them unset", "tools", "unsupported_parameter"
+            )
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -114,8 +120,9 @@ class CompletionRequest(_Request):
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         if self.echo:
-            raise APIError(400, "echo=true is not supported by tuneforge serve; leave it unset", "echo",
-                           "unsupported_parameter")
+            raise APIError(
+                400, "echo=true is not supported by tuneforge serve; leave it unset", "echo", "unsupported_parameter"
+            )
 
     def token_limit(self) -> int | None:
         return self.max_tokens
@@ -126,8 +133,9 @@ def parse_request(raw: bytes, schema: type[_Request]) -> _Request:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object", None,
-                       "invalid_json") from None
+        raise APIError(
+            400, f"the request body is not valid JSON ({e}); send a JSON object", None, "invalid_json"
+        ) from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}", None, "invalid_json")
     try:
@@ -138,7 +146,8 @@ def parse_request(raw: bytes, schema: type[_Request]) -> _Request:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
             raise APIError(400, f"{param} is required", param, "missing_required_parameter") from None
-        raise APIError(400, f"invalid value for {param}: {json.dumps(err.get('input'))[:200]} ({msg})", param,
-                       "invalid_value") from None
+        raise APIError(
+            400, f"invalid value for {param}: {json.dumps(err.get('input'))[:200]} ({msg})", param, "invalid_value"
+        ) from None
     req.refuse_unsupported()
     return req

@@ -55,8 +55,9 @@ def _chat_ids(served: ServedModel, messages: list[dict], per_token: int | None) 
     try:
         text = render(served.tokenizer, served.chat_template, messages, True)
     except Exception as e:  # the template raised (e.g. roles it does not accept)
-        raise APIError(400, f"the model's chat template refused these messages: {e}", "messages",
-                       "invalid_messages") from None
+        raise APIError(
+            400, f"the model's chat template refused these messages: {e}", "messages", "invalid_messages"
+        ) from None
     check_chars(len(text), served.context_length, per_token, "messages")
     return rendered_ids(served.tokenizer, text)
 
@@ -66,8 +67,9 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(tokenizer(t)["input_ids"]) for t in texts]
 
 
-def create_app(served: ServedModel, engine: Engine, api_key: str | None = None,
-               limits: RequestLimits | None = None) -> FastAPI:
+def create_app(
+    served: ServedModel, engine: Engine, api_key: str | None = None, limits: RequestLimits | None = None
+) -> FastAPI:
     """The FastAPI app; `engine` must be started (and is stopped with the app)."""
     limits = limits or RequestLimits()
     tok = served.tokenizer
@@ -78,8 +80,10 @@ def create_app(served: ServedModel, engine: Engine, api_key: str | None = None,
     # tokenising releases the GIL but takes a core: leave one to the event loop and the engine
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     # short prompts have a thread of their own, so they never queue behind someone's megabyte
-    pools = (ThreadPoolExecutor(1, thread_name_prefix="tuneforge-short-prompts"),
-             ThreadPoolExecutor(max(1, min(4, cores - 1)), thread_name_prefix="tuneforge-long-prompts"))
+    pools = (
+        ThreadPoolExecutor(1, thread_name_prefix="tuneforge-short-prompts"),
+        ThreadPoolExecutor(max(1, min(4, cores - 1)), thread_name_prefix="tuneforge-long-prompts"),
+    )
 
     async def off_loop(chars: int, fn, *args):
         pool = pools[chars > SHORT_PROMPT_CHARS]
@@ -93,8 +97,12 @@ def create_app(served: ServedModel, engine: Engine, api_key: str | None = None,
             pool.shutdown(wait=False, cancel_futures=True)
 
     keyed = api_key is not None  # with a key, the API description is behind it too (routes below)
-    app = FastAPI(title="tuneforge", description=f"OpenAI-compatible API for {served.name}", lifespan=lifespan,
-                  **({"openapi_url": None, "docs_url": None, "redoc_url": None} if keyed else {}))
+    app = FastAPI(
+        title="tuneforge",
+        description=f"OpenAI-compatible API for {served.name}",
+        lifespan=lifespan,
+        **({"openapi_url": None, "docs_url": None, "redoc_url": None} if keyed else {}),
+    )
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -117,36 +125,56 @@ def create_app(served: ServedModel, engine: Engine, api_key: str | None = None,
         header = request.headers.get("authorization", "")
         given = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if not given:
-            raise APIError(401, "missing API key: send the header 'Authorization: Bearer YOUR_KEY'", None,
-                           "invalid_api_key")
+            raise APIError(
+                401, "missing API key: send the header 'Authorization: Bearer YOUR_KEY'", None, "invalid_api_key"
+            )
         if not secrets.compare_digest(given.encode(), api_key.encode()):
-            raise APIError(401, "incorrect API key provided; use the key the server was started with "
-                           "(--api-key or TUNEFORGE_API_KEY)", None, "invalid_api_key")
+            raise APIError(
+                401,
+                "incorrect API key provided; use the key the server was started with (--api-key or TUNEFORGE_API_KEY)",
+                None,
+                "invalid_api_key",
+            )
 
     def check_model(model: str | None) -> None:
         if model is not None and model != served.name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {served.name!r} "
-                           "(see GET /v1/models)", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist; this server serves {served.name!r} (see GET /v1/models)",
+                "model",
+                "model_not_found",
+            )
 
     def budget(prompt_len: int, max_tokens: int | None, what: str) -> int:
         ctx = served.context_length
         if prompt_len >= ctx:
-            raise APIError(400, f"this model's maximum context length is {ctx} tokens, but the {what} has "
-                           f"{prompt_len} tokens; shorten the {what}", what, "context_length_exceeded")
+            raise APIError(
+                400,
+                f"this model's maximum context length is {ctx} tokens, but the {what} has "
+                f"{prompt_len} tokens; shorten the {what}",
+                what,
+                "context_length_exceeded",
+            )
         if max_tokens is None:
             return ctx - prompt_len
         if prompt_len + max_tokens > ctx:
-            raise APIError(400, f"this model's maximum context length is {ctx} tokens, but you requested "
-                           f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
-                           f"completion); lower max_tokens to at most {ctx - prompt_len} or shorten the {what}",
-                           "max_tokens", "context_length_exceeded")
+            raise APIError(
+                400,
+                f"this model's maximum context length is {ctx} tokens, but you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
+                f"completion); lower max_tokens to at most {ctx - prompt_len} or shorten the {what}",
+                "max_tokens",
+                "context_length_exceeded",
+            )
         return max_tokens
 
     def params(req, max_tokens: int) -> SamplingParams:
-        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              stop=req.stop_strings())
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_strings()
+        )
 
     if keyed:
+
         @app.get("/openapi.json", include_in_schema=False)
         async def openapi(request: Request):
             check_key(request)
@@ -164,14 +192,27 @@ def create_app(served: ServedModel, engine: Engine, api_key: str | None = None,
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": served.name, "running": engine.running, "waiting": engine.queued,
-                "finished": dict(engine.finished), "decode_steps": engine.steps, "kv_cache_tokens": engine.kv_tokens,
-                "peak_kv_cache_tokens": engine.peak_kv_tokens, "max_kv_tokens": engine.max_kv_tokens,
-                "max_batch_size": engine.max_batch_size}
+        return {
+            "status": "ok",
+            "model": served.name,
+            "running": engine.running,
+            "waiting": engine.queued,
+            "finished": dict(engine.finished),
+            "decode_steps": engine.steps,
+            "kv_cache_tokens": engine.kv_tokens,
+            "peak_kv_cache_tokens": engine.peak_kv_tokens,
+            "max_kv_tokens": engine.max_kv_tokens,
+            "max_batch_size": engine.max_batch_size,
+        }
 
     def model_card() -> dict:
-        return {"id": served.name, "object": "model", "created": created, "owned_by": "tuneforge",
-                "max_model_len": served.context_length}
+        return {
+            "id": served.name,
+            "object": "model",
+            "created": created,
+            "owned_by": "tuneforge",
+            "max_model_len": served.context_length,
+        }
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -197,18 +238,33 @@ def create_app(served: ServedModel, engine: Engine, api_key: str | None = None,
         rid, model = f"chatcmpl-{uuid.uuid4().hex}", served.name
         if not req.stream:
             texts, reasons, completion = await collect(gen, request)
-            return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-                    "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                                 "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))],
-                    "usage": gen.usage(completion)}
+            return {
+                "id": rid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+                    for i, (t, r) in enumerate(zip(texts, reasons))
+                ],
+                "usage": gen.usage(completion),
+            }
 
         chunk = chunker(rid, "chat.completion.chunk", model)
 
         async def stream() -> AsyncIterator[str]:
             completion = 0
             for i in range(len(gen.seqs)):
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
             async for i, ev in events_or_error(gen):
                 if isinstance(ev, str):
                     yield ev
@@ -249,10 +305,17 @@ def create_app(served: ServedModel, engine: Engine, api_key: str | None = None,
         rid, model = f"cmpl-{uuid.uuid4().hex}", served.name
         if not req.stream:
             texts, reasons, completion = await collect(gen, request)
-            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-                    "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                                for i, (t, r) in enumerate(zip(texts, reasons))],
-                    "usage": gen.usage(completion)}
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                    for i, (t, r) in enumerate(zip(texts, reasons))
+                ],
+                "usage": gen.usage(completion),
+            }
 
         chunk = chunker(rid, "text_completion", model)
 
@@ -275,10 +338,20 @@ def create_app(served: ServedModel, engine: Engine, api_key: str | None = None,
     return app
 
 
-def run_server(served: ServedModel, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               max_batch_size: int = 32, batch_window_ms: float = 0.0, log_level: str = "info", *,
-               max_kv_tokens: int | None = None, compile_model_first: bool = False,
-               limits: RequestLimits | None = None, allow_unauthenticated: bool = False) -> None:
+def run_server(
+    served: ServedModel,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch_size: int = 32,
+    batch_window_ms: float = 0.0,
+    log_level: str = "info",
+    *,
+    max_kv_tokens: int | None = None,
+    compile_model_first: bool = False,
+    limits: RequestLimits | None = None,
+    allow_unauthenticated: bool = False,
+) -> None:
     """Start the engine and serve the API until interrupted. `max_kv_tokens` bounds the KV cache (see `Engine`);
     `compile_model_first` torch.compiles the decode step and warms it up before the server opens (CompileError
     if that fails). A KV budget below the model's context raises ValueError, and so does a `host` other machines
@@ -289,15 +362,23 @@ def run_server(served: ServedModel, host: str = "127.0.0.1", port: int = 8000, a
     if refused:
         raise ValueError(refused)
     limits = limits or RequestLimits()
-    engine = Engine(served.model, served.tokenizer, served.stop_token_ids, served.context_length,
-                    max_batch_size=max_batch_size, batch_window_ms=batch_window_ms, max_kv_tokens=max_kv_tokens)
+    engine = Engine(
+        served.model,
+        served.tokenizer,
+        served.stop_token_ids,
+        served.context_length,
+        max_batch_size=max_batch_size,
+        batch_window_ms=batch_window_ms,
+        max_kv_tokens=max_kv_tokens,
+    )
     per_token = kv_bytes_per_token(served.model)
     if compile_model_first:
         from tuneforge.serve.compile import compile_decode, warm_up
 
         compile_decode(engine)
-        print("torch.compile: compiling the decode step for the shapes serving uses (this takes a while) ...",
-              flush=True)
+        print(
+            "torch.compile: compiling the decode step for the shapes serving uses (this takes a while) ...", flush=True
+        )
         engine.start()
         try:
             print(f"torch.compile: ready in {warm_up(engine):.0f} s", flush=True)
@@ -308,14 +389,23 @@ def run_server(served: ServedModel, host: str = "127.0.0.1", port: int = 8000, a
         engine.start()
     app = create_app(served, engine, api_key, limits)
     auth = "API key required" if api_key else "no API key"
-    kv = (f"KV cache at most {max_kv_tokens} tokens ({max_kv_tokens * per_token / 2**20:.1f} MiB)"
-          if max_kv_tokens else f"KV cache unbounded ({per_token / 1024:.1f} KiB per token)")
-    print(f"serving {served.name!r} from {served.source} at http://{host}:{port}/v1 "
-          f"(context {served.context_length} tokens, batches of up to {max_batch_size}, {kv}, {auth}; requests "
-          f"up to {limits.max_request_bytes} bytes and {limits.max_sequences} sequences)", flush=True)
+    kv = (
+        f"KV cache at most {max_kv_tokens} tokens ({max_kv_tokens * per_token / 2**20:.1f} MiB)"
+        if max_kv_tokens
+        else f"KV cache unbounded ({per_token / 1024:.1f} KiB per token)"
+    )
+    print(
+        f"serving {served.name!r} from {served.source} at http://{host}:{port}/v1 "
+        f"(context {served.context_length} tokens, batches of up to {max_batch_size}, {kv}, {auth}; requests "
+        f"up to {limits.max_request_bytes} bytes and {limits.max_sequences} sequences)",
+        flush=True,
+    )
     if not api_key and not is_loopback(host):
-        print(f"warning: serving on {host} without an API key (--allow-unauthenticated): anyone who can reach port "
-              f"{port} can use the model", flush=True)
+        print(
+            f"warning: serving on {host} without an API key (--allow-unauthenticated): anyone who can reach port "
+            f"{port} can use the model",
+            flush=True,
+        )
     # the ~400k objects of torch, transformers and the model never die: keep them out of the garbage collector's
     # full collections, which otherwise stall every thread (the event loop too) for ~200 ms now and then
     gc.collect()

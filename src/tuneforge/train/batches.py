@@ -48,8 +48,11 @@ class BatchOrder:
         """What fixes the rows of every optimizer step. Two orders with the same layout give each step the same
         rows, however the step is split into micro-batches x processes x accumulation: the rows per step, and
         the global micro-batch only when it does not divide the rows (then epoch ends fall differently)."""
-        return {"rows": self.num_rows, "rows_per_step": self.step_rows,
-                "global_micro_batch": self.global_batch if self.num_rows % self.global_batch else None}
+        return {
+            "rows": self.num_rows,
+            "rows_per_step": self.step_rows,
+            "global_micro_batch": self.global_batch if self.num_rows % self.global_batch else None,
+        }
 
     def permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -70,14 +73,14 @@ class BatchOrder:
         chunk = self.step_rows * self.group_steps
         parts = []
         for start in range(0, self.num_rows, chunk):  # sort each chunk longest first (stable: ties keep the shuffle)
-            idx = torch.argsort(lengths[start:start + chunk], descending=True, stable=True)
-            parts.append(perm[start:start + chunk][idx])
+            idx = torch.argsort(lengths[start : start + chunk], descending=True, stable=True)
+            parts.append(perm[start : start + chunk][idx])
         grouped = torch.cat(parts)
         full = self.num_rows // self.step_rows  # the last, partial step stays last
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 7_919)
         steps = torch.randperm(full, generator=g)
         body = grouped[: full * self.step_rows].view(full, self.step_rows)[steps].reshape(-1)
-        return torch.cat([body, grouped[full * self.step_rows:]])
+        return torch.cat([body, grouped[full * self.step_rows :]])
 
     def micro_batch(self, k: int) -> list[int]:
         """Row indices of this rank's share of global micro-batch k (k counts across epochs)."""
@@ -95,6 +98,7 @@ def join_micro_batches(micro: list[list[dict]], max_positions: int, flat: bool) 
     (flat: the rows' lengths summed, as FlatCollator lays them end to end; else rows x the longest row, as
     padded); a micro-batch larger than that on its own stays one pass. The step holds the same rows and its
     loss is normalised over all of them, so the gradient is the same however they are split into passes."""
+
     def positions(rows: list[dict]) -> int:
         lengths = [len(r["input_ids"]) for r in rows]
         return sum(lengths) if flat else len(lengths) * max(lengths, default=0)
@@ -119,5 +123,7 @@ def pass_budget(cfg, processes: int, strategy: str) -> tuple[int | None, str | N
         return (cfg.train.micro_batch_size * cfg.data.max_seq_len if tokens == "auto" else tokens), None
     if tokens == "auto":
         return None, None
-    return None, (f"train.pass_tokens={tokens} ignored: with {processes} process(es) ({strategy}) every rank runs "
-                  "each micro-batch as its own pass")
+    return None, (
+        f"train.pass_tokens={tokens} ignored: with {processes} process(es) ({strategy}) every rank runs "
+        "each micro-batch as its own pass"
+    )

@@ -38,8 +38,16 @@ from tuneforge.train.durable_files import fsync_dir, fsync_file, replace_text, w
 LATEST = "latest"
 MANIFEST = "manifest.json"
 # what a resumed run must share with the checkpoint; anything else (steps, logging, eval, ...) may change
-RESUME_CRITICAL = ("model", "adapter", "data_fingerprint", "data_order", "train.group_by_length", "train.seed",
-                   "precision", "checkpoint_layout")
+RESUME_CRITICAL = (
+    "model",
+    "adapter",
+    "data_fingerprint",
+    "data_order",
+    "train.group_by_length",
+    "train.seed",
+    "precision",
+    "checkpoint_layout",
+)
 # written before the key existed: replicated (DDP / one process) checkpoints
 RESUME_DEFAULTS = {"checkpoint_layout": "full"}
 WHY_CRITICAL = {
@@ -47,12 +55,12 @@ WHY_CRITICAL = {
     "adapter": "the trainable parameters would not match",
     "data_fingerprint": "the prepared data changed, so step N would read different rows",
     "data_order": "each step would read different rows (micro_batch_size x processes x grad_accum must stay the "
-                  "same, and divide the rows evenly, to change how a step is split)",
+    "same, and divide the rows evenly, to change how a step is split)",
     "train.group_by_length": "each step would read different rows",
     "train.seed": "the data order and dropout would differ",
     "precision": "the numbers would differ from the run that wrote it",
     "checkpoint_layout": "the checkpoint's weights and optimizer state are stored for another dist.strategy (DeepSpeed "
-                         "ZeRO partitions also for one world size and stage); resume with the strategy that wrote it",
+    "ZeRO partitions also for one world size and stage); resume with the strategy that wrote it",
 }
 
 
@@ -114,12 +122,14 @@ def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor
     if missing or extra:
         raise CheckpointError(
             f"{where}: trainable parameters do not match the model (missing {missing[:3]}, unexpected {extra[:3]}); "
-            "the checkpoint was written for another model or adapter")
+            "the checkpoint was written for another model or adapter"
+        )
     with torch.no_grad():
         for n, p in params.items():
             if p.shape != tensors[n].shape:
                 raise CheckpointError(
-                    f"{where}: {n} has shape {tuple(tensors[n].shape)}, the model has {tuple(p.shape)}")
+                    f"{where}: {n} has shape {tuple(tensors[n].shape)}, the model has {tuple(p.shape)}"
+                )
             p.copy_(tensors[n].to(p.device, p.dtype))
 
 
@@ -141,8 +151,13 @@ def library_versions() -> dict[str, str]:
     import peft
     import transformers
 
-    return {"tuneforge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__}
+    return {
+        "tuneforge": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+    }
 
 
 def step_dir_name(step: int) -> str:
@@ -150,9 +165,22 @@ def step_dir_name(step: int) -> str:
 
 
 # ---------------------------------------------------------------------------- save
-def save_checkpoint(ckpt_root: Path, step: int, *, model, optimizer, scheduler, scaler, state: TrainState,
-                    resume_key: dict, is_main: bool = True, rank: int = 0, barrier=lambda: None,
-                    shards=None, any_failed=None) -> Path:
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    state: TrainState,
+    resume_key: dict,
+    is_main: bool = True,
+    rank: int = 0,
+    barrier=lambda: None,
+    shards=None,
+    any_failed=None,
+) -> Path:
     """Write checkpoint `step` atomically; returns its directory. When a writer fails (any error: disk full,
     read-only, quota; torch.save's RuntimeError, safetensors' SafetensorError, OSError), the partial `.tmp-*` is
     removed, the previous checkpoints and `latest` are untouched, and the error is raised (CheckpointError on a
@@ -179,8 +207,11 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, optimizer, scheduler, 
             barrier()
             failed = failure is not None
         if failed:
-            raise failure if failure is not None else CheckpointError(
-                f"{tmp}: another process could not write its part of checkpoint {name}")
+            raise (
+                failure
+                if failure is not None
+                else CheckpointError(f"{tmp}: another process could not write its part of checkpoint {name}")
+            )
 
     def start() -> None:
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -216,11 +247,18 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, optimizer, scheduler, 
 
     def publish() -> None:
         _reached("manifest")
-        write_json(tmp / MANIFEST, {
-            "step": step, "tokens_seen": state.tokens_total, "trained_tokens": state.trained_tokens_total,
-            "eval": state.last_eval, "resume_key": resume_key, "versions": library_versions(),
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
+        write_json(
+            tmp / MANIFEST,
+            {
+                "step": step,
+                "tokens_seen": state.tokens_total,
+                "trained_tokens": state.trained_tokens_total,
+                "eval": state.last_eval,
+                "resume_key": resume_key,
+                "versions": library_versions(),
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+        )
         fsync_dir(tmp)
         _reached("rename")
         if final.exists():  # the same step saved again (e.g. a stop right after a scheduled save)
@@ -306,8 +344,10 @@ def clean_partial(ckpt_root: Path) -> None:
 def read_manifest(path: Path) -> dict:
     path = Path(path)
     if not (path / MANIFEST).is_file():
-        raise CheckpointError(f"{path} is not a complete tuneforge checkpoint (no {MANIFEST}); "
-                              f"pick a step-XXXXXX directory under <run>/checkpoints")
+        raise CheckpointError(
+            f"{path} is not a complete tuneforge checkpoint (no {MANIFEST}); "
+            f"pick a step-XXXXXX directory under <run>/checkpoints"
+        )
     return json.loads((path / MANIFEST).read_text(encoding="utf-8"))
 
 
@@ -320,12 +360,17 @@ def check_resume_key(path: Path, saved: dict, current: dict) -> list[str]:
             bad.append(f"  {key}: {_short(old)} -> {_short(new)} ({WHY_CRITICAL[key]})")
     if bad:
         raise CheckpointError(
-            f"cannot resume from {path}: the config changed in ways the checkpoint cannot follow:\n" + "\n".join(bad)
+            f"cannot resume from {path}: the config changed in ways the checkpoint cannot follow:\n"
+            + "\n".join(bad)
             + "\nrestore those settings to resume, or start over with --resume never and output.overwrite=true "
-            "(or a new output.dir)")
+            "(or a new output.dir)"
+        )
     old, new = saved.get("config", {}), current.get("config", {})
-    return [f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]
+    return [
+        f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
 
 
 def _short(v) -> str:
@@ -334,8 +379,12 @@ def _short(v) -> str:
 
 
 # numpy's array reconstruction, for RNG files written before numpy's key was saved as a tensor
-_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
-                        getattr(np, "_core", np).multiarray._reconstruct]
+_NUMPY_ARRAY_GLOBALS = [
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+    getattr(np, "_core", np).multiarray._reconstruct,
+]
 
 
 def safe_load(file: Path):
@@ -349,7 +398,8 @@ def safe_load(file: Path):
         raise CheckpointError(
             f"{file}: refused to load it: it holds objects other than tensors and plain data, and unpickling them "
             f"could run code ({str(e).splitlines()[0][:200]}). tuneforge never writes such files: the checkpoint "
-            "was changed by someone else. Resume from another checkpoint (--resume PATH) or start over") from None
+            "was changed by someone else. Resume from another checkpoint (--resume PATH) or start over"
+        ) from None
 
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, rank: int = 0, shards=None) -> TrainState:

@@ -47,6 +47,8 @@ def low_space_warning(ckpt_root: Path, need: int, measured: bool) -> str | None:
     if free >= need:
         return None
     how = "the size of the last one written" if measured else "estimated: trainable weights + optimizer state"
-    return (f"warning: only {gb(free)} free on the file system of {ckpt_root}, and a checkpoint needs about "
-            f"{gb(need)} ({how}): checkpoint saves will fail (the run goes on, keeping the last good one). Free space "
-            "there, lower checkpoint.save_total_limit, or set output.dir to a larger disk")
+    return (
+        f"warning: only {gb(free)} free on the file system of {ckpt_root}, and a checkpoint needs about "
+        f"{gb(need)} ({how}): checkpoint saves will fail (the run goes on, keeping the last good one). Free space "
+        "there, lower checkpoint.save_total_limit, or set output.dir to a larger disk"
+    )

@@ -33,8 +33,10 @@ class FSDP2(Replicated):
         d = self.cfg.dist
         ensure_process_group(self.device)
         if self.precision == "fp16":
-            raise ParallelError("dist.strategy=fsdp2 with fp16 needs a sharded gradient scaler, which tuneforge does "
-                                "not wire; set train.precision=bf16 (or fp32), or use dist.strategy=ddp/deepspeed")
+            raise ParallelError(
+                "dist.strategy=fsdp2 with fp16 needs a sharded gradient scaler, which tuneforge does "
+                "not wire; set train.precision=bf16 (or fp32), or use dist.strategy=ddp/deepspeed"
+            )
         if self.device == "cuda":
             model = model.to(torch.device("cuda", torch.cuda.current_device()))
         mesh = init_device_mesh(self.device, (self.world,))
@@ -43,8 +45,10 @@ class FSDP2(Replicated):
             for p in model.parameters():
                 if p.requires_grad and p.dtype != torch.float32:
                     p.data = p.data.float()
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
-                                      reduce_dtype=torch.float32 if d.fsdp_reduce_dtype == "fp32" else torch.bfloat16)
+            mp = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16,
+                reduce_dtype=torch.float32 if d.fsdp_reduce_dtype == "fp32" else torch.bfloat16,
+            )
         else:
             mp = MixedPrecisionPolicy()
         offload = CPUOffloadPolicy(pin_memory=self.device == "cuda") if d.offload_optimizer else OffloadPolicy()
@@ -134,8 +138,13 @@ class FSDP2(Replicated):
 
             set_model_state_dict(self.model, state["model"], options=options)
         else:
-            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"], options=options)
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optimizer"],
+                options=options,
+            )
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         from torch.distributed.checkpoint.state_dict import (

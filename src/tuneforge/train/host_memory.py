@@ -8,8 +8,8 @@ model took 15,000-60,000 such faults (17-70 ms, up to 6% of the step).
 
 `keep_freed_memory()` sets the thresholds once (`mallopt`): blocks up to 32 MiB come from the heap, and
 freed memory stays in the process (the heap top is trimmed only when over 2 GiB is free). Peak RSS does
-not grow (the high-water mark is the same; it is just reused): 1.23 GB against 1.25-1.31 GB measured. Linux with glibc only; a user's own
-MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ environment settings are left as they are.
+not grow (the high-water mark is the same; it is just reused): 1.23 GB against 1.25-1.31 GB measured. Linux
+with glibc only; a user's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ environment settings are left as they are.
 """
 
 from __future__ import annotations

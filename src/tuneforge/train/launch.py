@@ -43,8 +43,10 @@ def adopt_slurm_env() -> None:
     if under_launcher() or int(os.environ.get("SLURM_NTASKS", "1")) < 2 or "SLURM_PROCID" not in os.environ:
         return
     if "MASTER_ADDR" not in os.environ:
-        raise RuntimeError("running under SLURM with several tasks but MASTER_ADDR is not set; add to the batch "
-                           "script: export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)")
+        raise RuntimeError(
+            "running under SLURM with several tasks but MASTER_ADDR is not set; add to the batch "
+            "script: export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)"
+        )
     os.environ.setdefault("MASTER_PORT", "29500")
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
@@ -64,9 +66,20 @@ def free_port() -> int:
 def torchrun_command(spec: LaunchSpec, cli_args: list[str]) -> list[str]:
     """The `python -m torch.distributed.run ... -m tuneforge.cli <cli_args>` command for this node."""
     port = spec.master_port or (free_port() if spec.nnodes == 1 else 29500)
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={spec.nproc}", f"--nnodes={spec.nnodes}",
-            f"--node-rank={spec.node_rank}", f"--master-addr={spec.master_addr}", f"--master-port={port}",
-            "--max-restarts=0", "-m", "tuneforge.cli", *cli_args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={spec.nproc}",
+        f"--nnodes={spec.nnodes}",
+        f"--node-rank={spec.node_rank}",
+        f"--master-addr={spec.master_addr}",
+        f"--master-port={port}",
+        "--max-restarts=0",
+        "-m",
+        "tuneforge.cli",
+        *cli_args,
+    ]
 
 
 def launch(spec: LaunchSpec, cli_args: list[str], resume_from: str | None, threads: int | None = None) -> int:

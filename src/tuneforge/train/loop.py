@@ -45,8 +45,14 @@ MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, data: PreparedData,
-                 evaluate: Callable[[torch.nn.Module], dict] | None = None, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | Path,
+        data: PreparedData,
+        evaluate: Callable[[torch.nn.Module, Callable[[str], None]], dict] | None = None,
+        log: Callable[[str], None] = print,
+    ):
         self.cfg, self.run_dir, self.data, self.evaluate, self.log = cfg, Path(run_dir), data, evaluate, log
 
     # ------------------------------------------------------------------------ setup
@@ -59,8 +65,12 @@ class Trainer:
         timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.dist.timeout_minutes))
         # step_scheduler_with_optimizer=False: accelerate would otherwise advance the schedule num_processes
         # times per optimizer step (it assumes the per-rank batch count shrinks with the world size; ours doesn't)
-        self.accelerator = Accelerator(cpu=device == "cpu", mixed_precision=MIXED_PRECISION[self.precision],
-                                       kwargs_handlers=[timeout], step_scheduler_with_optimizer=False)
+        self.accelerator = Accelerator(
+            cpu=device == "cpu",
+            mixed_precision=MIXED_PRECISION[self.precision],
+            kwargs_handlers=[timeout],
+            step_scheduler_with_optimizer=False,
+        )
         self.device = device
         if device == "cpu":
             torch.set_num_threads(cfg.train.threads or default_threads(self.accelerator.num_processes))
@@ -87,8 +97,14 @@ class Trainer:
                 with self.accelerator.main_process_first():
                     model_source(cfg.model, dtype, self.log)
             # (a GGUF's conversion was reported just above: the lookup inside load_model stays quiet)
-            model = load_model(cfg.model, self.data.tokenizer, dtype, attention, seed=cfg.train.seed,
-                               log=(lambda _: None) if gguf else self.log)
+            model = load_model(
+                cfg.model,
+                self.data.tokenizer,
+                dtype,
+                attention,
+                seed=cfg.train.seed,
+                log=(lambda _: None) if gguf else self.log,
+            )
         if own_base and cfg.adapter.type != "full":
             # an adapter needs its base on disk, beside the run: the new model saved, or the converted GGUF linked
             base_dir = (self.run_dir / "base").resolve()
@@ -111,8 +127,13 @@ class Trainer:
         if cfg.train.liger_kernels:
             self.log(apply_liger(model, device))
         torch.manual_seed(cfg.train.seed)
-        model = apply_adapter(model, cfg.adapter, cfg.train.gradient_checkpointing, mask_dropout=device == "cpu",
-                              addmm=not self.parallel.sharded)
+        model = apply_adapter(
+            model,
+            cfg.adapter,
+            cfg.train.gradient_checkpointing,
+            mask_dropout=device == "cpu",
+            addmm=not self.parallel.sharded,
+        )
         if cfg.train.compile:
             compiled = compile_layers(model)
             self.log(f"torch.compile: {compiled} decoder layers (compiled on first use)")
@@ -121,23 +142,33 @@ class Trainer:
         self.flops = flop_model(model)
         self.peak_tflops, peak_source = device_peak_tflops(device, self.precision, cfg.train.peak_tflops)
         self.mfu = MfuMeter(self.peak_tflops, peak_source, self.accelerator.num_processes)
-        self.log(f"model: {cfg.model.name_or_path or cfg.model.init.architecture + ' (new)'} on {device}, "
-                 f"precision {self.precision}, attention {attention}, {torch.get_num_threads()} threads; "
-                 f"{describe(self.params_report)}; MFU against {self.peak_tflops:.3g} TFLOP/s ({peak_source})")
+        self.log(
+            f"model: {cfg.model.name_or_path or cfg.model.init.architecture + ' (new)'} on {device}, "
+            f"precision {self.precision}, attention {attention}, {torch.get_num_threads()} threads; "
+            f"{describe(self.params_report)}; MFU against {self.peak_tflops:.3g} TFLOP/s ({peak_source})"
+        )
 
         # ---- data order and length of the run
         packed = "position_ids" in self.data.train.column_names
         lengths = None
         if cfg.train.group_by_length and not packed:
             lengths = tuple(column(self.data.train, "num_tokens"))
-        self.order = BatchOrder(len(self.data.train), cfg.train.micro_batch_size, cfg.train.seed,
-                                self.accelerator.num_processes, self.accelerator.process_index,
-                                cfg.train.grad_accum, lengths)
+        self.order = BatchOrder(
+            len(self.data.train),
+            cfg.train.micro_batch_size,
+            cfg.train.seed,
+            self.accelerator.num_processes,
+            self.accelerator.process_index,
+            cfg.train.grad_accum,
+            lengths,
+        )
         self.total_steps = cfg.train.max_steps or max(
-            1, math.ceil(cfg.train.epochs * self.order.batches_per_epoch / cfg.train.grad_accum))
+            1, math.ceil(cfg.train.epochs * self.order.batches_per_epoch / cfg.train.grad_accum)
+        )
         flat = cfg.train.padding_free
         self.collate = (FlatCollator if flat else PackedCollator if packed else PaddedCollator)(
-            self.data.tokenizer.pad_token_id)
+            self.data.tokenizer.pad_token_id
+        )
         # rows holding several samples: attention per sample (SDPA on each slice) instead of a block mask
         self.per_sample_sdpa = (flat or packed) and use_packed_sdpa(model)
         # LM head + loss in row chunks needs the head's weight whole on this rank (not FSDP2 / ZeRO-3 shards)
@@ -150,32 +181,61 @@ class Trainer:
 
         # ---- optimizer and schedule
         self.model, self.optimizer, self.scheduler = self.parallel.wrap(
-            model, lambda m: build_optimizer(m, cfg.train), lambda o: build_scheduler(o, cfg.train, self.total_steps))
+            model, lambda m: build_optimizer(m, cfg.train), lambda o: build_scheduler(o, cfg.train, self.total_steps)
+        )
         # what actually wraps the model (DistributedDataParallel, FSDP..., DeepSpeedEngine), recorded in the summary
         self.wrapper = self.parallel.wrapper
         self.local_fraction = self.parallel.local_fraction()
         for note in getattr(self.parallel, "notes", []):
             self.log(f"deepspeed: {note}")
         if self.accelerator.num_processes > 1 or self.parallel.name != "ddp":
-            self.log(f"distributed: {self.accelerator.num_processes} processes, {self.wrapper}, backend "
-                     f"{torch.distributed.get_backend() if torch.distributed.is_initialized() else 'none'}; "
-                     f"global micro-batch "
-                     f"{cfg.train.micro_batch_size * self.accelerator.num_processes} rows; this rank holds "
-                     f"{self.local_fraction:.1%} of the parameters")
+            self.log(
+                f"distributed: {self.accelerator.num_processes} processes, {self.wrapper}, backend "
+                f"{torch.distributed.get_backend() if torch.distributed.is_initialized() else 'none'}; "
+                f"global micro-batch "
+                f"{cfg.train.micro_batch_size * self.accelerator.num_processes} rows; this rank holds "
+                f"{self.local_fraction:.1%} of the parameters"
+            )
         # trackers (log.report_to) on the main process; a run with checkpoints continues its tracker runs
-        trackers = open_trackers(cfg.log, self.run_dir, flat_config(cfg.model_dump(mode="json")),
-                                 resume=find_latest(self.ckpt_root) is not None) if self.is_main else []
-        self.monitor = Monitor(self.run_dir, self.total_steps, cfg.log.every_steps, cfg.log.progress, self.is_main,
-                               trackers=trackers)
-        self.checkpoints = RunCheckpoints(self.ckpt_root, cfg, self.accelerator, self.parallel, self.optimizer,
-                                          self.scheduler, self.monitor, ckpt_bytes)
+        trackers = (
+            open_trackers(
+                cfg.log,
+                self.run_dir,
+                flat_config(cfg.model_dump(mode="json")),
+                resume=find_latest(self.ckpt_root) is not None,
+            )
+            if self.is_main
+            else []
+        )
+        self.monitor = Monitor(
+            self.run_dir, self.total_steps, cfg.log.every_steps, cfg.log.progress, self.is_main, trackers=trackers
+        )
+        self.checkpoints = RunCheckpoints(
+            self.ckpt_root,
+            cfg,
+            self.accelerator,
+            self.parallel,
+            self.optimizer,
+            self.scheduler,
+            self.monitor,
+            ckpt_bytes,
+        )
         self.state = TrainState()
         return self
 
     def _load_4bit(self, source: str, device: str, attention: str):
         a, m = self.cfg.adapter, self.cfg.model
-        return load_quantized(source, DTYPES[self.precision], device, a.quant_type, a.double_quant, attention,
-                              m.revision, m.trust_remote_code, vocab_size=len(self.data.tokenizer))
+        return load_quantized(
+            source,
+            DTYPES[self.precision],
+            device,
+            a.quant_type,
+            a.double_quant,
+            attention,
+            m.revision,
+            m.trust_remote_code,
+            vocab_size=len(self.data.tokenizer),
+        )
 
     # ------------------------------------------------------------------------ one optimizer step
     def _step(self, step: int) -> dict:
@@ -222,8 +282,15 @@ class Trainer:
         loss = total_nll / max(step_tokens, 1.0)
         # clip, step (unless the loss or gradient norm is not finite), advance the schedule, clear gradients
         grad_norm, skipped = self.parallel.update(cfg.max_grad_norm, math.isfinite(loss))
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
-                "trained_tokens": int(step_tokens), "tokens": real_tokens, "flops": flops}
+        return {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "skipped": skipped,
+            "trained_tokens": int(step_tokens),
+            "tokens": real_tokens,
+            "flops": flops,
+        }
 
     # ------------------------------------------------------------------------ the loop
     def train(self, resume_from: str | Path | None = None) -> dict:
@@ -246,11 +313,16 @@ class Trainer:
                 mfu, note = self.mfu.update(m.pop("flops"), dt)
                 if note:
                     self.log(note)
-                m.update(step_time_s=dt, tokens_per_s=m["tokens"] / dt, trained_tokens_per_s=m["trained_tokens"] / dt,
-                         mfu=mfu,
-                         peak_mem_gb=peak_memory_gb(self.device), trained_tokens_total=st.trained_tokens_total,
-                         tokens_total=st.tokens_total,
-                         epoch=step * self.cfg.train.grad_accum / self.order.batches_per_epoch)
+                m.update(
+                    step_time_s=dt,
+                    tokens_per_s=m["tokens"] / dt,
+                    trained_tokens_per_s=m["trained_tokens"] / dt,
+                    mfu=mfu,
+                    peak_mem_gb=peak_memory_gb(self.device),
+                    trained_tokens_total=st.trained_tokens_total,
+                    tokens_total=st.tokens_total,
+                    epoch=step * self.cfg.train.grad_accum / self.order.batches_per_epoch,
+                )
                 if m["skipped"]:
                     self._bad_step(step, m)
                 else:
@@ -263,20 +335,26 @@ class Trainer:
                     new_best = self._eval(step)
                     if self._should_stop_early():
                         st.stopped_early = True
-                due = (step == self.total_steps or st.stopped_early or stop.requested
-                       or (ck.every_steps and step % ck.every_steps == 0)
-                       or (ck.every_minutes and time.monotonic() - last_save >= 60 * ck.every_minutes)
-                       or (new_best and self.cfg.eval.load_best_at_end))
+                due = (
+                    step == self.total_steps
+                    or st.stopped_early
+                    or stop.requested
+                    or (ck.every_steps and step % ck.every_steps == 0)
+                    or (ck.every_minutes and time.monotonic() - last_save >= 60 * ck.every_minutes)
+                    or (new_best and self.cfg.eval.load_best_at_end)
+                )
                 if due:
                     saved = self.save_checkpoint()
                     last_save = time.monotonic()
                     if stop.requested:
                         raise TrainingStopped(stop.requested, step, saved, find_latest(self.ckpt_root))
                 if st.stopped_early:
-                    self.monitor.event(f"early stopping at step {step}: {self.cfg.eval.metric} did not improve by "
-                                       f"{self.cfg.eval.early_stopping_min_delta:g} in "
-                                       f"{self.cfg.eval.early_stopping_patience} evaluations (best "
-                                       f"{st.best_metric:.4g} at step {st.best_step})")
+                    self.monitor.event(
+                        f"early stopping at step {step}: {self.cfg.eval.metric} did not improve by "
+                        f"{self.cfg.eval.early_stopping_min_delta:g} in "
+                        f"{self.cfg.eval.early_stopping_patience} evaluations (best "
+                        f"{st.best_metric:.4g} at step {st.best_step})"
+                    )
                     break
         wall = time.perf_counter() - t0
         final_eval = st.last_eval if st.last_eval.get("step") == st.step else {}
@@ -286,15 +364,25 @@ class Trainer:
         if self.cfg.eval.load_best_at_end and st.best_step is not None and st.best_step != st.step:
             self.checkpoints.load_best(st)
         latest = find_latest(self.ckpt_root)
-        self.summary = {"steps": st.step, "wall_s": wall, "tokens": st.tokens_total,
-                        "trained_tokens": st.trained_tokens_total, "tokens_per_s": st.tokens_total / max(wall, 1e-9),
-                        "first_loss": st.first_loss, "last_loss": st.last_loss, "bad_steps": st.bad_steps,
-                        "failed_checkpoint_saves": st.failed_saves, "last_checkpoint": latest and str(latest),
-                        "skipped_rows": (self.data.report.get("invalid") or {}).get("skipped", 0),
-                        "stopped_early": st.stopped_early, "best_step": st.best_step,
-                        "world_size": self.accelerator.num_processes, "wrapper": self.wrapper,
-                        "params_held_per_rank": self.local_fraction,
-                        **{k: v for k, v in final_eval.items() if k != "step"}}
+        self.summary = {
+            "steps": st.step,
+            "wall_s": wall,
+            "tokens": st.tokens_total,
+            "trained_tokens": st.trained_tokens_total,
+            "tokens_per_s": st.tokens_total / max(wall, 1e-9),
+            "first_loss": st.first_loss,
+            "last_loss": st.last_loss,
+            "bad_steps": st.bad_steps,
+            "failed_checkpoint_saves": st.failed_saves,
+            "last_checkpoint": latest and str(latest),
+            "skipped_rows": (self.data.report.get("invalid") or {}).get("skipped", 0),
+            "stopped_early": st.stopped_early,
+            "best_step": st.best_step,
+            "world_size": self.accelerator.num_processes,
+            "wrapper": self.wrapper,
+            "params_held_per_rank": self.local_fraction,
+            **{k: v for k, v in final_eval.items() if k != "step"},
+        }
         return self.summary
 
     def _track_loss(self, step: int, loss: float) -> None:
@@ -310,22 +398,32 @@ class Trainer:
     def _bad_step(self, step: int, m: dict) -> None:
         st = self.state
         st.bad_steps += 1
-        self.monitor.write({"type": "bad_step", "step": step, "loss": m["loss"], "grad_norm": m["grad_norm"],
-                            "bad_steps": st.bad_steps})
-        self.monitor.event(f"step {step}: non-finite loss {m['loss']} / grad norm {m['grad_norm']}; skipped "
-                           f"(no weight update), {st.bad_steps} so far (limit train.max_bad_steps="
-                           f"{self.cfg.train.max_bad_steps})")
+        self.monitor.write(
+            {
+                "type": "bad_step",
+                "step": step,
+                "loss": m["loss"],
+                "grad_norm": m["grad_norm"],
+                "bad_steps": st.bad_steps,
+            }
+        )
+        self.monitor.event(
+            f"step {step}: non-finite loss {m['loss']} / grad norm {m['grad_norm']}; skipped "
+            f"(no weight update), {st.bad_steps} so far (limit train.max_bad_steps="
+            f"{self.cfg.train.max_bad_steps})"
+        )
         if st.bad_steps > self.cfg.train.max_bad_steps:
             latest = find_latest(self.ckpt_root)
             raise BadStepsError(
                 f"stopped at step {step}: {st.bad_steps} steps had a non-finite loss or gradient (more than "
                 f"train.max_bad_steps={self.cfg.train.max_bad_steps}). "
                 + (f"The last good checkpoint is {latest}. " if latest else "No checkpoint was written yet. ")
-                + "Lower train.lr, keep train.max_grad_norm set, or check the data (tuneforge data preview).")
+                + "Lower train.lr, keep train.max_grad_norm set, or check the data (tuneforge data preview)."
+            )
 
     def _eval(self, step: int) -> bool:
         """Evaluate, log, update best/early-stop bookkeeping; True when this is a new best."""
-        result = self.evaluate(self.parallel.module())
+        result = self.evaluate(self.parallel.module(), self.monitor.status)
         self.monitor.write({"type": "eval", "step": step, **result})
         self.monitor.event(f"eval @ step {step}: " + "  ".join(f"{k}={v:.4g}" for k, v in result.items()))
         st, ev = self.state, self.cfg.eval
@@ -351,12 +449,18 @@ class Trainer:
 
     def resume_key(self) -> dict:
         dump = self.cfg.model_dump(mode="json")
-        return {"model": dump["model"], "adapter": dump["adapter"],
-                "data_fingerprint": self.data.report.get("fingerprint"),
-                "data_order": self.order.layout(), "train.group_by_length": self.cfg.train.group_by_length,
-                "world_size": self.accelerator.num_processes, "train.seed": self.cfg.train.seed,
-                "checkpoint_layout": self.parallel.checkpoint_layout(),
-                "precision": self.precision, "config": flat_config(dump)}
+        return {
+            "model": dump["model"],
+            "adapter": dump["adapter"],
+            "data_fingerprint": self.data.report.get("fingerprint"),
+            "data_order": self.order.layout(),
+            "train.group_by_length": self.cfg.train.group_by_length,
+            "world_size": self.accelerator.num_processes,
+            "train.seed": self.cfg.train.seed,
+            "checkpoint_layout": self.parallel.checkpoint_layout(),
+            "precision": self.precision,
+            "config": flat_config(dump),
+        }
 
     def save_checkpoint(self) -> Path | None:
         """Checkpoint the current step; None when it could not be written (said whatever log.progress is, counted,
@@ -376,8 +480,14 @@ class Trainer:
         if not self.is_main:
             return self.run_dir / "final"
         stops = self.data.report.get("stop_token_ids") or [self.data.tokenizer.eos_token_id]
-        info = {"tuneforge_version": __version__, "adapter": self.cfg.adapter.type, "steps": self.state.step,
-                "best_step": self.state.best_step, "precision": self.precision, **self.params_report}
+        info = {
+            "tuneforge_version": __version__,
+            "adapter": self.cfg.adapter.type,
+            "steps": self.state.step,
+            "best_step": self.state.best_step,
+            "precision": self.precision,
+            **self.params_report,
+        }
         try:
             return write_final(self.run_dir, self.parallel.module(), state_dict, self.data.tokenizer, stops, info)
         except Exception as e:  # noqa: BLE001 - any writer's error (disk full, read-only, ...): say what is kept

@@ -19,8 +19,15 @@ def _fmt(v) -> str:
 class Monitor:
     """Writes one JSON line per logged step to `<run>/metrics.jsonl` and shows progress."""
 
-    def __init__(self, run_dir: str | Path, total_steps: int, every: int, progress: str = "auto", enabled: bool = True,
-                 trackers: list | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        total_steps: int,
+        every: int,
+        progress: str = "auto",
+        enabled: bool = True,
+        trackers: list | None = None,
+    ):
         self.enabled = enabled
         self.trackers = list(trackers or []) if enabled else []
         self.every = every
@@ -42,8 +49,13 @@ class Monitor:
             )
 
             self._bar = Progress(
-                TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[status]}"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False,
+                TextColumn("step {task.completed}/{task.total}"),
+                BarColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                transient=False,
             )
             self._task = self._bar.add_task("train", total=total_steps, status="")
             self._bar.start()

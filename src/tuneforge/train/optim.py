@@ -35,7 +35,10 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     return get_scheduler(
-        SCHEDULES[cfg.scheduler], optimizer, num_warmup_steps=warmup_steps(cfg, total_steps), num_training_steps=total_steps
+        SCHEDULES[cfg.scheduler],
+        optimizer,
+        num_warmup_steps=warmup_steps(cfg, total_steps),
+        num_training_steps=total_steps,
     )
 
 

@@ -43,5 +43,6 @@ def build_parallel(accelerator, cfg: RunConfig, precision: str, device: str) -> 
                 f"started by an accelerate config that turns on {what} ({env}=true): tuneforge chooses the engine "
                 f"from the run config instead. Launch with a plain multi-process accelerate config (e.g. "
                 f"configs/accelerate/multi_gpu.yaml) and set dist.strategy={what}"
-                + (" (dist.deepspeed_config=your.json)" if what == "deepspeed" else ""))
+                + (" (dist.deepspeed_config=your.json)" if what == "deepspeed" else "")
+            )
     return STRATEGIES[name](accelerator, cfg, precision, device)

@@ -19,7 +19,9 @@ of real runs (saved tensors, parameters, gradients, optimizer state).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -62,15 +64,20 @@ class MemoryPlan:
         return max(0, int((self.device_bytes - fixed) // self.per_row_activation_bytes))
 
     def table(self) -> str:
-        lines = [f"memory plan per device ({self.device}, {self.precision}; micro-batch {self.micro_batch} x "
-                 f"{self.seq_len} tokens)", f"  {'part':<34}{'GiB':>10}"]
+        lines = [
+            f"memory plan per device ({self.device}, {self.precision}; micro-batch {self.micro_batch} x "
+            f"{self.seq_len} tokens)",
+            f"  {'part':<34}{'GiB':>10}",
+        ]
         for name, b in self.parts.items():
             lines.append(f"  {name:<34}{b / GIB:>10.3f}")
         lines.append(f"  {'total (peak)':<34}{self.total / GIB:>10.3f}")
         if self.device_bytes is not None:
             verdict = "fits" if self.fits else "does NOT fit"
-            lines.append(f"  device memory {self.device_bytes / GIB:.1f} GiB: {verdict}; largest micro-batch that fits: "
-                         f"{self.largest_micro_batch()}")
+            lines.append(
+                f"  device memory {self.device_bytes / GIB:.1f} GiB: {verdict}; largest micro-batch that fits: "
+                f"{self.largest_micro_batch()}"
+            )
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -98,7 +105,8 @@ def _model_config(cfg: RunConfig):
         raise ModelLoadError(
             f"memory plan: could not read the config of model {cfg.model.name_or_path!r} ({str(e).splitlines()[0]}). "
             "The plan needs only its config.json: download the model (`hf download "
-            f"{cfg.model.name_or_path} --local-dir DIR`) and set model.name_or_path to that directory") from None
+            f"{cfg.model.name_or_path} --local-dir DIR`) and set model.name_or_path to that directory"
+        ) from None
 
 
 def meta_model(cfg: RunConfig, device: str = "cpu"):
@@ -109,11 +117,13 @@ def meta_model(cfg: RunConfig, device: str = "cpu"):
     from tuneforge.model.adapters import apply_adapter
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(_model_config(cfg), attn_implementation="sdpa",
-                                                 trust_remote_code=cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(
+            _model_config(cfg), attn_implementation="sdpa", trust_remote_code=cfg.model.trust_remote_code
+        )
         sharded = cfg.dist.strategy == "fsdp2" or (cfg.dist.strategy == "deepspeed" and zero_stage(cfg) == 3)
-        model = apply_adapter(model, cfg.adapter, gradient_checkpointing=False, mask_dropout=device == "cpu",
-                              addmm=not sharded)
+        model = apply_adapter(
+            model, cfg.adapter, gradient_checkpointing=False, mask_dropout=device == "cpu", addmm=not sharded
+        )
     return model
 
 
@@ -187,8 +197,14 @@ def layer_activation_bytes(model, rows: int, seq_len: int, dtype: torch.dtype) -
 AUTO_CHECKPOINTING_SHARE = 0.5  # auto: checkpointing when the plan without it exceeds this share of free memory
 
 
-def plan_memory(cfg: RunConfig, device: str = "cpu", precision: str | None = None, gpus: int = 1,
-                device_bytes: float | None = None, trained_fraction: float = 1.0) -> MemoryPlan:
+def plan_memory(
+    cfg: RunConfig,
+    device: str = "cpu",
+    precision: str | None = None,
+    gpus: int = 1,
+    device_bytes: float | None = None,
+    trained_fraction: float = 1.0,
+) -> MemoryPlan:
     """Estimate peak memory per device of a training step of this config (DDP: every rank holds everything),
     with train.gradient_checkpointing as `choose_checkpointing` resolves it (said in the plan's notes)."""
     from tuneforge.model.load import choose_precision
@@ -197,15 +213,33 @@ def plan_memory(cfg: RunConfig, device: str = "cpu", precision: str | None = Non
     model = meta_model(cfg, device)
     setting = cfg.train.gradient_checkpointing
     if setting != "auto":
-        return _plan(cfg, model, device, precision, gpus, device_bytes, trained_fraction, setting,
-                     f"gradient checkpointing {'on' if setting else 'off'} (train.gradient_checkpointing={setting})")
+        return _plan(
+            cfg,
+            model,
+            device,
+            precision,
+            gpus,
+            device_bytes,
+            trained_fraction,
+            setting,
+            f"gradient checkpointing {'on' if setting else 'off'} (train.gradient_checkpointing={setting})",
+        )
     plain = _plan(cfg, model, device, precision, gpus, device_bytes, trained_fraction, False, "")
     checkpointing, why = choose_checkpointing(plain)
     if not checkpointing:
         plain.notes.insert(0, f"gradient checkpointing off (auto: {why})")
         return plain
-    return _plan(cfg, model, device, precision, gpus, device_bytes, trained_fraction, True,
-                 f"gradient checkpointing on (auto: {why})")
+    return _plan(
+        cfg,
+        model,
+        device,
+        precision,
+        gpus,
+        device_bytes,
+        trained_fraction,
+        True,
+        f"gradient checkpointing on (auto: {why})",
+    )
 
 
 def resolve_auto_checkpointing(cfg: RunConfig, device: str, gpus: int = 1) -> str:
@@ -230,13 +264,24 @@ def choose_checkpointing(plain: MemoryPlan) -> tuple[bool, str]:
         return False, f"{total / GIB:.1f} GiB planned, free memory unknown"
     share = total / plain.device_bytes
     if share > AUTO_CHECKPOINTING_SHARE:
-        return True, (f"{total / GIB:.1f} GiB without it would be {share:.0%} of the {plain.device_bytes / GIB:.1f} GiB "
-                      f"free, over {AUTO_CHECKPOINTING_SHARE:.0%}")
+        return True, (
+            f"{total / GIB:.1f} GiB without it would be {share:.0%} of the {plain.device_bytes / GIB:.1f} GiB "
+            f"free, over {AUTO_CHECKPOINTING_SHARE:.0%}"
+        )
     return False, f"{total / GIB:.1f} GiB planned, {share:.0%} of the {plain.device_bytes / GIB:.1f} GiB free"
 
 
-def _plan(cfg: RunConfig, model, device: str, precision: str, gpus: int, device_bytes: float | None,
-          trained_fraction: float, checkpointing: bool, decision: str) -> MemoryPlan:
+def _plan(
+    cfg: RunConfig,
+    model,
+    device: str,
+    precision: str,
+    gpus: int,
+    device_bytes: float | None,
+    trained_fraction: float,
+    checkpointing: bool,
+    decision: str,
+) -> MemoryPlan:
     base, decoder = _inner(model)
     hidden, vocab, layers = base.config.hidden_size, base.get_output_embeddings().weight.shape[0], len(decoder.layers)
     adapter = cfg.adapter.type
@@ -278,9 +323,14 @@ def _plan(cfg: RunConfig, model, device: str, precision: str, gpus: int, device_
         head_transient = 2 * positions * vocab * 4  # the logits beside their log-softmax, then their gradient
     per_row = (activations + recompute + head_kept + head_transient) / rows
 
-    parts = {"weights": weights, "gradients": 4 * trainable, f"optimizer ({cfg.train.optimizer})": optim_bytes * trainable,
-             "activations (decoder)": activations, "activations (LM head, loss)": head_kept,
-             "logits and their gradient": head_transient}
+    parts = {
+        "weights": weights,
+        "gradients": 4 * trainable,
+        f"optimizer ({cfg.train.optimizer})": optim_bytes * trainable,
+        "activations (decoder)": activations,
+        "activations (LM head, loss)": head_kept,
+        "logits and their gradient": head_transient,
+    }
     if recompute:
         parts["recomputed layer (checkpointing)"] = recompute
     notes = [decision] if decision else []
@@ -326,17 +376,29 @@ def _shard(parts: dict, cfg: RunConfig, gpus: int, notes: list[str], layer_bytes
         parts[key] = 0.0
     if gathered and gpus > 1:
         parts["gathered layer (all-gather)"] = gathered
-    notes.append(f"{what} on {gpus} devices: {', '.join(k.split(' ')[0] for k in sharded)} divided over the devices"
-                 + (f"; {', '.join(k.split(' ')[0] for k in offloaded)} in CPU RAM" if offloaded else ""))
+    notes.append(
+        f"{what} on {gpus} devices: {', '.join(k.split(' ')[0] for k in sharded)} divided over the devices"
+        + (f"; {', '.join(k.split(' ')[0] for k in offloaded)} in CPU RAM" if offloaded else "")
+    )
 
 
 def parse_size(text: str) -> float:
     """'80GiB', '24GB', '512MiB' -> bytes."""
-    units = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-             "tib": 2**40}
+    units = {
+        "": 1,
+        "b": 1,
+        "kb": 1e3,
+        "mb": 1e6,
+        "gb": 1e9,
+        "tb": 1e12,
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+    }
     t = text.strip().lower().replace(" ", "")
     num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = t[len(num):]
+    unit = t[len(num) :]
     if unit not in units or not num:
         raise ValueError(f"memory size {text!r}: use a number with a unit, e.g. 80GiB, 24GB or 512MiB")
     return float(num) * units[unit]
@@ -359,8 +421,33 @@ def check_fits(plan: MemoryPlan) -> str | None:
     if plan.fits is not False:
         return None
     fits = plan.largest_micro_batch()
-    fixes = [f"train.micro_batch_size={fits} with train.grad_accum raised to keep the batch" if fits else None,
-             "train.gradient_checkpointing=true", "adapter.type=qlora", "a shorter data.max_seq_len"]
-    return (f"memory plan: this run needs about {plan.total / GIB:.1f} GiB per device but {plan.device_bytes / GIB:.1f} "
-            f"GiB are available; it will probably run out of memory. Try: " + "; ".join(f for f in fixes if f)
-            + ". (tuneforge plan CONFIG shows the breakdown.)")
+    fixes = [
+        f"train.micro_batch_size={fits} with train.grad_accum raised to keep the batch" if fits else None,
+        "train.gradient_checkpointing=true",
+        "adapter.type=qlora",
+        "a shorter data.max_seq_len",
+    ]
+    return (
+        f"memory plan: this run needs about {plan.total / GIB:.1f} GiB per device but {plan.device_bytes / GIB:.1f} "
+        f"GiB are available; it will probably run out of memory. Try: "
+        + "; ".join(f for f in fixes if f)
+        + ". (tuneforge plan CONFIG shows the breakdown.)"
+    )
+
+
+def plan_for_run(
+    cfg: RunConfig, run_dir: Path | None, device: str, device_bytes: float | None, gpus: int = 1
+) -> MemoryPlan:
+    """The plan of a run (`tuneforge plan`, and `train` before loading the model), with the LM head sized by the
+    share of trained positions the prepared data reports (every position when it is not prepared yet)."""
+    fraction = 1.0
+    report = (run_dir / "data" / "data_report.json") if run_dir else None
+    if report is not None and report.exists() and not cfg.data.packing:
+        fraction = json.loads(report.read_text()).get("train", {}).get("trained_fraction", 1.0)
+    precision = None
+    if device == "cuda" and cfg.train.precision == "auto" and not torch.cuda.is_available():
+        precision = "bf16"  # planning for a GPU from a machine without one: assume a bf16-capable GPU
+    plan = plan_memory(cfg, device, precision, gpus=gpus, device_bytes=device_bytes, trained_fraction=fraction)
+    if fraction == 1.0:
+        plan.notes.append("LM head sized for every position trained (prepare the data first for the real fraction)")
+    return plan

@@ -31,8 +31,10 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     if not layers:
         layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     if not layers:
-        raise ParallelError(f"dist.strategy=fsdp2: no decoder layers found in {type(inner).__name__} (its "
-                            "_no_split_modules is empty); use dist.strategy=ddp or deepspeed for this model")
+        raise ParallelError(
+            f"dist.strategy=fsdp2: no decoder layers found in {type(inner).__name__} (its "
+            "_no_split_modules is empty); use dist.strategy=ddp or deepspeed for this model"
+        )
     return layers
 
 

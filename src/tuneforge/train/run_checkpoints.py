@@ -41,10 +41,20 @@ class RunCheckpoints:
         acc = self.acc
         try:
             path = save_checkpoint(
-                self.root, st.step, model=self.parallel.module(), optimizer=self.optimizer, scheduler=self.scheduler,
-                scaler=getattr(acc, "scaler", None), state=st, resume_key=resume_key, is_main=self.is_main,
-                rank=acc.process_index, barrier=acc.wait_for_everyone, shards=self.parallel.save_shards,
-                any_failed=self.any_failed)
+                self.root,
+                st.step,
+                model=self.parallel.module(),
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                scaler=getattr(acc, "scaler", None),
+                state=st,
+                resume_key=resume_key,
+                is_main=self.is_main,
+                rank=acc.process_index,
+                barrier=acc.wait_for_everyone,
+                shards=self.parallel.save_shards,
+                any_failed=self.any_failed,
+            )
         except TrainingStopped:
             raise
         except Exception as e:  # noqa: BLE001 - every writer's error; KeyboardInterrupt and SystemExit go through
@@ -93,13 +103,21 @@ class RunCheckpoints:
         checkpoint cannot follow changed (CheckpointError naming each setting otherwise)."""
         path, acc = Path(path), self.acc
         changes = check_resume_key(path, read_manifest(path).get("resume_key", {}), resume_key)
-        state = load_checkpoint(path, model=self.parallel.module(), optimizer=self.optimizer, scheduler=self.scheduler,
-                                scaler=getattr(acc, "scaler", None), rank=acc.process_index,
-                                shards=self.parallel.load_shards)
+        state = load_checkpoint(
+            path,
+            model=self.parallel.module(),
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=getattr(acc, "scaler", None),
+            rank=acc.process_index,
+            shards=self.parallel.load_shards,
+        )
         if self.is_main:
             self.monitor.truncate_after(state.step)
-        log(f"resuming from {path} (step {state.step} of {total_steps}, {state.tokens_total:,} tokens seen)"
-            + ("; changed since: " + "; ".join(changes) if changes else ""))
+        log(
+            f"resuming from {path} (step {state.step} of {total_steps}, {state.tokens_total:,} tokens seen)"
+            + ("; changed since: " + "; ".join(changes) if changes else "")
+        )
         return state
 
     def load_best(self, st: TrainState) -> None:

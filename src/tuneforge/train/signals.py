@@ -17,10 +17,15 @@ class TrainingStopped(TuneforgeError, RuntimeError):
 
     def __init__(self, signame: str, step: int, checkpoint: Path | None, previous: Path | None = None):
         self.signame, self.step, self.checkpoint = signame, step, checkpoint
-        where = (f"checkpoint {checkpoint} written" if checkpoint else "the checkpoint could not be written, "
-                 + (f"so a resume starts from the last good one, {previous}" if previous else "and none was before"))
-        super().__init__(f"stopped by {signame} after step {step}; {where}. "
-                         "Run the same `tuneforge train` command again to resume.")
+        where = (
+            f"checkpoint {checkpoint} written"
+            if checkpoint
+            else "the checkpoint could not be written, "
+            + (f"so a resume starts from the last good one, {previous}" if previous else "and none was before")
+        )
+        super().__init__(
+            f"stopped by {signame} after step {step}; {where}. Run the same `tuneforge train` command again to resume."
+        )
 
     @property
     def exit_code(self) -> int:
@@ -45,8 +50,9 @@ class StopSignals:
         if self.requested is not None and name == "SIGINT":
             raise KeyboardInterrupt  # second Ctrl-C: stop now
         self.requested = name
-        print(f"\n{name} received: finishing this step and writing a checkpoint (Ctrl-C again to abort now)",
-              flush=True)
+        print(
+            f"\n{name} received: finishing this step and writing a checkpoint (Ctrl-C again to abort now)", flush=True
+        )
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

@@ -21,10 +21,10 @@ import torch
 
 @dataclass(frozen=True)
 class FlopModel:
-    body_params: int       # matmul weights in the transformer blocks (no embeddings, no LM head)
-    trainable_body: int    # of which train (full: all; LoRA: ~0, the adapters are counted in adapter_params)
-    adapter_params: int    # LoRA/DoRA matrices (always trained)
-    head_params: int       # LM head weight (hidden x vocab)
+    body_params: int  # matmul weights in the transformer blocks (no embeddings, no LM head)
+    trainable_body: int  # of which train (full: all; LoRA: ~0, the adapters are counted in adapter_params)
+    adapter_params: int  # LoRA/DoRA matrices (always trained)
+    head_params: int  # LM head weight (hidden x vocab)
     head_trains: bool
     layers: int
     hidden: int
@@ -32,7 +32,10 @@ class FlopModel:
     def step_flops(self, tokens: int, trained_positions: int, attended: int, head_positions: int) -> float:
         """FLOPs of one forward+backward over `tokens` tokens; `attended` = sum over tokens of positions attended."""
         fwd_body = 2 * (self.body_params + self.adapter_params) * tokens
-        bwd_body = 2 * (self.body_params + self.adapter_params) * tokens + 2 * (self.trainable_body + self.adapter_params) * tokens
+        bwd_body = (
+            2 * (self.body_params + self.adapter_params) * tokens
+            + 2 * (self.trainable_body + self.adapter_params) * tokens
+        )
         attn = 4 * self.layers * self.hidden * attended
         head = 2 * self.head_params * head_positions * (3 if self.head_trains else 2)
         return float(fwd_body + bwd_body + 3 * attn + head)
@@ -67,15 +70,26 @@ def flop_model(model: torch.nn.Module) -> FlopModel:
 # ---------------------------------------------------------------------------- device peak
 # dense tensor-core peaks (TFLOP/s) for common GPUs in the training dtype; the user may set train.peak_tflops
 GPU_PEAK_TFLOPS = {
-    ("H100", "bf16"): 989.0, ("H100", "fp16"): 989.0, ("H200", "bf16"): 989.0, ("H200", "fp16"): 989.0,
-    ("A100", "bf16"): 312.0, ("A100", "fp16"): 312.0, ("L4", "bf16"): 121.0, ("L40S", "bf16"): 362.0,
-    ("A10", "bf16"): 125.0, ("V100", "fp16"): 125.0, ("T4", "fp16"): 65.0, ("RTX 4090", "bf16"): 165.0,
-    ("H100", "fp32"): 67.0, ("A100", "fp32"): 19.5,
+    ("H100", "bf16"): 989.0,
+    ("H100", "fp16"): 989.0,
+    ("H200", "bf16"): 989.0,
+    ("H200", "fp16"): 989.0,
+    ("A100", "bf16"): 312.0,
+    ("A100", "fp16"): 312.0,
+    ("L4", "bf16"): 121.0,
+    ("L40S", "bf16"): 362.0,
+    ("A10", "bf16"): 125.0,
+    ("V100", "fp16"): 125.0,
+    ("T4", "fp16"): 65.0,
+    ("RTX 4090", "bf16"): 165.0,
+    ("H100", "fp32"): 67.0,
+    ("A100", "fp32"): 19.5,
 }
 
 
-def measure_matmul_tflops(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int = 1024,
-                          seconds: float = 0.3) -> float:
+def measure_matmul_tflops(
+    device: str = "cpu", dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.3
+) -> float:
     """Measured dense matmul throughput of this device (TFLOP/s): the practical peak for MFU on CPUs."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -127,10 +141,15 @@ class MfuMeter:
             return achieved / self.peak, None
         note = None
         if not self._noted:
-            fix = ("set train.peak_tflops to the device's real peak" if self.source == "train.peak_tflops"
-                   else "the cores were probably busy while it was measured")
-            note = (f"MFU: a step reached {achieved:.3g} TFLOP/s per process, above the peak of {self.peak:.3g} "
-                    f"({self.source}); MFU is now measured against {achieved:.3g} ({fix})")
+            fix = (
+                "set train.peak_tflops to the device's real peak"
+                if self.source == "train.peak_tflops"
+                else "the cores were probably busy while it was measured"
+            )
+            note = (
+                f"MFU: a step reached {achieved:.3g} TFLOP/s per process, above the peak of {self.peak:.3g} "
+                f"({self.source}); MFU is now measured against {achieved:.3g} ({fix})"
+            )
             self._noted = True
         self.peak = achieved
         return 1.0, note

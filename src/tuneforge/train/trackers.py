@@ -40,8 +40,10 @@ def _require(name: str) -> None:
 
     module, pip_name = TRACKER_PACKAGES[name]
     if importlib.util.find_spec(module) is None:
-        raise TrackerError(f"log.report_to includes {name!r} but {module} is not installed; "
-                           f"pip install '{pip_name}' or remove {name} from log.report_to")
+        raise TrackerError(
+            f"log.report_to includes {name!r} but {module} is not installed; "
+            f"pip install '{pip_name}' or remove {name} from log.report_to"
+        )
 
 
 def _param_value(v) -> str | int | float | bool:
@@ -132,9 +134,15 @@ class WandbTracker:
         _require("wandb")
         import wandb
 
-        self.run = wandb.init(project=project, name=run_name, dir=str(run_dir), mode=mode, id=run_id,
-                              resume="allow" if run_id else None,
-                              settings=wandb.Settings(silent=True, console="off"))
+        self.run = wandb.init(
+            project=project,
+            name=run_name,
+            dir=str(run_dir),
+            mode=mode,
+            id=run_id,
+            resume="allow" if run_id else None,
+            settings=wandb.Settings(silent=True, console="off"),
+        )
         self.run_id = self.run.id
 
     def log_config(self, flat: dict) -> None:
@@ -189,7 +197,11 @@ def open_trackers(cfg: LogConfig, run_dir: str | Path, flat_config: dict, resume
             if name == "tensorboard":
                 trackers.append(TensorBoardTracker(run_dir / "tensorboard"))
             elif name == "mlflow":
-                uri = cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+                uri = (
+                    cfg.mlflow_tracking_uri
+                    or os.environ.get("MLFLOW_TRACKING_URI")
+                    or (run_dir / "mlruns").resolve().as_uri()
+                )
                 trackers.append(MlflowTracker(uri, cfg.project, run_name, ids.get("mlflow")))
             elif name == "wandb":
                 trackers.append(WandbTracker(run_dir, cfg.project, run_name, cfg.wandb_mode, ids.get("wandb")))

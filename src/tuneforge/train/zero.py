@@ -22,8 +22,9 @@ def import_deepspeed():
     try:
         import deepspeed
     except ImportError as e:
-        raise ParallelError(f"dist.strategy=deepspeed: deepspeed cannot be imported ({e}); "
-                            "pip install 'tuneforge[deepspeed]'") from None
+        raise ParallelError(
+            f"dist.strategy=deepspeed: deepspeed cannot be imported ({e}); pip install 'tuneforge[deepspeed]'"
+        ) from None
     if not torch.cuda.is_available():
         # on a CPU DeepSpeed JIT-compiles a shared-memory all-reduce (C++ compiler, a minute or more, per machine)
         # that only its inference path uses; training communicates through torch.distributed (gloo)
@@ -64,7 +65,8 @@ class DeepSpeed(Replicated):
         # engine steps the schedule at each accumulation boundary
         scheduler = make_scheduler(optimizer)
         engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False)
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
+        )
         self.model, self.optimizer, self.scheduler = engine, ds_optimizer, ds_scheduler or scheduler
         return self.model, self.optimizer, self.scheduler
 
@@ -89,8 +91,10 @@ class DeepSpeed(Replicated):
             # ZeRO has already reduced this step's gradients into its partitions; it cannot drop them
             from tuneforge.train.signals import BadStepsError
 
-            raise BadStepsError("non-finite loss under dist.strategy=deepspeed, which cannot skip a step's gradients "
-                                "without an fp16 loss scaler; resume from the last checkpoint with a lower train.lr")
+            raise BadStepsError(
+                "non-finite loss under dist.strategy=deepspeed, which cannot skip a step's gradients "
+                "without an fp16 loss scaler; resume from the last checkpoint with a lower train.lr"
+            )
         # the boundary step: DeepSpeed clips (gradient_clipping), steps the optimizer and the schedule, zeroes grads
         self.model.step()
         norm = self.model.get_global_grad_norm()
@@ -111,14 +115,19 @@ class DeepSpeed(Replicated):
         return f"deepspeed zero-{self.stage} x{self.world}"
 
     def save_shards(self, directory: Path) -> None:
-        self.model.save_checkpoint(str(directory), tag="zero", save_latest=False,
-                                   exclude_frozen_parameters=self.cfg.adapter.type != "full")
+        self.model.save_checkpoint(
+            str(directory), tag="zero", save_latest=False, exclude_frozen_parameters=self.cfg.adapter.type != "full"
+        )
 
     def load_shards(self, directory: Path, weights_only: bool = False) -> None:
         path, _ = self.model.load_checkpoint(
-            str(directory), tag="zero", load_module_strict=self.cfg.adapter.type == "full",
-            load_optimizer_states=not weights_only, load_lr_scheduler_states=not weights_only,
-            load_module_only=weights_only)
+            str(directory),
+            tag="zero",
+            load_module_strict=self.cfg.adapter.type == "full",
+            load_optimizer_states=not weights_only,
+            load_lr_scheduler_states=not weights_only,
+            load_module_only=weights_only,
+        )
         if path is None:
             raise ParallelError(f"{directory}: DeepSpeed found no checkpoint to load (tag 'zero')")
 

@@ -32,3 +32,27 @@ def test_plain_eta_counts_from_the_first_step_not_the_eval_before_it(tmp_path, m
     m.close()
     # 9 steps in 18 s after the first: 2 s a step, 90 steps left
     assert "step 10/100  loss 1.0000  0 tok/s  eta 180s" in capsys.readouterr().err
+
+
+def test_a_full_disk_under_metrics_jsonl_is_counted_and_said_once_not_fatal(tmp_path, capsys):
+    import errno
+
+    m = Monitor(tmp_path, total_steps=10, every=1, progress="none")
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    m._file = FullDisk()
+    m.step(1, {"loss": 2.5})
+    m.write({"type": "eval", "step": 1, "eval_loss": 2.0})
+    m.close()
+    assert m.lost_records == 2
+    err = capsys.readouterr().err
+    assert err.count("could not be written ([Errno 28] No space left on device); training continues") == 1

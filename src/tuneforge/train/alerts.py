@@ -65,6 +65,11 @@ def end_of_run_warnings(summary: dict, run_dir: Path) -> list[str]:
             f'warning: {n} checkpoint save{"s" if n != 1 else ""} failed ("checkpoint_failed" in '
             f"{run_dir / 'metrics.jsonl'}); the last good checkpoint is {last or 'none'}"
         )
+    if n := summary.get("lost_metric_records"):
+        lines.append(
+            f"warning: {n} record{'s' if n != 1 else ''} could not be written to {run_dir / 'metrics.jsonl'} "
+            "(disk full?): the loss curve and the report miss them"
+        )
     if n := summary.get("bad_steps"):
         lines.append(
             f"warning: {n} step{'s' if n != 1 else ''} skipped: a non-finite loss or gradient, no weight "

@@ -374,6 +374,7 @@ class Trainer:
             "last_loss": st.last_loss,
             "bad_steps": st.bad_steps,
             "failed_checkpoint_saves": st.failed_saves,
+            "lost_metric_records": self.monitor.lost_records,
             "last_checkpoint": latest and str(latest),
             "skipped_rows": (self.data.report.get("invalid") or {}).get("skipped", 0),
             "stopped_early": st.stopped_early,

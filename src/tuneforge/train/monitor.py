@@ -38,6 +38,7 @@ class Monitor:
         mode = resolve_progress(progress)
         self.mode = mode if enabled else "none"
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None
+        self.lost_records = 0  # metrics.jsonl lines a full disk refused
         self._bar = None
         if self.mode == "bar":
             from rich.progress import (
@@ -83,8 +84,18 @@ class Monitor:
         if self._file is None:
             return
         line = json.dumps({**record, "time_s": round(time.perf_counter() - self.start, 3)})
-        self._file.write(line + "\n")
-        self._file.flush()
+        try:
+            self._file.write(line + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: the run goes on (its checkpoints report their own failures)
+            self.lost_records += 1
+            if self.lost_records == 1:
+                print(
+                    f"warning: {self.path} could not be written ({e}); training continues, and the records that "
+                    "cannot be written are counted in the end-of-run summary",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if self.mode == "json":
             print(line, file=sys.stderr, flush=True)
         tracked = record_metrics(record) if self.trackers else None

@@ -123,3 +123,54 @@ _POSTPROCESSED: weakref.WeakSet = weakref.WeakSet()  # and those it changes (sof
 def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of a padded batch (attention_mask) or a packed one (position_ids restarting per sample)."""
     return _run(model, batch).logits
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of the trained tokens' log-probabilities, and how many tokens each sum holds.
+
+    logp_sum[s] = sum over positions t of sequence s with labels[t] != -100 of log softmax(z_{t-1})[labels[t]],
+    where z_{t-1} is the LM head's output at the position before (its own head, so soft-capping or logit scaling
+    still applies); n_tokens[s] counts those t. Sequences, in order: the rows of a padded batch (attention_mask),
+    or, in a batch whose samples position_ids delimit (padding-free: all laid end to end in one row; or packed
+    rows), every place where position_ids restarts at 0, row by row (a packed row's padding tail is a sequence
+    of its own, with no trained tokens). The LM head runs only at trained positions (as `trained_nll_sum`:
+    no full-vocabulary logits for prompt or padding positions); differentiable, in fp32 or better."""
+    labels = batch["labels"]
+    targets_mask = labels[:, 1:] != IGNORE_INDEX
+    select = torch.zeros_like(labels, dtype=torch.bool)
+    select[:, :-1] = targets_mask
+    device = batch["input_ids"].device
+    select = select.to(device)
+    if "position_ids" in batch:
+        starts = batch["position_ids"] == 0
+        starts[:, 0] = True  # each row starts a sequence, whatever its first position
+        sequence_of = starts.flatten().cumsum(0).view(starts.shape) - 1  # row-major: sequence index per token
+        n_seq = int(starts.sum())
+    else:
+        sequence_of = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+        n_seq = labels.shape[0]
+    owner = sequence_of[:, 1:][targets_mask].to(device)  # the sequence of each trained token (the label's own)
+    kept: list[torch.Tensor] = []
+
+    def keep_trained(module, args):
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[:2] != select.shape:
+            raise RuntimeError(
+                f"LM head got hidden states of shape {tuple(hidden.shape)}, expected {tuple(select.shape)} + (hidden,)"
+            )
+        kept.append(hidden[select])
+        return (kept[0], *args[1:])
+
+    handle = output_layer(model).register_forward_pre_hook(keep_trained)
+    try:
+        logits = _run(model, batch).logits  # (trained positions, vocab)
+    finally:
+        handle.remove()
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    targets = labels[:, 1:][targets_mask].to(logits.device)
+    token_logps = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    owner = owner.to(logits.device)
+    logp_sum = token_logps.new_zeros(n_seq).index_add(0, owner, token_logps)
+    n_tokens = torch.zeros(n_seq, dtype=torch.long, device=logits.device).index_add(0, owner, torch.ones_like(owner))
+    return logp_sum, n_tokens

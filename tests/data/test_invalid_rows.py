@@ -282,7 +282,7 @@ def test_csv_errors_name_the_file_and_values_stay_text(tmp_path):
         load(wrong)
     assert str(e.value) == (
         f"{wrong}: cannot tell the data format from its columns ['answer', 'question']; set "
-        "`format:` (alpaca, messages, sharegpt, completion) and map your columns with `columns:`, "
+        "`format:` (alpaca, messages, sharegpt, completion, preference, kto) and map your columns with `columns:`, "
         "e.g. columns: {instruction: question, output: answer}"
     )
     extra = tmp_path / "extra.csv"

@@ -10,6 +10,7 @@ Formats and their fields (after `columns` renaming):
 - messages:   messages: a non-empty list of {role, content}; content a string or a list of text parts
 - sharegpt:   conversations: a non-empty list of {from, value} (strings); system (string or null)
 - completion: text (string)
+- preference, kto: see preference.py
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ SHAREGPT_ROLES = {
     "function": "tool",
 }
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
-FORMATS = ("messages", "sharegpt", "alpaca", "completion")  # a row with the fields of several votes for the first
+# a row with the fields of several votes for the first (a pair's `conversations`, a KTO row's `messages`)
+FORMATS = ("preference", "kto", "messages", "sharegpt", "alpaca", "completion")
 MARKERS = {
+    "preference": ("chosen", "rejected"),
+    "kto": ("messages", "label"),
     "messages": ("messages",),
     "sharegpt": ("conversations",),
     "alpaca": ("instruction", "output"),

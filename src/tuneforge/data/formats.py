@@ -1,10 +1,13 @@
-"""Read data files and bring every row to one shape: `messages` (a chat) or `text` (raw completion).
+"""Read data files and bring every row to one shape: `messages` (a chat) or `text` (raw completion); preference
+and KTO rows also hold their completions (`chosen`, `rejected` / `completion`, `label`).
 
 Supported layouts (after `columns` renaming):
 - alpaca:     {instruction, input?, output, system?}
 - messages:   {messages: [{role, content}, ...]}              (OpenAI style)
 - sharegpt:   {conversations: [{from, value}, ...], system?}
 - completion: {text}
+- preference: {prompt, chosen, rejected} / {conversations, chosen, rejected} / {chosen, rejected} transcripts
+- kto:        {messages, label}                                 (see preference.py)
 
 Every normalised row has both columns: `messages` (empty for completion rows) and `text`
 (empty for chat rows), so sources of different layouts can be concatenated, and `source_row`, its position
@@ -25,6 +28,7 @@ import datasets
 
 from tuneforge.config.schema import DatasetSource
 from tuneforge.data import invalid as invalid_rows
+from tuneforge.data import preference
 from tuneforge.data.fields import (
     CHAT_ROLES,
     DETECT_ROWS,
@@ -35,7 +39,7 @@ from tuneforge.data.fields import (
     to_canonical,
     vote,
 )
-from tuneforge.data.locate import RowLocator
+from tuneforge.data.locate import RowLocator, data_suffix, open_bytes, read_text
 from tuneforge.errors import TuneforgeError
 
 __all__ = [
@@ -61,6 +65,15 @@ CANONICAL_FEATURES = datasets.Features(
 )
 
 
+FORMAT_NAMES = "alpaca, messages, sharegpt, completion, preference, kto"
+
+
+def canonical_features(fmt: str) -> datasets.Features:
+    """The normalised columns of a format's rows (preference and KTO rows add their completions)."""
+    extra = preference.FEATURES.get(preference.format_kind(fmt), {})
+    return datasets.Features({**CANONICAL_FEATURES, **extra}) if extra else CANONICAL_FEATURES
+
+
 class DataFormatError(TuneforgeError, ValueError):
     """A data file or row that tuneforge cannot use; the message names the file, line and fix."""
 
@@ -73,7 +86,7 @@ def column(ds: datasets.Dataset, name: str) -> list:
 def _scan_json_lines(path: Path) -> tuple[list[dict], list[str], list[int]]:
     """Parse a JSONL file line by line: (rows, problems where each names its line, the rows' lines)."""
     rows, problems, lines = [], [], []
-    with open(path, "rb") as fh:
+    with open_bytes(path) as fh:
         for n, raw in enumerate(fh, 1):
             if not raw.strip():
                 continue
@@ -97,7 +110,7 @@ def _utf8_problem(path: Path) -> str | None:
     """The first place a text file is not valid UTF-8, as 'file:line: ...', or None."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = lines = 0
-    with open(path, "rb") as fh:
+    with open_bytes(path) as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             try:
                 decoder.decode(chunk)
@@ -114,13 +127,13 @@ def _utf8_problem(path: Path) -> str | None:
 
 def _diagnose(path: Path, error: Exception) -> str:
     """Say where a file that datasets could not parse goes wrong."""
-    if path.suffix == ".jsonl" or path.suffix == ".json":
+    if data_suffix(path) in (".jsonl", ".json"):
         try:
-            text = path.read_bytes().decode("utf-8")
+            text = read_text(path)
         except UnicodeDecodeError as e:
-            line = path.read_bytes()[: e.start].count(b"\n") + 1
+            line = e.object[: e.start].count(b"\n") + 1
             return f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); re-save the file as UTF-8"
-        if path.suffix == ".json" and text.lstrip().startswith("["):
+        if data_suffix(path) == ".json" and text.lstrip().startswith("["):
             try:
                 json.loads(text)
             except json.JSONDecodeError as e:
@@ -172,7 +185,7 @@ def csv_features(files: list[Path]) -> datasets.Features:
 
 
 def _head(path: Path, n: int = 4096) -> bytes:
-    with open(path, "rb") as fh:
+    with open_bytes(path) as fh:
         return fh.read(n)
 
 
@@ -183,7 +196,7 @@ def _read_files(files: list[Path], builder: str, skip_invalid: bool) -> tuple[da
     empty = [f for f in files if not _head(f).strip()]
     if empty:
         raise DataFormatError(f"{empty[0]}: the file is empty; remove it from data.train or fill it")
-    lenient = skip_invalid and all(f.suffix == ".jsonl" for f in files)
+    lenient = skip_invalid and all(data_suffix(f) == ".jsonl" for f in files)
     problem = next((m for m in (_utf8_problem(f) for f in files if f.suffix != ".parquet") if m), None)
     if problem and not lenient:
         raise DataFormatError(problem)
@@ -210,7 +223,7 @@ def _read_files(files: list[Path], builder: str, skip_invalid: bool) -> tuple[da
 
 def _scan_json(path: Path) -> tuple[list[dict], list[str], list[int]]:
     """`_scan_json_lines`, or the elements of a file holding one JSON array."""
-    text = path.read_text(encoding="utf-8") if path.suffix == ".json" else ""
+    text = read_text(path) if data_suffix(path) == ".json" else ""
     if not text.lstrip().startswith("["):
         return _scan_json_lines(path)
     from tuneforge.data.locate import _json_array_lines
@@ -267,14 +280,14 @@ def read_source_located(
                 raise DataFormatError(f"{path}: no split {src.split!r}; it has {sorted(ds)} (set `split:`)")
             ds = ds[src.split]
     else:
-        files = sorted(p for p in path.rglob("*") if p.suffix in FILE_BUILDERS) if path.is_dir() else [path]
+        files = sorted(p for p in path.rglob("*") if data_suffix(p) in FILE_BUILDERS) if path.is_dir() else [path]
         if not files:
             raise DataFormatError(f"{path}: no .json/.jsonl/.csv/.parquet files in this directory")
-        kinds = {FILE_BUILDERS.get(p.suffix) for p in files}
+        kinds = {FILE_BUILDERS.get(data_suffix(p)) for p in files}
         if None in kinds or len(kinds) != 1:
             raise DataFormatError(
                 f"{path}: unsupported or mixed file types {sorted(p.suffix for p in files)}; "
-                "use .json, .jsonl, .csv or .parquet (one kind per source)"
+                "use .json, .jsonl (or .jsonl.gz), .csv or .parquet (one kind per source)"
             )
         ds, skipped, where = _read_files(files, kinds.pop(), skip_invalid)
         locator = RowLocator(str(path), files, where)
@@ -286,10 +299,10 @@ def read_source_located(
 def _locator_of(name: str) -> RowLocator:
     """Where the rows of the source called `name` are, when it was read without asking (`read_source`)."""
     path = Path(name)
-    if path.is_file() and path.suffix in FILE_BUILDERS:
+    if path.is_file() and data_suffix(path) in FILE_BUILDERS:
         return RowLocator(name, [path])
     if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
-        return RowLocator(name, sorted(p for p in path.rglob("*") if p.suffix in FILE_BUILDERS))
+        return RowLocator(name, sorted(p for p in path.rglob("*") if data_suffix(p) in FILE_BUILDERS))
     return RowLocator(name)
 
 
@@ -300,7 +313,7 @@ def detect_format(columns: list[str], name: str = "data") -> str:
         return candidates[0]
     raise DataFormatError(
         f"{name}: cannot tell the data format from its columns {sorted(columns)}; set `format:` "
-        "(alpaca, messages, sharegpt, completion) and map your columns with `columns:`, e.g. "
+        f"({FORMAT_NAMES}) and map your columns with `columns:`, e.g. "
         "columns: {instruction: question, output: answer}"
     )
 
@@ -318,7 +331,7 @@ def detect_rows(ds: datasets.Dataset, name: str) -> tuple[str, str]:
     if fmt is None:
         raise DataFormatError(
             f"{name}: none of its first {n} rows has the fields of a known format (it has columns "
-            f"{sorted(ds.column_names)}); set `format:` (alpaca, messages, sharegpt, completion) and "
+            f"{sorted(ds.column_names)}); set `format:` ({FORMAT_NAMES}) and "
             "map your columns with `columns:`"
         )
     return fmt, f" (auto-detected from {votes[fmt]} of its first {n} rows)"
@@ -354,6 +367,8 @@ def normalize(
         "messages": ["messages"],
         "sharegpt": ["conversations"],
         "completion": ["text"],
+        "preference": ["chosen", "rejected"],
+        "kto": ["messages", "label"],
     }[fmt]
     absent = [c for c in required if c not in ds.column_names]
     if absent:
@@ -362,18 +377,22 @@ def normalize(
             f"Map yours with `columns: {{{absent[0]}: your_column}}`"
         )
     names = dict(src.columns)
+    features = canonical_features(fmt)
+    fields = [k for k in features if k not in ("score", "source_row", "_invalid")]
+    canonical = preference.to_canonical if preference.format_kind(fmt) != "sft" else to_canonical
+    blank = {"messages": [], "text": "", "chosen": "", "rejected": "", "completion": "", "label": False}
 
     def convert(batch: dict, idx: list[int]) -> dict:
-        out: dict[str, list] = {"messages": [], "text": [], "score": [], "source_row": idx, "_invalid": []}
+        out: dict[str, list] = {**{k: [] for k in fields}, "score": [], "source_row": idx, "_invalid": []}
         keys = list(batch)
         for j in range(len(idx)):
             row = {k: batch[k][j] for k in keys}
             try:
-                c, reason = to_canonical(row, fmt, names, why), ""
+                c, reason = canonical(row, fmt, names, why), ""
             except RowError as e:
-                c, reason = {"messages": [], "text": ""}, json.dumps([e.reason, str(e)])
-            out["messages"].append(c["messages"])
-            out["text"].append(c["text"])
+                c, reason = blank, json.dumps([e.reason, str(e)])
+            for k in fields:
+                out[k].append(c[k])
             out["_invalid"].append(reason)
             value = row.get(score_column) if score_column else None
             try:
@@ -387,7 +406,7 @@ def normalize(
         batched=True,
         with_indices=True,
         remove_columns=ds.column_names,
-        features=CANONICAL_FEATURES,
+        features=features,
         num_proc=num_proc if len(ds) > 1000 and num_proc > 1 else None,
         desc=f"format {fmt}",
         new_fingerprint=uuid.uuid4().hex,  # tuneforge caches the stage itself; skip hashing the closure

@@ -8,8 +8,27 @@ record starts, after the header). Parquet files and saved datasets have no lines
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from pathlib import Path
+
+JSON_GZ = (".jsonl.gz", ".json.gz")  # gzip-compressed JSON is read as its inner suffix says
+
+
+def data_suffix(path: Path) -> str:
+    """A data file's suffix, '.jsonl' for 'x.jsonl.gz' and '.json' for 'x.json.gz'."""
+    name = path.name.lower()
+    return next((s[:-3] for s in JSON_GZ if name.endswith(s)), path.suffix)
+
+
+def open_bytes(path: Path):
+    """The file's bytes, decompressed when it is a .jsonl.gz / .json.gz."""
+    return gzip.open(path, "rb") if path.name.lower().endswith(JSON_GZ) else open(path, "rb")
+
+
+def read_text(path: Path, errors: str = "strict") -> str:
+    with open_bytes(path) as fh:
+        return fh.read().decode("utf-8", errors)
 
 
 def _json_array_lines(text: str) -> list[int] | None:
@@ -34,7 +53,7 @@ def _json_array_lines(text: str) -> list[int] | None:
 
 def row_lines(path: Path) -> list[int] | None:
     """The 1-based line each row of a data file starts on, as `datasets` reads the rows; None: no lines (parquet)."""
-    suffix = path.suffix
+    suffix = data_suffix(path)
     if suffix == ".parquet":
         return None
     if suffix == ".csv":
@@ -50,11 +69,11 @@ def row_lines(path: Path) -> list[int] | None:
         with open(path, "rb") as fh:
             return list(range(1, sum(1 for _ in fh) + 1))
     if suffix == ".json":
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = read_text(path, errors="replace")
         lines = _json_array_lines(text)
         if lines is not None:
             return lines
-    with open(path, "rb") as fh:
+    with open_bytes(path) as fh:
         return [n for n, raw in enumerate(fh, 1) if raw.strip()]
 
 

@@ -3,8 +3,11 @@
 
 Writes `<run>/data/`:
   train/, eval/        `datasets` on disk (load_from_disk): input_ids, labels, messages, text, num_tokens, num_trained
+                       (preference data: prompt_ids, chosen_ids, rejected_ids; KTO: prompt_ids, completion_ids,
+                       label; see pair_encode.py)
   tokenizer/           the tokenizer used (with its chat template); later stages load it from here
-  data_report.json     rows read, dropped per reason, duplicates, contamination, lengths, packing
+  data_report.json     the kind of data ("kind": sft | preference | kto, read with `prepared_kind`), rows read,
+                       dropped per reason, duplicates, contamination, lengths, packing
   lengths.png          histogram of tokenized sample lengths
   fingerprint          hash of every input; an identical fingerprint means the cache is reused
 """
@@ -34,6 +37,8 @@ from tuneforge.data.formats import column
 from tuneforge.data.histogram import start_length_histogram
 from tuneforge.data.masks import end_of_turn_ids
 from tuneforge.data.packing import pack_dataset
+from tuneforge.data.pair_encode import tokenize_pairs
+from tuneforge.data.preference import filter_view, prepared_kind, rows_kept, run_kind
 from tuneforge.data.quality import apply_quality_filters, failed_rules
 from tuneforge.data.sources import read_normalized, row_locator, template_invalid, where_from
 from tuneforge.data.templates import resolve_template
@@ -154,7 +159,15 @@ def _load_all(cfg: RunConfig, log, clock: StageClock) -> tuple[datasets.Dataset,
         for k, src in enumerate(d.train):
             parts.append(read(src, k))
         train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    report: dict = {"sources": sources, "invalid": invalid, "rows_read": len(train), "_locators": locators}
+    kind = run_kind(sources, d.packing)
+    report: dict = {
+        "kind": kind,
+        "sources": sources,
+        "invalid": invalid,
+        "rows_read": len(train),
+        "_locators": locators,
+    }
+    rows, train = train, filter_view(train, kind)  # pairs are judged on prompt + chosen (KTO: + completion)
     with clock("quality"):
         reasons = features = None
         if d.num_proc > 1 and (d.dedup.exact or d.dedup.near) and len(train) >= d.num_proc * 1000:
@@ -169,15 +182,23 @@ def _load_all(cfg: RunConfig, log, clock: StageClock) -> tuple[datasets.Dataset,
     with clock("dedup"):
         kept = [i for i, r in enumerate(reasons) if not r] if features is not None else None
         train, report["dedup"] = deduplicate(train, d.dedup, d.num_proc, features, kept)
+    train = rows_kept(rows, train)
     eval_ = None
     with clock("read"):
         if d.eval is not None:
             eval_ = read(d.eval, -1)
+            run_kind(sources)  # the eval source is of the same kind
         elif d.eval_fraction > 0 and len(train) > 1:
             split = train.train_test_split(test_size=d.eval_fraction, seed=d.seed)
             train, eval_ = split["train"], split["test"]
     with clock("decontaminate"):
-        train, report["decontamination"] = decontaminate(train, eval_, d.decontaminate)
+        # pairs are compared on the prompt and both completions
+        view, report["decontamination"] = decontaminate(
+            filter_view(train, kind, both=True),
+            filter_view(eval_, kind, both=True) if eval_ is not None else None,
+            d.decontaminate,
+        )
+        train = rows_kept(train, view)
     train, report["mixing"] = mix_sources(train, [s.samples for s in d.train], d.seed)
     for k, n in enumerate(report["mixing"]):
         sources[k]["rows_trained"] = n
@@ -213,8 +234,9 @@ def mix_sources(ds: datasets.Dataset, samples: list[int | None], seed: int) -> t
 
 
 def _corpus(ds: datasets.Dataset):
+    replies = [c for c in ("chosen", "rejected", "completion") if c in ds.column_names]
     for row in ds:
-        yield row["text"] or "\n".join(m["content"] for m in row["messages"])
+        yield row["text"] or "\n".join([*(m["content"] for m in row["messages"]), *(row[c] for c in replies)])
 
 
 def _template(tok, cfg: RunConfig) -> tuple[str, str]:
@@ -297,15 +319,25 @@ def _build(cfg: RunConfig, out: Path, fp: str, parts: dict[str, str], log) -> No
             tok = build_tokenizer(cfg.model, _corpus(train))
             gc.freeze()  # the tokenizer and what the filters left behind join the skipped objects
             template, template_name = _template(tok, cfg)
-            train_tok, train_rep = tokenize_split(
-                train, tok, template, cfg.data, "train", source_columns=not cfg.data.packing, locate=where
-            )
-            eval_tok, eval_rep = (
-                tokenize_split(eval_, tok, template, cfg.data, "eval", locate=where)
-                if eval_ is not None
-                else (None, None)
-            )
-            lengths = column(train_tok, "num_tokens")
+            if prepared_kind(report) != "sft":
+                train_tok, train_rep, lengths = tokenize_pairs(
+                    train, tok, template, cfg.data, report["kind"], "train", locate=where
+                )
+                eval_tok, eval_rep, _ = (
+                    tokenize_pairs(eval_, tok, template, cfg.data, report["kind"], "eval", locate=where)
+                    if eval_ is not None
+                    else (None, None, None)
+                )
+            else:
+                train_tok, train_rep = tokenize_split(
+                    train, tok, template, cfg.data, "train", source_columns=not cfg.data.packing, locate=where
+                )
+                eval_tok, eval_rep = (
+                    tokenize_split(eval_, tok, template, cfg.data, "eval", locate=where)
+                    if eval_ is not None
+                    else (None, None)
+                )
+                lengths = column(train_tok, "num_tokens")
     template_invalid(report, [train_rep, eval_rep], cfg.data)
     if len(lengths) == 0:
         raise ValueError(
@@ -327,6 +359,7 @@ def _build(cfg: RunConfig, out: Path, fp: str, parts: dict[str, str], log) -> No
             eval_tok.save_to_disk(str(tmp / "eval"))
         tok.save_pretrained(str(tmp / "tokenizer"))
     report = {
+        "kind": "sft",
         "fingerprint": fp,
         "chat_template": template_name,
         "train_on": cfg.data.train_on,
@@ -376,8 +409,10 @@ def load_prepared(run_dir: str | Path, reused: bool = True) -> PreparedData:
 
 
 def summary(report: dict) -> str:
+    kind = prepared_kind(report)
     lines = [
-        f"data: template={report['chat_template']} train_on={report['train_on']} max_seq_len={report['max_seq_len']}"
+        f"data: {kind} data, template={report['chat_template']} train_on={report['train_on']} "
+        f"max_seq_len={report['max_seq_len']}"
     ]
     if "rows_read" in report:
         inv, q, dd, dc = report["invalid"], report["quality"], report["dedup"], report["decontamination"]
@@ -400,6 +435,9 @@ def summary(report: dict) -> str:
         r = report.get(split)
         if r:
             ln = r["length"]
+            if kind != "sft":
+                lines.append(_pairs_line(split, r, kind))
+                continue
             lines.append(
                 f"  {split}: {r['rows']} rows ({r['rows_in']} in), {r['tokens']} tokens, {r['trained_tokens']} trained "
                 f"({100 * r['trained_fraction']:.0f}%), {r['truncated_rows']} truncated, "
@@ -417,3 +455,20 @@ def summary(report: dict) -> str:
     if report.get("seconds"):
         lines.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
     return "\n".join(lines)
+
+
+def _pairs_line(split: str, r: dict, kind: str) -> str:
+    """The summary line of a split of preference pairs or KTO rows."""
+    ln = r["length"]
+    what = (
+        f"{r['pairs']} pairs ({r['rows_in']} in), {r['chosen_tokens']} chosen + {r['rejected_tokens']} rejected tokens"
+        if kind == "preference"
+        else f"{r['rows']} rows ({r['rows_in']} in; {r['desirable']} desirable, {r['undesirable']} undesirable), "
+        f"{r['trained_tokens']} completion tokens"
+    )
+    return (
+        f"  {split}: {what}, {r['prompt_tokens']} prompt tokens (once per row), {r['tokens']} tokens in all; "
+        f"{r['truncated_rows']} truncated, {r['dropped_overlong_rows']} dropped as too long, "
+        f"{r['dropped_short_or_untrained_rows']} dropped as too short; longest sequence per row "
+        f"min/median/p95/max {ln['min']}/{ln['median']}/{ln['p95']}/{ln['max']}"
+    )

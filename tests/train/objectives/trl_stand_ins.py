@@ -136,7 +136,7 @@ def trl_kto(
         "KL_input_ids": kl_ids,
         "KL_attention_mask": mask,
         "KL_completion_mask": mask,
-        "label": labels,
+        "label": torch.as_tensor(labels, dtype=torch.bool),
         "ref_logps": ref_logps,
         "ref_KL_logps": ref_kl_logps,
     }

@@ -64,9 +64,12 @@ def trl_dpo(
     loss_type: str,
     beta: float,
     label_smoothing: float = 0.0,
+    model=None,
+    inputs: dict | None = None,
 ):
     """DPOTrainer._compute_loss on rows [chosen..., rejected...]: per_token_logps (2B, L-1), already zero outside
-    the completion; completion_mask (2B, L). Returns (loss, TRL's logged metrics)."""
+    the completion; completion_mask (2B, L). Or, with `model` (one with TRL's fused LM head) and its `inputs`
+    (input_ids, attention_mask, completion_mask), TRL's whole policy pass. Returns (loss, TRL's logged metrics)."""
     self = _stand_in(
         ld_alpha=None,
         precompute_ref_logps=True,
@@ -78,14 +81,16 @@ def trl_dpo(
         use_weighting=False,
         args=SimpleNamespace(),
     )
-    inputs = {
-        "input_ids": torch.zeros_like(completion_mask),
-        "attention_mask": torch.ones_like(completion_mask),
-        "completion_mask": completion_mask,
-        "ref_chosen_logps": ref_chosen_logps,
-        "ref_rejected_logps": ref_rejected_logps,
-    }
-    loss = DPOTrainer._compute_loss(self, lambda **kw: _fused_output(per_token_logps), inputs, return_outputs=False)
+    if inputs is None:
+        inputs = {
+            "input_ids": torch.zeros_like(completion_mask),
+            "attention_mask": torch.ones_like(completion_mask),
+            "completion_mask": completion_mask,
+        }
+    inputs = {**inputs, "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+    if model is None:
+        model = lambda **kw: _fused_output(per_token_logps)  # noqa: E731
+    loss = DPOTrainer._compute_loss(self, model, inputs, return_outputs=False)
     return loss, {k: v[-1] for k, v in self._metrics["train"].items()}
 
 

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tuneforge.data.collate import FlatCollator, PaddedCollator
 from tuneforge.model.attention import use_packed_sdpa
-from tuneforge.model.lm_loss import output_layer, sequence_logps
+from tuneforge.model.lm_loss import linear_token_logps, output_layer, sequence_logps
 
 
 def tiny_llama(lora=False):
@@ -60,9 +61,10 @@ def grads(model, loss):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["unfused", "chunked"])
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("per_sample_sdpa", [False, True])
-def test_sequence_logps_equal_full_logits_gather_padded_and_padding_free(lora, per_sample_sdpa):
+def test_sequence_logps_equal_full_logits_gather_padded_and_padding_free(lora, per_sample_sdpa, chunked):
     model = tiny_llama(lora)
     if per_sample_sdpa:
         assert use_packed_sdpa(model)
@@ -73,7 +75,7 @@ def test_sequence_logps_equal_full_logits_gather_padded_and_padding_free(lora, p
     padded, flat = PaddedCollator(0)(rows), FlatCollator(0)(rows)
     assert flat["input_ids"].shape[0] == 1
     for batch in (padded, flat):
-        logp_sum, n_tokens = sequence_logps(model, batch)
+        logp_sum, n_tokens = sequence_logps(model, batch, chunked=chunked)
         assert logp_sum.dtype == torch.float64 and logp_sum.shape == (len(rows),)
         torch.testing.assert_close(n_tokens, ref_n, rtol=0, atol=0)
         torch.testing.assert_close(logp_sum, ref_sum, rtol=1e-10, atol=1e-10)
@@ -89,9 +91,32 @@ def test_lm_head_sees_only_trained_positions():
     seen = []
     handle = output_layer(model).register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
     _, n_tokens = sequence_logps(model, FlatCollator(0)(rows))
+    sequence_logps(model, FlatCollator(0)(rows), chunked=True)
+    sequence_logps(model, FlatCollator(0)(rows), chunked=True)
     handle.remove()
-    assert seen == [(int(n_tokens.sum()), 64)]
+    # unfused: trained positions only; chunked: one row to check the head on the first call, then none at all
+    assert seen == [(int(n_tokens.sum()), 64), (1, 64), (0, 64)]
     assert int(n_tokens.sum()) < sum(len(r["input_ids"]) for r in rows)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_linear_token_logps_in_chunks_equal_log_softmax_gather(bias, frozen_head):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(13, 8, dtype=torch.float64, generator=g).requires_grad_(not frozen_head)
+    b = torch.randn(13, dtype=torch.float64, generator=g).requires_grad_(not frozen_head) if bias else None
+    targets = torch.randint(0, 13, (11,), generator=g)
+    targets[0] = int(F.linear(hidden[:1], weight, b).argmin())  # an unlikely target too
+    upstream = torch.randn(11, dtype=torch.float64, generator=g)  # a different gradient for every row
+    leaves = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
+    ref = F.linear(hidden, weight, b).log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), leaves)
+    for rows in (3, 4, 11, 128):
+        ours = linear_token_logps(hidden, weight, b, targets, rows=rows)
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+        for got, want in zip(torch.autograd.grad((ours * upstream).sum(), leaves), ref_grads):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_known_value_uniform_model():

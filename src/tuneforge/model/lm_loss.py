@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from tuneforge.data.templates import IGNORE_INDEX
 from tuneforge.model.attention import rows_by_position
-from tuneforge.model.linear_cross_entropy import linear_cross_entropy_sum
+from tuneforge.model.linear_cross_entropy import chunk_rows, linear_cross_entropy_sum
 
 
 def trained_tokens(labels: torch.Tensor) -> int:
@@ -125,7 +125,7 @@ def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return _run(model, batch).logits
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, batch: dict[str, torch.Tensor], chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sums of the trained tokens' log-probabilities, and how many tokens each sum holds.
 
     logp_sum[s] = sum over positions t of sequence s with labels[t] != -100 of log softmax(z_{t-1})[labels[t]],
@@ -134,7 +134,10 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     or, in a batch whose samples position_ids delimit (padding-free: all laid end to end in one row; or packed
     rows), every place where position_ids restarts at 0, row by row (a packed row's padding tail is a sequence
     of its own, with no trained tokens). The LM head runs only at trained positions (as `trained_nll_sum`:
-    no full-vocabulary logits for prompt or padding positions); differentiable, in fp32 or better."""
+    no full-vocabulary logits for prompt or padding positions); differentiable, in fp32 or better.
+    chunked: the LM head and the log-softmax together in row chunks (`linear_token_logps`), never holding the
+    (trained positions x vocab) logits; as for `trained_nll_sum`, only for a plain linear head whose output the model
+    returns unchanged (checked on one row on the first call), whole on this rank."""
     labels = batch["labels"]
     targets_mask = labels[:, 1:] != IGNORE_INDEX
     select = torch.zeros_like(labels, dtype=torch.bool)
@@ -150,6 +153,9 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         sequence_of = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
         n_seq = labels.shape[0]
     owner = sequence_of[:, 1:][targets_mask].to(device)  # the sequence of each trained token (the label's own)
+    head = output_layer(model)
+    chunked = chunked and type(head) is torch.nn.Linear and head not in _POSTPROCESSED
+    check = chunked and head not in _PLAIN  # first call: one row through the model's head, to compare with ours
     kept: list[torch.Tensor] = []
 
     def keep_trained(module, args):
@@ -159,18 +165,105 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
                 f"LM head got hidden states of shape {tuple(hidden.shape)}, expected {tuple(select.shape)} + (hidden,)"
             )
         kept.append(hidden[select])
-        return (kept[0], *args[1:])
+        return (kept[0][: int(check)] if chunked else kept[0], *args[1:])
 
-    handle = output_layer(model).register_forward_pre_hook(keep_trained)
+    handle = head.register_forward_pre_hook(keep_trained)
     try:
-        logits = _run(model, batch).logits  # (trained positions, vocab)
+        logits = _run(model, batch).logits  # (trained positions, vocab), or (<=1, vocab) when chunked
     finally:
         handle.remove()
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
     targets = labels[:, 1:][targets_mask].to(logits.device)
-    token_logps = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
-    owner = owner.to(logits.device)
+    if chunked:
+        hidden = kept[0]
+        if check and hidden.shape[0]:
+            ours = F.linear(hidden[:1].detach(), head.weight, head.bias)
+            if not torch.equal(logits.detach().float(), ours.float()):
+                _POSTPROCESSED.add(head)  # the model changes the head's output: its own head from now on
+                return sequence_logps(model, batch, chunked=False)
+            _PLAIN.add(head)
+        token_logps = linear_token_logps(hidden, head.weight, head.bias, targets)
+    else:
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        token_logps = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    owner = owner.to(token_logps.device)
     logp_sum = token_logps.new_zeros(n_seq).index_add(0, owner, token_logps)
-    n_tokens = torch.zeros(n_seq, dtype=torch.long, device=logits.device).index_add(0, owner, torch.ones_like(owner))
+    n_tokens = torch.zeros(n_seq, dtype=torch.long, device=token_logps.device).index_add(
+        0, owner, torch.ones_like(owner)
+    )
     return logp_sum, n_tokens
+
+
+class _LinearTokenLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T + bias)[targets] per row, in row chunks. The gradient of the hidden states is
+    linear in each row's incoming gradient, so forward stores (onehot - softmax) @ weight per row and backward only
+    scales it (no recomputation when the head is frozen, as with LoRA); the weight's and bias's gradients, when
+    they train, recompute each chunk's softmax in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows):  # noqa: D102 - see linear_token_logps
+        device = hidden.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        exact = torch.promote_types(compute, torch.float32)
+        w = weight.to(compute)
+        b = bias.to(compute) if bias is not None else None
+        out = torch.empty(hidden.shape[0], dtype=exact, device=hidden.device)
+        lse = torch.empty_like(out)
+        row_grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], rows):
+            h, t = hidden[start : start + rows].to(compute), targets[start : start + rows, None]
+            logits = F.linear(h, w, b).to(exact)
+            chunk_lse = torch.logsumexp(logits, -1)
+            lse[start : start + rows] = chunk_lse
+            out[start : start + rows] = logits.gather(1, t)[:, 0] - chunk_lse
+            if row_grad_h is not None:
+                g = torch.exp(logits.sub_(chunk_lse[:, None])).neg_()  # -softmax, in place of the logits
+                g.scatter_add_(1, t, torch.ones_like(t, dtype=g.dtype))  # onehot - softmax = d log p_t / d logits
+                row_grad_h[start : start + rows] = g.to(compute) @ w
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, row_grad_h)
+        ctx.rows, ctx.compute = rows, compute
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        hidden, weight, bias, targets, lse, row_grad_h = ctx.saved_tensors
+        grad_h = (row_grad_h * grad_out[:, None].to(row_grad_h.dtype)) if row_grad_h is not None else None
+        want_w = ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        grad_w = grad_b = None
+        if want_w or want_b:
+            compute, exact = ctx.compute, lse.dtype
+            w = weight.to(compute)
+            b = bias.to(compute) if bias is not None else None
+            grad_w = torch.zeros_like(weight, dtype=exact) if want_w else None
+            grad_b = torch.zeros_like(bias, dtype=exact) if want_b else None
+            for start in range(0, hidden.shape[0], ctx.rows):
+                h, t = hidden[start : start + ctx.rows].to(compute), targets[start : start + ctx.rows, None]
+                go = grad_out[start : start + ctx.rows, None].to(exact)
+                g = torch.exp(F.linear(h, w, b).to(exact) - lse[start : start + ctx.rows, None]).mul_(-go)
+                g.scatter_add_(1, t, go)  # go * (onehot - softmax)
+                if want_w:
+                    grad_w += (g.to(compute).t() @ h).to(exact)
+                if want_b:
+                    grad_b += g.sum(0)
+            grad_w = grad_w.to(weight.dtype) if want_w else None
+            grad_b = grad_b.to(bias.dtype) if want_b else None
+        return grad_h, grad_w, grad_b, None, None
+
+
+def linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """log softmax(hidden_i @ weight.T + bias)[targets_i] for each row i, in fp32 (fp64 for fp64 inputs), computed
+    in chunks of `rows` rows (by default as `linear_cross_entropy_sum`'s), never holding (rows x vocab) logits;
+    differentiable in hidden, weight and bias. Equal to
+    `F.linear(hidden, weight, bias).float().log_softmax(-1).gather(1, targets[:, None])[:, 0]`."""
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"hidden must be (rows, dim) and targets (rows,), got {tuple(hidden.shape)} and {tuple(targets.shape)}"
+        )
+    return _LinearTokenLogps.apply(hidden, weight, bias, targets, rows or chunk_rows(weight.shape[0]))

@@ -63,7 +63,7 @@ def cmd_prepare(args) -> int:
 
 def cmd_data_preview(args) -> int:
     from tuneforge.data.prepare import prepare
-    from tuneforge.data.preview import render_row
+    from tuneforge.data.preview import row_preview
 
     cfg = _load(args)
     run_dir = Path(cfg.output.dir)
@@ -74,7 +74,5 @@ def cmd_data_preview(args) -> int:
     print(f"{min(args.rows, len(data.train))} of {len(data.train)} training rows ({legend}):")
     rows = data.train.select(range(min(args.rows, len(data.train))))
     for k, row in enumerate(rows):
-        trained = sum(1 for x in row["labels"][1:] if x != -100)
-        print(f"\n--- row {k}: {len(row['input_ids'])} tokens, {trained} trained ---")
-        print(render_row(data.tokenizer, row["input_ids"], row["labels"], color))
+        print(row_preview(data.tokenizer, row, k, color))
     return 0

@@ -46,15 +46,18 @@ class DatasetSource(Section):
         "or a directory of such files.",
     )
     synthetic: SyntheticConfig | None = Field(None, description="Generate a built-in task instead of reading a file.")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "completion"] = Field(
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "completion", "preference", "kto"] = Field(
         "auto",
         description="Row layout: alpaca (instruction/input/output), messages (role/content list), "
-        "sharegpt (conversations of from/value), completion (raw text). auto detects it from the columns.",
+        "sharegpt (conversations of from/value), completion (raw text); preference pairs ({prompt, chosen, "
+        "rejected}, {conversations, chosen, rejected}, or {chosen, rejected} transcripts sharing their prompt), "
+        "kto ({messages, label}: unpaired rows, label true = desirable). auto detects it from the columns. "
+        "All sources of a run are of one kind: SFT, preference or KTO.",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Map tuneforge's field names to yours, e.g. {instruction: question, output: answer}. "
-        "Fields: instruction, input, output, system, messages, conversations, text.",
+        "Fields: instruction, input, output, system, messages, conversations, text, prompt, chosen, rejected, label.",
     )
     split: str = Field("train", description="Split to use when `path` is a DatasetDict directory.")
     max_rows: int | None = Field(None, gt=0, description="Read at most this many rows (first N).")
@@ -198,6 +201,20 @@ class DataConfig(Section):
     stream_chunk_rows: int = Field(
         10_000, ge=100, description="Rows per chunk with data.streaming (also the packing window)."
     )
+
+    @model_validator(mode="after")
+    def _pairs_not_packed(self) -> DataConfig:
+        pairs = [
+            s.path for s in [*self.train, *([self.eval] if self.eval else [])] if s.format in ("preference", "kto")
+        ]
+        if pairs and self.packing:
+            raise ValueError(
+                f"data.packing: true cannot pack preference or KTO data ({', '.join(map(str, pairs))}): a pair is "
+                "never split, and tuneforge does not pack pairs; set data.packing: false"
+            )
+        if pairs and self.streaming:
+            raise ValueError("data.streaming: true reads raw-text (completion) sources only; set data.streaming: false")
+        return self
 
     @model_validator(mode="after")
     def _streamable(self) -> DataConfig:

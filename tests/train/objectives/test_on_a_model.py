@@ -1,6 +1,7 @@
-"""On a tiny Llama: sequence_logps + dpo_loss / ipo_loss equal TRL 1.16's DPOTrainer._compute_loss on the same
-model and pairs (TRL's own fused LM head gives its log-probs; it accumulates in fp32, hence 1e-6), and a fresh
-LoRA adapter's DPO loss against the adapter-off reference is exactly ln 2."""
+"""On a tiny Llama: sequence_logps + dpo_loss / ipo_loss / orpo_loss / kto_loss equal TRL 1.16's trainers' own
+loss code on the same model and rows (DPOTrainer / KTOTrainer._compute_loss through TRL's fused LM head, which
+accumulates in fp32, hence 1e-6; ORPOTrainer.get_batch_loss_metrics, whose odds ratio is fp32), loss and every
+parameter's gradient; and a fresh LoRA adapter's DPO loss against the adapter-off reference is exactly ln 2."""
 
 import math
 
@@ -9,10 +10,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.train.objectives.trl_stand_ins import trl_dpo
+from tests.train.objectives.trl_stand_ins import trl_dpo, trl_kto, trl_orpo
 from tuneforge.data.collate import FlatCollator, PaddedCollator
 from tuneforge.model.lm_loss import sequence_logps
-from tuneforge.train.objectives.preference import dpo_loss, ipo_loss
+from tuneforge.train.objectives.kto import kto_loss, mismatched_completion_index
+from tuneforge.train.objectives.preference import dpo_loss, ipo_loss, orpo_loss
 
 with __import__("warnings").catch_warnings():
     __import__("warnings").simplefilter("ignore")
@@ -99,3 +101,77 @@ def test_fresh_lora_adapter_dpo_loss_is_ln2_against_the_adapter_off_reference():
     assert metrics["rewards/margins"].tolist() == [0.0] * n
     losses.mean().backward()  # the adapter still gets a gradient at policy == reference
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n_, p in model.named_parameters() if "lora_B" in n_)
+
+
+@pytest.mark.parametrize("orpo_lambda", [0.1, 1.0])
+def test_orpo_equals_trl_on_the_same_model(orpo_lambda):
+    """TRL's ORPO runs the model itself (full logits); its NLL covers the chosen prompt too, so ours is given the
+    NLL of the whole chosen sequence (labels on every token) from a second sequence_logps."""
+    policy = tiny_llama(0)
+    rows = pairs()
+    n = len(rows) // 2
+    batch = {}
+    for side, part in (("chosen", rows[:n]), ("rejected", rows[n:])):
+        padded = PaddedCollator(0)(part)
+        batch.update({f"{side}_{k}": padded[k] for k in ("input_ids", "attention_mask", "labels")})
+    policy.zero_grad()
+    trl_loss, _ = trl_orpo(None, batch, orpo_lambda, model=policy)
+    trl_loss.backward()
+    trl_grads = {k: p.grad.clone() for k, p in policy.named_parameters()}
+
+    policy.zero_grad()
+    logps, tokens = sequence_logps(policy, FlatCollator(0)(rows), chunked=True)
+    whole = [{"input_ids": r["input_ids"], "labels": r["input_ids"]} for r in rows[:n]]
+    nll_logps, nll_tokens = sequence_logps(policy, FlatCollator(0)(whole), chunked=True)
+    losses, _ = orpo_loss(
+        logps[:n], logps[n:], tokens[:n], tokens[n:], orpo_lambda, -nll_logps, nll_tokens.double().mean()
+    )
+    losses.mean().backward()
+    torch.testing.assert_close(losses.mean(), trl_loss, rtol=1e-6, atol=1e-6, check_dtype=False)
+    for name, p in policy.named_parameters():
+        torch.testing.assert_close(p.grad, trl_grads[name], rtol=1e-5, atol=1e-6, check_dtype=False)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_kto_equals_trl_on_the_same_model(beta):
+    policy, reference = tiny_llama(0), tiny_llama(1)
+    rows = pairs(n_pairs=3)  # 6 rows, used unpaired
+    labels = [True, False, True, True, False, False]
+    index = mismatched_completion_index(len(rows))
+    kl_rows = []
+    for i, r in enumerate(rows):  # row i's prompt with row index[i]'s completion
+        prompt = [t for t, lab in zip(r["input_ids"], r["labels"]) if lab == -100]
+        other = rows[index[i]]
+        completion = [lab for lab in other["labels"] if lab != -100]
+        kl_rows.append({"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion})
+    ids, attention, completion = trl_inputs(rows)
+    kl_ids, kl_attention, kl_completion = trl_inputs(kl_rows)
+    with torch.no_grad():
+        ref, _ = sequence_logps(reference, FlatCollator(0)(rows))
+        ref_kl, _ = sequence_logps(reference, FlatCollator(0)(kl_rows))
+    add_fused_lm_head(policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "completion_mask": completion,
+        "KL_input_ids": kl_ids,
+        "KL_attention_mask": kl_attention,
+        "KL_completion_mask": kl_completion,
+    }
+    policy.zero_grad()
+    trl_loss, trl_metrics = trl_kto(None, None, labels, ref, ref_kl, beta, 1.0, 1.5, model=policy, inputs=inputs)
+    trl_loss.backward()
+    trl_grads = {k: p.grad.clone() for k, p in policy.named_parameters()}
+
+    policy.zero_grad()
+    logps, _ = sequence_logps(policy, FlatCollator(0)(rows))
+    with torch.no_grad():
+        kl_logps, _ = sequence_logps(policy, FlatCollator(0)(kl_rows))
+    losses, metrics = kto_loss(
+        logps, ref, torch.tensor(labels), beta, 1.0, 1.5, policy_kl_logps=kl_logps, reference_kl_logps=ref_kl
+    )
+    losses.mean().backward()
+    assert float(metrics["kl"]) == pytest.approx(trl_metrics["kl"], rel=1e-6, abs=1e-7)
+    torch.testing.assert_close(losses.mean(), trl_loss, rtol=1e-6, atol=1e-6, check_dtype=False)
+    for name, p in policy.named_parameters():
+        torch.testing.assert_close(p.grad, trl_grads[name], rtol=1e-5, atol=1e-6, check_dtype=False)

@@ -105,24 +105,37 @@ def trl_batch_logps(logits, labels, average: bool):
     return CPOTrainer.get_batch_logps(logits, labels, average_log_prob=average)
 
 
-def trl_orpo(logits: torch.Tensor, batch: dict[str, torch.Tensor], beta: float):
+def trl_orpo(logits: torch.Tensor | None, batch: dict[str, torch.Tensor], beta: float, model=None):
     """ORPOTrainer.get_batch_loss_metrics: the whole ORPO loss (chosen NLL - mean odds-ratio term) from a model
-    whose output is `logits` for the concatenated [chosen; rejected] rows. Returns (loss, metrics)."""
+    whose output is `logits` for the concatenated [chosen; rejected] rows, or from `model` itself.
+    Returns (loss, metrics)."""
     self = _stand_in(is_encoder_decoder=False, padding_value=0, beta=beta)
     self.concatenated_inputs = ORPOTrainer.concatenated_inputs
     self.get_batch_logps = ORPOTrainer.get_batch_logps
     self.concatenated_forward = types.MethodType(ORPOTrainer.concatenated_forward, self)
     self.odds_ratio_loss = types.MethodType(ORPOTrainer.odds_ratio_loss, self)
-    model = lambda *args, **kw: SimpleNamespace(logits=logits)  # noqa: E731
+    if model is None:
+        model = lambda *args, **kw: SimpleNamespace(logits=logits)  # noqa: E731
     return ORPOTrainer.get_batch_loss_metrics(self, model, batch)
 
 
 def trl_kto(
-    per_token_logps, kl_per_token_logps, labels, ref_logps, ref_kl_logps, beta, desirable_weight, undesirable_weight
+    per_token_logps,
+    kl_per_token_logps,
+    labels,
+    ref_logps,
+    ref_kl_logps,
+    beta,
+    desirable_weight,
+    undesirable_weight,
+    model=None,
+    inputs: dict | None = None,
 ):
     """KTOTrainer._compute_loss with precomputed reference log-probs, the KL term from the mismatched completions
-    (calculate_KL). per_token_logps / kl_per_token_logps: (B, L-1), zero outside the completions."""
-    n, width = per_token_logps.shape[0], per_token_logps.shape[1] + 1
+    (calculate_KL). per_token_logps / kl_per_token_logps: (B, L-1), zero outside the completions. Or, with `model`
+    (one with TRL's fused LM head) and its `inputs` (input_ids, attention_mask, completion_mask and the KL_ ones),
+    TRL's whole policy pass."""
+    n, width = len(labels), (per_token_logps.shape[1] + 1 if per_token_logps is not None else 2)
     self = _stand_in(
         calculate_KL=True,
         precompute_ref_logps=True,
@@ -146,8 +159,12 @@ def trl_kto(
         "ref_KL_logps": ref_kl_logps,
     }
 
-    def model(**kw):
-        return _fused_output(kl_per_token_logps if kw["input_ids"] is kl_ids else per_token_logps)
+    if inputs is not None:
+        batch.update(inputs)
+    if model is None:
+
+        def model(**kw):
+            return _fused_output(kl_per_token_logps if kw["input_ids"] is kl_ids else per_token_logps)
 
     loss = KTOTrainer._compute_loss(self, model, batch, return_outputs=False)
     return loss, {k: v[-1] for k, v in self._metrics["train"].items()}

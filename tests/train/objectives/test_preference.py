@@ -222,3 +222,23 @@ def test_registry_names_the_objectives_and_their_references():
     assert {n for n, o in OBJECTIVES.items() if o.needs_reference} == {"dpo", "ipo", "kto"}
     assert {n for n, o in OBJECTIVES.items() if not o.paired} == {"kto"}
     assert OBJECTIVES["dpo"].loss is dpo_loss and OBJECTIVES["reward"].scores == "rewards"
+
+
+def test_registry_maps_config_keys_to_loss_arguments():
+    import inspect
+    from types import SimpleNamespace
+
+    section = SimpleNamespace(
+        beta=None,
+        label_smoothing=0.1,
+        simpo_gamma=0.7,
+        orpo_lambda=0.2,
+        kto_desirable_weight=1.5,
+        kto_undesirable_weight=0.5,
+        reward_margin=0.0,
+    )
+    assert OBJECTIVES["simpo"].loss_arguments(section) == {"label_smoothing": 0.1, "gamma": 0.7}  # beta: default
+    assert OBJECTIVES["kto"].loss_arguments(section) == {"desirable_weight": 1.5, "undesirable_weight": 0.5}
+    for objective in OBJECTIVES.values():
+        arguments = inspect.signature(objective.loss).parameters
+        assert set(objective.parameters.values()) <= set(arguments), objective.name

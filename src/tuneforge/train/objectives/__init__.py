@@ -13,7 +13,7 @@ no_grad, or cached) and calls `loss`; it knows nothing else of the objective.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tuneforge.train.objectives.kto import kto_loss
 from tuneforge.train.objectives.preference import dpo_loss, ipo_loss, orpo_loss, simpo_loss
@@ -25,7 +25,8 @@ class Objective:
     """name: as in objective.type. loss: the function (arguments as its docstring says). needs_reference: it
     compares the policy with a reference model's log-probs. paired: its batch holds chosen/rejected pairs (else
     unpaired labelled rows, KTO). needs_token_counts: its loss reads the completions' token counts. scores: what
-    the model gives per sequence, "logps" (`sequence_logps`) or "rewards" (`reward.sequence_rewards`)."""
+    the model gives per sequence, "logps" (`sequence_logps`) or "rewards" (`reward.sequence_rewards`).
+    parameters: the `objective:` config key -> the loss function's argument it sets."""
 
     name: str
     loss: Callable
@@ -33,18 +34,49 @@ class Objective:
     paired: bool
     needs_token_counts: bool
     scores: str = "logps"
+    parameters: dict[str, str] = field(default_factory=dict)
+
+    def loss_arguments(self, section) -> dict:
+        """The loss function's keyword arguments from an `objective:` config section (any object with those
+        attributes); a key set to None keeps the function's default."""
+        values = {arg: getattr(section, key, None) for key, arg in self.parameters.items()}
+        return {arg: value for arg, value in values.items() if value is not None}
 
 
+_DPO = {"beta": "beta", "label_smoothing": "label_smoothing"}
+_KTO = {"beta": "beta", "kto_desirable_weight": "desirable_weight", "kto_undesirable_weight": "undesirable_weight"}
 OBJECTIVES: dict[str, Objective] = {
     o.name: o
     for o in (
-        Objective("dpo", dpo_loss, needs_reference=True, paired=True, needs_token_counts=False),
-        Objective("ipo", ipo_loss, needs_reference=True, paired=True, needs_token_counts=True),
-        Objective("simpo", simpo_loss, needs_reference=False, paired=True, needs_token_counts=True),
-        Objective("orpo", orpo_loss, needs_reference=False, paired=True, needs_token_counts=True),
-        Objective("kto", kto_loss, needs_reference=True, paired=False, needs_token_counts=False),
+        Objective("dpo", dpo_loss, needs_reference=True, paired=True, needs_token_counts=False, parameters=_DPO),
         Objective(
-            "reward", reward_loss, needs_reference=False, paired=True, needs_token_counts=False, scores="rewards"
+            "ipo", ipo_loss, needs_reference=True, paired=True, needs_token_counts=True, parameters={"beta": "beta"}
+        ),
+        Objective(
+            "simpo",
+            simpo_loss,
+            needs_reference=False,
+            paired=True,
+            needs_token_counts=True,
+            parameters={**_DPO, "simpo_gamma": "gamma"},
+        ),
+        Objective(
+            "orpo",
+            orpo_loss,
+            needs_reference=False,
+            paired=True,
+            needs_token_counts=True,
+            parameters={"orpo_lambda": "orpo_lambda"},
+        ),
+        Objective("kto", kto_loss, needs_reference=True, paired=False, needs_token_counts=False, parameters=_KTO),
+        Objective(
+            "reward",
+            reward_loss,
+            needs_reference=False,
+            paired=True,
+            needs_token_counts=False,
+            scores="rewards",
+            parameters={"reward_margin": "margin"},
         ),
     )
 }

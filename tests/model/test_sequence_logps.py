@@ -99,11 +99,13 @@ def test_lm_head_sees_only_trained_positions():
     assert int(n_tokens.sum()) < sum(len(r["input_ids"]) for r in rows)
 
 
+@pytest.mark.parametrize("scale", [1.0, 100.0], ids=["moderate", "far-targets"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("frozen_head", [False, True])
-def test_linear_token_logps_in_chunks_equal_log_softmax_gather(bias, frozen_head):
+def test_linear_token_logps_in_chunks_equal_log_softmax_gather(bias, frozen_head, scale):
+    """far-targets: logits spread so widely that some targets' probabilities underflow (below TINY)."""
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(11, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    hidden = (scale * torch.randn(11, 8, dtype=torch.float64, generator=g)).requires_grad_()
     weight = torch.randn(13, 8, dtype=torch.float64, generator=g).requires_grad_(not frozen_head)
     b = torch.randn(13, dtype=torch.float64, generator=g).requires_grad_(not frozen_head) if bias else None
     targets = torch.randint(0, 13, (11,), generator=g)
@@ -111,6 +113,8 @@ def test_linear_token_logps_in_chunks_equal_log_softmax_gather(bias, frozen_head
     upstream = torch.randn(11, dtype=torch.float64, generator=g)  # a different gradient for every row
     leaves = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
     ref = F.linear(hidden, weight, b).log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    if scale > 1:
+        assert float(ref.min()) < -100  # some probability below 1e-30
     ref_grads = torch.autograd.grad((ref * upstream).sum(), leaves)
     for rows in (3, 4, 11, 128):
         ours = linear_token_logps(hidden, weight, b, targets, rows=rows)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from tuneforge.data.templates import IGNORE_INDEX
 from tuneforge.model.attention import rows_by_position
-from tuneforge.model.linear_cross_entropy import chunk_rows, linear_cross_entropy_sum
+from tuneforge.model.linear_cross_entropy import TINY, chunk_rows, linear_cross_entropy_sum
 
 
 def trained_tokens(labels: torch.Tensor) -> int:
@@ -213,13 +213,19 @@ class _LinearTokenLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start : start + rows].to(compute), targets[start : start + rows, None]
             logits = F.linear(h, w, b).to(exact)
-            chunk_lse = torch.logsumexp(logits, -1)
-            lse[start : start + rows] = chunk_lse
-            out[start : start + rows] = logits.gather(1, t)[:, 0] - chunk_lse
+            logit_t = logits.gather(1, t)
+            p = torch.softmax(logits, -1)  # one pass fewer than logsumexp, then exp(logits - lse) for the gradient
+            p_t = p.gather(1, t)
+            logp = torch.log(p_t)
+            far = p_t < TINY  # the target's probability underflowed: its log-prob from the logits themselves
+            if far.any():
+                rows_far = far[:, 0]
+                logp[rows_far] = logit_t[rows_far] - torch.logsumexp(logits[rows_far], -1, keepdim=True)
+            out[start : start + rows] = logp[:, 0]
+            lse[start : start + rows] = (logit_t - logp)[:, 0]
             if row_grad_h is not None:
-                g = torch.exp(logits.sub_(chunk_lse[:, None])).neg_()  # -softmax, in place of the logits
-                g.scatter_add_(1, t, torch.ones_like(t, dtype=g.dtype))  # onehot - softmax = d log p_t / d logits
-                row_grad_h[start : start + rows] = g.to(compute) @ w
+                p.neg_().scatter_add_(1, t, torch.ones_like(p_t))  # onehot - softmax = d log p_t / d logits
+                row_grad_h[start : start + rows] = p.to(compute) @ w
         ctx.save_for_backward(hidden, weight, bias, targets, lse, row_grad_h)
         ctx.rows, ctx.compute = rows, compute
         return out

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from tuneforge.config.data import DataConfig, DatasetSource, DecontamConfig, DedupConfig, QualityConfig, SyntheticConfig
+from tuneforge.config.objective import ObjectiveConfig
 from tuneforge.config.section import Section
 
 # the data section's models live in config/data.py and are public here too
@@ -389,6 +390,9 @@ class RunConfig(Section):
     model: ModelConfig = Field(..., description="What to fine-tune.")
     data: DataConfig = Field(..., description="What to train and evaluate on.")
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="LoRA / DoRA / full fine-tuning.")
+    objective: ObjectiveConfig = Field(
+        default_factory=ObjectiveConfig, description="What the run optimises: sft, or a preference objective."
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation during and after training.")
     log: LogConfig = Field(default_factory=LogConfig, description="Metrics and progress.")

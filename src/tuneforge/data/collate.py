@@ -108,6 +108,10 @@ class FlatCollator:
 
 def rows_at(dataset, indices: list[int]) -> list[dict]:
     """Fetch rows `indices` of a `datasets.Dataset` in one Arrow read, as collator input."""
-    names = [c for c in ("input_ids", "labels", "position_ids") if c in dataset.column_names]
+    names = [
+        c
+        for c in ("input_ids", "labels", "position_ids", "prompt_ids", "chosen_ids", "rejected_ids")
+        if c in dataset.column_names
+    ]
     cols = dataset.select_columns(names)[indices]
     return [dict(zip(names, values)) for values in zip(*(cols[n] for n in names))]

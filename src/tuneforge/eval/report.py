@@ -18,8 +18,8 @@ from pathlib import Path
 
 from tuneforge.eval.general_text import forgetting_line
 from tuneforge.eval.plots import plot_run, read_metrics
+from tuneforge.eval.runner import COUNTS  # sizes of an eval, not scores to compare
 
-COUNTS = ("eval_tokens", "generated_rows", "general_tokens")  # sizes of an eval, not scores to compare
 PLOT_TITLES = {
     "loss_vs_step": "Loss vs optimizer step",
     "loss_vs_tokens": "Loss vs tokens seen",

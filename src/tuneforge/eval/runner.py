@@ -25,6 +25,7 @@ from tuneforge.progress import TaskProgress
 
 COUNTS = (
     "eval_tokens",
+    "eval_pairs",
     "generated_rows",
     "general_tokens",
 )  # sizes of the eval, not scores: printed above the table, not in it

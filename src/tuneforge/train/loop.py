@@ -19,6 +19,7 @@ from tuneforge import __version__
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.collate import FlatCollator, PackedCollator, PaddedCollator, rows_at
 from tuneforge.data.formats import column
+from tuneforge.data.preference import prepared_kind
 from tuneforge.data.prepare import PreparedData
 from tuneforge.model.adapters import apply_adapter, describe, trainable_report
 from tuneforge.model.attention import check_samples_kept_apart, packed_calls, samples_share_rows, use_packed_sdpa
@@ -33,6 +34,7 @@ from tuneforge.train.disk_space import estimate_checkpoint_bytes
 from tuneforge.train.final import FinalWriteError, write_final
 from tuneforge.train.host_memory import keep_freed_memory
 from tuneforge.train.monitor import Monitor
+from tuneforge.train.objective_step import PairBatches, PairObjective, check_objective
 from tuneforge.train.optim import build_optimizer, build_scheduler, compile_layers
 from tuneforge.train.parallel import build_parallel
 from tuneforge.train.planner import resolve_auto_checkpointing
@@ -169,6 +171,12 @@ class Trainer:
         self.collate = (FlatCollator if flat else PackedCollator if packed else PaddedCollator)(
             self.data.tokenizer.pad_token_id
         )
+        # the objective: sft inline below; a preference objective builds pair batches and its own loss
+        check_objective(cfg, prepared_kind(self.data.report))
+        self.objective = None
+        if cfg.objective.type != "sft":
+            self.objective = PairObjective(cfg)
+            self.collate = PairBatches(self.data.tokenizer.pad_token_id, padding_free=flat)
         # rows holding several samples: attention per sample (SDPA on each slice) instead of a block mask
         self.per_sample_sdpa = (flat or packed) and use_packed_sdpa(model)
         # LM head + loss in row chunks needs the head's weight whole on this rank (not FSDP2 / ZeRO-3 shards)
@@ -251,20 +259,27 @@ class Trainer:
         real_tokens = sum(int(b.pop("num_tokens")) for b in micro)
         attended = sum(int(b.pop("num_attended")) for b in micro)
         local_trained = sum(trained_tokens(b["labels"]) for b in micro)
+        obj = self.objective  # None: sft, normalised by trained tokens; else by the objective's units (pairs)
+        local_units = local_trained if obj is None else sum(obj.units(b) for b in micro)
         head_positions = local_trained if cfg.logits != "full" else sum(b["input_ids"].numel() for b in micro)
         flops = self.flops.step_flops(real_tokens, local_trained, attended, head_positions)
         # token-normalised over the whole step: every micro-batch and every rank (one all-reduce for the counts)
-        counts = [float(local_trained), float(real_tokens), float(flops)]
+        counts = [float(local_units), float(real_tokens), float(flops), float(local_trained)]
         if acc.num_processes > 1:
             counts = acc.reduce(torch.tensor(counts, dtype=torch.float64, device=acc.device), "sum").tolist()
-        step_tokens, real_tokens, flops = counts[0], int(counts[1]), counts[2]
+        step_units, real_tokens, flops, step_tokens = counts[0], int(counts[1]), counts[2], counts[3]
         total_nll = 0.0
+        metric_sums: dict[str, float] = {}
         for i, batch in enumerate(micro):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             last = i == len(micro) - 1
             with self.parallel.micro_batch(sync=last):
                 calls = packed_calls()
-                if cfg.logits != "full":  # in the model's autocast, so the chunked head computes as the model's would
+                if obj is not None:
+                    nll, sums = obj.loss_sum(self.model, batch, acc.autocast)
+                    for k, v in sums.items():
+                        metric_sums[k] = metric_sums.get(k, 0.0) + v
+                elif cfg.logits != "full":  # in the model's autocast, so the chunked head computes as the model's would
                     with acc.autocast():
                         nll = trained_nll_sum(self.model, batch, chunked=self.chunked_head)
                 else:
@@ -273,13 +288,16 @@ class Trainer:
                     self._checked_per_sample = True  # the first row holding several samples: were they kept apart?
                     if self.per_sample_sdpa:
                         check_samples_kept_apart(type(self.parallel.module()).__name__, packed_calls() - calls)
-                # every strategy averages gradients over ranks; multiply back so the result is sum / step_tokens
-                self.parallel.backward(nll * acc.num_processes / max(step_tokens, 1.0), last)
+                # every strategy averages gradients over ranks; multiply back so the result is sum / step_units
+                self.parallel.backward(nll * acc.num_processes / max(step_units, 1.0), last)
             total_nll += float(nll.detach())
         lr = self.scheduler.get_last_lr()[0]
+        names = sorted(metric_sums)
         if acc.num_processes > 1:
-            total_nll = float(acc.reduce(torch.tensor(total_nll, device=acc.device), "sum"))
-        loss = total_nll / max(step_tokens, 1.0)
+            sums = torch.tensor([total_nll, *(metric_sums[k] for k in names)], dtype=torch.float64, device=acc.device)
+            total_nll, *rest = acc.reduce(sums, "sum").tolist()
+            metric_sums = dict(zip(names, rest))
+        loss = total_nll / max(step_units, 1.0)
         # clip, step (unless the loss or gradient norm is not finite), advance the schedule, clear gradients
         grad_norm, skipped = self.parallel.update(cfg.max_grad_norm, math.isfinite(loss))
         return {
@@ -288,6 +306,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "skipped": skipped,
             "trained_tokens": int(step_tokens),
+            **{k: v / max(step_units, 1.0) for k, v in metric_sums.items()},
             "tokens": real_tokens,
             "flops": flops,
         }

@@ -35,6 +35,7 @@ from tuneforge.progress import stage_status
 from tuneforge.train.alerts import end_of_run_warnings
 from tuneforge.train.final import FinalWriteError
 from tuneforge.train.loop import Trainer
+from tuneforge.train.objective_step import PairObjective
 from tuneforge.train.planner import available_bytes, check_fits, plan_for_run
 
 
@@ -62,8 +63,9 @@ class Recipe:
         data = self.prepare_data()
         self.settle_checkpointing()
         evaluation = RunEvaluation(self.cfg, data)
+        self.held_out_loss = held_out_loss(self.cfg, data, evaluation)
         trainer = Trainer(
-            self.cfg, self.run_dir, data, evaluation.loss if evaluation.held_out else None, log=self.say
+            self.cfg, self.run_dir, data, self.held_out_loss if evaluation.held_out else None, log=self.say
         ).setup()
         final = final_error = None
         try:
@@ -127,7 +129,7 @@ class Recipe:
             return recorded_start_eval(trainer.monitor.path)
         if not (evaluation.held_out and self.cfg.eval.at_start):
             return {}
-        before = {**evaluation.loss(model, trainer.monitor.status), **evaluation.general_text(model)}
+        before = {**self.held_out_loss(model, trainer.monitor.status), **evaluation.general_text(model)}
         if generates:
             with trainer.parallel.generation():
                 before.update(evaluation.tasks(model))
@@ -172,6 +174,19 @@ class Recipe:
             path.write_text(json.dumps({"before": before, "after": after, **summary, "samples": samples}, indent=2))
         except OSError as e:
             print(f"warning: {path} could not be written ({e})", file=sys.stderr)
+
+
+def held_out_loss(cfg: RunConfig, data: PreparedData, evaluation: RunEvaluation):
+    """The held-out measurement the objective trains for: eval_loss / eval_ppl of the trained tokens (sft), or
+    the mean pair loss with reward accuracy and margin (a preference objective)."""
+    if cfg.objective.type == "sft":
+        return evaluation.loss
+    pairs = PairObjective(cfg)
+
+    def pair_eval(model, status=None) -> dict:
+        return pairs.evaluate(model, data.eval, cfg.eval.batch_size, data.tokenizer.pad_token_id, status)
+
+    return pair_eval
 
 
 def recorded_start_eval(metrics_path: Path) -> dict:

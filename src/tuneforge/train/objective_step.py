@@ -1,0 +1,167 @@
+"""How the one loop runs each objective (objective.type): the batch it builds from prepared rows, what the step's
+loss is normalised by, and the loss summed over those units. The loop (loop.py) calls only these three.
+
+  sft                     rows of input_ids + labels; units: trained tokens; loss: their summed NLL
+  dpo, ipo, simpo, orpo   rows of prompt_ids + chosen_ids + rejected_ids: each pair becomes two sequences in the
+                          same padding-free pass (prompt + chosen, prompt + rejected; only the completions are
+                          trained); units: pairs; loss: the objective's per-pair loss (train/objectives/) on the
+                          sequences' summed log-probs, computed only at the completion positions (sequence_logps).
+                          dpo and ipo compare with the reference: the same weights with the LoRA adapter off.
+
+Evaluation of a pair objective (`evaluate`) gives eval_loss (the mean pair loss), eval_reward_accuracy and
+eval_reward_margin on the held-out pairs, through the same function as training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+from tuneforge.config.load import ConfigError
+from tuneforge.config.schema import RunConfig
+from tuneforge.data.collate import FlatCollator, PaddedCollator
+from tuneforge.data.templates import IGNORE_INDEX
+from tuneforge.model.lm_loss import sequence_logps
+from tuneforge.train.objectives import OBJECTIVES
+
+PAIR_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
+
+
+def check_objective(cfg: RunConfig, data_kind: str) -> None:
+    """The objective, the prepared data and the model setup fit together; raise ConfigError with the fix."""
+    name = cfg.objective.type
+    want = "sft" if name == "sft" else "kto" if name == "kto" else "preference"
+    if data_kind != want:
+        raise ConfigError(
+            f"objective.type={name} trains on {want} data, but the prepared data is {data_kind} data: "
+            + (
+                "use objective.type=dpo (or ipo, simpo, orpo) for preference pairs"
+                if data_kind == "preference"
+                else "give rows with prompt, chosen and rejected (see docs/alignment.md)"
+                if want == "preference"
+                else "set objective.type=sft for these rows"
+            )
+        )
+    if name in ("kto", "reward"):
+        raise ConfigError(
+            f"objective.type={name}: its loss is implemented (train/objectives/) but not yet wired into the "
+            "training loop; use dpo, ipo, simpo or orpo for preference pairs"
+        )
+    if (
+        OBJECTIVES.get(name) is not None
+        and OBJECTIVES[name].needs_reference
+        and cfg.adapter.type not in ("lora", "dora")
+    ):
+        raise ConfigError(
+            f"objective.type={name} compares with a reference model; tuneforge takes it from the base weights of a "
+            f"LoRA/DoRA run (adapter off), and adapter.type={cfg.adapter.type} has none yet. Use adapter.type=lora, "
+            "or a reference-free objective (simpo, orpo)"
+        )
+
+
+def peft_model(model):
+    """The peft model inside a DDP / accelerate wrapper (the one with `disable_adapter`)."""
+    while not hasattr(model, "disable_adapter") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+class PairBatches:
+    """Prepared pairs -> one batch of 2 x pairs sequences, in order chosen_0, rejected_0, chosen_1, ..."""
+
+    def __init__(self, pad_id: int, padding_free: bool):
+        self.inner = FlatCollator(pad_id) if padding_free else PaddedCollator(pad_id)
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        sequences = []
+        for r in rows:
+            prompt = list(r["prompt_ids"])
+            for completion in (r["chosen_ids"], r["rejected_ids"]):
+                completion = list(completion)
+                sequences.append(
+                    {"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion}
+                )
+        batch = self.inner(sequences)
+        batch["num_pairs"] = torch.tensor(len(rows))
+        return batch
+
+
+class PairObjective:
+    """A preference objective on the loop: `units`, `loss_sum`, `evaluate`."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.spec = OBJECTIVES[cfg.objective.type]
+
+    @staticmethod
+    def units(batch: dict) -> float:
+        return float(batch["num_pairs"])
+
+    @staticmethod
+    def _logps(model, batch, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = {k: v for k, v in batch.items() if k != "num_pairs"}
+        with autocast():
+            logps, tokens = sequence_logps(model, inputs)
+        keep = tokens > 0  # a padding tail is a sequence with nothing trained
+        logps, tokens = logps[keep], tokens[keep]
+        if logps.numel() != 2 * int(batch["num_pairs"]):
+            raise RuntimeError(f"expected {2 * int(batch['num_pairs'])} trained sequences, found {logps.numel()}")
+        return logps.float(), tokens.float()
+
+    def pair_losses(self, model, batch: dict, autocast=contextlib.nullcontext):
+        """(per-pair losses, metrics) of one batch, differentiable through the policy's log-probs. `model` may be
+        wrapped (DDP); the reference is the same weights with the LoRA adapter off."""
+        o = self.cfg.objective
+        logps, tokens = self._logps(model, batch, autocast)
+        pc, pr, tc, tr = logps[0::2], logps[1::2], tokens[0::2], tokens[1::2]
+        name = o.type
+        if self.spec.needs_reference:
+            with torch.no_grad(), peft_model(model).disable_adapter():
+                ref, _ = self._logps(model, batch, autocast)
+            rc, rr = ref[0::2], ref[1::2]
+            if name == "dpo":
+                return self.spec.loss(pc, pr, rc, rr, beta=o.beta_value, label_smoothing=o.label_smoothing)
+            return self.spec.loss(pc, pr, rc, rr, tc, tr, beta=o.beta_value)
+        if name == "simpo":
+            return self.spec.loss(
+                pc, pr, tc, tr, beta=o.beta_value, gamma=o.simpo_gamma, label_smoothing=o.label_smoothing
+            )
+        # orpo: the chosen NLL normalised by the completion tokens per pair of this batch
+        return self.spec.loss(pc, pr, tc, tr, orpo_lambda=o.orpo_lambda, mean_nll_tokens=tc.mean())
+
+    def loss_sum(self, model, batch: dict, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, float]]:
+        """(sum of the pair losses, sums of the logged metrics) for a micro-batch."""
+        losses, metrics = self.pair_losses(model, batch, autocast)
+        return losses.sum(), {k: float(v.sum()) for k, v in metrics.items()}
+
+    @torch.no_grad()
+    def evaluate(self, model, rows, batch_size: int, pad_id: int, status: Callable[[str], None] | None = None) -> dict:
+        """eval_loss (mean pair loss), eval_reward_accuracy, eval_reward_margin and eval_pairs over `rows`."""
+        was_training = model.training
+        model.eval()
+        collate = PairBatches(pad_id, padding_free=True)
+        device = next(model.parameters()).device
+        total = acc = margin = 0.0
+        n = 0
+        for b in range(0, len(rows), batch_size):
+            chunk = rows.select(range(b, min(b + batch_size, len(rows))))
+            batch = {k: v.to(device) for k, v in collate(list(chunk)).items()}
+            batch.pop("num_tokens"), batch.pop("num_attended")
+            losses, metrics = self.pair_losses(model, batch)
+            total += float(losses.sum())
+            acc += float(metrics["rewards/accuracies"].sum())
+            margin += float(metrics["rewards/margins"].sum())
+            n += len(chunk)
+            if status is not None:
+                status(f"evaluating {n}/{len(rows)} pairs")
+        if was_training:
+            model.train()
+        n = max(n, 1)
+        return {
+            "eval_loss": total / n,
+            "eval_reward_accuracy": acc / n,
+            "eval_reward_margin": margin / n,
+            "eval_pairs": n,
+        }

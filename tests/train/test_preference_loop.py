@@ -1,0 +1,172 @@
+"""Preference objectives on the one loop: the loss the loop backpropagates equals the objective's formula on
+log-probs computed the plain way (full logits, reference = adapter off), micro-batch x accumulation gives the
+same steps (normalised by pairs), and the run's before/after evaluation reports reward accuracy."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tuneforge.cli import main
+from tuneforge.config.load import ConfigError
+from tuneforge.config.schema import RunConfig
+from tuneforge.data.prepare import prepare
+from tuneforge.train.loop import Trainer
+from tuneforge.train.objective_step import PairBatches, PairObjective, peft_model
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron".split()
+
+
+def pairs_file(tmp_path, n=32):
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        words = rng.sample(WORDS, 4)
+        rows.append(
+            {
+                "prompt": "Sort these words: " + " ".join(words),
+                "chosen": " ".join(sorted(words)),
+                "rejected": " ".join(rng.sample(words, 4)) + " " + rng.choice(WORDS),
+            }
+        )
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def config(tiny_config_dict, tmp_path, name="run", objective=None, **train):
+    d = {**tiny_config_dict}
+    d["data"] = {"train": [{"path": str(pairs_file(tmp_path))}], "eval_fraction": 0.0, "max_seq_len": 64}
+    d["adapter"] = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
+    d["objective"] = objective or {"type": "dpo", "beta": 0.5}
+    d["train"] = {**d["train"], "lr": 5e-3, **train}
+    d["output"] = {"dir": str(tmp_path / name)}
+    return RunConfig.model_validate(d)
+
+
+def trainer_for(cfg, tmp_path, name="run"):
+    data = prepare(cfg, tmp_path / name, log=lambda s: None)
+    return Trainer(cfg, tmp_path / name, data, log=lambda s: None).setup()
+
+
+def plain_logps(model, seqs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Sum of log p(completion | prompt), one sequence at a time, from the full logits."""
+    out = []
+    for prompt, completion in seqs:
+        ids = torch.tensor([prompt + completion])
+        logits = model(input_ids=ids).logits.float()
+        logp = F.log_softmax(logits[0, len(prompt) - 1 : -1], -1)
+        out.append(logp.gather(1, torch.tensor(completion)[:, None]).sum())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        {"type": "dpo", "beta": 0.5, "label_smoothing": 0.1},
+        {"type": "ipo", "beta": 0.5},
+        {"type": "simpo"},
+        {"type": "orpo"},
+    ],
+    ids=lambda o: o["type"],
+)
+def test_the_loop_loss_equals_the_objective_on_plainly_computed_logps(objective, tiny_config_dict, tmp_path):
+    cfg = config(tiny_config_dict, tmp_path, objective=objective, micro_batch_size=4)
+    tr = trainer_for(cfg, tmp_path)
+    for step in (1, 2):  # move the adapter away from the reference first
+        tr._step(step)
+    model = peft_model(tr.model)
+    model.eval()
+    rows = [tr.data.train[i] for i in range(4)]
+    batch = PairBatches(tr.data.tokenizer.pad_token_id, padding_free=True)(rows)
+    batch.pop("num_tokens"), batch.pop("num_attended")
+    with torch.no_grad():
+        got, metrics = PairObjective(cfg).pair_losses(model, batch)
+        seqs = [(list(r["prompt_ids"]), list(r[k])) for r in rows for k in ("chosen_ids", "rejected_ids")]
+        pol = plain_logps(model, seqs)
+        with model.disable_adapter():
+            ref = plain_logps(model, seqs)
+    n = torch.tensor([float(len(c)) for _, c in seqs])
+    pc, pr, rc, rr, nc, nr = pol[0::2], pol[1::2], ref[0::2], ref[1::2], n[0::2], n[1::2]
+    o = cfg.objective
+    beta = o.beta_value
+    if o.type == "dpo":
+        h = beta * ((pc - rc) - (pr - rr))
+        want = -(1 - o.label_smoothing) * F.logsigmoid(h) - o.label_smoothing * F.logsigmoid(-h)
+    elif o.type == "ipo":
+        want = ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * beta)) ** 2
+    elif o.type == "simpo":
+        want = -F.logsigmoid(beta * (pc / nc - pr / nr) - o.simpo_gamma)
+    else:  # orpo: chosen NLL per token (mean over the batch's pairs) - lambda log sigma(log odds)
+        a, b = pc / nc, pr / nr
+        log_odds = (a - b) - (torch.log1p(-torch.exp(a)) - torch.log1p(-torch.exp(b)))
+        want = -pc / nc.mean() - o.orpo_lambda * F.logsigmoid(log_odds)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert float(got.mean()) != pytest.approx(math.log(2), abs=1e-3) or o.type != "dpo"  # it did move
+    assert set(metrics) >= {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"}
+    tr.cleanup()
+
+
+def test_dpo_micro_batch_times_accumulation_gives_the_same_steps(tiny_config_dict, tmp_path):
+    def run(name, **train):
+        tr = trainer_for(config(tiny_config_dict, tmp_path, name, **train), tmp_path, name)
+        logs = [tr._step(s) for s in (1, 2, 3)]
+        params = {n: p.detach().clone() for n, p in peft_model(tr.model).named_parameters() if p.requires_grad}
+        tr.cleanup()
+        return logs, params
+
+    big, big_params = run("big", micro_batch_size=8, grad_accum=1)
+    acc, acc_params = run("acc", micro_batch_size=2, grad_accum=4, pass_tokens=None)
+    assert big[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # a LoRA policy starts equal to its reference
+    assert [m["loss"] for m in big] == pytest.approx([m["loss"] for m in acc], rel=1e-5)
+    assert big[2]["loss"] < big[0]["loss"]
+    assert big[2]["rewards/accuracies"] == pytest.approx(acc[2]["rewards/accuracies"])
+    for name in big_params:
+        torch.testing.assert_close(acc_params[name], big_params[name], rtol=1e-4, atol=1e-6)
+
+
+def test_objective_and_data_must_match_and_unwired_setups_are_refused(tiny_config_dict, tmp_path):
+    with pytest.raises(
+        ConfigError,
+        match=r"objective.type=dpo trains on preference data, but the prepared data is "
+        r"sft data",
+    ):
+        Trainer(
+            RunConfig.model_validate({**tiny_config_dict, "objective": {"type": "dpo"}, "adapter": {"type": "lora"}}),
+            tmp_path / "a",
+            prepare(RunConfig.model_validate(tiny_config_dict), tmp_path / "a", log=lambda s: None),
+            log=lambda s: None,
+        ).setup()
+    full = config(tiny_config_dict, tmp_path, "full")
+    full.adapter.type = "full"
+    with pytest.raises(
+        ConfigError,
+        match=r"objective.type=dpo compares with a reference model; .* Use "
+        r"adapter.type=lora, or a reference-free objective \(simpo, orpo\)",
+    ):
+        trainer_for(full, tmp_path, "full")
+    with pytest.raises(ValueError, match="objective.orpo_lambda applies to objective.type orpo, not dpo"):
+        config(tiny_config_dict, tmp_path, objective={"type": "dpo", "orpo_lambda": 0.3})
+
+
+@pytest.mark.integration
+def test_a_dpo_run_reports_reward_accuracy_before_and_after(tiny_config_dict, tmp_path, capsys):
+    cfg = config(tiny_config_dict, tmp_path, max_steps=8, micro_batch_size=8)
+    d = cfg.model_dump(mode="json")
+    d["data"]["eval_fraction"] = 0.25
+    d["eval"] = {**d["eval"], "at_start": True, "every_steps": 4, "generate_rows": 0, "show_samples": 0}
+    path = tmp_path / "dpo.yaml"
+    path.write_text(json.dumps(d))
+    assert main(["train", str(path)]) == 0
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["before"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    assert summary["after"]["eval_reward_accuracy"] > 0.5 and summary["after"]["eval_pairs"] == 8
+    out = capsys.readouterr().out
+    assert "eval_reward_accuracy" in out and "eval_pairs " not in out  # a count, not a score, in the table
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()

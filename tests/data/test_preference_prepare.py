@@ -166,6 +166,8 @@ def test_mixed_kinds_and_packing_are_refused_naming_the_sources(tmp_path):
     )
     with pytest.raises(DataKindError, match=rf"sft: {chat} \(messages\); preference: {pairs} \(preference\)"):
         prepare(config(tmp_path, [chat, pairs]), tmp_path / "run", log=quiet)
+    with pytest.raises(DataKindError, match=rf"preference: {pairs} \(preference\); sft: {chat} \(messages\)"):
+        prepare(config(tmp_path, [pairs], eval={"path": str(chat)}), tmp_path / "run", log=quiet)
     with pytest.raises(
         DataKindError, match=rf"data.packing: true cannot pack preference data \({pairs} \(preference\)\)"
     ):
@@ -207,3 +209,23 @@ def test_data_preview_shows_prompt_chosen_and_rejected_with_trained_tokens_marke
         "--- chosen:\n[[Paris<|im_end|>]]\n--- rejected:\n[[Lyon, I think.<|im_end|>]]"
     ) in out
     assert datasets.load_from_disk(str(tmp_path / "run" / "data" / "train"))[0]["chosen"] == "Paris"
+
+
+def test_dedup_is_on_prompt_and_chosen_and_decontamination_on_both_completions(tmp_path):
+    words = "the quick brown fox jumps over the lazy dog near the quiet river bank today"
+    rows = [
+        {"prompt": "Tell me about foxes.", "chosen": "Foxes are clever.", "rejected": "No idea."},
+        {"prompt": "Tell me about foxes.", "chosen": "Foxes are clever!", "rejected": "Ask someone else."},  # dup
+        {"prompt": "Tell me about foxes.", "chosen": "Foxes are small canids.", "rejected": "No idea."},  # kept
+        {"prompt": "Describe a scene.", "chosen": "A calm morning.", "rejected": words},  # contaminated
+    ]
+    evals = [{"prompt": "Say something.", "chosen": "Hello there.", "rejected": words}]
+    data = prepare(
+        config(tmp_path, [write_jsonl(tmp_path, rows)], eval={"path": str(write_jsonl(tmp_path, evals, "eval.jsonl"))}),
+        tmp_path / "run",
+        log=quiet,
+    )
+    assert data.report["dedup"]["exact_removed"] == 1 and data.report["decontamination"]["removed"] == 1
+    assert data.train["chosen"] == ["Foxes are clever.", "Foxes are small canids."]
+    assert data.train["source_row"] == [0, 2] and len(data.eval) == 1
+    assert data.report["eval"]["pairs"] == 1

@@ -229,3 +229,19 @@ def test_dedup_is_on_prompt_and_chosen_and_decontamination_on_both_completions(t
     assert data.train["chosen"] == ["Foxes are clever.", "Foxes are small canids."]
     assert data.train["source_row"] == [0, 2] and len(data.eval) == 1
     assert data.report["eval"]["pairs"] == 1
+
+
+def test_row_preview_of_a_kto_row_marks_the_completion_and_says_its_label():
+    from transformers import AutoTokenizer
+
+    from tuneforge.data.preview import row_preview
+
+    tok = AutoTokenizer.from_pretrained(str(shared_path("tokenizers/qwen2.5")))
+    prompt = tok("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    completion = tok("Berlin<|im_end|>", add_special_tokens=False)["input_ids"]
+    row = {"prompt_ids": prompt, "completion_ids": completion, "label": False}
+    assert row_preview(tok, row, 3, color=False) == (
+        f"\n--- row 3: prompt {len(prompt)} tokens, completion 2 trained, label undesirable ---\n"
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n\n--- completion:\n[[Berlin<|im_end|>]]"
+    )
+    assert "\x1b[1;32mBerlin<|im_end|>\x1b[0m" in row_preview(tok, {**row, "label": True}, 0, color=True)

@@ -52,7 +52,17 @@ def quiet(s):
     return None
 
 
-@pytest.mark.parametrize("tok, template", [("qwen2.5", "auto"), ("llama3", "auto"), (None, "chatml")])
+GENERATION_PROMPT = {
+    "qwen2.5": "<|im_start|>assistant\n",
+    "llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "mistral-7b-v0.1": "[/INST]",  # SentencePiece: the reply's first token carries its space ("▁Paris")
+    None: "<|im_start|>assistant\n",
+}
+
+
+@pytest.mark.parametrize(
+    "tok, template", [("qwen2.5", "auto"), ("llama3", "auto"), ("mistral-7b-v0.1", "auto"), (None, "chatml")]
+)
 def test_prompt_and_completion_ids_equal_the_sft_tokenization(tmp_path, tok, template):
     cfg = config(tmp_path, [write_jsonl(tmp_path, PAIRS)], tok, chat_template=template)
     data = prepare(cfg, tmp_path / "run", log=quiet)
@@ -63,9 +73,7 @@ def test_prompt_and_completion_ids_equal_the_sft_tokenization(tmp_path, tok, tem
     end = data.report["stop_token_ids"][-1]  # <|im_end|>, <|eot_id|>
     for row in train:
         prompt = row["prompt_ids"]
-        assert tokenizer.decode(prompt).endswith(
-            "<|im_start|>assistant\n" if tok != "llama3" else "<|start_header_id|>assistant<|end_header_id|>\n\n"
-        )
+        assert tokenizer.decode(prompt).endswith(GENERATION_PROMPT[tok])
         for name in ("chosen", "rejected"):
             completion = row[f"{name}_ids"]
             assert completion[-1] == end

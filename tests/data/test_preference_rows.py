@@ -193,3 +193,22 @@ def test_explicit_pair_format_with_packing_is_a_config_error():
 
     with pytest.raises(ValidationError, match="data.packing: true cannot pack preference or KTO data"):
         DataConfig(train=[{"path": "p.jsonl", "format": "preference"}], packing=True)
+
+
+def test_transcripts_as_message_lists_share_their_prompt(tmp_path):
+    reply = {"role": "assistant", "content": "Paris"}
+    path = write_jsonl(tmp_path, [{"chosen": [U, reply], "rejected": [U, {**reply, "content": "Rome"}]}])
+    rows, invalid = read(path)
+    assert invalid["format"] == "preference"
+    assert rows[:] == {
+        "messages": [[U]],
+        "text": [""],
+        "score": [None],
+        "source_row": [0],
+        "chosen": ["Paris"],
+        "rejected": ["Rome"],
+    }
+    other = {"role": "user", "content": "What is the capital of Italy?"}
+    path = write_jsonl(tmp_path, [{"chosen": [U, reply], "rejected": [other, {**reply, "content": "Rome"}]}])
+    with pytest.raises(DataFormatError, match=rf"{path}:1: the prompts of `chosen` and `rejected` do not match"):
+        read(path)

@@ -43,7 +43,10 @@ class ObjectiveConfig(Section):
         0.0, ge=0, lt=0.5, description="dpo / simpo: assumed share of flipped labels (conservative DPO)."
     )
     simpo_gamma: float = Field(
-        0.5, ge=0, description="simpo: target reward margin (gamma / beta in the paper's terms)."
+        0.5,
+        ge=0,
+        description="simpo: target reward margin, in reward units: the loss is "
+        "-log sigma(beta (logp_c/n_c - logp_r/n_r) - gamma), as TRL's simpo_gamma.",
     )
     orpo_lambda: float = Field(0.1, gt=0, description="orpo: weight of the odds-ratio term beside the chosen NLL.")
     kto_desirable_weight: float = Field(1.0, gt=0, description="kto: weight of desirable rows.")

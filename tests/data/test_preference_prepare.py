@@ -68,7 +68,8 @@ def test_prompt_and_completion_ids_equal_the_sft_tokenization(tmp_path, tok, tem
     data = prepare(cfg, tmp_path / "run", log=quiet)
     assert data.report["kind"] == prepared_kind(data.report) == "preference"
     tokenizer, train = data.tokenizer, data.train
-    assert train.column_names[:5] == ["prompt_ids", "chosen_ids", "rejected_ids", "num_tokens", "num_trained"]
+    assert {"prompt_ids", "chosen_ids", "rejected_ids", "num_tokens", "num_trained"} <= set(train.column_names)
+    assert train.features["chosen_ids"] == datasets.Sequence(datasets.Value("int32"))
     assert len(train) == 2
     end = data.report["stop_token_ids"][-1]  # <|im_end|>, <|eot_id|>
     for row in train:
@@ -129,7 +130,8 @@ def test_kto_rows_prepare_to_prompt_completion_and_label(tmp_path):
     ]
     data = prepare(config(tmp_path, [write_jsonl(tmp_path, rows)]), tmp_path / "run", log=quiet)
     assert prepared_kind(data.report) == "kto"
-    assert data.train.column_names[:5] == ["prompt_ids", "completion_ids", "num_tokens", "num_trained", "label"]
+    assert {"prompt_ids", "completion_ids", "num_tokens", "num_trained", "label"} <= set(data.train.column_names)
+    assert "chosen_ids" not in data.train.column_names and data.train.features["label"] == datasets.Value("bool")
     assert data.train["label"] == [True, False]
     assert data.train[0]["prompt_ids"] == data.train[1]["prompt_ids"]
     berlin = data.tokenizer("Berlin", add_special_tokens=False)["input_ids"]
@@ -253,3 +255,17 @@ def test_row_preview_of_a_kto_row_marks_the_completion_and_says_its_label():
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n\n--- completion:\n[[Berlin<|im_end|>]]"
     )
     assert "\x1b[1;32mBerlin<|im_end|>\x1b[0m" in row_preview(tok, {**row, "label": True}, 0, color=True)
+
+
+def test_blocks_of_rows_give_the_same_pairs(tmp_path, monkeypatch):
+    from tuneforge.data import pair_encode
+
+    rows = [*PAIRS, {"prompt": "Why is the sky blue?", "chosen": "Rayleigh scattering.", "rejected": "It is paint."}]
+    path = write_jsonl(tmp_path, rows)
+    whole = prepare(config(tmp_path, [path]), tmp_path / "whole", log=quiet)
+    monkeypatch.setattr(pair_encode, "BLOCK_ROWS", 2)
+    blocks = prepare(config(tmp_path, [path]), tmp_path / "blocks", log=quiet)
+    for c in ("prompt_ids", "chosen_ids", "rejected_ids", "num_tokens", "source_row"):
+        assert blocks.train[c] == whole.train[c]
+    assert len(blocks.train) == 3
+    assert blocks.report["train"] == whole.report["train"]

@@ -12,8 +12,8 @@ pair; both completions must see the same prompt tokens.
 Prepared columns:
 - preference: prompt_ids, chosen_ids, rejected_ids (list[int]; the completions' tokens all trained),
 - kto:        prompt_ids, completion_ids, label (bool),
-and num_tokens (all tokens of the row), num_trained (completion tokens), then the source columns (messages,
-chosen/rejected or completion/label, source_id, source_row) for preview.
+and num_tokens (all tokens of the row), num_trained (completion tokens), after the source columns (messages,
+chosen/rejected or completion/label, source_id, source_row), as the SFT rows' input_ids follow theirs.
 
 Over-long rows (prompt + longest completion > data.max_seq_len): `overlong: truncate` keeps the prompt's last
 tokens (at least half of max_seq_len, more when the completions are short) and cuts the completions at the end,
@@ -22,16 +22,22 @@ so every sequence fits; `overlong: drop` drops the row. Both are counted in the 
 
 from __future__ import annotations
 
+import uuid
+from collections import Counter
+
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from tuneforge.config.schema import DataConfig
-from tuneforge.data.encode import _refused_rows, tokenize_chunks
+from tuneforge.data.encode import _refused_rows, _with_source_columns, tokenize_chunks
 from tuneforge.data.masks import TokenizedRows
 from tuneforge.data.preference import COMPLETIONS
 from tuneforge.data.templates import IGNORE_INDEX
 
-CHUNK_ROWS = 512
+CHUNK_ROWS = 512  # rows per tokenizer call
+BLOCK_ROWS = 8192  # rows whose tokens are held as Python lists at once
 
 
 def split_prompt(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]] | None:
@@ -77,73 +83,74 @@ def tokenize_pairs(
     source_columns: bool = True,
     locate=None,
 ) -> tuple[datasets.Dataset, dict, list[int]]:
-    """Tokenize every preference (kind 'preference') or KTO ('kto') row. Returns (rows, report, the length
-    of each kept row's longest sequence: prompt + its longest completion)."""
+    """Tokenize every preference (kind 'preference') or KTO ('kto') row, BLOCK_ROWS rows at a time (the
+    tokens of one block are Python lists at once; the result's are Arrow chunks). Returns (rows, report, the
+    length of each kept row's longest sequence: prompt + its longest completion)."""
     names = COMPLETIONS[kind]
-    cols = ds.select_columns(["messages", *names])[:]
+    token_columns = ["prompt_ids", *(f"{n}_ids" for n in names)]
+    chunks: dict[str, list] = {c: [] for c in token_columns}
     refused: dict[int, str] = {}
-    done = {n: _tokenized(tok, template, cols["messages"], cols[n], refused) for n in names}
-    template_errors = _refused_rows(ds, refused, locate, d.skip_invalid)
-    out: dict[str, list] = {"prompt_ids": [], **{f"{n}_ids": [] for n in names}}
-    kept, lengths, truncated, dropped_long, dropped_short, mismatch = [], [], 0, 0, 0, {}
-    prompt_tokens = trained = 0
-    for i in range(len(ds)):
-        if i in refused:
-            continue
-        parts = [split_prompt(*done[n][i]) for n in names]
-        if any(p is None for p in parts) or any(p[0] != parts[0][0] for p in parts):
-            mismatch[i] = "the chat template renders the prompt differently before the chosen and rejected replies"
-            continue
-        prompt, completions = parts[0][0], [p[1] for p in parts]
-        if len(prompt) + max(map(len, completions)) > d.max_seq_len:
-            if d.overlong == "drop":
-                dropped_long += 1
+    kept, lengths, count = [], [], Counter()
+    texts = ds.select_columns(["messages", *names])
+    for start in range(0, len(ds), BLOCK_ROWS):
+        block = texts.select(range(start, min(start + BLOCK_ROWS, len(ds))))[:]
+        block_refused: dict[int, str] = {}
+        done = {n: _tokenized(tok, template, block["messages"], block[n], block_refused) for n in names}
+        refused.update({start + k: m for k, m in block_refused.items()})
+        out: dict[str, list] = {c: [] for c in token_columns}
+        for k in range(len(block["messages"])):
+            if k in block_refused:
                 continue
-            truncated += 1
-            prompt, completions = fit(prompt, completions, d.max_seq_len)
-        if len(prompt) + min(map(len, completions)) < d.quality.min_tokens:
-            dropped_short += 1
-            continue
-        kept.append(i)
-        out["prompt_ids"].append(prompt)
-        for n, c in zip(names, completions):
-            out[f"{n}_ids"].append(c)
-        lengths.append(len(prompt) + max(map(len, completions)))
-        prompt_tokens += len(prompt)
-        trained += sum(map(len, completions))
-    if mismatch:
-        template_errors = _refused_rows(ds, {**refused, **mismatch}, locate, d.skip_invalid)
-    ids = datasets.Sequence(datasets.Value("int32"))
-    features = {k: ids for k in out}
-    n_tokens = [len(p) + sum(len(out[f"{n}_ids"][j]) for n in names) for j, p in enumerate(out["prompt_ids"])]
-    out["num_tokens"] = n_tokens
-    out["num_trained"] = [t - len(p) for t, p in zip(n_tokens, out["prompt_ids"])]
-    features.update(num_tokens=datasets.Value("int64"), num_trained=datasets.Value("int64"))
-    if kind == "kto":
-        out["label"] = [bool(x) for x in ds.select_columns(["label"]).select(kept)[:]["label"]] if kept else []
-        features["label"] = datasets.Value("bool")
-    if source_columns:
-        source = ds.select(kept) if kept else ds.select([])
-        for c in source.column_names:
-            if c not in out:
-                out[c] = source.select_columns([c])[:][c]
-                features[c] = source.features[c]
-    rows = datasets.Dataset.from_dict(out, features=datasets.Features(features))
-    report = _report(len(ds), rows, lengths, prompt_tokens, trained, truncated, dropped_long, dropped_short, d)
+            parts = [split_prompt(*done[n][k]) for n in names]
+            if any(p is None for p in parts) or any(p[0] != parts[0][0] for p in parts):
+                refused[start + k] = (
+                    "the template renders the prompt differently before the chosen and rejected replies"
+                )
+                continue
+            prompt, completions = parts[0][0], [p[1] for p in parts]
+            if len(prompt) + max(map(len, completions)) > d.max_seq_len:
+                count["truncated" if d.overlong == "truncate" else "dropped_long"] += 1
+                if d.overlong == "drop":
+                    continue
+                prompt, completions = fit(prompt, completions, d.max_seq_len)
+            if len(prompt) + min(map(len, completions)) < d.quality.min_tokens:
+                count["dropped_short"] += 1
+                continue
+            kept.append(start + k)
+            for c, ids in zip(token_columns, [prompt, *completions]):
+                out[c].append(ids)
+                count[c] += len(ids)
+            lengths.append(len(prompt) + max(map(len, completions)))
+        for c in token_columns:
+            chunks[c].append(pa.array(out[c], pa.list_(pa.int32())))
+    template_errors = _refused_rows(ds, refused, locate, d.skip_invalid)
+    columns = {c: pa.chunked_array(chunks[c], pa.list_(pa.int32())) for c in token_columns}
+    lens = {c: pc.list_value_length(columns[c]).to_numpy(zero_copy_only=False).astype(np.int64) for c in columns}
+    trained = sum((lens[c] for c in token_columns[1:]), np.zeros(len(kept), dtype=np.int64))
+    columns["num_tokens"] = pa.array(lens["prompt_ids"] + trained, pa.int64())
+    columns["num_trained"] = pa.array(trained, pa.int64())
+    if kind == "kto" and not source_columns:  # else among the source columns
+        columns["label"] = pa.array(ds.select_columns(["label"]).select(kept)[:]["label"] if kept else [], pa.bool_())
+    rows = (
+        _with_source_columns(ds, np.asarray(kept, dtype=np.int64), columns)
+        if source_columns
+        else datasets.Dataset(pa.table(columns), fingerprint=uuid.uuid4().hex)
+    )
+    prompt_tokens, completion = count["prompt_ids"], sum(count[c] for c in token_columns[1:])
+    report = _report(len(ds), rows, lengths, prompt_tokens, completion, count, d)
     report["prompt_tokens"] = prompt_tokens
     if kind == "preference":
         report["pairs"] = len(rows)
-        report["chosen_tokens"] = int(sum(map(len, out["chosen_ids"])))
-        report["rejected_tokens"] = int(sum(map(len, out["rejected_ids"])))
+        report["chosen_tokens"], report["rejected_tokens"] = count["chosen_ids"], count["rejected_ids"]
     else:
-        report["desirable"] = int(sum(out["label"]))
+        report["desirable"] = int(sum(rows.select_columns(["label"])[:]["label"]))
         report["undesirable"] = len(rows) - report["desirable"]
     if template_errors:
         report["template_errors"] = template_errors
     return rows, report, lengths
 
 
-def _report(rows_in, rows, lengths, prompt_tokens, trained, truncated, dropped_long, dropped_short, d) -> dict:
+def _report(rows_in: int, rows, lengths: list[int], prompt_tokens: int, trained: int, count: Counter, d) -> dict:
     s = np.sort(np.asarray(lengths, dtype=np.int64))
     tokens = prompt_tokens + trained
     return {
@@ -152,9 +159,9 @@ def _report(rows_in, rows, lengths, prompt_tokens, trained, truncated, dropped_l
         "tokens": int(tokens),
         "trained_tokens": int(trained),
         "trained_fraction": trained / max(tokens, 1),
-        "truncated_rows": truncated,
-        "dropped_overlong_rows": dropped_long,
-        "dropped_short_or_untrained_rows": dropped_short,
+        "truncated_rows": count["truncated"],
+        "dropped_overlong_rows": count["dropped_long"],
+        "dropped_short_or_untrained_rows": count["dropped_short"],
         "length": {  # of each row's longest sequence (prompt + its longest completion)
             "min": int(s[0]) if len(s) else 0,
             "median": int(s[len(s) // 2]) if len(s) else 0,

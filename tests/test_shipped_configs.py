@@ -61,6 +61,9 @@ def data_file(shipped: str, tmp: Path) -> Path:
             ),
             encoding="utf-8",
         )
+    elif name.startswith("dpo"):  # preference pairs {conversations, chosen, rejected}
+        pairs = json.loads(shared_path("preference/dpo_en_demo.json").read_text(encoding="utf-8"))[:24]
+        out.write_text(json.dumps(pairs), encoding="utf-8")
     elif name.startswith("alpaca"):
         out.write_text(json.dumps(rows), encoding="utf-8")
     else:

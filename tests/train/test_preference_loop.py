@@ -122,6 +122,8 @@ def test_dpo_micro_batch_times_accumulation_gives_the_same_steps(tiny_config_dic
 
     big, big_params = run("big", micro_batch_size=8, grad_accum=1)
     acc, acc_params = run("acc", micro_batch_size=2, grad_accum=4, pass_tokens=None)
+    joined, _ = run("joined", micro_batch_size=1, grad_accum=8, pass_tokens=200)  # pairs joined into passes
+    assert [m["loss"] for m in joined] == pytest.approx([m["loss"] for m in big], rel=1e-5)
     assert big[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # a LoRA policy starts equal to its reference
     assert [m["loss"] for m in big] == pytest.approx([m["loss"] for m in acc], rel=1e-5)
     assert big[2]["loss"] < big[0]["loss"]

@@ -93,6 +93,15 @@ class BatchOrder:
         return idx.tolist()
 
 
+def sequence_lengths(row: dict) -> list[int]:
+    """The sequences a prepared row becomes in a batch: itself, or a preference pair's prompt + chosen and
+    prompt + rejected."""
+    if "input_ids" in row:
+        return [len(row["input_ids"])]
+    prompt = len(row["prompt_ids"])
+    return [prompt + len(row["chosen_ids"]), prompt + len(row["rejected_ids"])]
+
+
 def join_micro_batches(micro: list[list[dict]], max_positions: int, flat: bool) -> list[list[dict]]:
     """Consecutive micro-batches of one optimizer step joined into passes of at most `max_positions` positions
     (flat: the rows' lengths summed, as FlatCollator lays them end to end; else rows x the longest row, as
@@ -100,7 +109,7 @@ def join_micro_batches(micro: list[list[dict]], max_positions: int, flat: bool) 
     loss is normalised over all of them, so the gradient is the same however they are split into passes."""
 
     def positions(rows: list[dict]) -> int:
-        lengths = [len(r["input_ids"]) for r in rows]
+        lengths = [n for r in rows for n in sequence_lengths(r)]
         return sum(lengths) if flat else len(lengths) * max(lengths, default=0)
 
     passes: list[list[dict]] = []

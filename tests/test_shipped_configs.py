@@ -27,8 +27,9 @@ TINY = {"architecture": "llama", "hidden_size": 32, "num_layers": 1, "num_heads"
 TOKENIZERS = {"llama-2": "llama2", "llama-3": "llama3", "mistral": "mistral-7b-v0.1", "qwen": "qwen2.5"}
 
 
-def _alpaca_rows() -> list[dict]:
-    return json.loads(shared_path("instruct/alpaca_en_demo.json").read_text(encoding="utf-8"))[:24]
+def _alpaca_rows(eval_rows: bool = False) -> list[dict]:
+    rows = json.loads(shared_path("instruct/alpaca_en_demo.json").read_text(encoding="utf-8"))
+    return rows[24:48] if eval_rows else rows[:24]  # held-out rows are other rows (decontamination drops copies)
 
 
 def data_file(shipped: str, tmp: Path) -> Path:
@@ -36,7 +37,7 @@ def data_file(shipped: str, tmp: Path) -> Path:
     name = Path(shipped).name
     out = tmp / "data" / name
     out.parent.mkdir(exist_ok=True)
-    rows = _alpaca_rows()
+    rows = _alpaca_rows(eval_rows="eval" in name)
     if name.endswith(".csv"):  # question/answer columns, mapped onto the Alpaca fields by the example
         with out.open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)

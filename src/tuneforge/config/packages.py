@@ -35,8 +35,7 @@ def missing_packages(cfg: RunConfig) -> list[str]:
         needs.append(("bitsandbytes", "tuneforge[qlora]", " and ".join(bnb)))
     if cfg.dist.strategy == "deepspeed":
         needs.append(("deepspeed", "tuneforge[deepspeed]", "dist.strategy=deepspeed"))
-    if cfg.train.liger_kernels:
-        needs.append(("liger_kernel", "tuneforge[liger]", "train.liger_kernels=true"))
+    # train.liger_kernels is checked when the device is known (model/kernels.py: CUDA only, then the package)
     if cfg.model.attn_implementation == "flash_attention_2":
         needs.append(("flash_attn", "flash-attn", "model.attn_implementation=flash_attention_2"))
     return [

@@ -18,7 +18,6 @@ counted.
 
 from __future__ import annotations
 
-import codecs
 import csv
 import json
 import uuid
@@ -39,6 +38,7 @@ from tuneforge.data.fields import (
     to_canonical,
     vote,
 )
+from tuneforge.data.json_rows import scan_json, scan_json_lines, utf8_problem
 from tuneforge.data.locate import RowLocator, data_suffix, open_bytes, read_text
 from tuneforge.errors import TuneforgeError
 
@@ -83,48 +83,6 @@ def column(ds: datasets.Dataset, name: str) -> list:
     return ds.select_columns([name])[:][name]
 
 
-def _scan_json_lines(path: Path) -> tuple[list[dict], list[str], list[int]]:
-    """Parse a JSONL file line by line: (rows, problems where each names its line, the rows' lines)."""
-    rows, problems, lines = [], [], []
-    with open_bytes(path) as fh:
-        for n, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                problems.append(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start}); re-save the file as UTF-8")
-                continue
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(row, dict):
-                problems.append(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
-                continue
-            rows.append(row)
-            lines.append(n)
-    return rows, problems, lines
-
-
-def _utf8_problem(path: Path) -> str | None:
-    """The first place a text file is not valid UTF-8, as 'file:line: ...', or None."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = lines = 0
-    with open_bytes(path) as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as e:
-                line = lines + chunk[: max(e.start, 0)].count(b"\n") + 1
-                return (
-                    f"{path}:{line}: not UTF-8 text ({e.reason} at byte {offset + max(e.start, 0)}); "
-                    "re-save the file as UTF-8"
-                )
-            offset += len(chunk)
-            lines += chunk.count(b"\n")
-    return None
-
-
 def _diagnose(path: Path, error: Exception) -> str:
     """Say where a file that datasets could not parse goes wrong."""
     if data_suffix(path) in (".jsonl", ".json"):
@@ -139,7 +97,7 @@ def _diagnose(path: Path, error: Exception) -> str:
             except json.JSONDecodeError as e:
                 return f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})"
         else:
-            _, problems, _ = _scan_json_lines(path)
+            _, problems, _ = scan_json_lines(path)
             if problems:
                 return problems[0] + " (or set data.skip_invalid: true to skip bad lines)"
     if path.suffix == ".csv":
@@ -197,7 +155,7 @@ def _read_files(files: list[Path], builder: str, skip_invalid: bool) -> tuple[da
     if empty:
         raise DataFormatError(f"{empty[0]}: the file is empty; remove it from data.train or fill it")
     lenient = skip_invalid and all(data_suffix(f) == ".jsonl" for f in files)
-    problem = next((m for m in (_utf8_problem(f) for f in files if f.suffix != ".parquet") if m), None)
+    problem = next((m for m in (utf8_problem(f) for f in files if f.suffix != ".parquet") if m), None)
     if problem and not lenient:
         raise DataFormatError(problem)
     if not problem:
@@ -212,30 +170,13 @@ def _read_files(files: list[Path], builder: str, skip_invalid: bool) -> tuple[da
             # JSON that parses, which datasets could not read (values of mixed types): read it here
     rows, skipped, where = [], [], []
     for f in files:
-        r, problems, lines = _scan_json(f)
+        r, problems, lines = scan_json(f)
         rows.extend(r)
         skipped.extend(problems)
         where.extend((str(f), n) for n in lines)
     if not rows:
         raise DataFormatError(f"{files[0]}: no readable rows ({len(skipped)} skipped: {skipped[:1]})")
     return _from_rows(rows), skipped, where
-
-
-def _scan_json(path: Path) -> tuple[list[dict], list[str], list[int]]:
-    """`_scan_json_lines`, or the elements of a file holding one JSON array."""
-    text = read_text(path) if data_suffix(path) == ".json" else ""
-    if not text.lstrip().startswith("["):
-        return _scan_json_lines(path)
-    from tuneforge.data.locate import _json_array_lines
-
-    rows, problems, lines = [], [], []
-    for row, line in zip(json.loads(text), _json_array_lines(text)):
-        if isinstance(row, dict):
-            rows.append(row)
-            lines.append(line)
-        else:
-            problems.append(f"{path}:{line}: expected a JSON object per array element, got {type(row).__name__}")
-    return rows, problems, lines
 
 
 def _from_rows(rows: list[dict]) -> datasets.Dataset:

@@ -94,7 +94,6 @@ CASES = {
         "DeepSpeedEngine(ZeRO-2)",
         1.0,
     ),
-    "zero2-full": ("full", {"strategy": "deepspeed", "zero_stage": 2}, "DeepSpeedEngine(ZeRO-2)", 1.0),
     "zero3-lora": ("lora", {"strategy": "deepspeed", "zero_stage": 3}, "DeepSpeedEngine(ZeRO-3)", 0.5),
     "zero3-full": (
         "full",

@@ -138,7 +138,7 @@ class Trainer:
         )
         if cfg.train.compile:
             compiled = compile_layers(model)
-            self.log(f"torch.compile: {compiled} decoder layers (compiled on first use)")
+            self.log(f"torch.compile: {compiled} decoder layer{'s' if compiled != 1 else ''} (compiled on first use)")
         self.params_report = trainable_report(model)
         ckpt_bytes = estimate_checkpoint_bytes(model, cfg.train.optimizer)
         self.flops = flop_model(model)

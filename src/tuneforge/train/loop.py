@@ -171,16 +171,16 @@ class Trainer:
         self.collate = (FlatCollator if flat else PackedCollator if packed else PaddedCollator)(
             self.data.tokenizer.pad_token_id
         )
-        # the objective: sft inline below; a preference objective builds pair batches and its own loss
-        check_objective(cfg, prepared_kind(self.data.report))
-        self.objective = None
-        if cfg.objective.type != "sft":
-            self.objective = PairObjective(cfg)
-            self.collate = PairBatches(self.data.tokenizer.pad_token_id, padding_free=flat)
         # rows holding several samples: attention per sample (SDPA on each slice) instead of a block mask
         self.per_sample_sdpa = (flat or packed) and use_packed_sdpa(model)
         # LM head + loss in row chunks needs the head's weight whole on this rank (not FSDP2 / ZeRO-3 shards)
         self.chunked_head = cfg.train.logits == "chunked" and not self.parallel.sharded
+        # the objective: sft inline below; a preference objective builds pair batches and its own loss
+        check_objective(cfg, prepared_kind(self.data.report))
+        self.objective = None
+        if cfg.objective.type != "sft":
+            self.objective = PairObjective(cfg, chunked=self.chunked_head)
+            self.collate = PairBatches(self.data.tokenizer.pad_token_id, padding_free=flat)
         self._checked_per_sample = not (flat or packed)
         # a step's micro-batches joined into larger passes (one process, not DeepSpeed: see train.pass_tokens)
         self.pass_positions, note = pass_budget(cfg, self.accelerator.num_processes, self.parallel.name)

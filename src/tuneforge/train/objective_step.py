@@ -91,19 +91,19 @@ class PairBatches:
 class PairObjective:
     """A preference objective on the loop: `units`, `loss_sum`, `evaluate`."""
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: RunConfig, chunked: bool = False):
+        """chunked: sequence log-probs through the chunked LM head (no (positions x vocab) logits at all)."""
+        self.cfg, self.chunked = cfg, chunked
         self.spec = OBJECTIVES[cfg.objective.type]
 
     @staticmethod
     def units(batch: dict) -> float:
         return float(batch["num_pairs"])
 
-    @staticmethod
-    def _logps(model, batch, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logps(self, model, batch, autocast) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = {k: v for k, v in batch.items() if k != "num_pairs"}
         with autocast():
-            logps, tokens = sequence_logps(model, inputs)
+            logps, tokens = sequence_logps(model, inputs, chunked=self.chunked)
         keep = tokens > 0  # a padding tail is a sequence with nothing trained
         logps, tokens = logps[keep], tokens[keep]
         if logps.numel() != 2 * int(batch["num_pairs"]):

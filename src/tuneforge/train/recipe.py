@@ -181,7 +181,8 @@ def held_out_loss(cfg: RunConfig, data: PreparedData, evaluation: RunEvaluation)
     the mean pair loss with reward accuracy and margin (a preference objective)."""
     if cfg.objective.type == "sft":
         return evaluation.loss
-    pairs = PairObjective(cfg)
+    # the chunked head needs the head's weight whole on this rank: not with FSDP2 / ZeRO shards
+    pairs = PairObjective(cfg, chunked=cfg.train.logits == "chunked" and cfg.dist.strategy in ("auto", "ddp"))
 
     def pair_eval(model, status=None) -> dict:
         return pairs.evaluate(model, data.eval, cfg.eval.batch_size, data.tokenizer.pad_token_id, status)

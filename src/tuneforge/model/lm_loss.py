@@ -78,7 +78,25 @@ def trained_nll_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False
     a model that changes its logits after the LM head (soft-capping, logit scaling) keeps its own head from then on."""
     labels = batch["labels"]
     targets_mask = labels[:, 1:] != IGNORE_INDEX
-    select = torch.zeros_like(labels, dtype=torch.bool)
+    run = _head_at_trained_positions(model, batch, targets_mask, chunked)
+    if run is None:  # the model changes its head's output: its own head from now on
+        return trained_nll_sum(model, batch, chunked=False)
+    logits, hidden, head, targets = run
+    if hidden is not None:
+        return linear_cross_entropy_sum(hidden, head.weight, head.bias, targets)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def _head_at_trained_positions(model, batch: dict[str, torch.Tensor], targets_mask: torch.Tensor, chunked: bool):
+    """Run the model with its LM head applied only at the positions whose next token is trained.
+
+    Returns (logits, hidden, head, targets): without `chunked`, logits (trained positions x vocab) and hidden
+    None; with it, the head's input `hidden` at those positions for a fused chunked head (logits then hold at most
+    the one row checked on the first call per head). None when that check finds that the model changes its
+    head's output (soft-capping, logit scaling): the caller recomputes unchunked, with the model's own head."""
+    select = torch.zeros_like(batch["labels"], dtype=torch.bool)
     select[:, :-1] = targets_mask
     select = select.to(batch["input_ids"].device)
     head = output_layer(model)
@@ -101,19 +119,17 @@ def trained_nll_sum(model, batch: dict[str, torch.Tensor], chunked: bool = False
         logits = _run(model, batch).logits  # (trained positions, vocab), or (<=1, vocab) when chunked
     finally:
         handle.remove()
-    targets = labels[:, 1:][targets_mask].to(logits.device)
-    if chunked:
-        hidden = kept[0]
-        if check and hidden.shape[0]:
-            ours = F.linear(hidden[:1].detach(), head.weight, head.bias)
-            if not torch.equal(logits.detach().float(), ours.float()):
-                _POSTPROCESSED.add(head)  # the model changes the head's output: its own head from now on
-                return trained_nll_sum(model, batch, chunked=False)
-            _PLAIN.add(head)
-        return linear_cross_entropy_sum(hidden, head.weight, head.bias, targets)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+    targets = batch["labels"][:, 1:][targets_mask].to(logits.device)
+    if not chunked:
+        return logits, None, head, targets
+    hidden = kept[0]
+    if check and hidden.shape[0]:
+        ours = F.linear(hidden[:1].detach(), head.weight, head.bias)
+        if not torch.equal(logits.detach().float(), ours.float()):
+            _POSTPROCESSED.add(head)
+            return None
+        _PLAIN.add(head)
+    return logits, hidden, head, targets
 
 
 _PLAIN: weakref.WeakSet = weakref.WeakSet()  # output layers whose output the model returns unchanged
@@ -140,10 +156,7 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], chunked: bool = False)
     returns unchanged (checked on one row on the first call), whole on this rank."""
     labels = batch["labels"]
     targets_mask = labels[:, 1:] != IGNORE_INDEX
-    select = torch.zeros_like(labels, dtype=torch.bool)
-    select[:, :-1] = targets_mask
     device = batch["input_ids"].device
-    select = select.to(device)
     if "position_ids" in batch:
         starts = batch["position_ids"] == 0
         starts[:, 0] = True  # each row starts a sequence, whatever its first position
@@ -153,34 +166,11 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], chunked: bool = False)
         sequence_of = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
         n_seq = labels.shape[0]
     owner = sequence_of[:, 1:][targets_mask].to(device)  # the sequence of each trained token (the label's own)
-    head = output_layer(model)
-    chunked = chunked and type(head) is torch.nn.Linear and head not in _POSTPROCESSED
-    check = chunked and head not in _PLAIN  # first call: one row through the model's head, to compare with ours
-    kept: list[torch.Tensor] = []
-
-    def keep_trained(module, args):
-        hidden = args[0]
-        if hidden.dim() != 3 or hidden.shape[:2] != select.shape:
-            raise RuntimeError(
-                f"LM head got hidden states of shape {tuple(hidden.shape)}, expected {tuple(select.shape)} + (hidden,)"
-            )
-        kept.append(hidden[select])
-        return (kept[0][: int(check)] if chunked else kept[0], *args[1:])
-
-    handle = head.register_forward_pre_hook(keep_trained)
-    try:
-        logits = _run(model, batch).logits  # (trained positions, vocab), or (<=1, vocab) when chunked
-    finally:
-        handle.remove()
-    targets = labels[:, 1:][targets_mask].to(logits.device)
-    if chunked:
-        hidden = kept[0]
-        if check and hidden.shape[0]:
-            ours = F.linear(hidden[:1].detach(), head.weight, head.bias)
-            if not torch.equal(logits.detach().float(), ours.float()):
-                _POSTPROCESSED.add(head)  # the model changes the head's output: its own head from now on
-                return sequence_logps(model, batch, chunked=False)
-            _PLAIN.add(head)
+    run = _head_at_trained_positions(model, batch, targets_mask, chunked)
+    if run is None:  # the model changes its head's output: its own head from now on
+        return sequence_logps(model, batch, chunked=False)
+    logits, hidden, head, targets = run
+    if hidden is not None:
         token_logps = linear_token_logps(hidden, head.weight, head.bias, targets)
     else:
         if logits.dtype in (torch.float16, torch.bfloat16):

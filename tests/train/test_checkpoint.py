@@ -275,9 +275,11 @@ def test_train_resumes_refuses_incompatible_changes_and_accepts_more_steps(tiny_
 
 
 def test_loss_spikes_are_logged(tiny_config_dict, tmp_path):
+    from tuneforge.train.step_records import track_loss
+
     tr = trainer_for(tiny_config_dict, tmp_path, train={"loss_spike_factor": 2.0})
     for step, loss in enumerate([1.0] * 12 + [1.5, 2.5, 1.0], start=1):
-        tr._track_loss(step, loss)
+        track_loss(tr.state, tr.cfg.train, tr.monitor, step, loss)
     tr.cleanup()
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     spikes = [(r["step"], r["loss"]) for r in records if r["type"] == "loss_spike"]

@@ -114,7 +114,7 @@ def test_sharded_strategies_divide_what_they_shard_and_offload_leaves_the_device
         assert fsdp.parts[key] == pytest.approx(ddp[key] / 4)
     # one decoder layer's weights (fp32), gathered whole for its forward and backward
     cfg = _cfg("full", False)
-    from tuneforge.train.planner import meta_model
+    from tuneforge.train.activation_probe import meta_model
 
     layer = sum(p.numel() for p in meta_model(cfg).model.layers[0].parameters()) * 4
     assert fsdp.parts["gathered layer (all-gather)"] == layer

@@ -154,3 +154,13 @@ def _autos(obj, prefix: str = "") -> list[str]:
     elif obj == AUTO:
         out.append(prefix.rstrip("."))
     return out
+
+
+def zero_stage(cfg: RunConfig) -> int:
+    """The ZeRO stage a deepspeed run will use: dist.zero_stage, else its JSON's, else 2."""
+    if cfg.dist.zero_stage:
+        return cfg.dist.zero_stage
+    if cfg.dist.deepspeed_config:
+        stage = read_json(cfg.dist.deepspeed_config).get("zero_optimization", {}).get("stage", 2)
+        return stage if stage in (1, 2, 3) else 2
+    return 2

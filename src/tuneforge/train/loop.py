@@ -21,25 +21,25 @@ from tuneforge.data.collate import FlatCollator, PackedCollator, PaddedCollator,
 from tuneforge.data.formats import column
 from tuneforge.data.preference import prepared_kind
 from tuneforge.data.prepare import PreparedData
-from tuneforge.model.adapters import apply_adapter, describe, trainable_report
+from tuneforge.model.adapters import describe, trainable_report
 from tuneforge.model.attention import check_samples_kept_apart, packed_calls, samples_share_rows, use_packed_sdpa
-from tuneforge.model.gguf_source import is_gguf, link_base
-from tuneforge.model.kernels import apply_liger, check_liger
 from tuneforge.model.lm_loss import forward_logits, nll_sum, trained_nll_sum, trained_tokens
-from tuneforge.model.load import DTYPES, choose_attention, choose_precision, load_model, load_quantized, model_source
+from tuneforge.model.load import choose_precision
 from tuneforge.train.alerts import final_failed_message
 from tuneforge.train.batches import BatchOrder, join_micro_batches, pass_budget
 from tuneforge.train.checkpoint import TrainState, find_latest, flat_config
 from tuneforge.train.disk_space import estimate_checkpoint_bytes
 from tuneforge.train.final import FinalWriteError, write_final
 from tuneforge.train.host_memory import keep_freed_memory
+from tuneforge.train.model_setup import build_model
 from tuneforge.train.monitor import Monitor
 from tuneforge.train.objective_step import PairBatches, PairObjective, check_objective
-from tuneforge.train.optim import build_optimizer, build_scheduler, compile_layers
+from tuneforge.train.optim import build_optimizer, build_scheduler
 from tuneforge.train.parallel import build_parallel
 from tuneforge.train.planner import resolve_auto_checkpointing
 from tuneforge.train.run_checkpoints import RunCheckpoints
-from tuneforge.train.signals import BadStepsError, StopSignals, TrainingStopped
+from tuneforge.train.signals import StopSignals, TrainingStopped
+from tuneforge.train.step_records import record_bad_step, record_eval, should_stop_early, track_loss
 from tuneforge.train.throughput import MfuMeter, default_threads, device_peak_tflops, flop_model, peak_memory_gb
 from tuneforge.train.trackers import open_trackers
 
@@ -85,60 +85,16 @@ class Trainer:
         # ---- model and adapter
         if cfg.train.gradient_checkpointing == "auto":  # settled by `tuneforge train` already; direct use settles here
             self.log(resolve_auto_checkpointing(cfg, device, self.accelerator.num_processes))
-        if cfg.train.liger_kernels:
-            check_liger(device)  # before any weight is loaded
-        attention = choose_attention(cfg.model.attn_implementation, device)
-        frozen_low_precision = cfg.adapter.type != "full" and self.precision != "fp32"
-        dtype = DTYPES[self.precision] if frozen_low_precision else torch.float32
-        qlora, gguf = cfg.adapter.type == "qlora", is_gguf(cfg.model.name_or_path)
-        own_base = cfg.model.init is not None or gguf  # a new tiny model or a converted GGUF file: base/ in the run
-        if qlora and not own_base:  # straight from the hub/directory into 4 bits
-            model = self._load_4bit(cfg.model.name_or_path, device, attention)
-        else:
-            if gguf:  # converted once, by the main process; the others find it cached (loading stays collective)
-                with self.accelerator.main_process_first():
-                    model_source(cfg.model, dtype, self.log)
-            # (a GGUF's conversion was reported just above: the lookup inside load_model stays quiet)
-            model = load_model(
-                cfg.model,
-                self.data.tokenizer,
-                dtype,
-                attention,
-                seed=cfg.train.seed,
-                log=(lambda _: None) if gguf else self.log,
-            )
-        if own_base and cfg.adapter.type != "full":
-            # an adapter needs its base on disk, beside the run: the new model saved, or the converted GGUF linked
-            base_dir = (self.run_dir / "base").resolve()
-            if self.is_main and gguf:
-                link_base(Path(model.name_or_path), base_dir)
-            elif self.is_main:
-                model.save_pretrained(str(base_dir))
-                self.data.tokenizer.save_pretrained(str(base_dir))
-            self.accelerator.wait_for_everyone()
-            model.name_or_path = str(base_dir)
-        if qlora:
-            from peft import prepare_model_for_kbit_training
-
-            if own_base:  # the saved base, reloaded in 4 bits
-                source = model.name_or_path
-                del model
-                model = self._load_4bit(source, device, attention)
-            # frozen 4-bit linears; norms and embeddings in fp32; input grads on for checkpointing
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-        if cfg.train.liger_kernels:
-            self.log(apply_liger(model, device))
-        torch.manual_seed(cfg.train.seed)
-        model = apply_adapter(
-            model,
-            cfg.adapter,
-            cfg.train.gradient_checkpointing,
-            mask_dropout=device == "cpu",
-            addmm=not self.parallel.sharded,
+        model, attention = build_model(
+            cfg,
+            self.run_dir,
+            self.data.tokenizer,
+            self.accelerator,
+            self.precision,
+            device,
+            self.parallel.sharded,
+            self.log,
         )
-        if cfg.train.compile:
-            compiled = compile_layers(model)
-            self.log(f"torch.compile: {compiled} decoder layer{'s' if compiled != 1 else ''} (compiled on first use)")
         self.params_report = trainable_report(model)
         ckpt_bytes = estimate_checkpoint_bytes(model, cfg.train.optimizer)
         self.flops = flop_model(model)
@@ -230,20 +186,6 @@ class Trainer:
         )
         self.state = TrainState()
         return self
-
-    def _load_4bit(self, source: str, device: str, attention: str):
-        a, m = self.cfg.adapter, self.cfg.model
-        return load_quantized(
-            source,
-            DTYPES[self.precision],
-            device,
-            a.quant_type,
-            a.double_quant,
-            attention,
-            m.revision,
-            m.trust_remote_code,
-            vocab_size=len(self.data.tokenizer),
-        )
 
     # ------------------------------------------------------------------------ one optimizer step
     def _step(self, step: int) -> dict:
@@ -343,16 +285,16 @@ class Trainer:
                     epoch=step * self.cfg.train.grad_accum / self.order.batches_per_epoch,
                 )
                 if m["skipped"]:
-                    self._bad_step(step, m)
+                    record_bad_step(self.state, self.cfg.train, self.monitor, step, m, self.ckpt_root)
                 else:
                     del m["skipped"]
-                    self._track_loss(step, m["loss"])
+                    track_loss(self.state, self.cfg.train, self.monitor, step, m["loss"])
                 self.monitor.step(step, m)
                 st.train_seconds = time.perf_counter() - t0
                 new_best = False
                 if self.evaluate is not None and every_eval and (step % every_eval == 0 or step == self.total_steps):
                     new_best = self._eval(step)
-                    if self._should_stop_early():
+                    if should_stop_early(self.state, self.cfg.eval):
                         st.stopped_early = True
                 due = (
                     step == self.total_steps
@@ -405,62 +347,12 @@ class Trainer:
         }
         return self.summary
 
-    def _track_loss(self, step: int, loss: float) -> None:
-        st, factor = self.state, self.cfg.train.loss_spike_factor
-        if st.first_loss is None:
-            st.first_loss = loss
-        st.last_loss = loss
-        if factor and st.loss_avg is not None and step > 10 and loss > factor * st.loss_avg:
-            self.monitor.write({"type": "loss_spike", "step": step, "loss": loss, "recent_avg": st.loss_avg})
-            self.monitor.event(f"loss spike at step {step}: {loss:.4g} vs a recent average of {st.loss_avg:.4g}")
-        st.loss_avg = loss if st.loss_avg is None else 0.9 * st.loss_avg + 0.1 * loss
-
-    def _bad_step(self, step: int, m: dict) -> None:
-        st = self.state
-        st.bad_steps += 1
-        self.monitor.write(
-            {
-                "type": "bad_step",
-                "step": step,
-                "loss": m["loss"],
-                "grad_norm": m["grad_norm"],
-                "bad_steps": st.bad_steps,
-            }
-        )
-        self.monitor.event(
-            f"step {step}: non-finite loss {m['loss']} / grad norm {m['grad_norm']}; skipped "
-            f"(no weight update), {st.bad_steps} so far (limit train.max_bad_steps="
-            f"{self.cfg.train.max_bad_steps})"
-        )
-        if st.bad_steps > self.cfg.train.max_bad_steps:
-            latest = find_latest(self.ckpt_root)
-            raise BadStepsError(
-                f"stopped at step {step}: {st.bad_steps} steps had a non-finite loss or gradient (more than "
-                f"train.max_bad_steps={self.cfg.train.max_bad_steps}). "
-                + (f"The last good checkpoint is {latest}. " if latest else "No checkpoint was written yet. ")
-                + "Lower train.lr, keep train.max_grad_norm set, or check the data (tuneforge data preview)."
-            )
-
     def _eval(self, step: int) -> bool:
-        """Evaluate, log, update best/early-stop bookkeeping; True when this is a new best."""
+        """Evaluate and log; True when this is a new best (train/step_records.py keeps the bookkeeping)."""
         result = self.evaluate(self.parallel.module(), self.monitor.status)
         self.monitor.write({"type": "eval", "step": step, **result})
         self.monitor.event(f"eval @ step {step}: " + "  ".join(f"{k}={v:.4g}" for k, v in result.items()))
-        st, ev = self.state, self.cfg.eval
-        st.last_eval = {"step": step, **result}
-        value = result.get(ev.metric)
-        if value is None:
-            return False
-        sign = 1.0 if ev.higher_is_better else -1.0
-        if st.best_metric is None or sign * (value - st.best_metric) > ev.early_stopping_min_delta:
-            st.best_metric, st.best_step, st.evals_without_improvement = value, step, 0
-            return True
-        st.evals_without_improvement += 1
-        return False
-
-    def _should_stop_early(self) -> bool:
-        patience = self.cfg.eval.early_stopping_patience
-        return bool(patience) and self.state.evals_without_improvement >= patience
+        return record_eval(self.state, self.cfg.eval, step, result)
 
     # ------------------------------------------------------------------------ checkpoints
     @property

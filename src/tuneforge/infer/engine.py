@@ -1,15 +1,21 @@
-"""Continuous batching for serving: one scheduler thread runs every pending request in one KV-cached decode loop.
+"""Continuous batching: one KV-cached decode loop runs every pending sequence, for serving and for evaluation.
 
 Why: at decode time a forward pass over B rows costs little more than over one row (the weights are read
-once per step either way), so answering concurrent requests one at a time wastes most of the hardware.
+once per step either way), so generating for many sequences one at a time wastes most of the hardware.
 
-How: requests wait in a queue. When nothing is running, the scheduler takes every waiting request (after
-waiting `batch_window_ms` for more, if set) and prefills them as one left-padded batch. Between decode steps
-it prefills newly arrived
-requests the same way and merges them into the running batch (their KV caches are left-padded to a common
-length and concatenated along the batch axis; per-row position ids keep each row's positions exact).
-Finished and cancelled rows leave the batch at once, so a client that disconnects frees its slot at the next
-step. Text is decoded incrementally; stop strings are matched on text and never leak into a stream.
+Two drivers share one scheduler step (`_step`: admit, prefill, decode):
+- `start()` / `submit()` / `stop()`: a background thread serves concurrent requests (the HTTP server).
+- `run_to_completion(prompts, params)`: the calling thread generates for a fixed list of prompts and returns
+  their tokens (evaluation, rollouts). No thread and no timing: the sequence of forward calls depends only on
+  the prompts and the outputs, so every rank of a sharded model (FSDP2, ZeRO-3) runs the same collectives.
+
+How: sequences wait in arrival order. When nothing is running, the scheduler takes every waiting sequence (in
+the thread, after waiting `batch_window_ms` for more, if set) up to the batch size and prefills them as one
+left-padded batch. Between decode steps it prefills newly admitted sequences the same way and merges them into
+the running batch (their KV caches are left-padded to a common length and concatenated along the batch axis;
+per-row position ids keep each row's positions exact; see `kv_cache`). Finished and cancelled rows leave the
+batch at once, so a client that disconnects frees its slot at the next step. Text is decoded incrementally;
+stop strings are matched on text and never leak into a stream.
 
 KV-cache budget: the cache holds rows x width positions per layer (width = the longest row, the others are
 left-padded to it). With `max_kv_tokens` set, a request is admitted only while (rows + 1) x the longest
@@ -20,178 +26,47 @@ that does not fit yet holds back the ones behind it until rows finish.
 
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from tuneforge.infer.kv_cache import contiguous, merge_batches, select_rows
+from tuneforge.infer.sampling import sample
+from tuneforge.infer.sequence import Event, SamplingParams, Sequence
+
+__all__ = ["CACHE_ARG", "Engine", "Event", "SamplingParams", "Sequence", "sample"]
 
 # newer transformers 5.x name the KV-cache argument `cache` (and warn on `past_key_values`); older 5.x know only
 # the old name
 CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one sequence is generated. temperature 0 = greedy; `stop` holds stop strings (not tokens)."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
+def _ignore(event: Event) -> None:
+    """run_to_completion's listener: its caller reads the tokens at the end, not the events."""
 
 
-@dataclass(frozen=True)
-class Event:
-    """What the engine reports for a sequence: new text, and at the end why it finished.
-
-    finish_reason is None while running, then "stop" (stop token or string), "length" (max_tokens or the
-    context), "cancelled", or "error" (with `error` holding the reason).
-    """
-
-    text: str
-    finish_reason: str | None = None
-    completion_tokens: int = 0
-    error: str | None = None
-
-
-class Sequence:
-    """One continuation being generated: its prompt, tokens so far, and the text already reported."""
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None]):
-        self.prompt_ids = list(prompt_ids)
-        self.params = params
-        self.on_event = on_event
-        self.generated: list[int] = []
-        self.emitted = 0  # characters of text already reported
-        self.finished = False
-        self.cancelled = False
-        self.on_finish: Callable[[str], None] | None = None  # set by the engine, to count finish reasons
-
-    def cancel(self) -> None:
-        """Ask the engine to drop this sequence (thread-safe; takes effect before the next decode step)."""
-        self.cancelled = True
-
-    def emit(self, event: Event) -> None:
-        if event.finish_reason is not None:
-            self.finished = True
-            if self.on_finish is not None:
-                self.on_finish(event.finish_reason)
-        try:
-            self.on_event(event)
-        except Exception:  # the listener is gone (e.g. the event loop closed): nobody wants the rest
-            self.cancelled = True
-
-    def advance(self, token: int, tokenizer: PreTrainedTokenizerBase, stop_ids: set[int], room: int) -> None:
-        """Take one generated token: report the new text, and finish on a stop token/string or the length limit.
-        `room` is how many more tokens fit in the model's context after this one."""
-        self.generated.append(token)
-        reason = None
-        ids = self.generated
-        if token in stop_ids:
-            reason, ids = "stop", ids[:-1]
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        longest = max((len(s) for s in self.params.stop), default=0)
-        cut = _first_stop(text, self.params.stop, max(0, self.emitted - longest))
-        if cut is not None:
-            text, reason = text[:cut], "stop"
-        elif reason is None and (len(self.generated) >= self.params.max_tokens or room <= 0):
-            reason = "length"
-        safe = len(text) if reason else len(text) - _held_back(text, self.params.stop)
-        delta = text[self.emitted : safe] if safe > self.emitted else ""
-        self.emitted = max(self.emitted, safe)
-        if delta or reason:
-            self.emit(Event(delta, reason, len(self.generated)))
-
-
-def _first_stop(text: str, stops: Seq[str], start: int) -> int | None:
-    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _held_back(text: str, stops: Seq[str]) -> int:
-    """Characters at the end of `text` not yet safe to send: a partial UTF-8 character, or a prefix of a stop string."""
-    hold = 1 if text.endswith("\ufffd") else 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return hold
-
-
-def sample(
-    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator: torch.Generator | None
-) -> torch.Tensor:
-    """One token per row: greedy where temperature is 0, else nucleus sampling at that row's temperature/top_p."""
-    logits = logits.float()
-    greedy = logits.argmax(-1)
-    hot = temperature > 0
-    if not bool(hot.any()):
-        return greedy
-    t = torch.where(hot, temperature, torch.ones_like(temperature))[:, None]
-    probs = torch.softmax(logits / t, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    outside = (sorted_p.cumsum(-1) - sorted_p) > top_p[:, None]  # the first token is always kept
-    sorted_p = sorted_p.masked_fill(outside, 0.0)
-    pick = torch.multinomial(sorted_p, 1, generator=generator).squeeze(-1)
-    return torch.where(hot, order.gather(-1, pick[:, None]).squeeze(-1), greedy)
-
-
-# ---------------------------------------------------------------------------- KV cache surgery
-def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    layers = getattr(cache, "layers", None)
-    if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
-        raise RuntimeError("continuous batching needs a model with a standard key/value cache (DynamicCache layers)")
-    return [(layer.keys, layer.values) for layer in layers]
-
-
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    extra = width - t.shape[dim]
-    if extra == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = extra
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def merge_batches(
-    cache_a: DynamicCache, mask_a: torch.Tensor, cache_b: DynamicCache, mask_b: torch.Tensor
-) -> tuple[DynamicCache, torch.Tensor]:
-    """Two left-padded batches as one: caches and masks left-padded to the longer length, then stacked."""
-    width = max(mask_a.shape[1], mask_b.shape[1])
-    kv = [
-        (
-            torch.cat([_left_pad(ka, width, 2), _left_pad(kb, width, 2)]),
-            torch.cat([_left_pad(va, width, 2), _left_pad(vb, width, 2)]),
-        )
-        for (ka, va), (kb, vb) in zip(_kv(cache_a), _kv(cache_b))
-    ]
-    return DynamicCache(ddp_cache_data=kv), torch.cat([_left_pad(mask_a, width, 1), _left_pad(mask_b, width, 1)])
-
-
-def select_rows(cache: DynamicCache, mask: torch.Tensor, rows: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
-    """Keep only `rows`, and drop the leading columns that are padding in every kept row."""
-    mask = mask[rows]
-    first = int(mask.any(0).nonzero()[0]) if mask.numel() else 0
-    kv = [(k[rows, :, first:].contiguous(), v[rows, :, first:].contiguous()) for k, v in _kv(cache)]
-    return DynamicCache(ddp_cache_data=kv), mask[:, first:]
-
-
-def contiguous(cache: DynamicCache) -> DynamicCache:
-    """The cache with contiguous key/value tensors. A prefill leaves them transposed views; a torch.compile'd
-    decode step guards on strides, so every cache it sees has one layout (else each layout compiles anew)."""
-    return DynamicCache(ddp_cache_data=[(k.contiguous(), v.contiguous()) for k, v in _kv(cache)])
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the model's forward computes the LM head on the last `logits_to_keep` positions only (transformers'
+    causal LMs do; peft passes the argument through to them)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------------------- the engine
 class Engine:
-    """Generates for many concurrent requests with one model, batching them in a background thread.
+    """Generates for many sequences with one model, batching them: concurrent requests in a background thread
+    (`start`, `submit`, `stop`), or a fixed list of prompts in the calling thread (`run_to_completion`).
 
     `submit` is thread-safe and returns at once; results arrive through the request's `on_event` callback,
     called from the engine thread (hand them to your own thread or event loop from there).
@@ -223,6 +98,7 @@ class Engine:
         self.max_kv_tokens = max_kv_tokens
         self.batch_window_s = batch_window_ms / 1000.0
         self.device = next(model.parameters()).device
+        self._last_logits_only = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids, default=0)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.waiting: queue.Queue[Sequence] = queue.Queue()
@@ -283,21 +159,70 @@ class Engine:
         """Cache positions `seq` may come to need: its prompt plus max_tokens, at most the context."""
         return min(len(seq.prompt_ids) + seq.params.max_tokens, self.context_length)
 
+    def run_to_completion(
+        self, prompts: Seq[list[int]], params: SamplingParams, on_finished: Callable[[int], None] | None = None
+    ) -> list[list[int]]:
+        """Generate for every prompt in the calling thread and return each one's generated tokens (a final stop
+        token included). At most `max_batch_size` rows run at once; a finished row's slot goes to the next prompt
+        at the next step. `on_finished(n)` is called after each step in which n sequences finished (progress).
+
+        Deterministic: the forward calls depend only on the prompts, the outputs and the seed, never on timing,
+        so every rank of a sharded model (FSDP2, ZeRO-3: parameters gathered collectively) makes the same calls.
+        Runs under no_grad (not inference_mode: a model being trained goes on using the tensors it touched).
+        A failed forward raises. Not while the thread of `start()` runs."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("run_to_completion: the engine's serving thread is running; stop() it first")
+        finished = [0]
+
+        def count(reason: str) -> None:
+            finished[0] += 1
+            self._count(reason)
+
+        seqs = [Sequence(p, params, _ignore) for p in prompts]
+        for s in seqs:
+            s.on_finish = count
+        pending = deque(seqs)
+        try:
+            with torch.no_grad():
+                while pending or self.rows:
+                    new = self._admit(pending)
+                    if not new and not self.rows:  # only a KV budget below one reservation could do this
+                        raise RuntimeError(f"a {len(pending[0].prompt_ids)}-token prompt never fits max_kv_tokens")
+                    self._step(new)
+                    if finished[0] and on_finished is not None:
+                        on_finished(finished[0])
+                    finished[0] = 0
+        finally:
+            self._reset()
+        return [s.generated for s in seqs]
+
     # -- scheduler
+    def _step(self, new: list[Sequence]) -> None:
+        """One scheduling step, shared by both drivers: prefill the newly admitted sequences into the running
+        batch, then one decode step over every running row."""
+        if new:
+            self._prefill(new)
+        if self.rows:
+            self._decode_step()
+
     def _run(self) -> None:
         with torch.inference_mode():
             while not self._stop.is_set():
                 new = self._collect()
                 try:
-                    if new:
-                        self._prefill(new)
-                    if self.rows:
-                        self._decode_step()
+                    self._step(new)
                 except Exception as e:  # a failed forward fails the batch, not the server
                     for seq in [*self.rows, *new]:
                         if not seq.finished:
                             seq.emit(Event("", "error", len(seq.generated), f"{type(e).__name__}: {e}"))
                     self._reset()
+
+    def _admit(self, pending: deque[Sequence]) -> list[Sequence]:
+        """run_to_completion's admission: waiting sequences in order, up to the batch size and the KV budget."""
+        new: list[Sequence] = []
+        while pending and len(self.rows) + len(new) < self.max_batch_size and self._fits(new, pending[0]):
+            new.append(pending.popleft())
+        return new
 
     def _collect(self) -> list[Sequence]:
         """Requests to admit now: without a running batch, wait a little so that arrivals batch together.
@@ -341,10 +266,12 @@ class Engine:
         reserved = [self.reservation(s) for s in (*self.rows, *new, seq)]
         return len(reserved) * max(reserved) <= self.max_kv_tokens
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, model=None):
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, model=None, **kw
+    ):
         """Last-position logits; `cache` is extended in place with this input's keys and values."""
         out = (self.model if model is None else model)(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{CACHE_ARG: cache}
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{CACHE_ARG: cache}, **kw
         )
         return out.logits[:, -1], cache
 
@@ -357,7 +284,8 @@ class Engine:
             mask[i, width - len(s.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(ids, mask, positions, DynamicCache())
+        # the LM head on the last position only (a prompt's other logits are never used)
+        logits, cache = self._forward(ids, mask, positions, DynamicCache(), **self._last_logits_only)
         cache = contiguous(cache)
         tokens = self._sample(logits, seqs)
         lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)

@@ -1,0 +1,23 @@
+"""Choosing each row's next token from its logits: greedy, or nucleus sampling at the row's own temperature/top_p."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token per row: greedy where temperature is 0, else nucleus sampling at that row's temperature/top_p."""
+    logits = logits.float()
+    greedy = logits.argmax(-1)
+    hot = temperature > 0
+    if not bool(hot.any()):
+        return greedy
+    t = torch.where(hot, temperature, torch.ones_like(temperature))[:, None]
+    probs = torch.softmax(logits / t, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    outside = (sorted_p.cumsum(-1) - sorted_p) > top_p[:, None]  # the first token is always kept
+    sorted_p = sorted_p.masked_fill(outside, 0.0)
+    pick = torch.multinomial(sorted_p, 1, generator=generator).squeeze(-1)
+    return torch.where(hot, order.gather(-1, pick[:, None]).squeeze(-1), greedy)

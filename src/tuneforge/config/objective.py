@@ -49,8 +49,13 @@ class ObjectiveConfig(Section):
         "-log sigma(beta (logp_c/n_c - logp_r/n_r) - gamma), as TRL's simpo_gamma.",
     )
     orpo_lambda: float = Field(0.1, gt=0, description="orpo: weight of the odds-ratio term beside the chosen NLL.")
-    kto_desirable_weight: float = Field(1.0, gt=0, description="kto: weight of desirable rows.")
-    kto_undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable rows.")
+    kto_desirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="kto: weight of desirable rows' losses (with unbalanced data, KTO's paper suggests "
+        "desirable_weight x desirable rows / (undesirable_weight x undesirable rows) in [1, 4/3]).",
+    )
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable rows' losses.")
     reward_margin: float = Field(0.0, ge=0, description="reward: margin the chosen reward must exceed the rejected by.")
 
     @model_validator(mode="after")

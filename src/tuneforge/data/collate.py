@@ -106,12 +106,23 @@ class FlatCollator:
         return PackedCollator(self.pad_id)([{"input_ids": ids, "labels": labels, "position_ids": pos}])
 
 
+# what a collator reads from a prepared row: SFT tokens, a preference pair's, a KTO row's, cached reference log-probs
+BATCH_COLUMNS = (
+    "input_ids",
+    "labels",
+    "position_ids",
+    "prompt_ids",
+    "chosen_ids",
+    "rejected_ids",
+    "completion_ids",
+    "label",
+    "ref_chosen_logp",
+    "ref_rejected_logp",
+)
+
+
 def rows_at(dataset, indices: list[int]) -> list[dict]:
     """Fetch rows `indices` of a `datasets.Dataset` in one Arrow read, as collator input."""
-    names = [
-        c
-        for c in ("input_ids", "labels", "position_ids", "prompt_ids", "chosen_ids", "rejected_ids")
-        if c in dataset.column_names
-    ]
+    names = [c for c in BATCH_COLUMNS if c in dataset.column_names]
     cols = dataset.select_columns(names)[indices]
     return [dict(zip(names, values)) for values in zip(*(cols[n] for n in names))]

@@ -94,11 +94,13 @@ class BatchOrder:
 
 
 def sequence_lengths(row: dict) -> list[int]:
-    """The sequences a prepared row becomes in a batch: itself, or a preference pair's prompt + chosen and
-    prompt + rejected."""
+    """The sequences a prepared row becomes in a batch: itself, a preference pair's prompt + chosen and
+    prompt + rejected, or a KTO row's prompt + completion (its KL sequence runs without gradient, not counted)."""
     if "input_ids" in row:
         return [len(row["input_ids"])]
     prompt = len(row["prompt_ids"])
+    if "completion_ids" in row:
+        return [prompt + len(row["completion_ids"])]
     return [prompt + len(row["chosen_ids"]), prompt + len(row["rejected_ids"])]
 
 

@@ -33,7 +33,7 @@ from tuneforge.train.final import FinalWriteError, write_final
 from tuneforge.train.host_memory import keep_freed_memory
 from tuneforge.train.model_setup import build_model
 from tuneforge.train.monitor import Monitor
-from tuneforge.train.objective_step import PairBatches, PairObjective, check_objective
+from tuneforge.train.objective_step import build_objective, check_objective, collate_step
 from tuneforge.train.optim import build_optimizer, build_scheduler
 from tuneforge.train.parallel import build_parallel
 from tuneforge.train.planner import resolve_auto_checkpointing
@@ -131,12 +131,12 @@ class Trainer:
         self.per_sample_sdpa = (flat or packed) and use_packed_sdpa(model)
         # LM head + loss in row chunks needs the head's weight whole on this rank (not FSDP2 / ZeRO-3 shards)
         self.chunked_head = cfg.train.logits == "chunked" and not self.parallel.sharded
-        # the objective: sft inline below; a preference objective builds pair batches and its own loss
+        # the objective: sft inline below; another builds its own batches and loss (train/objective_step.py)
         check_objective(cfg, prepared_kind(self.data.report))
         self.objective = None
         if cfg.objective.type != "sft":
-            self.objective = PairObjective(cfg, chunked=self.chunked_head)
-            self.collate = PairBatches(self.data.tokenizer.pad_token_id, padding_free=flat)
+            pad = self.data.tokenizer.pad_token_id
+            self.objective, self.collate = build_objective(cfg, pad, flat, self.chunked_head)
         self._checked_per_sample = not (flat or packed)
         # a step's micro-batches joined into larger passes (one process, not DeepSpeed: see train.pass_tokens)
         self.pass_positions, note = pass_budget(cfg, self.accelerator.num_processes, self.parallel.name)
@@ -197,7 +197,7 @@ class Trainer:
         micro = [rows_at(self.data.train, self.order.micro_batch(first + i)) for i in range(cfg.grad_accum)]
         if self.pass_positions:
             micro = join_micro_batches(micro, self.pass_positions, flat=self.cfg.train.padding_free)
-        micro = [self.collate(rows) for rows in micro]
+        micro = collate_step(self.collate, micro)
         real_tokens = sum(int(b.pop("num_tokens")) for b in micro)
         attended = sum(int(b.pop("num_attended")) for b in micro)
         local_trained = sum(trained_tokens(b["labels"]) for b in micro)
@@ -210,6 +210,10 @@ class Trainer:
         if acc.num_processes > 1:
             counts = acc.reduce(torch.tensor(counts, dtype=torch.float64, device=acc.device), "sum").tolist()
         step_units, real_tokens, flops, step_tokens = counts[0], int(counts[1]), counts[2], counts[3]
+        if obj is not None:  # what the step's losses share (KTO: its KL estimate over every micro-batch and rank)
+            obj.begin_step(
+                self.model, micro, acc.autocast, lambda t: acc.reduce(t, "sum") if acc.num_processes > 1 else t
+            )
         total_nll = 0.0
         metric_sums: dict[str, float] = {}
         for i, batch in enumerate(micro):
@@ -248,7 +252,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "skipped": skipped,
             "trained_tokens": int(step_tokens),
-            **{k: v / max(step_units, 1.0) for k, v in metric_sums.items()},
+            **(obj.step_metrics(metric_sums, step_units) if obj is not None else {}),
             "tokens": real_tokens,
             "flops": flops,
         }

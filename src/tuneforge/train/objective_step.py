@@ -1,5 +1,8 @@
 """How the one loop runs each objective (objective.type): the batch it builds from prepared rows, what the step's
-loss is normalised by, and the loss summed over those units. The loop (loop.py) calls only these three.
+loss is normalised by, and the loss summed over those units. The loop (loop.py) calls only these, for every
+objective but sft: `units(batch)`, `begin_step(model, batches, autocast, reduce_sum)` (what the step's losses
+share, before any of them), `loss_sum(model, batch, autocast)` per micro-batch, `step_metrics(sums, units)` and,
+for the held-out rows, `evaluate`; `build_objective` gives the objective and its collator.
 
   sft                     rows of input_ids + labels; units: trained tokens; loss: their summed NLL
   dpo, ipo, simpo, orpo   rows of prompt_ids + chosen_ids + rejected_ids: each pair becomes two sequences in the
@@ -7,6 +10,8 @@ loss is normalised by, and the loss summed over those units. The loop (loop.py) 
                           trained); units: pairs; loss: the objective's per-pair loss (train/objectives/) on the
                           sequences' summed log-probs, computed only at the completion positions (sequence_logps).
                           dpo and ipo compare with the reference: the same weights with the LoRA adapter off.
+  kto                     rows of prompt_ids + completion_ids + label (train/kto_step.py); units: rows; the KL
+                          estimate of the whole step in `begin_step`
 
 Evaluation of a pair objective (`evaluate`) gives eval_loss (the mean pair loss), eval_reward_accuracy and
 eval_reward_margin on the held-out pairs, through the same function as training.
@@ -25,6 +30,7 @@ from tuneforge.data.collate import FlatCollator, PaddedCollator
 from tuneforge.data.templates import IGNORE_INDEX
 from tuneforge.model.lm_loss import sequence_logps
 from tuneforge.train.objectives import OBJECTIVES
+from tuneforge.train.reference import peft_model
 
 PAIR_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
 
@@ -34,17 +40,22 @@ def check_objective(cfg: RunConfig, data_kind: str) -> None:
     name = cfg.objective.type
     want = "sft" if name == "sft" else "kto" if name == "kto" else "preference"
     if data_kind != want:
-        raise ConfigError(
-            f"objective.type={name} trains on {want} data, but the prepared data is {data_kind} data: "
-            + (
-                "use objective.type=dpo (or ipo, simpo, orpo) for preference pairs"
-                if data_kind == "preference"
-                else "give rows with prompt, chosen and rejected (see docs/alignment.md)"
+        fix = {
+            "preference": "use objective.type=dpo (or ipo, simpo, orpo, reward) for preference pairs",
+            "kto": "use objective.type=kto for rows labelled desirable or undesirable",
+        }.get(data_kind)
+        if fix is None:
+            fix = (
+                "give rows with prompt, chosen and rejected (see docs/alignment.md)"
                 if want == "preference"
+                else "give rows {messages, label} (see docs/data.md)"
+                if want == "kto"
                 else "set objective.type=sft for these rows"
             )
+        raise ConfigError(
+            f"objective.type={name} trains on {want} data, but the prepared data is {data_kind} data: {fix}"
         )
-    if name in ("kto", "reward"):
+    if name == "reward":
         raise ConfigError(
             f"objective.type={name}: its loss is implemented (train/objectives/) but not yet wired into the "
             "training loop; use dpo, ipo, simpo or orpo for preference pairs"
@@ -59,13 +70,28 @@ def check_objective(cfg: RunConfig, data_kind: str) -> None:
             f"LoRA/DoRA run (adapter off), and adapter.type={cfg.adapter.type} has none yet. Use adapter.type=lora, "
             "or a reference-free objective (simpo, orpo)"
         )
+    if name == "kto" and cfg.train.micro_batch_size * cfg.train.grad_accum < 2:
+        raise ConfigError(
+            "objective.type=kto estimates its KL term from mismatched completions among the rows of a step, and "
+            f"train.micro_batch_size={cfg.train.micro_batch_size} x train.grad_accum={cfg.train.grad_accum} gives "
+            "one row per step: raise train.micro_batch_size or train.grad_accum so a step holds at least 2 rows"
+        )
 
 
-def peft_model(model):
-    """The peft model inside a DDP / accelerate wrapper (the one with `disable_adapter`)."""
-    while not hasattr(model, "disable_adapter") and hasattr(model, "module"):
-        model = model.module
-    return model
+def build_objective(cfg: RunConfig, pad_id: int, padding_free: bool, chunked: bool):
+    """(the objective the loop runs, the collator that builds its batches) for a non-sft objective.type."""
+    if cfg.objective.type == "kto":
+        from tuneforge.train.kto_step import KtoBatches, KtoObjective
+
+        return KtoObjective(cfg, chunked=chunked), KtoBatches(pad_id, padding_free, cfg.data.max_seq_len)
+    return PairObjective(cfg, chunked=chunked), PairBatches(pad_id, padding_free=padding_free)
+
+
+def collate_step(collate, micro_rows: list[list[dict]]) -> list[dict]:
+    """The micro-batches (lists of rows) of one optimizer step as batches. A collator that pairs rows across the
+    whole step (KTO's mismatched KL completions: `collate_step`) sees them all at once."""
+    whole_step = getattr(collate, "collate_step", None)
+    return whole_step(micro_rows) if whole_step is not None else [collate(rows) for rows in micro_rows]
 
 
 class PairBatches:
@@ -99,6 +125,14 @@ class PairObjective:
     @staticmethod
     def units(batch: dict) -> float:
         return float(batch["num_pairs"])
+
+    def begin_step(self, model, batches: list[dict], autocast=contextlib.nullcontext, reduce_sum=None) -> None:
+        """Nothing to settle before a step's losses: each pair's loss is its own."""
+
+    @staticmethod
+    def step_metrics(sums: dict[str, float], units: float) -> dict[str, float]:
+        """Every metric is a mean over the step's pairs."""
+        return {k: v / max(units, 1.0) for k, v in sums.items()}
 
     def _logps(self, model, batch, autocast) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = {k: v for k, v in batch.items() if k != "num_pairs"}

@@ -35,7 +35,7 @@ from tuneforge.progress import stage_status
 from tuneforge.train.alerts import end_of_run_warnings
 from tuneforge.train.final import FinalWriteError
 from tuneforge.train.loop import Trainer
-from tuneforge.train.objective_step import PairObjective
+from tuneforge.train.objective_step import build_objective
 from tuneforge.train.planner import available_bytes, check_fits, plan_for_run
 
 
@@ -178,16 +178,18 @@ class Recipe:
 
 def held_out_loss(cfg: RunConfig, data: PreparedData, evaluation: RunEvaluation):
     """The held-out measurement the objective trains for: eval_loss / eval_ppl of the trained tokens (sft), or
-    the mean pair loss with reward accuracy and margin (a preference objective)."""
+    the objective's own `evaluate` (a preference objective: the mean pair loss with reward accuracy and margin)."""
     if cfg.objective.type == "sft":
         return evaluation.loss
     # the chunked head needs the head's weight whole on this rank: not with FSDP2 / ZeRO shards
-    pairs = PairObjective(cfg, chunked=cfg.train.logits == "chunked" and cfg.dist.strategy in ("auto", "ddp"))
+    chunked = cfg.train.logits == "chunked" and cfg.dist.strategy in ("auto", "ddp")
+    pad = data.tokenizer.pad_token_id
+    objective, _ = build_objective(cfg, pad, padding_free=True, chunked=chunked)
 
-    def pair_eval(model, status=None) -> dict:
-        return pairs.evaluate(model, data.eval, cfg.eval.batch_size, data.tokenizer.pad_token_id, status)
+    def objective_eval(model, status=None) -> dict:
+        return objective.evaluate(model, data.eval, cfg.eval.batch_size, pad, status)
 
-    return pair_eval
+    return objective_eval
 
 
 def recorded_start_eval(metrics_path: Path) -> dict:

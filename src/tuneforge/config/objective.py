@@ -56,7 +56,13 @@ class ObjectiveConfig(Section):
         "desirable_weight x desirable rows / (undesirable_weight x undesirable rows) in [1, 4/3]).",
     )
     kto_undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable rows' losses.")
-    reward_margin: float = Field(0.0, ge=0, description="reward: margin the chosen reward must exceed the rejected by.")
+    reward_margin: float = Field(
+        0.0,
+        ge=0,
+        description="reward: margin the chosen reward must exceed the rejected by (the loss is "
+        "-log sigma(r_c - r_r - margin)). A reward run's final/ is a sequence-classification model (LoRA merged, "
+        "the scalar head kept) for transformers.AutoModelForSequenceClassification.",
+    )
 
     @model_validator(mode="after")
     def _only_own_parameters(self) -> ObjectiveConfig:

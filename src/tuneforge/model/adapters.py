@@ -14,10 +14,14 @@ def apply_adapter(
     gradient_checkpointing: bool = False,
     mask_dropout: bool = False,
     addmm: bool = False,
+    task_type: str | None = "CAUSAL_LM",
+    exclude_modules: list[str] | None = None,
 ):
     """Return the model ready to train: a peft model for lora/dora, or the model itself for full.
     mask_dropout: LoRA dropout masks from 16 random bits per element instead of bernoulli_ (model/dropout.py,
-    for CPUs); addmm: plain LoRA products added inside the GEMM (model/addmm_lora.py, not on sharded models)."""
+    for CPUs); addmm: plain LoRA products added inside the GEMM (model/addmm_lora.py, not on sharded models).
+    task_type: peft's; None for a model that is not a causal LM (a reward model: a plain PeftModel).
+    exclude_modules: modules LoRA leaves alone even under 'all-linear' (a reward model's `score` head)."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -29,7 +33,7 @@ def apply_adapter(
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
@@ -37,6 +41,7 @@ def apply_adapter(
         use_rslora=cfg.use_rslora,
         use_dora=cfg.type == "dora",
         modules_to_save=cfg.modules_to_save,
+        exclude_modules=exclude_modules,
     )
     if gradient_checkpointing:
         model.enable_input_require_grads()

@@ -208,6 +208,14 @@ def load_trained(
         raise ModelLoadError(f"{path}: no trained result here (expected {path}/final); run `tuneforge train` first")
     info_file = final / "tuneforge.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    config_file = final / "config.json"
+    architectures = (json.loads(config_file.read_text()).get("architectures") or []) if config_file.exists() else []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ModelLoadError(
+            f"{final} is a reward model ({architectures[0]}: a scalar head, any LoRA adapter already merged into "
+            "the body), not a causal LM to generate, serve or export: load it with "
+            "transformers.AutoModelForSequenceClassification.from_pretrained"
+        )
     tok = AutoTokenizer.from_pretrained(str(final))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

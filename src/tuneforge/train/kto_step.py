@@ -178,6 +178,11 @@ class KtoObjective:
             out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
         return out
 
+    @staticmethod
+    def final_model(model):
+        """final/ holds the trained adapter (or weights) as for SFT."""
+        return model
+
     @torch.no_grad()
     def evaluate(self, model, rows, batch_size: int, pad_id: int, status: Callable[[str], None] | None = None) -> dict:
         """eval_loss (mean row loss), eval_kl, eval_reward_margin, eval_reward_auc and eval_rows over `rows`."""

@@ -399,13 +399,17 @@ class Trainer:
         info = {
             "tuneforge_version": __version__,
             "adapter": self.cfg.adapter.type,
+            "objective": self.cfg.objective.type,
             "steps": self.state.step,
             "best_step": self.state.best_step,
             "precision": self.precision,
             **self.params_report,
         }
         try:
-            return write_final(self.run_dir, self.parallel.module(), state_dict, self.data.tokenizer, stops, info)
+            model = self.parallel.module()
+            if self.objective is not None:  # a reward model: the merged sequence-classification model
+                model = self.objective.final_model(model)
+            return write_final(self.run_dir, model, state_dict, self.data.tokenizer, stops, info)
         except Exception as e:  # noqa: BLE001 - any writer's error (disk full, read-only, ...): say what is kept
             latest = find_latest(self.ckpt_root)
             raise FinalWriteError(final_failed_message(self.run_dir, e, latest, self.state.step), latest) from e

@@ -17,6 +17,7 @@ from tuneforge.model.gguf_source import is_gguf, link_base
 from tuneforge.model.kernels import apply_liger, check_liger
 from tuneforge.model.load import DTYPES, choose_attention, load_model, load_quantized, model_source
 from tuneforge.train.optim import compile_layers
+from tuneforge.train.reward_step import reward_model_for_run, train_the_head
 
 
 def build_model(
@@ -78,9 +79,19 @@ def build_model(
     if cfg.train.liger_kernels:
         log(apply_liger(model, device))
     torch.manual_seed(cfg.train.seed)
+    if cfg.objective.type == "reward":  # the backbone with a scalar head instead of the LM head
+        model = reward_model_for_run(model, tokenizer.pad_token_id)
     model = apply_adapter(
-        model, cfg.adapter, cfg.train.gradient_checkpointing, mask_dropout=device == "cpu", addmm=not sharded
+        model,
+        cfg.adapter,
+        cfg.train.gradient_checkpointing,
+        mask_dropout=device == "cpu",
+        addmm=not sharded,
+        task_type=None if cfg.objective.type == "reward" else "CAUSAL_LM",
+        exclude_modules=["score"] if cfg.objective.type == "reward" else None,  # the head trains in full
     )
+    if cfg.objective.type == "reward":
+        train_the_head(model)
     if cfg.train.compile:
         compiled = compile_layers(model)
         log(f"torch.compile: {compiled} decoder layer{'s' if compiled != 1 else ''} (compiled on first use)")

@@ -1,8 +1,9 @@
 """How the one loop runs each objective (objective.type): the batch it builds from prepared rows, what the step's
 loss is normalised by, and the loss summed over those units. The loop (loop.py) calls only these, for every
 objective but sft: `units(batch)`, `begin_step(model, batches, autocast, reduce_sum)` (what the step's losses
-share, before any of them), `loss_sum(model, batch, autocast)` per micro-batch, `step_metrics(sums, units)` and,
-for the held-out rows, `evaluate`; `build_objective` gives the objective and its collator.
+share, before any of them), `loss_sum(model, batch, autocast)` per micro-batch, `step_metrics(sums, units)`,
+`final_model(model)` (what final/ holds) and, for the held-out rows, `evaluate`; `build_objective` gives the
+objective and its collator.
 
   sft                     rows of input_ids + labels; units: trained tokens; loss: their summed NLL
   dpo, ipo, simpo, orpo   rows of prompt_ids + chosen_ids + rejected_ids: each pair becomes two sequences in the
@@ -12,6 +13,8 @@ for the held-out rows, `evaluate`; `build_objective` gives the objective and its
                           dpo and ipo compare with the reference: the same weights with the LoRA adapter off.
   kto                     rows of prompt_ids + completion_ids + label (train/kto_step.py); units: rows; the KL
                           estimate of the whole step in `begin_step`
+  reward                  pairs as dpo's; the scores are a scalar head's rewards at each sequence's last token
+                          (train/reward_step.py); `final_model` is the merged sequence-classification model
 
 Evaluation of a pair objective (`evaluate`) gives eval_loss (the mean pair loss), eval_reward_accuracy and
 eval_reward_margin on the held-out pairs, through the same function as training.
@@ -30,7 +33,9 @@ from tuneforge.data.collate import FlatCollator, PaddedCollator
 from tuneforge.data.templates import IGNORE_INDEX
 from tuneforge.model.lm_loss import sequence_logps
 from tuneforge.train.objectives import OBJECTIVES
+from tuneforge.train.objectives.reward import sequence_rewards
 from tuneforge.train.reference import peft_model
+from tuneforge.train.reward_step import final_reward_model, reward_setup_error
 
 PAIR_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
 
@@ -55,11 +60,8 @@ def check_objective(cfg: RunConfig, data_kind: str) -> None:
         raise ConfigError(
             f"objective.type={name} trains on {want} data, but the prepared data is {data_kind} data: {fix}"
         )
-    if name == "reward":
-        raise ConfigError(
-            f"objective.type={name}: its loss is implemented (train/objectives/) but not yet wired into the "
-            "training loop; use dpo, ipo, simpo or orpo for preference pairs"
-        )
+    if name == "reward" and reward_setup_error(cfg):
+        raise ConfigError(reward_setup_error(cfg))
     if (
         OBJECTIVES.get(name) is not None
         and OBJECTIVES[name].needs_reference
@@ -148,6 +150,13 @@ class PairObjective:
         """(per-pair losses, metrics) of one batch, differentiable through the policy's log-probs. `model` may be
         wrapped (DDP); the reference is the same weights with the LoRA adapter off."""
         o = self.cfg.objective
+        if self.spec.scores == "rewards":  # a reward model: its head's output at each sequence's last token
+            inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
+            with autocast():
+                scores = sequence_rewards(model, inputs).float()
+            if scores.numel() != 2 * int(batch["num_pairs"]):
+                raise RuntimeError(f"expected {2 * int(batch['num_pairs'])} sequences, found {scores.numel()}")
+            return self.spec.loss(scores[0::2], scores[1::2], margin=o.reward_margin)
         logps, tokens = self._logps(model, batch, autocast)
         pc, pr, tc, tr = logps[0::2], logps[1::2], tokens[0::2], tokens[1::2]
         name = o.type
@@ -170,9 +179,15 @@ class PairObjective:
         losses, metrics = self.pair_losses(model, batch, autocast)
         return losses.sum(), {k: float(v.sum()) for k, v in metrics.items()}
 
+    def final_model(self, model):
+        """What final/ holds: the trained model (adapter or full weights); for a reward model the merged
+        sequence-classification model (train/reward_step.py)."""
+        return final_reward_model(model) if self.spec.scores == "rewards" else model
+
     @torch.no_grad()
     def evaluate(self, model, rows, batch_size: int, pad_id: int, status: Callable[[str], None] | None = None) -> dict:
-        """eval_loss (mean pair loss), eval_reward_accuracy, eval_reward_margin and eval_pairs over `rows`."""
+        """eval_loss (mean pair loss), eval_reward_accuracy, eval_reward_margin and eval_pairs over `rows` (a
+        reward model: its pairwise accuracy and mean reward margin)."""
         was_training = model.training
         model.eval()
         collate = PairBatches(pad_id, padding_free=True)

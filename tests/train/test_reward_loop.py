@@ -124,6 +124,10 @@ def test_reward_setups_that_cannot_write_final_are_refused(tiny_config_dict, tmp
     cfg.adapter.type = "qlora"
     with pytest.raises(ConfigError, match=r"objective.type=reward merges its adapter .* use adapter.type=lora"):
         trainer_for(cfg, tmp_path, "q")
+    cfg = config(tiny_config_dict, tmp_path, "g", objective=REWARD)
+    cfg.eval.generate_rows = 4
+    with pytest.raises(ConfigError, match=r"eval.generate_rows and eval.general_text measure a language model's text"):
+        trainer_for(cfg, tmp_path, "g")
 
 
 def separable_pairs(tmp_path, n=48):
@@ -159,7 +163,8 @@ def test_a_reward_run_beats_chance_on_held_out_pairs_and_final_scores_them_alike
     assert before["eval_loss"] == pytest.approx(0.69, abs=0.02)  # a new head: rewards near 0, loss near ln 2
     assert after["eval_reward_accuracy"] == 1.0 and after["eval_pairs"] == 12  # was 0.83 (measured)
     assert after["eval_loss"] < 0.1 and after["eval_reward_margin"] > 1.0  # was 0.020 and 4.1 (measured)
-    assert "eval_reward_accuracy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "eval_reward_accuracy" in out and "AutoModelForSequenceClassification.from_pretrained" in out
     # final/ scores the held-out pairs as the run measured them
     data = prepare(RunConfig.model_validate(d), tmp_path / "run", log=lambda s: None)
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "final").eval()

@@ -26,6 +26,7 @@ from tuneforge.progress import TaskProgress
 COUNTS = (
     "eval_tokens",
     "eval_pairs",
+    "eval_rows",
     "generated_rows",
     "general_tokens",
 )  # sizes of the eval, not scores: printed above the table, not in it

@@ -62,6 +62,11 @@ def check_objective(cfg: RunConfig, data_kind: str) -> None:
         )
     if name == "reward" and reward_setup_error(cfg):
         raise ConfigError(reward_setup_error(cfg))
+    if name == "reward" and (cfg.eval.generate_rows or cfg.eval.general_text):
+        raise ConfigError(
+            "eval.generate_rows and eval.general_text measure a language model's text, and a reward run trains a "
+            "model that scores pairs (held out: eval_reward_accuracy): remove them"
+        )
     if (
         OBJECTIVES.get(name) is not None
         and OBJECTIVES[name].needs_reference
@@ -78,6 +83,11 @@ def check_objective(cfg: RunConfig, data_kind: str) -> None:
             f"train.micro_batch_size={cfg.train.micro_batch_size} x train.grad_accum={cfg.train.grad_accum} gives "
             "one row per step: raise train.micro_batch_size or train.grad_accum so a step holds at least 2 rows"
         )
+
+
+def writes_text(cfg: RunConfig) -> bool:
+    """Whether the trained model generates text (sample generations after training): not a reward model."""
+    return cfg.objective.type != "reward"
 
 
 def build_objective(cfg: RunConfig, pad_id: int, padding_free: bool, chunked: bool):

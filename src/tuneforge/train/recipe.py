@@ -35,7 +35,7 @@ from tuneforge.progress import stage_status
 from tuneforge.train.alerts import end_of_run_warnings
 from tuneforge.train.final import FinalWriteError
 from tuneforge.train.loop import Trainer
-from tuneforge.train.objective_step import build_objective
+from tuneforge.train.objective_step import build_objective, writes_text
 from tuneforge.train.planner import available_bytes, check_fits, plan_for_run
 
 
@@ -76,7 +76,7 @@ class Recipe:
             summary = trainer.train(self.resume_from)
             after = self.evaluate_after(trainer, evaluation, model, generates, summary)
             samples = []
-            if self.cfg.eval.show_samples and generates:
+            if self.cfg.eval.show_samples and generates and writes_text(self.cfg):
                 with trainer.parallel.generation():
                     samples = evaluation.samples(model)
             try:
@@ -95,7 +95,12 @@ class Recipe:
             return final_error.exit_code
         write_report_quietly(self.run_dir)
         trainer.finish()
-        print(f'\nsaved {final} (try: tuneforge generate {self.run_dir} --prompt "...")')
+        try_it = (
+            f'tuneforge generate {self.run_dir} --prompt "..."'
+            if writes_text(self.cfg)
+            else "transformers.AutoModelForSequenceClassification.from_pretrained on it"
+        )
+        print(f"\nsaved {final} (try: {try_it})")
         return 0
 
     # ------------------------------------------------------------------------ setup

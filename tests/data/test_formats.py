@@ -4,6 +4,7 @@ import datasets
 import pytest
 
 from tests.conftest import shared_path
+from tests.data.helpers import plain
 from tuneforge.config.schema import DatasetSource
 from tuneforge.data.formats import DataFormatError, detect_format, normalize, read_source
 
@@ -30,8 +31,11 @@ def test_alpaca_in_every_file_type(tmp_path, suffix):
     }[suffix]()
     ds = load(DatasetSource(path=str(path)))
     assert ds.column_names == ["messages", "text", "score", "source_row"]
-    assert ds[0]["messages"] == [{"role": "user", "content": "Add.\n\n1 + 2"}, {"role": "assistant", "content": "3"}]
-    assert ds[1]["messages"][0] == {"role": "user", "content": "Greet."}
+    assert plain(ds[0]["messages"]) == [
+        {"role": "user", "content": "Add.\n\n1 + 2"},
+        {"role": "assistant", "content": "3"},
+    ]
+    assert plain(ds[1]["messages"])[0] == {"role": "user", "content": "Greet."}
 
 
 def test_saved_dataset_dict_directory_and_split(tmp_path):
@@ -61,7 +65,7 @@ def test_messages_sharegpt_completion_and_column_mapping(tmp_path):
         json.dumps([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}])
     )
     ds = load(DatasetSource(path=str(tmp_path / "s.json")))
-    assert ds[0]["messages"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert plain(ds[0]["messages"]) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
 
     (tmp_path / "t.jsonl").write_text('{"body": "raw text"}\n')
     ds = load(DatasetSource(path=str(tmp_path / "t.jsonl"), columns={"text": "body"}))

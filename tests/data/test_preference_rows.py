@@ -5,6 +5,7 @@ import json
 import pytest
 
 from tests.conftest import shared_path
+from tests.data.helpers import plain
 from tuneforge.config.schema import DatasetSource
 from tuneforge.data.formats import DataFormatError, normalize, read_source_located
 from tuneforge.data.preference import DataKindError, prepared_kind, run_kind
@@ -41,7 +42,7 @@ def test_prompt_chosen_rejected_strings_and_message_lists(tmp_path):
     rows, invalid = read(path)
     assert invalid["format"] == "preference" and invalid["skipped"] == 0
     assert set(rows.column_names) == {"messages", "text", "score", "source_row", "chosen", "rejected"}
-    assert rows[0]["messages"] == [{"role": "system", "content": "Be brief."}, U]
+    assert plain(rows[0]["messages"]) == [{"role": "system", "content": "Be brief."}, U]
     assert (rows[0]["chosen"], rows[0]["rejected"]) == ("Paris", "Lyon")
     assert [m["role"] for m in rows[1]["messages"]] == ["user", "assistant", "user"]
     assert (rows[1]["chosen"], rows[1]["rejected"]) == ("Madrid", "Rome")
@@ -60,7 +61,7 @@ def test_sharegpt_pairs_inline_and_the_shared_demo_file(tmp_path):
     )
     rows, invalid = read(path)
     assert invalid["format"] == "preference"
-    assert rows[0]["messages"] == [{"role": "user", "content": "hi"}]
+    assert plain(rows[0]["messages"]) == [{"role": "user", "content": "hi"}]
     assert (rows[0]["chosen"], rows[0]["rejected"]) == ("hello", "go away")
 
     rows, invalid = read(shared_path("preference/dpo_en_demo.json"))
@@ -74,7 +75,7 @@ def test_hh_transcripts_split_at_the_last_assistant_turn(tmp_path):
     head = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: tell a joke"
     path = write_jsonl(tmp_path, [{"chosen": head + "\n\nAssistant: A pun.", "rejected": head + "\n\nAssistant: No."}])
     rows, _ = read(path)
-    assert rows[0]["messages"] == [
+    assert plain(rows[0]["messages"]) == [
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"},
         {"role": "user", "content": "tell a joke"},
@@ -92,7 +93,7 @@ def test_hh_shared_file_is_read_from_gzip_with_its_bad_pairs_counted():
         "turn; a pair needs one shared prompt)": 5,
     }
     assert invalid["examples"][0] == f"{path}:87: `chosen` is an empty completion, so nothing would be trained"
-    assert rows[0]["messages"][0] == {"role": "user", "content": "what are some pranks with a pen i can do?"}
+    assert plain(rows[0]["messages"])[0] == {"role": "user", "content": "what are some pranks with a pen i can do?"}
     assert rows[1]["chosen"].endswith("using mindfulness, in the moment, to calm down.")
     with pytest.raises(DataFormatError, match=rf"{path}:87: `chosen` is an empty completion.*8 more invalid rows"):
         read(path)
@@ -108,7 +109,7 @@ def test_kto_rows_inline_and_the_shared_demo_file(tmp_path):
     )
     rows, invalid = read(path)
     assert invalid["format"] == "kto"
-    assert rows[:] == {
+    assert {**rows[:], "messages": [plain(m) for m in rows["messages"]]} == {
         "messages": [[U], [U]],
         "text": ["", ""],
         "score": [None, None],
@@ -200,7 +201,7 @@ def test_transcripts_as_message_lists_share_their_prompt(tmp_path):
     path = write_jsonl(tmp_path, [{"chosen": [U, reply], "rejected": [U, {**reply, "content": "Rome"}]}])
     rows, invalid = read(path)
     assert invalid["format"] == "preference"
-    assert rows[:] == {
+    assert {**rows[:], "messages": [plain(m) for m in rows["messages"]]} == {
         "messages": [[U]],
         "text": [""],
         "score": [None],

@@ -113,11 +113,17 @@ def test_template_without_end_marker_gets_eos_appended():
     )
     assert [tok.decode(r) for r in trained_runs(ids, labels)] == ["yo<|endoftext|>"]
     assert tok.decode(ids).endswith("assistant:\nyo<|endoftext|>\n")  # EOS right after the content
-    with pytest.raises(TemplateError, match="no end-of-turn marker after assistant turns"):
-        tokenize_chat(tok, template, CONVERSATION[1:], "assistant")
+    # every assistant turn of a longer conversation gets its EOS, right after its reply
+    ids, labels = tokenize_chat(tok, template, CONVERSATION[1:], "assistant")
+    assert [tok.decode(r) for r in trained_runs(ids, labels)] == [
+        "It is 4.<|endoftext|>",
+        "Six, of course.<|endoftext|>",
+    ]
+    assert "assistant:\nIt is 4.<|endoftext|>\nuser:\nAnd three plus three?" in tok.decode(ids)
 
 
 def test_unknown_template_name_is_a_clear_error():
     tok = tokenizer("gpt2")
-    with pytest.raises(TemplateError, match=r"data.chat_template='chatmll' is neither a built-in \(alpaca, chatml\)"):
+    builtins = r"\(alpaca, chatml, chatml-tools\)"
+    with pytest.raises(TemplateError, match=rf"data.chat_template='chatmll' is neither a built-in {builtins}"):
         resolve_template(tok, "chatmll")

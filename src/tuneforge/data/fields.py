@@ -7,17 +7,25 @@ joins them; a part of another kind (image, audio) is refused.
 
 Formats and their fields (after `columns` renaming):
 - alpaca:     instruction (string), output (string), input (string or null), system (string or null)
-- messages:   messages: a non-empty list of {role, content}; content a string or a list of text parts
-- sharegpt:   conversations: a non-empty list of {from, value} (strings); system (string or null)
+- messages:   messages: a non-empty list of {role, content}; content a string or a list of text parts; an assistant
+              message may hold OpenAI `tool_calls` (content then null or ""), a `tool` message `tool_call_id`;
+              tools (function schemas: a list or JSON text, or null)
+- sharegpt:   conversations: a non-empty list of {from, value} (strings), `function_call` / `observation` turns
+              for tool calls and their results; system (string or null); tools (as above)
 - completion: text (string)
 - preference, kto: see preference.py
+Tool calls and tools are read and stored as tool_calls.py says.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any
+
+from tuneforge.data.row_error import RowError, kind, shown
+from tuneforge.data.tool_calls import calls_text, link_results, parse_tool_calls, parse_tools, tools_message
+
+__all__ = ["RowError", "kind", "shown"]  # (re-exported: formats.py and preference.py take them from here)
 
 SHAREGPT_ROLES = {
     "human": "user",
@@ -45,41 +53,6 @@ MARKERS = {
     "completion": ("text",),
 }
 DETECT_ROWS = 1000  # auto-detection votes over this many first rows
-
-
-class RowError(ValueError):
-    """A row that does not fit its format. `reason` is what is counted (same for alike rows); str(self) adds
-    the offending value."""
-
-    def __init__(self, reason: str, value: str = ""):
-        super().__init__(reason + value)
-        self.reason = reason
-
-
-def kind(value: Any) -> str:
-    """What a JSON value is, in words."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return f"a {type(value).__name__}"
-
-
-def shown(value: Any) -> str:
-    """A short rendering of a value for an error message: ' (...)'."""
-    try:
-        text = json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return f" ({text[:60]}{'...' if len(text) > 60 else ''})"
 
 
 class Fields:
@@ -153,7 +126,8 @@ def _messages(f: Fields) -> list[dict]:
     msgs = f.row.get("messages")
     if not isinstance(msgs, (list, tuple)) or not msgs:
         raise RowError(f"`{name}` must be a non-empty list of {{role, content}}, got {kind(msgs)}", shown(msgs))
-    out = []
+    out: list[dict] = []
+    n_calls = 0
     for j, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise RowError(f"`{name}[{j}]` must be an object {{role, content}}, got {kind(m)}", shown(m))
@@ -162,8 +136,20 @@ def _messages(f: Fields) -> list[dict]:
             raise RowError(f"`{name}[{j}].role` must be a string, got {kind(role)}", shown(role))
         if role not in CHAT_ROLES:
             raise RowError(f"unknown role {role!r}", f"; expected one of {sorted(CHAT_ROLES)}")
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if calls is not None and calls != []:
+            parsed = parse_tool_calls(calls, f"{name}[{j}].tool_calls", n_calls)
+            n_calls += len(parsed)
+            content = m.get("content")
+            text = "" if content is None else content_text(content, f"{name}[{j}].content")
+            out.append({"role": role, "content": text, "tool_calls": calls_text(parsed)})
+            continue
         out.append({"role": role, "content": content_text(m.get("content"), f"{name}[{j}].content")})
-    return out
+        if role == "tool" and m.get("tool_call_id") is not None:
+            if not isinstance(m["tool_call_id"], str):
+                raise RowError(f"`{name}[{j}].tool_call_id` must be a string, got {kind(m['tool_call_id'])}")
+            out[-1]["tool_call_id"] = m["tool_call_id"]
+    return with_tools(f, link_results(out))
 
 
 def _sharegpt(f: Fields) -> list[dict]:
@@ -173,6 +159,7 @@ def _sharegpt(f: Fields) -> list[dict]:
         raise RowError(f"`{name}` must be a non-empty list of {{from, value}}, got {kind(conv)}", shown(conv))
     system = f.text("system", False, "sharegpt")
     out = [{"role": "system", "content": system}] if system else []
+    n_calls = 0
     for j, m in enumerate(conv):
         if not isinstance(m, dict):
             raise RowError(f"`{name}[{j}]` must be an object {{from, value}}, got {kind(m)}", shown(m))
@@ -183,8 +170,19 @@ def _sharegpt(f: Fields) -> list[dict]:
             raise RowError(f"unknown speaker {who.lower()!r}", f"; expected one of {sorted(SHAREGPT_ROLES)}")
         if not isinstance(value, str):
             raise RowError(f"`{name}[{j}].value` must be a string, got {kind(value)}", shown(value))
-        out.append({"role": SHAREGPT_ROLES[who.lower()], "content": value})
-    return out
+        if who.lower() == "function_call":
+            calls = parse_tool_calls(value, f"{name}[{j}].value", n_calls)
+            n_calls += len(calls)
+            out.append({"role": "assistant", "content": "", "tool_calls": calls_text(calls)})
+        else:
+            out.append({"role": SHAREGPT_ROLES[who.lower()], "content": value})
+    return with_tools(f, link_results(out))
+
+
+def with_tools(f: Fields, messages: list[dict]) -> list[dict]:
+    """The messages, led by the message that carries the row's `tools` when it has any (see tool_calls.py)."""
+    tools = parse_tools(f.row.get("tools"), f.name("tools"))
+    return [tools_message(tools), *messages] if tools else messages
 
 
 def row_format(row: dict, candidates: tuple[str, ...] = FORMATS) -> str | None:

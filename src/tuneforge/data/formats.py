@@ -3,8 +3,8 @@ and KTO rows also hold their completions (`chosen`, `rejected` / `completion`, `
 
 Supported layouts (after `columns` renaming):
 - alpaca:     {instruction, input?, output, system?}
-- messages:   {messages: [{role, content}, ...]}              (OpenAI style)
-- sharegpt:   {conversations: [{from, value}, ...], system?}
+- messages:   {messages: [{role, content, tool_calls?}, ...], tools?}              (OpenAI style)
+- sharegpt:   {conversations: [{from, value}, ...], system?, tools?}  (`function_call` / `observation` turns)
 - completion: {text}
 - preference: {prompt, chosen, rejected} / {conversations, chosen, rejected} / {chosen, rejected} transcripts
 - kto:        {messages, label}                                 (see preference.py)
@@ -56,7 +56,14 @@ __all__ = [
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 CANONICAL_FEATURES = datasets.Features(
     {
-        "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+        "messages": [
+            {
+                "role": datasets.Value("string"),
+                "content": datasets.Value("string"),
+                "tool_calls": datasets.Value("string"),  # JSON text, null when none (see tool_calls.py)
+                "tool_call_id": datasets.Value("string"),
+            }
+        ],
         "text": datasets.Value("string"),
         "score": datasets.Value("float64"),
         "source_row": datasets.Value("int64"),

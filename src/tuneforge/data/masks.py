@@ -1,8 +1,8 @@
 """Token ids and labels (-100 wherever no loss is taken) of rendered rows, many at a time, as flat arrays.
 
-templates.py renders a conversation and finds its trained character spans; here the rendered texts are
-tokenized once with character offsets, and a token is trained when it overlaps a trained span. When a
-template emits no end-of-turn marker at all, the tokenizer's EOS is appended and trained.
+templates.py renders a conversation and finds its trained character spans (with the tokenizer's EOS written
+after turns the template closes with nothing); here the rendered texts are tokenized once with character
+offsets, and a token is trained when its own text overlaps a trained span (`_labels`).
 
 A template that writes the BOS token as text (`{{ bos_token }}...`, as Alpaca's and Mistral's do) would, with
 a SentencePiece-style tokenizer (Llama-2, Mistral), tokenize `<s>Below is` as ['<s>', 'Bel', 'ow', '▁is']:
@@ -156,34 +156,89 @@ def monotone_offsets(enc: Encoded) -> bool:
     return bool(np.all(np.diff(off, axis=0)[same_text] >= 0))
 
 
-def _labels(enc: Encoded, spans: list[list[tuple[int, int, bool]]], train_on: str, search: bool = False) -> np.ndarray:
-    """Labels of many tokenized conversations (flat): a token is trained when it overlaps a trained character
-    span. By numpy over every token's offsets; or, with `search` (only for offsets that never decrease, see
-    `monotone_offsets`), by finding each span's first and last trained token with binary searches in Rust."""
+def absorbing_tokens(tokenizer) -> dict[int, str]:
+    """id -> text of the added tokens that take in the whitespace beside them (`lstrip` / `rstrip`, as Phi-3's
+    `<|assistant|>`, `<|end|>`): their offsets cover that whitespace too."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {i: t.content for i, t in decoder.items() if getattr(t, "lstrip", False) or getattr(t, "rstrip", False)}
+
+
+def _core(text: str, start: int, end: int, literal: str) -> tuple[int, int]:
+    """The characters of an absorbing token's own text within its offsets (start, end)."""
+    at = text.find(literal, start, end)
+    return (at, at + len(literal)) if at >= 0 else (start, end)
+
+
+def _core_offsets(enc: Encoded, texts: list[str], absorbing: dict[int, str]) -> np.ndarray:
+    """Every token's offsets, those of absorbing tokens narrowed to their own text (see `absorbing_tokens`)."""
+    offsets = enc.with_offsets()
+    at = np.flatnonzero(np.isin(enc.ids, np.fromiter(absorbing, dtype=np.int64, count=len(absorbing))))
+    if not len(at):
+        return offsets
+    offsets = offsets.copy()
+    rows = np.searchsorted(np.cumsum(enc.lengths) - enc.lengths, at, side="right") - 1
+    for t, r in zip(at.tolist(), rows.tolist()):
+        offsets[t] = _core(texts[r], int(offsets[t, 0]), int(offsets[t, 1]), absorbing[int(enc.ids[t])])
+    return offsets
+
+
+def _labels(
+    enc: Encoded,
+    spans: list[list[tuple[int, int, bool]]],
+    train_on: str,
+    search: bool = False,
+    texts: list[str] | None = None,
+    absorbing: dict[int, str] | None = None,
+) -> np.ndarray:
+    """Labels of many tokenized conversations (flat): a token is trained when its own text overlaps a trained
+    character span, and when it begins before the span, takes only whitespace from before it (given the
+    `texts`): the whitespace an absorbing token takes in beside it (`absorbing`: see `absorbing_tokens`) does
+    not make it part of a turn, nor a token that merges the prompt's last characters with the reply's first. By
+    numpy over every token's offsets; or, with `search`
+    (only for offsets that never decrease, see `monotone_offsets`), by finding each span's first and last trained
+    token with binary searches in Rust."""
     ids, lengths = enc.ids, enc.lengths
+    absorbing = absorbing if absorbing and texts is not None else {}
     if train_on == "all":
         return ids.copy()
     if search and enc.encodings is not None:
-        return _labels_by_search(enc, spans)
-    offsets = enc.with_offsets()
+        return _labels_by_search(enc, spans, texts, absorbing)
+    offsets = _core_offsets(enc, texts, absorbing) if absorbing else enc.with_offsets()
     row = np.repeat(np.arange(len(lengths)), lengths)
     trained = np.zeros(len(ids), dtype=bool)
     for k in range(max(map(len, spans), default=0)):  # the k-th trained span of every row; (0, 0) overlaps nothing
         start = np.array([s[k][0] if k < len(s) else 0 for s in spans], dtype=np.int64)[row]
         end = np.array([s[k][1] if k < len(s) else 0 for s in spans], dtype=np.int64)[row]
-        trained |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+        hit = (offsets[:, 0] < end) & (offsets[:, 1] > start)
+        if texts is not None:  # a token begun in the prompt belongs to it, unless what it takes of it is whitespace
+            for t in np.flatnonzero(hit & (offsets[:, 0] < start)).tolist():
+                hit[t] = _prompt_part_is_space(texts[row[t]], int(offsets[t, 0]), int(start[t]))
+        trained |= hit
     return np.where(trained, ids, IGNORE_INDEX)
 
 
-def _labels_by_search(enc: Encoded, spans: list[list[tuple[int, int, bool]]]) -> np.ndarray:
+def _prompt_part_is_space(text: str, token_start: int, span_start: int) -> bool:
+    """Whether a token that starts before a trained span takes only whitespace from before it: SentencePiece's
+    `▁It` of `[/INST] It` does (trained), `][` of `[/INST][TOOL_CALLS]` does not (prompt)."""
+    return text[token_start:span_start].isspace()
+
+
+def _labels_by_search(
+    enc: Encoded, spans: list[list[tuple[int, int, bool]]], texts: list[str] | None, absorbing: dict[int, str]
+) -> np.ndarray:
     """`_labels` when offsets never decrease: the tokens overlapping a span [s, e) (start < e and end > s) are
     then the run from the first token ending after s up to, not including, the first token starting at or
     after e. The first is the first token covering character s (`char_to_token`) when one does, the other is
-    bisected; no token's offsets are read but a few."""
+    bisected; no token's offsets are read but a few. An absorbing token at either end is left out when its own
+    text is outside the span, a first token begun before the span when it takes more than whitespace from there."""
     first = np.concatenate([[0], np.cumsum(enc.lengths)[:-1]]).tolist()
     edges = np.zeros(len(enc.ids) + 1, dtype=np.int64)  # +1 where a trained run starts, -1 after it ends
-    for enc_row, row_spans, base, n in zip(enc.encodings, spans, first, enc.lengths.tolist()):
-        chars = enc_row.token_to_chars
+    for r, (enc_row, row_spans, base, n) in enumerate(zip(enc.encodings, spans, first, enc.lengths.tolist())):
+        chars, row_ids = enc_row.token_to_chars, enc_row.ids if absorbing else []
+
+        def core(t: int) -> tuple[int, int]:
+            return _core(texts[r], *chars(t), absorbing[row_ids[t]])  # noqa: B023 (used within this row)
+
         for s, e, _ in row_spans:
             a = enc_row.char_to_token(s) if s < e else None
             if a is None:  # no token covers s: bisect for the first token ending after it
@@ -209,26 +264,16 @@ def _labels_by_search(enc: Encoded, spans: list[list[tuple[int, int, bool]]]) ->
                         hi = mid
                     else:
                         b = mid + 1
+            while absorbing and a < b and row_ids[a] in absorbing and core(a)[1] <= s:
+                a += 1
+            while absorbing and b > a and row_ids[b - 1] in absorbing and core(b - 1)[0] >= e:
+                b -= 1
+            if texts is not None and a < b and chars(a)[0] < s:
+                a += 0 if _prompt_part_is_space(texts[r], chars(a)[0], s) else 1
             if b > a:
                 edges[base + a] += 1
                 edges[base + b] -= 1
     return np.where(np.cumsum(edges[:-1]) > 0, enc.ids, IGNORE_INDEX)
-
-
-def _close_turn(tokenizer, ids: list[int], labels: list[int], spans, train_on: str) -> None:
-    """When the template closes assistant turns with nothing, append a trained EOS so stopping is learned."""
-    if not spans or spans[-1][2]:
-        return
-    if tokenizer.eos_token_id is None:
-        raise TemplateError("the chat template emits no end-of-turn marker and the tokenizer has no eos_token")
-    if any(not sp[2] for sp in spans[:-1]):
-        raise TemplateError(
-            "the chat template emits no end-of-turn marker after assistant turns, so the model could not "
-            "learn where a turn ends; use data.chat_template: chatml or alpaca"
-        )
-    end = max(t for t, lab in enumerate(labels) if lab != IGNORE_INDEX) + 1 if train_on != "all" else len(ids)
-    ids.insert(end, tokenizer.eos_token_id)
-    labels.insert(end, tokenizer.eos_token_id)
 
 
 def chats_tokenized(
@@ -243,17 +288,8 @@ def chats_tokenized(
     """Token ids and labels of rendered conversations (`chats_rendered`); `encoded` is `encode_texts` of the
     texts when already done (in another thread); `search`: see `_labels`."""
     enc = encoded or encode_texts(tokenizer, backend, texts)
-    out = TokenizedRows(enc.ids, _labels(enc, spans, train_on, search), enc.lengths)
-    if any(sp and not sp[-1][2] for sp in spans):  # a template without end-of-turn markers: EOS added row by row
-        rows = out.rows()
-        for (row_ids, row_labels), sp in zip(rows, spans):
-            _close_turn(tokenizer, row_ids, row_labels, sp, train_on)
-        out = TokenizedRows(
-            np.fromiter(chain.from_iterable(r for r, _ in rows), dtype=np.int64),
-            np.fromiter(chain.from_iterable(lab for _, lab in rows), dtype=np.int64),
-            np.fromiter((len(r) for r, _ in rows), dtype=np.int64, count=len(rows)),
-        )
-    return out
+    labels = _labels(enc, spans, train_on, search, texts, absorbing_tokens(tokenizer))
+    return TokenizedRows(enc.ids, labels, enc.lengths)
 
 
 def tokenize_chats(

@@ -18,7 +18,27 @@ from jinja2.exceptions import TemplateError as JinjaError
 from jinja2.exceptions import TemplateSyntaxError
 from transformers import PreTrainedTokenizerBase
 
-from tuneforge.errors import TuneforgeError
+from tuneforge.data.rendering import (
+    TemplateChoiceError,
+    TemplateError,
+    refusal,
+    render,
+    usable_template,
+)
+from tuneforge.data.tool_calls import for_template, uses_tools
+from tuneforge.data.turn_spans import Chat, Span, assistant_spans_many
+
+__all__ = [
+    "BUILTIN_TEMPLATES",
+    "IGNORE_INDEX",
+    "TemplateError",
+    "TemplateChoiceError",
+    "chats_rendered",
+    "check_syntax",
+    "refusal",
+    "render",
+    "resolve_template",
+]
 
 IGNORE_INDEX = -100
 
@@ -43,18 +63,36 @@ BUILTIN_TEMPLATES = {
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     ),
+    # ChatML with tools, in the Hermes / Qwen2.5 form: the tools' schemas in the system turn, each call as
+    # <tool_call>{"name": ..., "arguments": {...}}</tool_call> in the assistant turn, results as <tool_response> in
+    # a user turn. Without tools it writes what `chatml` writes.
+    "chatml-tools": (
+        "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+        "{%- if messages and messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+        "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided "
+        "with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+        "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+        "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+        'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": '
+        "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+        "{%- elif messages and messages[0].role == 'system' %}"
+        "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}"
+        "{%- for m in messages %}"
+        "{%- if m.role == 'system' and loop.first %}"
+        "{%- elif m.role == 'assistant' and m.tool_calls %}{{- '<|im_start|>assistant' }}"
+        "{%- if m.content %}{{- '\\n' + m.content }}{%- endif %}"
+        "{%- for call in m.tool_calls %}{%- set f = call.function if call.function is defined else call %}"
+        '{{- \'\\n<tool_call>\\n{"name": "\' + f.name + \'", "arguments": \' + (f.arguments | tojson) + '
+        "'}\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}"
+        "{%- elif m.role == 'tool' %}"
+        "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+        "{{- '\\n<tool_response>\\n' + m.content + '\\n</tool_response>' }}"
+        "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+        "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    ),
 }
-
-
-class TemplateError(TuneforgeError, ValueError):
-    """A chat template that cannot be used to locate assistant turns, or that refuses a conversation."""
-
-
-def refusal(error: Exception) -> str:
-    """What a template said when it refused a conversation (its `raise_exception` message, an undefined value),
-    or why its assistant turns cannot be found in this conversation."""
-    message = str(getattr(error, "message", None) or error).strip() or type(error).__name__
-    return message if type(error) in (JinjaError, TemplateError) else f"{type(error).__name__}: {message}"
 
 
 def check_syntax(template: str, where: str) -> None:
@@ -93,162 +131,52 @@ def resolve_template(tokenizer: PreTrainedTokenizerBase, choice: str) -> tuple[s
     )
 
 
-def render(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
-    )
-
-
-def _direct_renderer(tokenizer, template: str):
-    """The compiled jinja template called directly with what apply_chat_template passes it (the messages, no
-    tools or documents, the tokenizer's special tokens): the same text for tuneforge's plain string messages,
-    without transformers' per-conversation normalisation (60% of rendering time). None if unavailable."""
-    try:
-        from jinja2.runtime import new_context
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
-        compiled = _compile_jinja_template(template)
-    except Exception:  # a transformers or jinja2 without these: the public path only
-        return None
-    # Template.render(**vars) without its per-call merge of the template globals (a ChainMap) into the
-    # variables: the context's variables are built from one pre-merged dict instead (2x faster, same text)
-    env, root, blocks, name, globals_ = (
-        compiled.environment,
-        compiled.root_render_func,
-        compiled.blocks,
-        compiled.name,
-        compiled.globals,
-    )
-    base = {**dict(globals_), "tools": None, "documents": None, **tokenizer.special_tokens_map}
-
-    def render_direct(msgs: list[dict], flag: bool) -> str:
-        variables = {**base, "messages": msgs, "add_generation_prompt": flag}
-        return env.concat(root(new_context(env, name, blocks, variables, True, globals_)))
-
-    return render_direct
-
-
-def _render_many(tokenizer, template: str, requests: list[tuple[list[dict], bool]]) -> list[str]:
-    """`render` of many (messages, generation_prompt) pairs, the same text without the per-call overhead: the
-    template is called directly when its first rendering equals apply_chat_template's, else one batched
-    apply_chat_template call per flag. An empty conversation is rendered alone, to fail as alone."""
-    out = [""] * len(requests)
-    direct = _direct_renderer(tokenizer, template)
-    for flag in (False, True):
-        idx = [k for k, (msgs, g) in enumerate(requests) if g is flag and msgs]
-        if not idx:
-            continue
-        first = render(tokenizer, template, requests[idx[0]][0], flag)
-        if direct is not None and direct(requests[idx[0]][0], flag) == first:
-            texts = [first] + [direct(requests[k][0], flag) for k in idx[1:]]
-        else:
-            texts = tokenizer.apply_chat_template(
-                [requests[k][0] for k in idx], chat_template=template, tokenize=False, add_generation_prompt=flag
-            )
-        for k, text in zip(idx, texts):
-            out[k] = text
-    for k, (msgs, g) in enumerate(requests):
-        if not msgs:
-            out[k] = render(tokenizer, template, msgs, g)
-    return out
-
-
-def _render_followed(tokenizer, template: str, conversations: list[list[dict]]) -> list[str | None]:
-    """Each conversation followed by a user turn; None where the template refuses a trailing user turn."""
-    followed = [([*msgs, {"role": "user", "content": "x"}], False) for msgs in conversations]
-    try:
-        return list(_render_many(tokenizer, template, followed))
-    except Exception:  # some conversation is refused: find which, one by one
-        out: list[str | None] = []
-        for msgs, _ in followed:
-            try:
-                out.append(render(tokenizer, template, msgs, False))
-            except Exception:
-                out.append(None)
-        return out
-
-
-def assistant_spans_many(
-    tokenizer: PreTrainedTokenizerBase, template: str, conversations: list[list[dict]], train_on: str
-) -> list[tuple[str, list[tuple[int, int, bool]]]]:
-    """Render each conversation and return (text, [(start, end, has_end_marker)]) of its trained turns.
-
-    Assistant turn i spans `through[len(before):end]`, where before = the conversation up to turn i with
-    the generation prompt, through = the conversation through turn i (the full rendering for the last
-    turn), and `end` is where `through` stops agreeing with a rendering in which another message follows.
-    """
-    requests: list[tuple[list[dict], bool]] = []
-
-    def need(msgs: list[dict], generation_prompt: bool) -> int:
-        requests.append((msgs, generation_prompt))
-        return len(requests) - 1
-
-    plans, ends_last = [], []
-    for msgs in conversations:
-        turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-        if train_on == "last":
-            turns = turns[-1:]
-        full = need(msgs, False)
-        steps = [(i, need(msgs[:i], True), full if i == len(msgs) - 1 else need(msgs[: i + 1], False)) for i in turns]
-        plans.append((full, steps))
-        ends_last.append(bool(turns) and turns[-1] == len(msgs) - 1)
-    texts = _render_many(tokenizer, template, requests)
-    followed = iter(_render_followed(tokenizer, template, [m for m, last in zip(conversations, ends_last) if last]))
-    out = []
-    for msgs, (full_k, steps), last in zip(conversations, plans, ends_last):
-        full, spans = texts[full_k], []
-        follow_last = next(followed) if last else None
-        for i, before_k, through_k in steps:
-            before, through = texts[before_k], texts[through_k]
-            end = _turn_end(tokenizer, through, follow_last if i == len(msgs) - 1 else full)
-            if not (through.startswith(before) and full.startswith(through[:end])) or end < len(before):
-                raise TemplateError(
-                    f"the chat template renders assistant turn {i} differently depending on what follows it, so its "
-                    "tokens cannot be located; use data.chat_template: chatml (or alpaca), or a template file"
-                )
-            turn = through[len(before) : end].rstrip()
-            content = msgs[i]["content"].strip()
-            at = turn.find(content) if content else 0
-            has_marker = bool(turn[at + len(content) :].strip()) if at >= 0 else True
-            spans.append((len(before), len(before) + len(turn), has_marker))
-        out.append((full, spans))
-    return out
-
-
-def _turn_end(tokenizer, through: str, follow: str | None) -> int:
-    """Where an assistant turn ends in `through`: where it stops agreeing, token by token, with `follow`, a
-    rendering in which another message follows (some templates close the whole conversation with an extra
-    EOS). `follow` is None when the template refuses a following user turn: keep the whole rendering."""
-    if follow is None or follow.startswith(through):
-        return len(through)
-    a = tokenizer(through, add_special_tokens=False, return_offsets_mapping=True)
-    b = tokenizer(follow, add_special_tokens=False)["input_ids"]
-    n = 0
-    while n < min(len(a["input_ids"]), len(b)) and a["input_ids"][n] == b[n]:
-        n += 1
-    return a["offset_mapping"][n - 1][1] if n else 0
-
-
 def chats_rendered(
     tokenizer, template: str, conversations: list[list[dict]], train_on: str, refused: dict[int, str] | None = None
 ) -> tuple[list[str], list]:
     """(rendered texts, trained spans per text) of many conversations: the Python half of tokenizing chats.
 
-    A conversation the template refuses (its `raise_exception(...)`, an undefined value, any jinja error) raises
-    TemplateError with the template's message; or, given `refused`, is rendered as "" with no spans and its
-    position in `conversations` -> the message is put in `refused`."""
+    A template that cannot train these rows at all raises TemplateChoiceError (whatever `refused`): it would drop
+    their tools, tool calls or tool results, or it writes text of its own after every conversation. A
+    conversation the template refuses (its `raise_exception(...)`, an undefined value, any error in its jinja)
+    or whose turns cannot be located raises TemplateError with the reason; or, given `refused`, is rendered as
+    "" with no spans and its position in `conversations` -> the message is put in `refused`."""
+    traits = usable_template(tokenizer, template, set().union(*map(uses_tools, conversations)))
+    chats = [Chat(*for_template(c, traits.arguments or "object")) for c in conversations]
     try:
-        rendered = assistant_spans_many(tokenizer, template, conversations, train_on)
+        rendered = assistant_spans_many(tokenizer, template, chats, train_on, traits.needs_tools)
     except (JinjaError, TemplateError) as e:
         if refused is None:
             if isinstance(e, TemplateError):
                 raise
             raise TemplateError(f"the chat template refused a conversation: {refusal(e)}") from None
         rendered = []
-        for k, conv in enumerate(conversations):  # which ones: one by one
+        for k, chat in enumerate(chats):  # which ones: one by one
             try:
-                rendered.append(assistant_spans_many(tokenizer, template, [conv], train_on)[0])
+                rendered.append(assistant_spans_many(tokenizer, template, [chat], train_on, traits.needs_tools)[0])
             except (JinjaError, TemplateError) as e:
                 refused[k] = refusal(e)
                 rendered.append(("", []))
-    return [text for text, _ in rendered], [sp for _, sp in rendered]
+    closed = [_closed(tokenizer, text, spans) for text, spans in rendered]
+    return [text for text, _ in closed], [sp for _, sp in closed]
+
+
+def _closed(tokenizer, text: str, spans: list[Span]) -> tuple[str, list[Span]]:
+    """The text with the tokenizer's EOS written right after every trained turn the template closes with nothing
+    (trained with it, so that stopping is learned), and the spans moved to match."""
+    if all(closed for _, _, closed in spans):
+        return text, spans
+    eos = tokenizer.eos_token
+    if not eos:
+        raise TemplateError(
+            "the chat template emits no end-of-turn marker after assistant turns and the tokenizer has no "
+            "eos_token, so the model could not learn where a turn ends; use data.chat_template: chatml or alpaca"
+        )
+    pieces, out, last, shift = [], [], 0, 0
+    for start, end, has_marker in spans:
+        if not has_marker:
+            pieces += [text[last:end], eos]
+            last = end
+        out.append((start + shift, end + shift + (0 if has_marker else len(eos)), True))
+        shift += 0 if has_marker else len(eos)
+    return "".join([*pieces, text[last:]]), out

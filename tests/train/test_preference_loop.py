@@ -4,6 +4,7 @@ same steps (normalised by pairs), and the run's before/after evaluation reports 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from tuneforge.cli import main
 from tuneforge.config.load import ConfigError
 from tuneforge.config.schema import RunConfig
+from tuneforge.data.collate import rows_at
 from tuneforge.data.prepare import prepare
 from tuneforge.train.loop import Trainer
 from tuneforge.train.objective_step import PairBatches, PairObjective, peft_model
@@ -132,7 +134,7 @@ def test_dpo_micro_batch_times_accumulation_gives_the_same_steps(tiny_config_dic
         torch.testing.assert_close(acc_params[name], big_params[name], rtol=1e-4, atol=1e-6)
 
 
-def test_objective_and_data_must_match_and_unwired_setups_are_refused(tiny_config_dict, tmp_path):
+def test_objective_and_data_must_match_and_unsupported_setups_are_refused(tiny_config_dict, tmp_path):
     with pytest.raises(
         ConfigError,
         match=r"objective.type=dpo trains on preference data, but the prepared data is "
@@ -144,14 +146,18 @@ def test_objective_and_data_must_match_and_unwired_setups_are_refused(tiny_confi
             prepare(RunConfig.model_validate(tiny_config_dict), tmp_path / "a", log=lambda s: None),
             log=lambda s: None,
         ).setup()
-    full = config(tiny_config_dict, tmp_path, "full")
-    full.adapter.type = "full"
+    qlora = config(tiny_config_dict, tmp_path, "qlora")
+    qlora.adapter.type = "qlora"
     with pytest.raises(
         ConfigError,
-        match=r"objective.type=dpo compares with a reference model; .* Use "
+        match=r"objective.type=dpo compares with a reference model; .* adapter.type=qlora has neither yet. Use "
         r"adapter.type=lora, or a reference-free objective \(simpo, orpo\)",
     ):
-        trainer_for(full, tmp_path, "full")
+        trainer_for(qlora, tmp_path, "qlora")
+    sharded = config(tiny_config_dict, tmp_path, "sharded")
+    sharded.adapter.type, sharded.dist.strategy = "full", "fsdp2"
+    with pytest.raises(ConfigError, match=r"caches the reference's log-probs .* dist.strategy=fsdp2 does not hold"):
+        trainer_for(sharded, tmp_path, "sharded")
     with pytest.raises(ValueError, match="objective.orpo_lambda applies to objective.type orpo, not dpo"):
         config(tiny_config_dict, tmp_path, objective={"type": "dpo", "orpo_lambda": 0.3})
 
@@ -190,3 +196,88 @@ def test_a_resumed_dpo_run_equals_the_uninterrupted_one(tiny_config_dict, tmp_pa
     assert cont == straight[2:]  # exactly: steps 3-4 from the step-2 checkpoint
     for name in w_straight:
         assert torch.equal(w_straight[name], w_cont[name]), name
+
+
+# ---------------------------------------------------------------------------- full fine-tuning: cached reference
+def full_config(tiny_config_dict, tmp_path, name="run", objective=None, **train):
+    cfg = config(tiny_config_dict, tmp_path, name, objective=objective, lr=1e-4, **train)
+    cfg.adapter.type = "full"
+    return cfg
+
+
+@pytest.mark.parametrize("objective", [{"type": "dpo", "beta": 0.5}, {"type": "ipo", "beta": 0.5}], ids=["dpo", "ipo"])
+def test_full_fine_tuning_uses_the_starting_models_cached_log_probs(objective, tiny_config_dict, tmp_path):
+    logs = []
+    cfg = full_config(tiny_config_dict, tmp_path, objective=objective, micro_batch_size=4)
+    data = prepare(cfg, tmp_path / "run", log=lambda s: None)
+    tr = Trainer(cfg, tmp_path / "run", data, log=logs.append).setup()
+    start = copy.deepcopy(tr.model)  # the reference: the model before any update
+    assert any(line.startswith("reference log-probs (full fine-tuning): computed for 32 pairs") for line in logs)
+    assert {"ref_chosen_logp", "ref_rejected_logp"} <= set(tr.data.train.column_names)
+    first = tr._step(1)
+    if objective["type"] == "dpo":
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts as its reference
+    tr._step(2)
+    accum = cfg.train.grad_accum
+    rows = [r for i in range(accum) for r in rows_at(tr.data.train, tr.order.micro_batch(2 * accum + i))]
+    seqs = [(list(r["prompt_ids"]), list(r[k])) for r in rows for k in ("chosen_ids", "rejected_ids")]
+    with torch.no_grad():
+        pol, ref = plain_logps(tr.model.eval(), seqs), plain_logps(start.eval(), seqs)
+    tr.model.train()
+    n = torch.tensor([float(len(c)) for _, c in seqs])
+    pc, pr, rc, rr, nc, nr = pol[0::2], pol[1::2], ref[0::2], ref[1::2], n[0::2], n[1::2]
+    if objective["type"] == "dpo":
+        want = -F.logsigmoid(0.5 * ((pc - rc) - (pr - rr)))
+    else:
+        want = ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * 0.5)) ** 2
+    assert tr._step(3)["loss"] == pytest.approx(float(want.mean()), rel=1e-5)
+    tr.cleanup()
+
+
+@pytest.mark.integration
+def test_a_resumed_full_dpo_run_reads_its_cached_reference_and_equals_the_uninterrupted_one(
+    tiny_config_dict, tmp_path, monkeypatch
+):
+    from tuneforge.train import reference_cache
+
+    calls = []
+    compute = reference_cache.pair_reference_logps
+    monkeypatch.setattr(reference_cache, "pair_reference_logps", lambda *a, **k: calls.append(1) or compute(*a, **k))
+
+    def run(resume=None):
+        logs = []
+        cfg = full_config(tiny_config_dict, tmp_path, max_steps=4, micro_batch_size=4)
+        cfg.checkpoint.every_steps = 2
+        data = prepare(cfg, tmp_path / "run", log=lambda s: None)
+        tr = Trainer(cfg, tmp_path / "run", data, log=logs.append).setup()
+        tr.train(resume)
+        tr.cleanup()
+        lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        weights = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        return logs, [(r["step"], r["loss"]) for r in lines if r["type"] == "train"], weights
+
+    logs, straight, w_straight = run()
+    assert len(calls) == 1 and any("computed for 32 pairs" in line for line in logs)  # train only: no eval rows
+    logs, resumed, w_resumed = run(resume=tmp_path / "run" / "checkpoints" / "step-000002")
+    assert len(calls) == 1 and any(
+        line.startswith("reference log-probs (full fine-tuning): read from") for line in logs
+    )
+    assert resumed[-2:] == straight[2:4]  # exactly: steps 3-4 from the step-2 checkpoint
+    for name in w_straight:
+        assert torch.equal(w_straight[name], w_resumed[name]), name
+
+
+@pytest.mark.integration
+def test_a_full_fine_tuning_dpo_run_from_a_config(tiny_config_dict, tmp_path, capsys):
+    d = full_config(tiny_config_dict, tmp_path, max_steps=4, micro_batch_size=8).model_dump(mode="json")
+    d["train"]["lr"] = 1e-3
+    d["data"]["eval_fraction"] = 0.25
+    d["eval"] = {**d["eval"], "at_start": True, "every_steps": 4, "generate_rows": 0, "show_samples": 0}
+    path = tmp_path / "dpo.yaml"
+    path.write_text(json.dumps(d))
+    assert main(["train", str(path)]) == 0
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["before"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)  # held-out rows cached too
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    assert "computed for 32 pairs" in capsys.readouterr().out  # 24 train + 8 held out
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

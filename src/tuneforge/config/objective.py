@@ -30,8 +30,9 @@ class ObjectiveConfig(Section):
         "sft",
         description="sft: next-token loss on the trained tokens. dpo / ipo / simpo / orpo: preference pairs "
         "(prompt, chosen, rejected); kto: rows labelled desirable or undesirable; reward: a Bradley-Terry reward "
-        "model (a scalar head) on pairs. dpo, ipo and kto compare with a reference: the base weights (a LoRA run "
-        "switches its adapter off).",
+        "model (a scalar head) on pairs. dpo, ipo and kto compare with a reference, the starting weights: a "
+        "LoRA/DoRA run switches its adapter off; a full fine-tune (dpo, ipo) computes the reference's log-probs "
+        "once before training and caches them with the prepared data (<run>/data/reference/).",
     )
     beta: float | None = Field(
         None,

@@ -179,6 +179,10 @@ class KtoObjective:
         return out
 
     @staticmethod
+    def prepare_run(model, data, run_dir, accelerator, precision: str) -> None:
+        """Nothing before the first step: the reference is the LoRA adapter switched off."""
+
+    @staticmethod
     def final_model(model):
         """final/ holds the trained adapter (or weights) as for SFT."""
         return model

@@ -137,6 +137,9 @@ class Trainer:
         if cfg.objective.type != "sft":
             pad = self.data.tokenizer.pad_token_id
             self.objective, self.collate = build_objective(cfg, pad, flat, self.chunked_head)
+            note = self.objective.prepare_run(model, self.data, self.run_dir, self.accelerator, self.precision)
+            if note:  # e.g. a full fine-tune's reference log-probs, cached with the data before any update
+                self.log(note)
         self._checked_per_sample = not (flat or packed)
         # a step's micro-batches joined into larger passes (one process, not DeepSpeed: see train.pass_tokens)
         self.pass_positions, note = pass_budget(cfg, self.accelerator.num_processes, self.parallel.name)

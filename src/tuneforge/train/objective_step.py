@@ -2,15 +2,16 @@
 loss is normalised by, and the loss summed over those units. The loop (loop.py) calls only these, for every
 objective but sft: `units(batch)`, `begin_step(model, batches, autocast, reduce_sum)` (what the step's losses
 share, before any of them), `loss_sum(model, batch, autocast)` per micro-batch, `step_metrics(sums, units)`,
-`final_model(model)` (what final/ holds) and, for the held-out rows, `evaluate`; `build_objective` gives the
-objective and its collator.
+`final_model(model)` (what final/ holds), `prepare_run(...)` once before training, and for the held-out rows
+`evaluate`; `build_objective` gives the objective and its collator.
 
   sft                     rows of input_ids + labels; units: trained tokens; loss: their summed NLL
   dpo, ipo, simpo, orpo   rows of prompt_ids + chosen_ids + rejected_ids: each pair becomes two sequences in the
                           same padding-free pass (prompt + chosen, prompt + rejected; only the completions are
                           trained); units: pairs; loss: the objective's per-pair loss (train/objectives/) on the
                           sequences' summed log-probs, computed only at the completion positions (sequence_logps).
-                          dpo and ipo compare with the reference: the same weights with the LoRA adapter off.
+                          dpo and ipo compare with the reference: the same weights with the LoRA adapter off,
+                          or (full fine-tuning) log-probs cached before training (train/reference_cache.py)
   kto                     rows of prompt_ids + completion_ids + label (train/kto_step.py); units: rows; the KL
                           estimate of the whole step in `begin_step`
   reward                  pairs as dpo's; the scores are a scalar head's rewards at each sequence's last token
@@ -29,12 +30,12 @@ import torch
 
 from tuneforge.config.load import ConfigError
 from tuneforge.config.schema import RunConfig
-from tuneforge.data.collate import FlatCollator, PaddedCollator
-from tuneforge.data.templates import IGNORE_INDEX
 from tuneforge.model.lm_loss import sequence_logps
 from tuneforge.train.objectives import OBJECTIVES
 from tuneforge.train.objectives.reward import sequence_rewards
+from tuneforge.train.pair_batches import PairBatches
 from tuneforge.train.reference import peft_model
+from tuneforge.train.reference_cache import attach_reference_logps
 from tuneforge.train.reward_step import final_reward_model, reward_setup_error
 
 PAIR_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
@@ -67,16 +68,25 @@ def check_objective(cfg: RunConfig, data_kind: str) -> None:
             "eval.generate_rows and eval.general_text measure a language model's text, and a reward run trains a "
             "model that scores pairs (held out: eval_reward_accuracy): remove them"
         )
-    if (
-        OBJECTIVES.get(name) is not None
-        and OBJECTIVES[name].needs_reference
-        and cfg.adapter.type not in ("lora", "dora")
-    ):
-        raise ConfigError(
-            f"objective.type={name} compares with a reference model; tuneforge takes it from the base weights of a "
-            f"LoRA/DoRA run (adapter off), and adapter.type={cfg.adapter.type} has none yet. Use adapter.type=lora, "
-            "or a reference-free objective (simpo, orpo)"
-        )
+    if OBJECTIVES.get(name) is not None and OBJECTIVES[name].needs_reference:
+        if cfg.adapter.type == "qlora":
+            raise ConfigError(
+                f"objective.type={name} compares with a reference model; tuneforge takes it from the base weights "
+                "of a LoRA/DoRA run (adapter off) or caches it before a full fine-tune, and adapter.type=qlora has "
+                "neither yet. Use adapter.type=lora, or a reference-free objective (simpo, orpo)"
+            )
+        if cfg.adapter.type == "full" and name == "kto":
+            raise ConfigError(
+                "objective.type=kto compares with a reference model; with adapter.type=full tuneforge caches the "
+                "reference's log-probs before training, but KTO's KL pairs depend on each step's rows, so they "
+                "cannot be cached. Use adapter.type=lora (or dora)"
+            )
+        if cfg.adapter.type == "full" and cfg.dist.strategy in ("fsdp2", "deepspeed"):
+            raise ConfigError(
+                f"objective.type={name} with adapter.type=full caches the reference's log-probs before training, "
+                f"from the whole model on one process, which dist.strategy={cfg.dist.strategy} does not hold yet. "
+                "Use dist.strategy=ddp (or auto), or adapter.type=lora"
+            )
     if name == "kto" and cfg.train.micro_batch_size * cfg.train.grad_accum < 2:
         raise ConfigError(
             "objective.type=kto estimates its KL term from mismatched completions among the rows of a step, and "
@@ -106,26 +116,6 @@ def collate_step(collate, micro_rows: list[list[dict]]) -> list[dict]:
     return whole_step(micro_rows) if whole_step is not None else [collate(rows) for rows in micro_rows]
 
 
-class PairBatches:
-    """Prepared pairs -> one batch of 2 x pairs sequences, in order chosen_0, rejected_0, chosen_1, ..."""
-
-    def __init__(self, pad_id: int, padding_free: bool):
-        self.inner = FlatCollator(pad_id) if padding_free else PaddedCollator(pad_id)
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        sequences = []
-        for r in rows:
-            prompt = list(r["prompt_ids"])
-            for completion in (r["chosen_ids"], r["rejected_ids"]):
-                completion = list(completion)
-                sequences.append(
-                    {"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion}
-                )
-        batch = self.inner(sequences)
-        batch["num_pairs"] = torch.tensor(len(rows))
-        return batch
-
-
 class PairObjective:
     """A preference objective on the loop: `units`, `loss_sum`, `evaluate`."""
 
@@ -146,8 +136,15 @@ class PairObjective:
         """Every metric is a mean over the step's pairs."""
         return {k: v / max(units, 1.0) for k, v in sums.items()}
 
+    def prepare_run(self, model, data, run_dir, accelerator, precision: str) -> str | None:
+        """Before the first step, with the starting model: a full fine-tune's reference log-probs, cached with the
+        data (train/reference_cache.py). Returns a line to log, or None."""
+        if not (self.spec.needs_reference and self.cfg.adapter.type == "full"):
+            return None
+        return attach_reference_logps(self.cfg, run_dir, data, model, accelerator, precision, self.chunked)
+
     def _logps(self, model, batch, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = {k: v for k, v in batch.items() if k != "num_pairs"}
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "labels", "position_ids", "attention_mask")}
         with autocast():
             logps, tokens = sequence_logps(model, inputs, chunked=self.chunked)
         keep = tokens > 0  # a padding tail is a sequence with nothing trained
@@ -171,9 +168,12 @@ class PairObjective:
         pc, pr, tc, tr = logps[0::2], logps[1::2], tokens[0::2], tokens[1::2]
         name = o.type
         if self.spec.needs_reference:
-            with torch.no_grad(), peft_model(model).disable_adapter():
-                ref, _ = self._logps(model, batch, autocast)
-            rc, rr = ref[0::2], ref[1::2]
+            if "ref_chosen_logps" in batch:  # cached before a full fine-tune
+                rc, rr = batch["ref_chosen_logps"].to(pc), batch["ref_rejected_logps"].to(pc)
+            else:  # the same weights with the LoRA adapter off
+                with torch.no_grad(), peft_model(model).disable_adapter():
+                    ref, _ = self._logps(model, batch, autocast)
+                rc, rr = ref[0::2], ref[1::2]
             if name == "dpo":
                 return self.spec.loss(pc, pr, rc, rr, beta=o.beta_value, label_smoothing=o.label_smoothing)
             return self.spec.loss(pc, pr, rc, rr, tc, tr, beta=o.beta_value)

@@ -203,3 +203,18 @@ def test_kto_trains_on_the_shared_kto_demo_file(tiny_config_dict, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in lines if r["type"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and train[1]["kl"] >= 0.0
+
+
+@pytest.mark.integration
+def test_kto_padding_free_equals_padded(tiny_config_dict, tmp_path):
+    def losses(name, flat):
+        tr = trainer_for(
+            config(tiny_config_dict, tmp_path, name, micro_batch_size=4, padding_free=flat), tmp_path, name
+        )
+        out = [tr._step(s) for s in (1, 2)]
+        tr.cleanup()
+        return [m["loss"] for m in out], [m["kl"] for m in out]
+
+    flat, padded = losses("flat", True), losses("padded", False)
+    assert flat[1][1] > 0  # the KL term is in play at step 2
+    assert flat[0] == pytest.approx(padded[0], rel=1e-5) and flat[1] == pytest.approx(padded[1], rel=1e-4, abs=1e-7)

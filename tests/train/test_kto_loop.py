@@ -62,11 +62,19 @@ def step_rows(tr, step):
     return [r for i in range(accum) for r in rows_at(tr.data.train, tr.order.micro_batch((step - 1) * accum + i))]
 
 
-def test_the_loop_kto_loss_equals_trl_on_plainly_computed_logps(tiny_config_dict, tmp_path):
+def test_the_loop_kto_loss_starts_at_half_the_weight_and_equals_trl_on_plainly_computed_logps(
+    tiny_config_dict, tmp_path
+):
     cfg = config(tiny_config_dict, tmp_path, micro_batch_size=4, grad_accum=2)
     tr = trainer_for(cfg, tmp_path)
-    for step in (1, 2):  # move the adapter away from the reference first
-        tr._step(step)
+    labels = [bool(r["label"]) for r in step_rows(tr, 1)]
+    first = tr._step(1)  # a fresh LoRA policy is its reference: KL 0, rewards 0, each row costs w (1 - sigma(0))
+    desirable = sum(labels)
+    assert 0 < desirable < len(labels)
+    assert first["loss"] == pytest.approx((0.5 * 3.0 * desirable + 0.5 * (len(labels) - desirable)) / 8, abs=1e-6)
+    assert first["kl"] == 0.0 and first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert first["rewards/accuracies"] == 0.0 and first["grad_norm"] > 0  # no sign right yet, but it learns
+    tr._step(2)  # move the adapter away from the reference
     rows = step_rows(tr, 3)  # 8 rows, in two micro-batches: the KL pairs rotate over all of them
     model = peft_model(tr.model)
     with torch.no_grad():
@@ -96,20 +104,6 @@ def test_the_loop_kto_loss_equals_trl_on_plainly_computed_logps(tiny_config_dict
     assert got["kl"] == pytest.approx(trl_metrics["kl"], rel=1e-4, abs=1e-6)
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins"):
         assert got[key] == pytest.approx(trl_metrics[key], rel=1e-4, abs=1e-5), key
-    tr.cleanup()
-
-
-def test_a_fresh_lora_policy_starts_at_kl_0_and_half_the_weight(tiny_config_dict, tmp_path):
-    tr = trainer_for(config(tiny_config_dict, tmp_path, micro_batch_size=8), tmp_path)
-    labels = [bool(r["label"]) for r in step_rows(tr, 1)]
-    first = tr._step(1)
-    desirable = sum(labels)
-    want = (0.5 * 3.0 * desirable + 0.5 * 1.0 * (len(labels) - desirable)) / len(labels)  # w (1 - sigma(0))
-    assert 0 < desirable < len(labels)
-    assert first["loss"] == pytest.approx(want, abs=1e-6)
-    assert first["kl"] == 0.0 and first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
-    assert first["rewards/accuracies"] == 0.0  # no reward has the sign of its label yet
-    assert first["grad_norm"] > 0  # yet the adapter learns
     tr.cleanup()
 
 

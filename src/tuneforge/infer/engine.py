@@ -168,7 +168,8 @@ class Engine:
 
         Deterministic: the forward calls depend only on the prompts, the outputs and the seed, never on timing,
         so every rank of a sharded model (FSDP2, ZeRO-3: parameters gathered collectively) makes the same calls.
-        Runs under no_grad (not inference_mode: a model being trained goes on using the tensors it touched).
+        Runs under no_grad, as HF generate does (not inference_mode: a tensor a module caches while generating, e.g.
+        a resized rotary table, would be an inference tensor that the next training step's backward refuses).
         A failed forward raises. Not while the thread of `start()` runs."""
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("run_to_completion: the engine's serving thread is running; stop() it first")

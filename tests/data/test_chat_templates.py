@@ -7,7 +7,7 @@ is compared loosely, as a tokenizer joins a reply's leading space to its first w
 end-of-turn marker gets the tokenizer's EOS written after each reply. A tokenizer "fits" when it is the model's
 own family; where the model's tokenizer adds the template's markers as special tokens (Gemma, DeepSeek-R1, the
 Hermes ChatML tokens on Llama-3, Mistral v3's control tokens) they are added to the shared tokenizer too, as
-the model does.
+the model does ("mistral-7b-v0.1:v3" is that tokenizer with Mistral v3's control tokens).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import SHARED_DATA, shared_path
-from tuneforge.data.masks import tokenize_chat
+from tuneforge.data.masks import end_of_turn_ids, tokenize_chat
 from tuneforge.data.rendering import TemplateChoiceError
 from tuneforge.data.templates import BUILTIN_TEMPLATES, IGNORE_INDEX, TemplateError
 from tuneforge.data.tool_calls import calls_text, tools_message
@@ -80,7 +80,7 @@ TRAINS = {
     "llamacpp-meta-llama-Llama-3.3-70B-Instruct": ("llama3", (), "", "<|eot_id|>", LLAMA_CALL, True),
     "llamacpp-microsoft-Phi-3.5-mini-instruct": ("phi-3-mini", (), "", "<|end|>", None, True),
     "llamacpp-mistralai-Mistral-Nemo-Instruct-2407": (
-        "mistral-7b-v0.1",
+        "mistral-7b-v0.1:v3",
         MISTRAL_CONTROL,
         "",
         "</s>",
@@ -89,7 +89,7 @@ TRAINS = {
     ),
     "mistral-common-v1_spm": ("mistral-7b-v0.1", (), "", "</s>", None, True),
     "mistral-common-v2_spm": (
-        "mistral-7b-v0.1",
+        "mistral-7b-v0.1:v3",
         MISTRAL_CONTROL,
         "",
         "</s>",
@@ -97,7 +97,7 @@ TRAINS = {
         True,
     ),
     "mistral-common-v3_spm": (
-        "mistral-7b-v0.1",
+        "mistral-7b-v0.1:v3",
         MISTRAL_CONTROL,
         "",
         "</s>",
@@ -142,11 +142,18 @@ TOOL_CONVERSATION = [
 ]
 
 
+def added_tokens(key: str) -> list[str]:
+    """The special tokens the models paired with tokenizer `key` add to it (their templates' markers)."""
+    return list(dict.fromkeys(t for tok, added, *_ in TRAINS.values() if tok == key for t in added))
+
+
 @functools.cache
-def tokenizer(name: str, added: tuple[str, ...] = ()):
-    tok = AutoTokenizer.from_pretrained(str(shared_path(f"tokenizers/{name}")))
-    if added:
-        tok.add_tokens(list(added), special_tokens=True)
+def tokenizer(key: str):
+    """The shared tokenizer `key` ('folder' or 'folder:variant') with every marker its paired models add (no
+    other template paired with it writes them: `test_every_shipped_template_is_in_the_table`): each is loaded
+    once."""
+    tok = AutoTokenizer.from_pretrained(str(shared_path(f"tokenizers/{key.split(':')[0]}")))
+    tok.add_tokens(added_tokens(key), special_tokens=True)
     return tok
 
 
@@ -171,12 +178,15 @@ def test_every_shipped_template_is_in_the_table():
         pytest.skip(f"{folder} not available")
     assert sorted(p.stem for p in folder.glob("*.jinja")) == sorted([*TRAINS, *REFUSED])
     assert len(REFUSED) <= 3
+    for name, (tok, added, *_) in TRAINS.items():  # another model's markers never appear in a template
+        others = set(added_tokens(tok)) - set(added)
+        assert not [t for t in others if t in (folder / f"{name}.jinja").read_text(encoding="utf-8")], name
 
 
 @pytest.mark.parametrize("name", sorted(TRAINS))
 def test_template_trains_exactly(name):
-    tok_name, added, before, marker, call, system = TRAINS[name]
-    tok, text = tokenizer(tok_name, added), template(name)
+    tok_name, _, before, marker, call, system = TRAINS[name]
+    tok, text = tokenizer(tok_name), template(name)
     conversation = CONVERSATION if system else CONVERSATION[1:]
     ids, labels = tokenize_chat(tok, text, conversation, "assistant")
     got = [t.strip() for t in trained_texts(tok, ids, labels)]
@@ -209,3 +219,12 @@ def test_builtin_chatml_tools_trains_the_call_and_not_the_result():
     # without tools it is the chatml template
     plain = tokenize_chat(tok, BUILTIN_TEMPLATES["chatml-tools"], CONVERSATION, "assistant")
     assert plain == tokenize_chat(tok, BUILTIN_TEMPLATES["chatml"], CONVERSATION, "assistant")
+
+
+def test_the_token_that_ends_a_call_stops_generation_too():
+    tok = tokenizer("llama3")
+    stops = end_of_turn_ids(tok, template("llamacpp-meetkai-functionary-medium-v3.1"))
+    assert tok.convert_ids_to_tokens(stops) == ["<|eot_id|>", "<|eom_id|>"]
+    assert tok.convert_ids_to_tokens(end_of_turn_ids(tok, template("llamacpp-meta-llama-Llama-3.1-8B-Instruct"))) == [
+        "<|eot_id|>"
+    ]

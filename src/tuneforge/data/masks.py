@@ -20,7 +20,9 @@ from itertools import chain
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from tuneforge.data.rendering import template_traits
 from tuneforge.data.templates import IGNORE_INDEX, TemplateError, chats_rendered, render
+from tuneforge.data.tool_calls import calls_text
 
 
 @dataclass
@@ -328,20 +330,25 @@ def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[i
 
 
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, template: str) -> list[int]:
-    """Token ids that end an assistant turn under this template (EOS first): the stop tokens for generation."""
+    """Token ids that end an assistant turn under this template (EOS first): the stop tokens for generation,
+    with the one that ends a tool call when the template writes calls (functionary's `<|eom_id|>`, say)."""
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
-    try:
-        ids, labels = tokenize_chat(tokenizer, template, probe, "last")
-    except TemplateError:  # a template that wants more (a system turn first): try that, else EOS alone
-        try:
-            ids, labels = tokenize_chat(tokenizer, template, [{"role": "system", "content": "s"}, *probe], "last")
-        except TemplateError:
-            return stops
-    trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    user = {"role": "user", "content": "hi"}
+    call = {"id": "call00000", "type": "function", "function": {"name": "f", "arguments": {}}}
+    replies = [{"role": "assistant", "content": "ok"}]
+    if template_traits(tokenizer, template).arguments is not None:
+        replies.append({"role": "assistant", "content": "", "tool_calls": calls_text([call])})
     added = set(tokenizer.get_added_vocab().values())
-    if trained and trained[-1] not in stops and (trained[-1] in tokenizer.all_special_ids or trained[-1] in added):
-        stops.append(trained[-1])
+    for reply in replies:
+        for conversation in ([user, reply], [{"role": "system", "content": "s"}, user, reply]):
+            try:  # a template that wants more (a system turn first): try that, else EOS alone
+                ids, labels = tokenize_chat(tokenizer, template, conversation, "last")
+            except TemplateError:
+                continue
+            last = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX][-1:]
+            if last and last[0] not in stops and (last[0] in tokenizer.all_special_ids or last[0] in added):
+                stops.append(last[0])
+            break
     return stops
 
 

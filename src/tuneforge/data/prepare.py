@@ -48,8 +48,9 @@ from tuneforge.gguf_path import is_gguf, resolve_gguf_path
 
 # bumped whenever the same inputs give other prepared rows (2: BOS written by a template split off before
 # tokenizing, see data/masks.py; no newlines after Alpaca's last EOS; 3: fields type-checked, never stringified,
-# CSV read as text, a source_row column), so older caches are rebuilt
-DATA_FORMAT = 3
+# CSV read as text, a source_row column; 4: tokens trained for their own text only (Phi-3's role token), EOS
+# after every reply of a template without end-of-turn markers, tool calls in `messages`), so older caches are rebuilt
+DATA_FORMAT = 4
 
 
 @dataclass

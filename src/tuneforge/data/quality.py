@@ -29,11 +29,12 @@ EXAMPLES_PER_RULE = 3
 
 
 def prompt_and_response(messages: list[dict], text: str) -> tuple[str, str]:
-    """(prompt, response) of a normalised row: non-assistant turns vs assistant turns; completion = response."""
+    """(prompt, response) of a normalised row: non-assistant turns vs assistant turns (a tool call's text is its
+    call, as JSON); completion = response."""
     if not messages:
         return "", text
     prompt = "\n".join(m["content"] for m in messages if m["role"] != "assistant")
-    response = "\n".join(m["content"] for m in messages if m["role"] == "assistant")
+    response = "\n".join(m["content"] or m.get("tool_calls") or "" for m in messages if m["role"] == "assistant")
     return prompt, response
 
 

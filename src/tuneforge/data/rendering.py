@@ -1,13 +1,14 @@
-"""Render conversations with a chat template, one or many at a time, tools included; what a template does with
-tool calls.
+"""Render conversations with a chat template, one or many at a time, tools included; what a template does.
 
 Messages go to the template as `tool_calls.for_template` shapes them (plain `{role, content}`, calls, results)
 and a row's tools as `tools=`. Templates differ in how they want a call's arguments: most write them with
-`| tojson` (an object), some join them into text with `+` (JSON text: functionary, DeepSeek-R1). `template_traits`
-renders a probe conversation once per template to learn which, and whether the template renders tools, calls
-and results at all (a template that ignores them would drop them from training rows without a word), and
-whether it renders at all without tools (the tool-use-only templates iterate over `tools`: rows without tools
-get an empty list).
+`| tojson` (an object), some join them into text with `+` (JSON text: functionary, Mistral's). `template_traits`
+renders probe conversations once per template to learn which, whether the template renders tools, calls and
+results at all (one that ignores them would drop them from training rows without a word), whether it renders at
+all without tools (the tool-use-only templates iterate over `tools`: rows without tools get an empty list), and
+whether it can train at all: a template that writes text of its own after every conversation (an instruction
+turn, the assistant's header) leaves no way to tell where a turn ends, and one that needs variables
+apply_chat_template does not pass renders nothing.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ class TemplateError(TuneforgeError, ValueError):
 
 
 class TemplateChoiceError(TemplateError, InputError):
-    """A chat template that cannot train these rows at all (it would drop their tool calls, or its turns cannot be
-    told apart): data.chat_template must change (exit 2)."""
+    """A chat template that cannot train these rows at all (it would drop their tool calls, its turns cannot be
+    told apart, it renders nothing): data.chat_template must change (exit 2)."""
 
 
 def refusal(error: Exception) -> str:
@@ -175,7 +176,8 @@ def template_traits(tokenizer: PreTrainedTokenizerBase, template: str) -> Templa
 
 def usable_template(tokenizer, template: str, used: set[str]) -> TemplateTraits:
     """The template's traits; TemplateChoiceError when it cannot train rows that use `used` (see `uses_tools`):
-    it would drop their tools, calls or results, or it writes its generation prompt whether asked or not."""
+    it renders no plain conversation, writes text of its own after every conversation, or would drop the rows'
+    tools, calls or results."""
     traits = template_traits(tokenizer, template)
     if traits.unknown:
         raise TemplateChoiceError(

@@ -1,13 +1,15 @@
-"""Render rows with a chat template into `input_ids` + `labels` (-100 wherever no loss is taken).
+"""Chat templates: the built-in ones, choosing one (`data.chat_template`), and rendering rows with the character
+spans of their trained turns, from which masks.py makes `input_ids` + `labels` (-100 wherever no loss is taken).
 
 Real chat templates (Llama-3, Qwen2.5, Mistral, Phi-3, ...) have no `{% generation %}` markers, so
-`apply_chat_template(return_assistant_tokens_mask=True)` returns an all-zero mask for them. tuneforge
-finds each assistant turn by rendering the conversation prefix twice: up to the turn with the
-generation prompt (A) and through the turn (B). `B[len(A):]` is the turn's content plus its
-end-of-turn marker (`<|eot_id|>`, `<|im_end|>`, `</s>`, ...). Trailing whitespace after the marker is
-template scaffolding and is not trained. masks.py tokenizes the full conversation once with character
-offsets, and a token is trained when it overlaps a trained character span. When a template emits no
-end-of-turn marker at all, the tokenizer's EOS is appended and trained, so the model learns to stop.
+`apply_chat_template(return_assistant_tokens_mask=True)` returns an all-zero mask for them. tuneforge renders
+each conversation and locates every trained assistant turn in that one rendering (turn_spans.py): the reply and
+its end-of-turn marker (`<|eot_id|>`, `<|im_end|>`, `</s>`, ...); whitespace after the marker is template
+scaffolding and is not trained. When a template closes a turn with no marker at all, the tokenizer's EOS is
+written after the reply and trained, so the model learns to stop. Rows with tools and tool calls are rendered
+as tool_calls.py and rendering.py say; a template that would drop them, or whose turns cannot be told apart,
+is refused before any row is (TemplateChoiceError). docs/chat-templates.md lists what every community
+template in ../shared/data/chat_templates does.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from tests.conftest import SHARED_DATA, shared_path
 from tuneforge.data.masks import end_of_turn_ids, tokenize_chat
 from tuneforge.data.rendering import TemplateChoiceError
-from tuneforge.data.templates import BUILTIN_TEMPLATES, IGNORE_INDEX, TemplateError
+from tuneforge.data.templates import BUILTIN_TEMPLATES, IGNORE_INDEX, TemplateError, chats_rendered
 from tuneforge.data.tool_calls import calls_text, tools_message
 
 GEMMA = ("<start_of_turn>", "<end_of_turn>")
@@ -228,3 +228,20 @@ def test_the_token_that_ends_a_call_stops_generation_too():
     assert tok.convert_ids_to_tokens(end_of_turn_ids(tok, template("llamacpp-meta-llama-Llama-3.1-8B-Instruct"))) == [
         "<|eot_id|>"
     ]
+
+
+@pytest.mark.parametrize("name", ["chujiezheng-chatml", "llamacpp-mistralai-Mistral-Nemo-Instruct-2407"])
+def test_turns_located_from_the_full_rendering_are_the_same_in_a_batch(name):
+    """Templates whose turns are located through the rendering with markers, many conversations at a time (one
+    of them refused by the template) give each conversation's rows as alone."""
+    tok, text = tokenizer(TRAINS[name][0]), template(name)
+    broken = [CONVERSATION[1], CONVERSATION[3], CONVERSATION[2]]  # both refuse roles that do not alternate
+    conversations = [CONVERSATION, CONVERSATION[1:3], CONVERSATION[1:], broken]
+    refused: dict[int, str] = {}
+    texts, spans = chats_rendered(tok, text, conversations, "assistant", refused)
+    alone = [
+        chats_rendered(tok, text, [c], "assistant") if k not in refused else ([""], [[]])
+        for k, c in enumerate(conversations)
+    ]
+    assert (texts, spans) == ([t for (t,), _ in alone], [s for _, (s,) in alone])
+    assert list(refused) == [3] and "alternate" in refused[3]

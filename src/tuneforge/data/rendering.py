@@ -26,8 +26,8 @@ from tuneforge.errors import InputError, TuneforgeError
 TOOL_TEMPLATE_HINT = (
     "set data.chat_template to one that does: chatml-tools (built in: ChatML with Hermes / Qwen2.5 "
     '`<tool_call>{"name": ..., "arguments": ...}</tool_call>` calls), or a tool-use template file such as '
-    "Qwen2.5-7B-Instruct's, NousResearch Hermes-3-Llama-3.1-8B's tool_use or Llama-3.1-8B-Instruct's chat template "
-    "(llama.cpp models/templates/*.jinja)"
+    "llama.cpp's models/templates/Qwen-Qwen2.5-7B-Instruct.jinja, NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja "
+    "or meta-llama-Llama-3.1-8B-Instruct.jinja"
 )
 
 

@@ -101,32 +101,55 @@ def _after(text: str | None, key: str) -> str | None:
     return text[text.index(key) + len(key) :]
 
 
+def _marked(chat: Chat, turns: list[int]) -> tuple[list[int], list[dict]]:
+    """The turns with text among `turns`, and the messages with each of their replies replaced by a marker."""
+    ids = [i for i in turns if chat.messages[i].get("content")]
+    marked = [dict(m, content=SENTINEL.format(i)) if i in ids else m for i, m in enumerate(chat.messages)]
+    return ids, marked
+
+
+def _marked_renders(
+    tokenizer, template: str, wanted: list[tuple[Chat, list[int]]], needs_tools: bool
+) -> list[tuple[list[str] | None, str | None]]:
+    """For each (conversation, turns): the renderings with markers (the whole conversation, then through each
+    turn before the last message; None where the template refuses them), and the whole one followed by a user
+    turn when a turn is its last message (None: refused)."""
+    per_chat, followed = [], []
+    for chat, turns in wanted:
+        ids, marked = _marked(chat, turns)
+        last = len(marked) - 1
+        per_chat.append([(marked, False, chat.tools)] + [(marked[: i + 1], False, chat.tools) for i in ids if i < last])
+        followed.append(Chat(marked, chat.tools) if ids and ids[-1] == last else None)
+    try:
+        flat = render_many(tokenizer, template, [r for reqs in per_chat for r in reqs], needs_tools)
+        texts, at = [], 0
+        for reqs in per_chat:
+            texts.append(flat[at : at + len(reqs)])
+            at += len(reqs)
+    except Exception:  # some conversation is refused with markers: find which, one by one
+        texts = []
+        for reqs in per_chat:
+            try:
+                texts.append(render_many(tokenizer, template, reqs, needs_tools))
+            except Exception:
+                texts.append(None)
+    follows = iter(_follow_renders(tokenizer, template, [c for c in followed if c is not None], needs_tools))
+    return [(t, next(follows) if c is not None else None) for t, c in zip(texts, followed)]
+
+
 class _Layout:
     """A conversation's trained replies located in its full rendering through a rendering with markers in their
-    place (see the module's docstring)."""
+    place (see the module's docstring); `marked`, `follow`: `_marked_renders` of it."""
 
-    def __init__(self, tokenizer, template: str, chat: Chat, turns: list[int], full: str, needs_tools: bool):
-        msgs, tools = chat.messages, chat.tools
-        self.tokenizer, self.full, self.spans = tokenizer, full, {}
-        self.ids = [i for i in turns if msgs[i].get("content")]
-        marked = [dict(m, content=SENTINEL.format(i)) if i in self.ids else m for i, m in enumerate(msgs)]
-        last = len(msgs) - 1
-        requests = [(marked, False, tools)] + [(marked[: i + 1], False, tools) for i in self.ids if i < last]
-        try:
-            texts = render_many(tokenizer, template, requests, needs_tools)
-        except Exception:  # the template refuses the markers: nothing is located this way
-            self.ids, texts = [], [""]
-        follow = None
-        if self.ids and self.ids[-1] == last:
-            try:
-                followed = [([*marked, {"role": "user", "content": FOLLOW}], False, tools)]
-                (follow,) = render_many(tokenizer, template, followed, needs_tools)
-            except Exception:
-                follow = None
-        self.after = {i: _after(t, SENTINEL.format(i)) for i, t in zip([i for i in self.ids if i < last], texts[1:])}
+    def __init__(self, tokenizer, chat: Chat, turns: list[int], full: str, marked: list[str] | None, follow):
+        msgs, last = chat.messages, len(chat.messages) - 1
+        self.tokenizer, self.full = tokenizer, full
+        self.ids = _marked(chat, turns)[0] if marked is not None else []
+        throughs = [i for i in self.ids if i < last]
+        self.after = {i: _after(t, SENTINEL.format(i)) for i, t in zip(throughs, (marked or [])[1:])}
         if self.ids and self.ids[-1] == last:
             self.after[last] = _after(follow, SENTINEL.format(last))
-        self.parts = _split(texts[0], [SENTINEL.format(i) for i in self.ids]) if self.ids else None
+        self.parts = _split(marked[0], [SENTINEL.format(i) for i in self.ids]) if self.ids else None
         self.contents = self._align(msgs) if self.parts is not None else {}
 
     def _align(self, msgs: list[dict]) -> dict[int, tuple[int, int]]:
@@ -205,16 +228,27 @@ def assistant_spans_many(
         ends_last.append(bool(turns) and turns[-1] == len(msgs) - 1)
     texts = render_many(tokenizer, template, requests, needs_tools)
     followed = iter(_follow_renders(tokenizer, template, [c for c, last in zip(chats, ends_last) if last], needs_tools))
-    out = []
-    for chat, (full_k, turns, steps), last in zip(chats, plans, ends_last):
-        msgs, full, spans, layout = chat.messages, texts[full_k], [], None
+    found, pending = [], []  # spans (None: to be located from the full rendering), conversations that need that
+    for k, (chat, (full_k, _, steps), last) in enumerate(zip(chats, plans, ends_last)):
+        msgs, full = chat.messages, texts[full_k]
         follow = next(followed) if last else None
-        for i, before_k, through_k in steps:
-            before, other = texts[before_k], follow if i == len(msgs) - 1 else full
-            span = _by_prefixes(tokenizer, before, texts[through_k], full, other, msgs[i].get("content") or "")
-            if span is None:
-                layout = layout or _Layout(tokenizer, template, chat, turns, full, needs_tools)
-                span = layout.span(i, before)
-            spans.append(span)
-        out.append((full, spans))
-    return out
+        spans = [
+            _by_prefixes(
+                tokenizer,
+                texts[before_k],
+                texts[through_k],
+                full,
+                follow if i == len(msgs) - 1 else full,
+                msgs[i].get("content") or "",
+            )
+            for i, before_k, through_k in steps
+        ]
+        found.append(spans)
+        if None in spans:
+            pending.append(k)
+    marked = _marked_renders(tokenizer, template, [(chats[k], plans[k][1]) for k in pending], needs_tools)
+    for k, (marked_texts, follow) in zip(pending, marked):
+        full_k, turns, steps = plans[k]
+        layout = _Layout(tokenizer, chats[k], turns, texts[full_k], marked_texts, follow)
+        found[k] = [sp or layout.span(i, texts[before_k]) for sp, (i, before_k, _) in zip(found[k], steps)]
+    return [(texts[full_k], spans) for (full_k, _, _), spans in zip(plans, found)]

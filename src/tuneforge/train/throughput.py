@@ -10,6 +10,7 @@ tuneforge computes logits only there.
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import sys
@@ -115,10 +116,15 @@ def device_peak_tflops(device: str, precision: str, configured: float | None) ->
                 return peak, f"{gpu} {prec} datasheet"
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         return measure_matmul_tflops("cuda", dtype, 4096), "measured matmul"
-    # the best of several short bursts at two sizes: small matmuls run faster on CPUs (cache), and a burst is
-    # easily slowed by another process; a peak measured too low would inflate MFU (MfuMeter bounds what remains)
-    best = max(measure_matmul_tflops("cpu", size=size, seconds=0.1) for size in (512, 1024, 512, 1024))
-    return best, "measured fp32 matmul, best of 4 bursts"
+    return _cpu_peak_tflops(torch.get_num_threads()), "measured fp32 matmul, best of 4 bursts"
+
+
+@functools.cache
+def _cpu_peak_tflops(threads: int) -> float:
+    """Measured once per process and thread count (a process that trains several models measures once).
+    The best of several short bursts at two sizes: small matmuls run faster on CPUs (cache), and a burst is
+    easily slowed by another process; a peak measured too low would inflate MFU (MfuMeter bounds what remains)."""
+    return max(measure_matmul_tflops("cpu", size=size, seconds=0.1) for size in (512, 1024, 512, 1024))
 
 
 class MfuMeter:

@@ -3,7 +3,7 @@ and KTO rows also hold their completions (`chosen`, `rejected` / `completion`, `
 
 Supported layouts (after `columns` renaming):
 - alpaca:     {instruction, input?, output, system?}
-- messages:   {messages: [{role, content, tool_calls?}, ...], tools?}              (OpenAI style)
+- messages:   {messages: [{role, content, tool_calls?}, ...], tools?}  (OpenAI style)
 - sharegpt:   {conversations: [{from, value}, ...], system?, tools?}  (`function_call` / `observation` turns)
 - completion: {text}
 - preference: {prompt, chosen, rejected} / {conversations, chosen, rejected} / {chosen, rejected} transcripts

@@ -24,16 +24,17 @@ from tuneforge.train.objective_step import PairBatches, PairObjective, peft_mode
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron".split()
 
 
-def pairs_file(tmp_path, n=32):
+def pairs_file(tmp_path, n=32, words_per_row=(4, 4)):
     rng = random.Random(0)
     rows = []
     for _ in range(n):
-        words = rng.sample(WORDS, 4)
+        low, high = words_per_row
+        words = rng.sample(WORDS, low if low == high else rng.randint(low, high))
         rows.append(
             {
                 "prompt": "Sort these words: " + " ".join(words),
                 "chosen": " ".join(sorted(words)),
-                "rejected": " ".join(rng.sample(words, 4)) + " " + rng.choice(WORDS),
+                "rejected": " ".join(rng.sample(words, len(words))) + " " + rng.choice(WORDS),
             }
         )
     path = tmp_path / "pairs.jsonl"
@@ -41,9 +42,10 @@ def pairs_file(tmp_path, n=32):
     return path
 
 
-def config(tiny_config_dict, tmp_path, name="run", objective=None, **train):
+def config(tiny_config_dict, tmp_path, name="run", objective=None, words_per_row=(4, 4), **train):
     d = {**tiny_config_dict}
-    d["data"] = {"train": [{"path": str(pairs_file(tmp_path))}], "eval_fraction": 0.0, "max_seq_len": 64}
+    pairs = pairs_file(tmp_path, words_per_row=words_per_row)
+    d["data"] = {"train": [{"path": str(pairs)}], "eval_fraction": 0.0, "max_seq_len": 64}
     d["adapter"] = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
     d["objective"] = objective or {"type": "dpo", "beta": 0.5}
     d["train"] = {**d["train"], "lr": 5e-3, **train}
@@ -132,6 +134,23 @@ def test_dpo_micro_batch_times_accumulation_gives_the_same_steps(tiny_config_dic
     assert big[2]["rewards/accuracies"] == pytest.approx(acc[2]["rewards/accuracies"])
     for name in big_params:
         torch.testing.assert_close(acc_params[name], big_params[name], rtol=1e-4, atol=1e-6)
+
+
+def test_orpo_nll_is_normalised_over_the_step_so_accumulation_gives_the_same_steps(tiny_config_dict, tmp_path):
+    """ORPO's NLL term is divided by the chosen tokens per pair of the whole step, not of each micro-batch (the
+    chosen completions here have 2 to 6 words, so micro-batches' token means differ)."""
+    orpo = {"type": "orpo", "orpo_lambda": 0.2}
+
+    def run(name, **train):
+        cfg = config(tiny_config_dict, tmp_path, name, objective=orpo, words_per_row=(2, 6), **train)
+        tr = trainer_for(cfg, tmp_path, name)
+        logs = [tr._step(s) for s in (1, 2)]
+        tr.cleanup()
+        return [m["loss"] for m in logs], [m["nll_loss"] for m in logs]
+
+    big = run("big", micro_batch_size=8, grad_accum=1)
+    acc = run("acc", micro_batch_size=2, grad_accum=4, pass_tokens=None)
+    assert acc == (pytest.approx(big[0], rel=1e-5), pytest.approx(big[1], rel=1e-5))
 
 
 def test_objective_and_data_must_match_and_unsupported_setups_are_refused(tiny_config_dict, tmp_path):

@@ -151,7 +151,7 @@ class DataConfig(Section):
     chat_template: str = Field(
         "auto",
         description="auto = the tokenizer's own chat template, else the built-in alpaca template; "
-        "or a built-in name (alpaca, chatml), or a path to a .jinja file.",
+        "or a built-in name (alpaca, chatml, chatml-tools), or a path to a .jinja file.",
     )
     train_on: Literal["assistant", "last", "all"] = Field(
         "assistant",

@@ -123,13 +123,25 @@ class PairObjective:
         """chunked: sequence log-probs through the chunked LM head (no (positions x vocab) logits at all)."""
         self.cfg, self.chunked = cfg, chunked
         self.spec = OBJECTIVES[cfg.objective.type]
+        self._step_nll_tokens: float | None = None  # ORPO, set by begin_step
 
     @staticmethod
     def units(batch: dict) -> float:
         return float(batch["num_pairs"])
 
     def begin_step(self, model, batches: list[dict], autocast=contextlib.nullcontext, reduce_sum=None) -> None:
-        """Nothing to settle before a step's losses: each pair's loss is its own."""
+        """Each pair's loss is its own, except ORPO's NLL term: normalised by the chosen completion tokens per
+        pair of the whole step (every micro-batch and process), as one large batch would be."""
+        if self.cfg.objective.type != "orpo":
+            return
+        counts = torch.tensor(
+            [float(sum(b["chosen_tokens"] for b in batches)), float(sum(b["num_pairs"] for b in batches))],
+            dtype=torch.float64,
+            device=next(model.parameters()).device,  # where the process group reduces
+        )
+        if reduce_sum is not None:
+            counts = reduce_sum(counts)
+        self._step_nll_tokens = float(counts[0] / counts[1].clamp(min=1))
 
     @staticmethod
     def step_metrics(sums: dict[str, float], units: float) -> dict[str, float]:
@@ -153,9 +165,10 @@ class PairObjective:
             raise RuntimeError(f"expected {2 * int(batch['num_pairs'])} trained sequences, found {logps.numel()}")
         return logps.float(), tokens.float()
 
-    def pair_losses(self, model, batch: dict, autocast=contextlib.nullcontext):
+    def pair_losses(self, model, batch: dict, autocast=contextlib.nullcontext, nll_tokens: float | None = None):
         """(per-pair losses, metrics) of one batch, differentiable through the policy's log-probs. `model` may be
-        wrapped (DDP); the reference is the same weights with the LoRA adapter off."""
+        wrapped (DDP); the reference is the same weights with the LoRA adapter off. nll_tokens: ORPO's NLL
+        normaliser (the step's chosen tokens per pair); default this batch's."""
         o = self.cfg.objective
         if self.spec.scores == "rewards":  # a reward model: its head's output at each sequence's last token
             inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
@@ -181,12 +194,13 @@ class PairObjective:
             return self.spec.loss(
                 pc, pr, tc, tr, beta=o.beta_value, gamma=o.simpo_gamma, label_smoothing=o.label_smoothing
             )
-        # orpo: the chosen NLL normalised by the completion tokens per pair of this batch
-        return self.spec.loss(pc, pr, tc, tr, orpo_lambda=o.orpo_lambda, mean_nll_tokens=tc.mean())
+        # orpo: the chosen NLL normalised by the completion tokens per pair (of the step in training)
+        mean_tokens = tc.mean() if nll_tokens is None else torch.tensor(nll_tokens, dtype=tc.dtype)
+        return self.spec.loss(pc, pr, tc, tr, orpo_lambda=o.orpo_lambda, mean_nll_tokens=mean_tokens)
 
     def loss_sum(self, model, batch: dict, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, float]]:
         """(sum of the pair losses, sums of the logged metrics) for a micro-batch."""
-        losses, metrics = self.pair_losses(model, batch, autocast)
+        losses, metrics = self.pair_losses(model, batch, autocast, self._step_nll_tokens)
         return losses.sum(), {k: float(v.sum()) for k, v in metrics.items()}
 
     def final_model(self, model):

@@ -25,6 +25,7 @@ class PairBatches:
                 )
         batch = self.inner(sequences)
         batch["num_pairs"] = torch.tensor(len(rows))
+        batch["chosen_tokens"] = torch.tensor(sum(len(r["chosen_ids"]) for r in rows))  # ORPO's NLL normaliser
         if rows and "ref_chosen_logp" in rows[0]:  # a full fine-tune's cached reference (train/reference_cache.py)
             for side in ("chosen", "rejected"):
                 batch[f"ref_{side}_logps"] = torch.tensor([r[f"ref_{side}_logp"] for r in rows], dtype=torch.float64)

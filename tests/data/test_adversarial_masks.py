@@ -14,6 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import shared_path
+from tests.data.helpers import CALL, TOOLS
 from tuneforge.data import encode
 from tuneforge.data.masks import tokenize_chat, tokenize_chats
 from tuneforge.data.templates import BUILTIN_TEMPLATES, IGNORE_INDEX, resolve_template
@@ -60,17 +61,6 @@ CASES = {
     "empty system message": [{"role": "system", "content": ""}, U, reply("Hello there")],
     "beyond ASCII": [{"role": "user", "content": "Wie heißt 東京 auf Französisch?"}, reply("« Tokyo », ça va 🙂")],
 }
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    }
-]
-CALL = [{"id": "call00000", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
 TOOL_CASE = [
     tools_message(TOOLS),
     {"role": "user", "content": "Weather in Paris, assistant?"},

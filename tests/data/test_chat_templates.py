@@ -18,6 +18,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import SHARED_DATA, shared_path
+from tests.data.helpers import CALL, TOOLS
 from tuneforge.data.masks import end_of_turn_ids, tokenize_chat
 from tuneforge.data.rendering import TemplateChoiceError
 from tuneforge.data.templates import BUILTIN_TEMPLATES, IGNORE_INDEX, TemplateError, chats_rendered
@@ -122,17 +123,6 @@ CONVERSATION = [
     {"role": "user", "content": "And three plus three?"},
     {"role": "assistant", "content": "Six, of course."},
 ]
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    }
-]
-CALL = [{"id": "call00000", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
 TOOL_CONVERSATION = [
     tools_message(TOOLS),
     {"role": "user", "content": "What is the weather in Paris?"},

@@ -214,6 +214,7 @@ class Trainer:
             counts = acc.reduce(torch.tensor(counts, dtype=torch.float64, device=acc.device), "sum").tolist()
         step_units, real_tokens, flops, step_tokens = counts[0], int(counts[1]), counts[2], counts[3]
         if obj is not None:  # what the step's losses share (KTO: its KL estimate over every micro-batch and rank)
+            obj.current_step = step  # what a step's sampling is seeded by (grpo's rollouts)
             obj.begin_step(
                 self.model, micro, acc.autocast, lambda t: acc.reduce(t, "sum") if acc.num_processes > 1 else t
             )

@@ -16,6 +16,8 @@ share, before any of them), `loss_sum(model, batch, autocast)` per micro-batch, 
                           estimate of the whole step in `begin_step`
   reward                  pairs as dpo's; the scores are a scalar head's rewards at each sequence's last token
                           (train/reward_step.py); `final_model` is the merged sequence-classification model
+  grpo                    instruction rows (prompt, reference answer: the output); units: completions; the
+                          rollouts, rewards and advantages in `begin_step` (train/grpo_step.py)
 
 Evaluation of a pair objective (`evaluate`) gives eval_loss (the mean pair loss), eval_reward_accuracy and
 eval_reward_margin on the held-out pairs, through the same function as training.
@@ -31,6 +33,7 @@ import torch
 from tuneforge.config.load import ConfigError
 from tuneforge.config.schema import RunConfig
 from tuneforge.model.lm_loss import sequence_logps
+from tuneforge.train.grpo_step import grpo_setup_error
 from tuneforge.train.objectives import OBJECTIVES
 from tuneforge.train.objectives.reward import sequence_rewards
 from tuneforge.train.pair_batches import PairBatches
@@ -44,7 +47,7 @@ PAIR_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
 def check_objective(cfg: RunConfig, data_kind: str) -> None:
     """The objective, the prepared data and the model setup fit together; raise ConfigError with the fix."""
     name = cfg.objective.type
-    want = "sft" if name == "sft" else "kto" if name == "kto" else "preference"
+    want = "sft" if name in ("sft", "grpo") else "kto" if name == "kto" else "preference"
     if data_kind != want:
         fix = {
             "preference": "use objective.type=dpo (or ipo, simpo, orpo, reward) for preference pairs",
@@ -61,6 +64,8 @@ def check_objective(cfg: RunConfig, data_kind: str) -> None:
         raise ConfigError(
             f"objective.type={name} trains on {want} data, but the prepared data is {data_kind} data: {fix}"
         )
+    if name == "grpo" and grpo_setup_error(cfg):  # grpo's prompts are instruction rows, its answer the reference
+        raise ConfigError(grpo_setup_error(cfg))
     if name == "reward" and reward_setup_error(cfg):
         raise ConfigError(reward_setup_error(cfg))
     if name == "reward" and (cfg.eval.generate_rows or cfg.eval.general_text):
@@ -106,6 +111,10 @@ def build_objective(cfg: RunConfig, pad_id: int, padding_free: bool, chunked: bo
         from tuneforge.train.kto_step import KtoBatches, KtoObjective
 
         return KtoObjective(cfg, chunked=chunked), KtoBatches(pad_id, padding_free, cfg.data.max_seq_len)
+    if cfg.objective.type == "grpo":
+        from tuneforge.train.grpo_step import GrpoBatches, GrpoObjective
+
+        return GrpoObjective(cfg, chunked=chunked), GrpoBatches(pad_id)
     return PairObjective(cfg, chunked=chunked), PairBatches(pad_id, padding_free=padding_free)
 
 

@@ -1,0 +1,341 @@
+"""How the loop runs GRPO (objective.type: grpo): reinforcement learning with verifiable rewards, the rollouts
+sampled by tuneforge's own engine (infer/engine.py) on the live policy weights (no copy, no weight sync).
+
+Data: instruction rows prepared as for SFT; a row's prompt is its tokens before its last trained span (the chat
+template's rendering up to the assistant turn), its reference answer the text of that span (`output`, e.g. the
+synthetic `add` task's sum, or GSM8K's answer whose last number is the reference for the `numeric` reward).
+
+Per optimizer step (the step's prompts are its rows: train.micro_batch_size x train.grad_accum per process):
+
+  begin_step    rollouts: the model in eval mode, each prompt sampled G times (objective.grpo.generations) by the
+                engine, seeded by train.seed and the step number (a resumed run samples the same completions);
+                back in train mode. The rewards (train/rewards.py) score every completion; advantages
+                A_i = r_i - mean of its group (divided by the group's std + 1e-4 with scale_rewards, as TRL). Each
+                micro-batch becomes the padding-free sequences prompt + completion (only the completion trained),
+                with its advantages (and, with kl_coef > 0, the reference's per-token log-probs: adapter off)
+  loss_sum      per completion token t of completion i: l_it = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high)
+                A_i) + kl_coef k3_it, rho = exp(logp - logp_old) with logp_old the rollout policy's log-prob (one
+                update per rollout batch: logp_old = logp detached, rho = 1, so the gradient is -A_i grad logp),
+                k3 = exp(ref - logp) - (ref - logp) - 1. The step's loss, over its S completions and T completion
+                tokens (every micro-batch and process):
+                  sequence (GRPO)    1/S sum_i 1/|o_i| sum_t l_it
+                  token (DAPO)       1/T sum_i sum_t l_it
+                  constant (Dr GRPO) 1/(S max_new_tokens) sum_i sum_t l_it
+                The loop divides by its units (the step's completions, S), so loss_sum returns the numerators
+                scaled accordingly.
+  step_metrics  reward and reward_std (total), rewards/<name> and rewards/<name>_std per reward,
+                groups_all_equal (share of groups whose rewards are all equal: zero advantage, no gradient),
+                completion_len (mean) and completion_len_max, kl (mean per-completion token KL; with kl_coef 0,
+                0), rollout_s and update_s, trained_tokens (the completions')
+
+Held-out (`evaluate`): up to objective.grpo.eval_prompts held-out prompts, one greedy completion each:
+eval_reward (mean total reward), eval_rewards/<name>, eval_pass@1 (share whose completion scores at least 1 on
+every exact_match / numeric reward; absent without one), eval_completion_len, eval_prompts.
+
+Not yet: several updates per rollout batch (the clip fraction is then always 0 and not logged), entropy, the
+chunked LM head for the policy's log-probs (full logits at the completion positions), a full fine-tune with
+kl_coef > 0 (no reference copy), processes > 1 tested."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+
+import torch
+
+from tuneforge.config.schema import RunConfig
+from tuneforge.data.collate import FlatCollator
+from tuneforge.data.templates import IGNORE_INDEX
+from tuneforge.eval.generation import context_length
+from tuneforge.infer.engine import Engine, SamplingParams
+from tuneforge.model.lm_loss import forward_logits
+from tuneforge.train.reference import peft_model
+from tuneforge.train.rewards import build_rewards, score
+
+SEED_STRIDE = 1_000_003  # rollout seed of step s: train.seed * SEED_STRIDE + s
+
+
+def grpo_setup_error(cfg: RunConfig) -> str | None:
+    """What a grpo run's config cannot do yet, with the fix; None when it can run."""
+    g = cfg.objective.grpo
+    if cfg.data.packing:
+        return "objective.type=grpo samples completions for each prompt row: set data.packing: false"
+    if g.kl_coef > 0 and cfg.adapter.type not in ("lora", "dora"):
+        return (
+            f"objective.grpo.kl_coef={g.kl_coef} compares with a reference, which tuneforge takes from a LoRA/DoRA "
+            f"run's base weights (adapter off); adapter.type={cfg.adapter.type} has none yet. Use adapter.type=lora "
+            "or kl_coef: 0"
+        )
+    if cfg.dist.strategy in ("fsdp2", "deepspeed"):
+        return (
+            f"objective.type=grpo with dist.strategy={cfg.dist.strategy} is not supported yet: use dist.strategy=ddp "
+            "(or auto)"
+        )
+    return None
+
+
+def prompt_and_reference(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """A prepared instruction row -> (prompt ids: the tokens before its last trained span, the span's ids)."""
+    trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    if not trained:
+        raise ValueError("a row with no trained tokens has no reference answer")
+    end = trained[-1] + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return list(input_ids[:start]), list(input_ids[start:end])
+
+
+def _padded(seqs: list[list[int]]) -> torch.Tensor:
+    width = max((len(s) for s in seqs), default=0)
+    return torch.tensor([s + [-1] * (width - len(s)) for s in seqs], dtype=torch.long).view(len(seqs), width)
+
+
+def _unpadded(t: torch.Tensor) -> list[list[int]]:
+    return [[int(x) for x in row if x >= 0] for row in t.tolist()]
+
+
+class GrpoBatches:
+    """Prepared instruction rows -> a micro-batch of prompts: grpo_prompts and grpo_references (token ids, padded
+    with -1), num_rows, and placeholders for what the loop reads before the rollouts (input_ids, labels,
+    num_tokens, num_attended). `GrpoObjective.begin_step` replaces the sequences by the sampled ones."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        pairs = [prompt_and_reference(list(r["input_ids"]), list(r["labels"])) for r in rows]
+        prompts = [p for p, _ in pairs]
+        return {
+            "grpo_prompts": _padded(prompts),
+            "grpo_references": _padded([ref for _, ref in pairs]),
+            "num_rows": torch.tensor(len(rows)),
+            "input_ids": torch.full((1, 1), self.pad_id),
+            "labels": torch.full((1, 1), IGNORE_INDEX),
+            "num_tokens": torch.tensor(sum(len(p) for p in prompts)),
+            "num_attended": torch.tensor(0),
+        }
+
+
+def group_advantages(rewards: torch.Tensor, group: int, scale: bool) -> torch.Tensor:
+    """r - mean of its group (rows of `group` consecutive completions), / (the group's std + 1e-4) if scale
+    (torch's unbiased std, as TRL's GRPOTrainer)."""
+    r = rewards.view(-1, group)
+    a = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        a = a / (r.std(dim=1, keepdim=True) + 1e-4)
+    return a.reshape(-1)
+
+
+def completion_token_logps(model, batch: dict, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of every trained token, the index of its sequence) of a padding-free batch (position_ids
+    restarting at 0 for each sequence), in fp32 or better."""
+    labels = batch["labels"]
+    starts = batch["position_ids"] == 0
+    starts[:, 0] = True
+    sequence_of = starts.flatten().cumsum(0).view(starts.shape) - 1
+    mask = labels[:, 1:] != IGNORE_INDEX
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "labels") if k in batch}
+    with autocast():
+        logits = forward_logits(model, inputs)[:, :-1][mask]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    logps = logits.log_softmax(-1).gather(1, labels[:, 1:][mask][:, None])[:, 0]
+    return logps, sequence_of[:, 1:][mask].to(logps.device)
+
+
+def grpo_token_losses(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    kl_coef: float = 0.0,
+    ref_logps: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token loss, per-token k3 KL) for tokens whose sequence's advantage is `advantages` (per token)."""
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    loss = -torch.min(ratio * advantages, clipped * advantages)
+    kl = torch.zeros_like(logps)
+    if ref_logps is not None:
+        d = ref_logps - logps
+        kl = torch.exp(d) - d - 1
+        loss = loss + kl_coef * kl
+    return loss, kl
+
+
+class GrpoObjective:
+    """GRPO on the loop: `units` (completions), `begin_step` (rollouts, rewards, advantages), `loss_sum`,
+    `step_metrics`, `evaluate`; `use_data` gives it the tokenizer and stop tokens."""
+
+    current_step: int = 0  # set by the loop before begin_step: the rollouts' seed
+
+    def __init__(self, cfg: RunConfig, chunked: bool = False):
+        self.cfg, self.g = cfg, cfg.objective.grpo
+        self.rewards = build_rewards(self.g.rewards, self.g.max_new_tokens)
+        self.tokenizer = None
+        self.stop_ids: list[int] = []
+        self._extra: dict[str, float] = {}
+        self._rollout_end = 0.0
+
+    def use_data(self, data) -> None:
+        self.tokenizer = data.tokenizer
+        stops = data.report.get("stop_token_ids") or [data.tokenizer.eos_token_id]
+        self.stop_ids = [int(t) for t in stops if t is not None]
+
+    def units(self, batch: dict) -> float:
+        return float(batch["num_rows"]) * self.g.generations
+
+    # ---------------------------------------------------------------- rollouts and rewards
+    def _generate(self, model, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[list[int]]:
+        module = peft_model(model)
+        ctx = context_length(module, self.tokenizer)
+        engine = Engine(module, self.tokenizer, self.stop_ids, ctx, max_batch_size=max(1, len(prompts)), seed=seed)
+        was_training = module.training
+        module.eval()
+        try:
+            return engine.run_to_completion(prompts, params)
+        finally:
+            if was_training:
+                module.train()
+
+    def _score(self, prompts: list[list[int]], refs: list[list[int]], outs: list[list[int]], group: int):
+        """(total reward per completion, {name: per-completion values}, completion texts, completion lengths)."""
+        tok = self.tokenizer
+        prompt_texts = [tok.decode(p, skip_special_tokens=True) for p in prompts]
+        ref_texts = [tok.decode(r, skip_special_tokens=True).strip() for r in refs]
+        completions = [
+            tok.decode(o[:-1] if o and o[-1] in self.stop_ids else o, skip_special_tokens=True).strip() for o in outs
+        ]
+        rows = [
+            {"prompt": prompt_texts[i // group], "reference": ref_texts[i // group], "completion_tokens": len(o)}
+            for i, o in enumerate(outs)
+        ]
+        per_prompt = [r["prompt"] for r in rows]
+        values = {r.name: score(r, per_prompt, completions, rows) for r in self.rewards}
+        total = torch.zeros(len(outs), dtype=torch.float64)
+        for r in self.rewards:
+            total += r.weight * torch.tensor(values[r.name], dtype=torch.float64)
+        return total, values, completions, [len(o) for o in outs]
+
+    @torch.no_grad()
+    def begin_step(
+        self,
+        model,
+        batches: list[dict],
+        autocast=contextlib.nullcontext,
+        reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        t0 = time.perf_counter()
+        G = self.g.generations
+        prompts = [p for b in batches for p in _unpadded(b["grpo_prompts"])]
+        refs = [r for b in batches for r in _unpadded(b["grpo_references"])]
+        params = SamplingParams(max_tokens=self.g.max_new_tokens, temperature=self.g.temperature, top_p=self.g.top_p)
+        seed = self.cfg.train.seed * SEED_STRIDE + self.current_step
+        outs = self._generate(model, [p for p in prompts for _ in range(G)], params, seed)
+        total, values, _, lengths = self._score(prompts, refs, outs, G)
+        advantages = group_advantages(total, G, self.g.scale_rewards)
+        device = next(model.parameters()).device
+        counts = torch.tensor([float(sum(lengths)), float(len(outs))], dtype=torch.float64, device=device)
+        if reduce_sum is not None:  # the step's completion tokens and completions on every process
+            counts = reduce_sum(counts)
+        self._step_tokens, self._step_units = float(counts[0]), float(counts[1])
+        collate = FlatCollator(self.tokenizer.pad_token_id)
+        k = 0
+        for b in batches:
+            n = int(b["num_rows"]) * G
+            seqs = []
+            for j in range(k, k + n):
+                p, o = prompts[j // G], outs[j]
+                seqs.append({"input_ids": p + o, "labels": [IGNORE_INDEX] * len(p) + o})
+            flat = collate(seqs)
+            for key in ("grpo_prompts", "grpo_references"):
+                b.pop(key)
+            b.update({key: flat[key] for key in ("input_ids", "labels", "position_ids")})
+            b["advantages"] = advantages[k : k + n]  # fp64, cast to the log-probs
+            sums = {"reward": total[k : k + n], "reward_sq": total[k : k + n] ** 2}
+            for name, v in values.items():
+                v = torch.tensor(v[k : k + n], dtype=torch.float64)
+                sums[f"rewards/{name}"], sums[f"rewards/{name}_sq"] = v, v**2
+            grouped = total[k : k + n].view(-1, G)
+            sums["groups_all_equal"] = (grouped == grouped[:, :1]).all(dim=1).double()
+            sums["completion_len"] = torch.tensor(lengths[k : k + n], dtype=torch.float64)
+            b["metric_sums"] = torch.stack([v.sum() for v in sums.values()])
+            self._metric_names = list(sums)
+            if self.g.kl_coef > 0:
+                on = {key: b[key].to(device) for key in ("input_ids", "labels", "position_ids")}
+                with peft_model(model).disable_adapter():
+                    b["ref_logps"] = completion_token_logps(model, on, autocast)[0].float().cpu()
+            k += n
+        self._extra = {"completion_len_max": float(max(lengths, default=0)), "rollout_s": time.perf_counter() - t0}
+        self._rollout_end = time.perf_counter()
+
+    # ---------------------------------------------------------------- the loss
+    def loss_sum(self, model, batch: dict, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, float]]:
+        logps, owner = completion_token_logps(model, batch, autocast)
+        adv = batch["advantages"].to(logps)[owner]
+        ref = batch["ref_logps"].to(logps) if "ref_logps" in batch else None
+        loss, kl = grpo_token_losses(
+            logps, logps.detach(), adv, self.g.epsilon_low, self.g.epsilon_high, self.g.kl_coef, ref
+        )
+        n = int(batch["num_rows"]) * self.g.generations
+        lengths = torch.zeros(n, dtype=loss.dtype, device=loss.device).index_add(0, owner, torch.ones_like(loss))
+        per_seq = torch.zeros(n, dtype=loss.dtype, device=loss.device).index_add(0, owner, loss)
+        per_seq_kl = torch.zeros(n, dtype=kl.dtype, device=kl.device).index_add(0, owner, kl.detach())
+        how = self.g.loss_normalization
+        if how == "sequence":
+            total = (per_seq / lengths.clamp(min=1)).sum()
+        elif how == "token":  # the loop divides by the step's completions S: sum / T = (sum S / T) / S
+            total = per_seq.sum() * self._step_units / max(self._step_tokens, 1.0)
+        else:
+            total = per_seq.sum() / self.g.max_new_tokens
+        sums = dict(zip(self._metric_names, batch["metric_sums"].tolist()))
+        sums["kl"] = float((per_seq_kl / lengths.clamp(min=1)).sum())
+        sums["completion_tokens"] = float(lengths.sum())
+        return total, sums
+
+    def step_metrics(self, sums: dict[str, float], units: float) -> dict[str, float]:
+        n = max(units, 1.0)
+        out = {}
+        for key in [k for k in sums if k.endswith("_sq")]:
+            name = key[: -len("_sq")]
+            mean = sums[name] / n
+            out[name] = mean
+            out[f"{name}_std"] = max(0.0, sums[key] / n - mean**2) ** 0.5
+        out["groups_all_equal"] = sums.get("groups_all_equal", 0.0) / max(n / self.g.generations, 1.0)
+        out["completion_len"] = sums.get("completion_len", 0.0) / n
+        out["kl"] = sums.get("kl", 0.0) / n
+        out["trained_tokens"] = int(sums.get("completion_tokens", 0.0))
+        out.update(self._extra, update_s=time.perf_counter() - self._rollout_end)
+        return out
+
+    def prepare_run(self, model, data, run_dir, accelerator, precision: str) -> None:
+        self.use_data(data)
+
+    @staticmethod
+    def final_model(model):
+        return model
+
+    # ---------------------------------------------------------------- held out
+    @torch.no_grad()
+    def evaluate(self, model, rows, batch_size: int, pad_id: int, status: Callable[[str], None] | None = None) -> dict:
+        n = min(len(rows), self.g.eval_prompts)
+        pairs = [prompt_and_reference(list(r["input_ids"]), list(r["labels"])) for r in rows.select(range(n))]
+        prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
+        if status is not None:
+            status(f"evaluating {n} prompts (greedy)")
+        params = SamplingParams(max_tokens=self.g.max_new_tokens, temperature=0.0)
+        outs = self._generate(model, prompts, params, seed=0)
+        total, values, _, lengths = self._score(prompts, refs, outs, 1)
+        result = {"eval_reward": float(total.mean()) if n else 0.0}
+        for name, v in values.items():
+            result[f"eval_rewards/{name}"] = sum(v) / max(n, 1)
+        correct = [r.name for r in self.rewards if r.name in ("exact_match", "numeric")]
+        if correct:
+            passed = [all(values[c][i] >= 1 for c in correct) for i in range(n)]
+            result["eval_pass@1"] = sum(passed) / max(n, 1)
+        result["eval_completion_len"] = sum(lengths) / max(n, 1)
+        result["eval_prompts"] = n
+        return result

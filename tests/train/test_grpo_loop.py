@@ -1,0 +1,233 @@
+"""GRPO on the one loop: with one update per rollout batch the gradient equals the group-baseline policy-gradient
+formula computed the plain way (fp64, one sequence at a time), for each loss normalisation; groups whose rewards
+are all equal give no gradient; reward errors name the function and the row; the same seed samples the same
+rollouts, and a run resumed from its step-2 checkpoint equals the uninterrupted one; a run from a config."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+
+from tuneforge.cli import main
+from tuneforge.config.load import ConfigError
+from tuneforge.config.objective import ObjectiveConfig
+from tuneforge.config.schema import RunConfig
+from tuneforge.data.collate import FlatCollator, rows_at
+from tuneforge.data.prepare import prepare
+from tuneforge.train.grpo_step import prompt_and_reference
+from tuneforge.train.loop import Trainer
+from tuneforge.train.objective_step import collate_step
+from tuneforge.train.reference import peft_model
+from tuneforge.train.rewards import Reward, RewardError, last_number, numeric, score
+
+G = 4
+
+
+def text_length_mod_3(prompts, completions, rows):
+    """A reward that varies within groups of a random-init model's completions."""
+    return [float(len(c) % 3) for c in completions]
+
+
+def constant(prompts, completions, rows):
+    return [1.0] * len(completions)
+
+
+def config(tiny_config_dict, tmp_path, name="run", rewards=None, **grpo):
+    d = {**tiny_config_dict}
+    d["data"] = {"train": [{"synthetic": {"task": "add", "rows": 40, "seed": 0}}], "eval_fraction": 0.2}
+    d["data"]["max_seq_len"] = 64
+    d["adapter"] = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
+    rewards = rewards or [{"function": f"{__name__}:text_length_mod_3"}, {"type": "numeric", "weight": 0.5}]
+    d["objective"] = {"type": "grpo", "grpo": {"generations": G, "max_new_tokens": 6, "rewards": rewards, **grpo}}
+    d["train"] = {**d["train"], "lr": 1e-2, "micro_batch_size": 2, "grad_accum": 2, "max_steps": 4}
+    d["output"] = {"dir": str(tmp_path / name)}
+    return RunConfig.model_validate(d)
+
+
+def trainer_for(cfg, tmp_path, name="run"):
+    data = prepare(cfg, tmp_path / name, log=lambda s: None)
+    return Trainer(cfg, tmp_path / name, data, log=lambda s: None).setup()
+
+
+def rollout(tr, step):
+    """The step's micro-batches after the objective's begin_step (rollouts, rewards, advantages)."""
+    accum = tr.cfg.train.grad_accum
+    micro = [rows_at(tr.data.train, tr.order.micro_batch((step - 1) * accum + i)) for i in range(accum)]
+    batches = collate_step(tr.collate, micro)
+    for b in batches:
+        b.pop("num_tokens"), b.pop("num_attended")
+    tr.objective.current_step = step
+    tr.objective.begin_step(tr.model, batches)
+    return batches
+
+
+def sequences(batch):
+    """(prompt ids, completion ids) of each sequence of a padding-free batch."""
+    ids, labels, pos = (batch[k][0].tolist() for k in ("input_ids", "labels", "position_ids"))
+    starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+    out = []
+    for a, b in zip(starts, starts[1:]):
+        n_prompt = next(i for i in range(a + 1, b) if labels[i] != -100) - a
+        out.append((ids[a : a + n_prompt], ids[a + n_prompt : b]))
+    return out
+
+
+def loop_gradient(tr, batches):
+    model = tr.model
+    model.zero_grad()
+    units = sum(tr.objective.units(b) for b in batches)
+    loss = sum(tr.objective.loss_sum(model, b)[0] for b in batches) / units
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    return float(loss.detach()), grads
+
+
+def plain_gradient(tr, seqs, rewards, how, max_new=6):
+    """The GRPO formula, one sequence at a time with full logits: A_i = (r_i - mean_g) / (std_g + 1e-4); the
+    gradient of sum_i -A_i sum_t log p_it / norm_i with norm_i = S |o_i| (sequence), T (token) or S max_new
+    (constant); the loss's value sum_i -A_i |o_i| / norm_i (the ratio is 1 at every token)."""
+    S, T = len(seqs), sum(len(c) for _, c in seqs)
+    tr.model.zero_grad()
+    total = 0.0
+    for i, (p, c) in enumerate(seqs):
+        group = rewards[i // G * G : i // G * G + G]
+        adv = (rewards[i] - statistics.fmean(group)) / (statistics.stdev(group) + 1e-4)
+        norm = S * len(c) if how == "sequence" else T if how == "token" else S * max_new
+        logits = tr.model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1].double()
+        (-adv / norm * logits.log_softmax(-1).gather(1, torch.tensor(c)[:, None]).sum()).backward()
+        total += -adv * len(c) / norm
+    grads = {n: q.grad.clone() for n, q in tr.model.named_parameters() if q.requires_grad}
+    tr.model.zero_grad()
+    return total, grads
+
+
+@pytest.mark.integration
+def test_the_gradient_is_the_group_baseline_policy_gradient_for_each_normalisation(tiny_config_dict, tmp_path):
+    tr = trainer_for(config(tiny_config_dict, tmp_path), tmp_path)
+    tr._step(1)  # move the adapter off zero so every LoRA parameter has a gradient
+    tr.model.double()
+    batches = rollout(tr, 2)
+    seqs = [s for b in batches for s in sequences(b)]
+    stops = tr.objective.stop_ids
+    completions = [tr.data.tokenizer.decode(c[:-1] if c[-1] in stops else c, skip_special_tokens=True) for _, c in seqs]
+    rewards = [float(len(t.strip()) % 3) for t in completions]  # numeric: 0 on random text
+    assert len(seqs) == 4 * G and len(set(rewards)) > 1
+    # a random-init model never stops early: cut the completions to different lengths (the advantages stay)
+    seqs = [(p, c[: 1 + i % 6]) for i, (p, c) in enumerate(seqs)]
+    collate = FlatCollator(tr.data.tokenizer.pad_token_id)
+    for k, b in enumerate(batches):
+        part = seqs[k * 2 * G : (k + 1) * 2 * G]
+        flat = collate([{"input_ids": p + c, "labels": [-100] * len(p) + c} for p, c in part])
+        b.update({n: flat[n] for n in ("input_ids", "labels", "position_ids")})
+    tr.objective._step_tokens = float(sum(len(c) for _, c in seqs))
+    for how in ("sequence", "token", "constant"):
+        tr.objective.g = tr.objective.g.model_copy(update={"loss_normalization": how})
+        loss, got = loop_gradient(tr, batches)
+        want_loss, want = plain_gradient(tr, seqs, rewards, how)
+        assert loss == pytest.approx(want_loss, abs=1e-10), how
+        assert max(float(g.abs().max()) for g in want.values()) > 1e-6
+        for name, g in want.items():
+            torch.testing.assert_close(got[name], g, rtol=1e-9, atol=1e-12), (how, name)
+    tr.cleanup()
+
+
+def test_groups_with_all_equal_rewards_give_no_gradient_and_are_counted(tiny_config_dict, tmp_path):
+    cfg = config(tiny_config_dict, tmp_path, rewards=[{"function": f"{__name__}:constant"}])
+    tr = trainer_for(cfg, tmp_path)
+    m = tr._step(1)
+    assert m["groups_all_equal"] == 1.0 and m["reward"] == 1.0 and m["reward_std"] == 0.0
+    assert m["loss"] == 0.0 and m["grad_norm"] == 0.0
+    assert m["trained_tokens"] == pytest.approx(m["completion_len"] * 4 * G)
+    assert 1 <= m["completion_len_max"] <= 6 and m["rollout_s"] > 0 and m["update_s"] > 0
+    tr.cleanup()
+
+
+def test_rewards_numeric_and_errors_name_the_function_and_the_row():
+    assert last_number("So the total is $1,234.00 dollars.") == 1234.0 and last_number("no digits") is None
+    rows = [{"prompt": "What is 2+3?", "reference": "5"}, {"prompt": "What is 2+3?", "reference": "5"}]
+    assert numeric([], ["It is 5 apples.", "5 or 6"], rows) == [1.0, 0.0]
+
+    def run(fn):
+        with pytest.raises(RewardError) as e:
+            score(Reward("mine", 1.0, fn), ["p", "p"], ["a", "b"], rows)
+        return str(e.value)
+
+    assert "reward mine raised ZeroDivisionError" in run(lambda p, c, r: [1 / 0])
+    assert "returned 1 values for 2 completions" in run(lambda p, c, r: [1.0])
+    msg = run(lambda p, c, r: [1.0, math.nan])
+    assert "reward mine returned nan for completion 1" in msg and "'What is 2+3?'" in msg
+    assert "returned 'x' (str) for completion 0" in run(lambda p, c, r: ["x", 1.0])
+
+
+def test_grpo_config_errors(tiny_config_dict, tmp_path):
+    with pytest.raises(ValueError, match="updates_per_batch 2: only 1"):
+        ObjectiveConfig.model_validate(
+            {"type": "grpo", "grpo": {"rewards": [{"type": "numeric"}], "updates_per_batch": 2}}
+        )
+    with pytest.raises(ValueError, match="format reward needs pattern"):
+        ObjectiveConfig.model_validate({"type": "grpo", "grpo": {"rewards": [{"type": "format"}]}})
+    with pytest.raises(ValueError, match="needs objective.grpo"):
+        ObjectiveConfig.model_validate({"type": "grpo"})
+    cfg = config(tiny_config_dict, tmp_path, kl_coef=0.1)
+    d = cfg.model_dump(mode="json")
+    d["adapter"] = {"type": "full"}
+    with pytest.raises(ConfigError, match="kl_coef=0.1 compares with a reference"):
+        trainer_for(RunConfig.model_validate(d), tmp_path)
+
+
+def test_prompt_and_reference_is_the_last_trained_span():
+    assert prompt_and_reference([1, 2, 3, 4, 5, 6], [-100, -100, 3, -100, 5, 6]) == ([1, 2, 3, 4], [5, 6])
+
+
+@pytest.mark.integration
+def test_same_seed_same_rollouts_and_a_resumed_run_equals_the_uninterrupted_one(tiny_config_dict, tmp_path):
+    cfg = config(tiny_config_dict, tmp_path, kl_coef=0.05, loss_normalization="token")
+    d = cfg.model_dump(mode="json")
+    d["checkpoint"] = {**d.get("checkpoint", {}), "every_steps": 2, "save_total_limit": 3}
+    cfg = RunConfig.model_validate(d)
+    first = trainer_for(cfg, tmp_path)
+    a = [s for b in rollout(first, 3) for s in sequences(b)]
+    b = [s for b in rollout(first, 3) for s in sequences(b)]
+    assert a == b and a != [s for b in rollout(first, 4) for s in sequences(b)]
+    first.train()
+    want = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    want = {r["step"]: r for r in want if r["type"] == "train"}
+    weights = {n: p.detach().clone() for n, p in peft_model(first.model).named_parameters() if p.requires_grad}
+    first.cleanup()
+    resumed = Trainer(cfg, tmp_path / "run", first.data, log=lambda s: None).setup()
+    resumed.train(resume_from=tmp_path / "run" / "checkpoints" / "step-000002")
+    got = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    got = [r for r in got if r["type"] == "train" and r["step"] in (3, 4)][-2:]
+    assert [r["step"] for r in got] == [3, 4]
+    for r in got:
+        for key in ("loss", "grad_norm", "reward", "rewards/text_length_mod_3", "kl", "completion_len"):
+            assert r[key] == want[r["step"]][key], key
+    assert want[4]["kl"] > 0
+    for n, p in peft_model(resumed.model).named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.detach(), weights[n]), n
+    resumed.cleanup()
+
+
+@pytest.mark.integration
+def test_a_grpo_run_from_a_config(tiny_config_dict, tmp_path, capsys):
+    cfg = config(tiny_config_dict, tmp_path)
+    d = cfg.model_dump(mode="json")
+    d["train"]["max_steps"] = 2
+    d["eval"] = {**d["eval"], "at_start": True, "every_steps": 2, "generate_rows": 0, "show_samples": 0}
+    path = tmp_path / "grpo.yaml"
+    path.write_text(json.dumps(d))
+    assert main(["train", str(path)]) == 0
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    before, after = summary["before"], summary["after"]
+    assert before["eval_prompts"] == after["eval_prompts"] == 8
+    assert before["eval_pass@1"] == 0.0 and "eval_rewards/text_length_mod_3" in after
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r["type"] == "train"]
+    assert len(train) == 2 and {"reward", "rewards/numeric", "groups_all_equal", "rollout_s"} <= set(train[-1])
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()

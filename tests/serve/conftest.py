@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -117,3 +118,38 @@ def running_server(model_dir: Path, *args: str, env: dict | None = None, timeout
             proc.wait()
         if proc.stdout:
             proc.stdout.close()
+
+
+@contextlib.contextmanager
+def live_server(served, **kwargs):
+    """create_app(...) under uvicorn on 127.0.0.1 in a thread (logging left to the test's handlers); yields its URL."""
+    import uvicorn
+
+    from tuneforge.infer.engine import Engine
+    from tuneforge.serve.server import create_app
+
+    engine = Engine(served.model, served.tokenizer, served.stop_token_ids, served.context_length)
+    engine.start()
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(served, engine, **kwargs),
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            log_level="info",
+            timeout_graceful_shutdown=2,
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        engine.stop()

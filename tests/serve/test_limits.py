@@ -7,7 +7,6 @@ and read the server's log records."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import threading
@@ -30,41 +29,9 @@ from tuneforge.serve.limits import (  # noqa: E402
 from tuneforge.serve.loading import load_served  # noqa: E402
 from tuneforge.serve.server import create_app  # noqa: E402
 
-from .conftest import CONTEXT, free_port  # noqa: E402
+from .conftest import CONTEXT, live_server  # noqa: E402
 
 KEY = "sk-limits"
-
-
-@contextlib.contextmanager
-def live_server(served, **kwargs):
-    """create_app(...) under uvicorn on 127.0.0.1 in a thread (logging left to the test's handlers); yields its URL."""
-    import uvicorn
-
-    engine = Engine(served.model, served.tokenizer, served.stop_token_ids, served.context_length)
-    engine.start()
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(served, engine, **kwargs),
-            host="127.0.0.1",
-            port=port,
-            log_config=None,
-            log_level="info",
-            timeout_graceful_shutdown=2,
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        engine.stop()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@
 Requests are validated here (pydantic) so that every bad request becomes a 4xx with an OpenAI-style body
 `{"error": {"message", "type", "param", "code"}}` naming the parameter, the value and the fix. Unknown
 extra fields are ignored (clients send many optional ones); fields that would change the answer but are not
-implemented (logprobs, echo, tools, ...) are refused rather than silently ignored.
+implemented (logprobs, echo, ...) are refused rather than silently ignored. Tools follow OpenAI's function-calling
+form (`tools`, `tool_choice`, assistant `tool_calls`, `role: tool` results); what the server does with them is in
+tool_parsing.py and docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MAX_N = 16
 MAX_STOP = 4
 # pydantic names the union member tried in an error location (prompt.list[int].2); clients know only the field
-UNION_MEMBER_LOCS = {"str", "list[str]", "list[int]", "list[list[int]]", "list[ContentPart]"}
+UNION_MEMBER_LOCS = {
+    "str",
+    "list[str]",
+    "list[int]",
+    "list[list[int]]",
+    "list[ContentPart]",
+    "NamedToolChoice",
+    "literal['auto','none','required']",
+    "dict[str,any]",
+}
 
 
 class APIError(Exception):
@@ -78,28 +89,110 @@ class ContentPart(BaseModel):
     text: str
 
 
+class FunctionSchema(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionSchema
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1)
+    arguments: str | dict[str, Any] = "{}"
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
     def as_dict(self) -> dict:
-        """{"role", "content"} with text parts joined; "developer" is the newer name of "system"."""
+        """{"role", "content"} with text parts joined ("developer" is the newer name of "system"), an assistant's
+        `tool_calls` and a tool result's `tool_call_id` kept (the form data/tool_calls.py `for_template` takes)."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        out = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.tools:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise APIError(400, f"tools name a function twice: {names}; give each a distinct name", "tools")
+        choice = self.tool_choice
+        if choice not in (None, "auto", "none") and not names:
             raise APIError(
-                400, "tools are not supported by tuneforge serve; leave them unset", "tools", "unsupported_parameter"
+                400,
+                "tool_choice requires tools: send the functions in `tools` or leave tool_choice unset",
+                "tool_choice",
+                "invalid_value",
             )
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise APIError(
+                400,
+                f"tool_choice names the function {choice.function.name!r}, which is not in tools ({names}); "
+                "name one of the tools",
+                "tool_choice",
+                "invalid_value",
+            )
+        for i, m in enumerate(self.messages):
+            if m.role == "tool" and not m.tool_call_id:
+                raise APIError(
+                    400,
+                    f"messages[{i}] has role 'tool' without tool_call_id; send the id of the call it answers",
+                    f"messages.{i}.tool_call_id",
+                    "missing_required_parameter",
+                )
+            if m.tool_calls and m.role != "assistant":
+                raise APIError(400, f"messages[{i}]: only assistant messages have tool_calls", f"messages.{i}")
+
+    def offered_tools(self) -> list[dict] | None:
+        """The tools the model is shown (OpenAI form): none for tool_choice 'none', only the named one for a named
+        choice, else all of them."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        tools = [t.model_dump(exclude_none=True) for t in self.tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            tools = [t for t in tools if t["function"]["name"] == self.tool_choice.function.name]
+        return tools
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import secrets
 import time
@@ -32,7 +33,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneforge.data.masks import rendered_ids
-from tuneforge.data.templates import render
+from tuneforge.data.templates import TemplateChoiceError, render
 from tuneforge.infer.engine import Engine, SamplingParams
 from tuneforge.serve.generation import CancellingStream, Generation, chunker, collect, events_or_error, sse
 from tuneforge.serve.limits import (
@@ -45,21 +46,53 @@ from tuneforge.serve.limits import (
 )
 from tuneforge.serve.loading import ServedModel, kv_bytes_per_token
 from tuneforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+from tuneforge.serve.tool_parsing import ToolCallParser, parse_output
 
 SHORT_PROMPT_CHARS = 8192  # tokenised in well under 10 ms
 
 
-def _chat_ids(served: ServedModel, messages: list[dict], per_token: int | None) -> list[int]:
+def _chat_ids(
+    served: ServedModel, messages: list[dict], per_token: int | None, tools: list[dict] | None = None
+) -> list[int]:
     """The conversation's prompt ids (as `prompt_ids`), refused by its rendered length first when that is safe.
-    Runs on a worker thread."""
+    `tools` go to the template as training passed them (data/rendering.py). Runs on a worker thread."""
     try:
-        text = render(served.tokenizer, served.chat_template, messages, True)
-    except Exception as e:  # the template raised (e.g. roles it does not accept)
+        text = render(served.tokenizer, served.chat_template, messages, True, tools=tools)
+    except Exception as e:  # the template raised (e.g. roles it does not accept, or it cannot render tools)
+        param = "tools" if tools and isinstance(e, TemplateChoiceError) else "messages"
         raise APIError(
-            400, f"the model's chat template refused these messages: {e}", "messages", "invalid_messages"
+            400, f"the model's chat template refused these messages: {e}", param, "invalid_messages"
         ) from None
     check_chars(len(text), served.context_length, per_token, "messages")
     return rendered_ids(served.tokenizer, text)
+
+
+def _chat_choice(text: str, reason: str, names: set[str] | None) -> dict:
+    """A finished chat choice's message and finish reason; its tool calls parsed when the request offered tools."""
+    if names is None:
+        return {"message": {"role": "assistant", "content": text}, "finish_reason": reason}
+    content, calls = parse_output(text, names)
+    if not calls:
+        return {"message": {"role": "assistant", "content": content}, "finish_reason": reason}
+    message = {"role": "assistant", "content": content, "tool_calls": [c.as_dict() for c in calls]}
+    return {"message": message, "finish_reason": "tool_calls" if reason == "stop" else reason}
+
+
+def _stream_delta(item: tuple[str, object], calls: list) -> list[dict]:
+    """The chunk deltas of one parser item: content, or a call as the openai client assembles it (its index, id
+    and name first, then its arguments)."""
+    kind, x = item
+    if kind == "content":
+        return [{"content": x}]
+    index = calls.index(x)  # its place among the choice's calls (ids are unique)
+    return [
+        {
+            "tool_calls": [
+                {"index": index, "id": x.id, "type": "function", "function": {"name": x.name, "arguments": ""}}
+            ]
+        },
+        {"tool_calls": [{"index": index, "function": {"arguments": x.arguments}}]},
+    ]
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -232,7 +265,10 @@ def create_app(
         check_model(req.model)
         limits.check_sequences(1, req.n)
         messages = [m.as_dict() for m in req.messages]
-        ids = await off_loop(sum(len(m["content"]) for m in messages), _chat_ids, served, messages, per_token)
+        tools = req.offered_tools()
+        names = {t["function"]["name"] for t in tools} if tools else None
+        chars = sum(len(m["content"]) for m in messages) + len(json.dumps(tools or []))
+        ids = await off_loop(chars, _chat_ids, served, messages, per_token, tools)
         limit = budget(len(ids), req.token_limit(), "messages")
         gen = Generation(engine, [ids], req.n, params(req, limit), req.stream)
         rid, model = f"chatcmpl-{uuid.uuid4().hex}", served.name
@@ -244,13 +280,20 @@ def create_app(
                 "created": int(time.time()),
                 "model": model,
                 "choices": [
-                    {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+                    {"index": i, **_chat_choice(t, r, names), "logprobs": None}
                     for i, (t, r) in enumerate(zip(texts, reasons))
                 ],
                 "usage": gen.usage(completion),
             }
 
         chunk = chunker(rid, "chat.completion.chunk", model)
+        parsers = [ToolCallParser(names) for _ in gen.seqs] if tools else None
+
+        def deltas(i: int, text: str, final: bool) -> list[dict]:
+            if parsers is None:
+                return [{"content": text}] if text else []
+            items = parsers[i].feed(text) + (parsers[i].finish() if final else [])
+            return [d for x in items for d in _stream_delta(x, parsers[i].calls)]
 
         async def stream() -> AsyncIterator[str]:
             completion = 0
@@ -269,11 +312,14 @@ def create_app(
                 if isinstance(ev, str):
                     yield ev
                     return
-                if ev.text:
-                    yield chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": None, "finish_reason": None}])
+                for delta in deltas(i, ev.text, bool(ev.finish_reason)):
+                    yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
                 if ev.finish_reason:
                     completion += ev.completion_tokens
-                    yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}])
+                    reason = ev.finish_reason
+                    if parsers is not None and parsers[i].calls and reason == "stop":
+                        reason = "tool_calls"
+                    yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
             if req.include_usage():
                 yield chunk([], gen.usage(completion))
             yield sse("[DONE]")

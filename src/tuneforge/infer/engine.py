@@ -39,7 +39,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tuneforge.infer.kv_cache import contiguous, merge_batches, select_rows
-from tuneforge.infer.sampling import sample
+from tuneforge.infer.sampling import sample, token_logprobs
 from tuneforge.infer.sequence import Event, SamplingParams, Sequence
 
 __all__ = ["CACHE_ARG", "Engine", "Event", "SamplingParams", "Sequence", "sample"]
@@ -319,7 +319,15 @@ class Engine:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         temps = torch.tensor([s.params.temperature for s in seqs], device=logits.device)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=logits.device)
-        return sample(logits, temps, top_p, self.generator)
+        tokens = sample(logits, temps, top_p, self.generator)
+        asked = [s.params.logprobs for s in seqs]
+        if any(k is not None for k in asked):  # only then: the default path computes nothing more
+            chosen, values, ids = token_logprobs(logits, tokens, max(k or 0 for k in asked))
+            chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
+            for j, (s, k) in enumerate(zip(seqs, asked)):
+                if k is not None:
+                    s.pending_logprob = (chosen[j], tuple(zip(ids[j][:k], values[j][:k])))
+        return tokens
 
     def _advance(self, tokens: torch.Tensor, seqs: list[Sequence], lengths: torch.Tensor) -> None:
         """Hand each row its token, then drop rows that finished or were cancelled from the batch."""

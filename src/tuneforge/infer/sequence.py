@@ -18,6 +18,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none computed; k >= 0: each token's log-probability and the top k
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,12 @@ class Event:
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
+    # with SamplingParams.logprobs: (token id, log p, ((top id, log p), ...)) of the tokens generated since the
+    # previous event (a stop token excluded)
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+TokenLogprob = tuple[int, float, tuple[tuple[int, float], ...]]
 
 
 class Sequence:
@@ -46,6 +53,8 @@ class Sequence:
         self.finished = False
         self.cancelled = False
         self.on_finish: Callable[[str], None] | None = None  # set by the engine, to count finish reasons
+        self.pending_logprob: tuple[float, tuple[tuple[int, float], ...]] | None = None  # set by the engine
+        self.unreported: list[TokenLogprob] = []
 
     def cancel(self) -> None:
         """Ask the engine to drop this sequence (thread-safe; takes effect before the next decode step)."""
@@ -67,6 +76,10 @@ class Sequence:
         self.generated.append(token)
         reason = None
         ids = self.generated
+        if self.pending_logprob is not None:
+            if token not in stop_ids:
+                self.unreported.append((token, *self.pending_logprob))
+            self.pending_logprob = None
         if token in stop_ids:
             reason, ids = "stop", ids[:-1]
         text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -80,7 +93,10 @@ class Sequence:
         delta = text[self.emitted : safe] if safe > self.emitted else ""
         self.emitted = max(self.emitted, safe)
         if delta or reason:
-            self.emit(Event(delta, reason, len(self.generated)))
+            logprobs = None
+            if self.params.logprobs is not None:
+                logprobs, self.unreported = tuple(self.unreported), []
+            self.emit(Event(delta, reason, len(self.generated), logprobs=logprobs))
 
 
 def _first_stop(text: str, stops: Seq[str], start: int) -> int | None:

@@ -68,11 +68,14 @@ class Generation:
         if stream:
             return lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, (index, ev))
         parts: list[str] = []
+        logprobs: list = []
 
         def gather(ev: Event) -> None:
             parts.append(ev.text)
+            logprobs.extend(ev.logprobs or ())
             if ev.finish_reason is not None:
-                whole = Event("".join(parts), ev.finish_reason, ev.completion_tokens, ev.error)
+                lps = tuple(logprobs) if ev.logprobs is not None else None
+                whole = Event("".join(parts), ev.finish_reason, ev.completion_tokens, ev.error, lps)
                 loop.call_soon_threadsafe(self.queue.put_nowait, (index, whole))
 
         return gather
@@ -108,13 +111,16 @@ async def events_or_error(gen: Generation) -> AsyncIterator[tuple[int, Event | s
         yield -1, sse(e.body())
 
 
-async def collect(gen: Generation, request: Request) -> tuple[list[str], list[str], int]:
-    """All choices' texts, finish reasons and the completion token count; cancelled if the client leaves."""
+async def collect(gen: Generation, request: Request) -> tuple[list[str], list[str], int, list[list]]:
+    """All choices' texts, finish reasons, the completion token count and each choice's token log-probabilities
+    (empty unless asked for); cancelled if the client leaves."""
     texts, reasons, tokens = [""] * len(gen.seqs), [""] * len(gen.seqs), [0] * len(gen.seqs)
+    logprobs: list[list] = [[] for _ in gen.seqs]
 
     async def consume() -> None:
         async for index, ev in gen.events():
             texts[index] += ev.text
+            logprobs[index].extend(ev.logprobs or ())
             if ev.finish_reason:
                 reasons[index], tokens[index] = ev.finish_reason, ev.completion_tokens
 
@@ -134,4 +140,4 @@ async def collect(gen: Generation, request: Request) -> tuple[list[str], list[st
     if gone:
         raise APIError(499, "client closed the request", None, "client_closed")
     work.result()
-    return texts, reasons, sum(tokens)
+    return texts, reasons, sum(tokens), logprobs

@@ -3,7 +3,7 @@
 Requests are validated here (pydantic) so that every bad request becomes a 4xx with an OpenAI-style body
 `{"error": {"message", "type", "param", "code"}}` naming the parameter, the value and the fix. Unknown
 extra fields are ignored (clients send many optional ones); fields that would change the answer but are not
-implemented (logprobs, echo, ...) are refused rather than silently ignored. Tools follow OpenAI's function-calling
+implemented (echo) are refused rather than silently ignored. Tools follow OpenAI's function-calling
 form (`tools`, `tool_choice`, assistant `tool_calls`, `role: tool` results); what the server does with them is in
 tool_parsing.py and docs/deploy.md.
 """
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MAX_N = 16
 MAX_STOP = 4
+MAX_LOGPROBS = 20
 # pydantic names the union member tried in an error location (prompt.list[int].2); clients know only the field
 UNION_MEMBER_LOCS = {
     "str",
@@ -55,7 +56,6 @@ class _Request(BaseModel):
     stream: bool = False
     stop: str | list[str] | None = None
     stream_options: dict[str, Any] | None = None
-    logprobs: Any = None
 
     @field_validator("stop")
     @classmethod
@@ -74,13 +74,11 @@ class _Request(BaseModel):
         return bool((self.stream_options or {}).get("include_usage"))
 
     def refuse_unsupported(self) -> None:
-        if self.logprobs not in (None, False):
-            raise APIError(
-                400,
-                f"logprobs={self.logprobs!r} is not supported by tuneforge serve; leave it unset",
-                "logprobs",
-                "unsupported_parameter",
-            )
+        pass
+
+    def logprobs_k(self) -> int | None:
+        """None when no log-probabilities are asked for, else how many top alternatives per token."""
+        return None
 
 
 class ContentPart(BaseModel):
@@ -148,12 +146,18 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(
+                400, "top_logprobs needs logprobs: true; send both or neither", "top_logprobs", "invalid_value"
+            )
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
             raise APIError(400, f"tools name a function twice: {names}; give each a distinct name", "tools")
@@ -184,6 +188,9 @@ class ChatCompletionRequest(_Request):
             if m.tool_calls and m.role != "assistant":
                 raise APIError(400, f"messages[{i}]: only assistant messages have tool_calls", f"messages.{i}")
 
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def offered_tools(self) -> list[dict] | None:
         """The tools the model is shown (OpenAI form): none for tool_choice 'none', only the named one for a named
         choice, else all of them."""
@@ -202,6 +209,10 @@ class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for /v1/completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod

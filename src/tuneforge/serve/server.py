@@ -45,6 +45,7 @@ from tuneforge.serve.limits import (
     read_body,
 )
 from tuneforge.serve.loading import ServedModel, kv_bytes_per_token
+from tuneforge.serve.logprobs import chat_logprobs, completion_logprobs
 from tuneforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from tuneforge.serve.tool_parsing import ToolCallParser, parse_output
 
@@ -203,7 +204,11 @@ def create_app(
 
     def params(req, max_tokens: int) -> SamplingParams:
         return SamplingParams(
-            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, stop=req.stop_strings()
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=req.stop_strings(),
+            logprobs=req.logprobs_k(),
         )
 
     if keyed:
@@ -272,15 +277,16 @@ def create_app(
         limit = budget(len(ids), req.token_limit(), "messages")
         gen = Generation(engine, [ids], req.n, params(req, limit), req.stream)
         rid, model = f"chatcmpl-{uuid.uuid4().hex}", served.name
+        chat_lps = (lambda entries: chat_logprobs(tok, entries)) if req.logprobs_k() is not None else (lambda _: None)
         if not req.stream:
-            texts, reasons, completion = await collect(gen, request)
+            texts, reasons, completion, lps = await collect(gen, request)
             return {
                 "id": rid,
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": model,
                 "choices": [
-                    {"index": i, **_chat_choice(t, r, names), "logprobs": None}
+                    {"index": i, **_chat_choice(t, r, names), "logprobs": chat_lps(lps[i])}
                     for i, (t, r) in enumerate(zip(texts, reasons))
                 ],
                 "usage": gen.usage(completion),
@@ -312,8 +318,12 @@ def create_app(
                 if isinstance(ev, str):
                     yield ev
                     return
-                for delta in deltas(i, ev.text, bool(ev.finish_reason)):
-                    yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
+                ds = deltas(i, ev.text, bool(ev.finish_reason))
+                if ev.logprobs and not ds:  # text held back (a possible tool call): its tokens' logprobs now
+                    ds = [{}]
+                for k, delta in enumerate(ds):
+                    lp = chat_lps(ev.logprobs) if k == 0 and ev.logprobs else None
+                    yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}])
                 if ev.finish_reason:
                     completion += ev.completion_tokens
                     reason = ev.finish_reason
@@ -349,15 +359,17 @@ def create_app(
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt", "invalid_value")
         gen = Generation(engine, prompts, req.n, params(req, limit), req.stream)
         rid, model = f"cmpl-{uuid.uuid4().hex}", served.name
+        asked = req.logprobs_k() is not None
+        cmpl_lps = (lambda entries, at: completion_logprobs(tok, entries, at)) if asked else (lambda *_: None)
         if not req.stream:
-            texts, reasons, completion = await collect(gen, request)
+            texts, reasons, completion, lps = await collect(gen, request)
             return {
                 "id": rid,
                 "object": "text_completion",
                 "created": int(time.time()),
                 "model": model,
                 "choices": [
-                    {"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                    {"index": i, "text": t, "logprobs": cmpl_lps(lps[i], 0), "finish_reason": r}
                     for i, (t, r) in enumerate(zip(texts, reasons))
                 ],
                 "usage": gen.usage(completion),
@@ -367,12 +379,15 @@ def create_app(
 
         async def stream() -> AsyncIterator[str]:
             completion = 0
+            offsets = [0] * len(gen.seqs)  # characters of each choice's text sent so far
             async for i, ev in events_or_error(gen):
                 if isinstance(ev, str):
                     yield ev
                     return
                 if ev.text or ev.finish_reason:
-                    yield chunk([{"index": i, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}])
+                    lp = cmpl_lps(ev.logprobs or (), offsets[i])
+                    offsets[i] += len(ev.text)
+                    yield chunk([{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}])
                 if ev.finish_reason:
                     completion += ev.completion_tokens
             if req.include_usage():

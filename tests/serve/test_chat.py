@@ -101,3 +101,16 @@ def test_serve_without_fastapi_names_the_extra(tiny_model_dir, monkeypatch, caps
     assert capsys.readouterr().err == (
         "error: tuneforge serve needs fastapi (not installed): pip install 'tuneforge[serve]'\n"
     )
+
+
+def test_tool_calls_in_a_reply_are_shown_one_line_each():
+    from tuneforge.serve.chat import call_lines
+
+    reply = (
+        'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>\n'
+        '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    )
+    assert call_lines(reply) == ['  [tool call] get_weather(city="Paris", days=2)', "  [tool call] get_time()"]
+    assert call_lines('{"name": "lookup", "parameters": {"q": "été"}}') == ['  [tool call] lookup(q="été")']
+    assert call_lines("plain text") == []
+    assert call_lines('<tool_call>{"name": broken}</tool_call>') == []

@@ -5,8 +5,9 @@
   POST /v1/chat/completions    chat, rendered with the model's training chat template
   POST /v1/completions         raw text completion
 
-Both POST routes take max_tokens, temperature, top_p, stop, n, stream (server-sent events ending with
-`data: [DONE]`, usage in a last chunk with stream_options.include_usage) and report usage counts.
+Both POST routes take max_tokens, temperature, top_p, stop, n, logprobs, stream (server-sent events ending with
+`data: [DONE]`, usage in a last chunk with stream_options.include_usage) and report usage counts; chat takes
+tools / tool_choice and answers parsed tool_calls (tool_parsing.py).
 Every bad request is answered 4xx with an OpenAI-style error body, never a 500. Request bodies and prompts x n
 are capped (`limits.RequestLimits`); prompts are rendered and tokenised on worker threads, so the event loop
 (and /health) keeps answering while a large prompt is tokenised. With an API key, /docs, /redoc and

@@ -18,7 +18,7 @@ from tuneforge.errors import InputError, TuneforgeError
 # "already complete" outcome of `train`, which may exit 0
 NOT_FOR_PEOPLE = {
     "tuneforge.serve.protocol.APIError",
-    "tuneforge.data.fields.RowError",
+    "tuneforge.data.row_error.RowError",
     "tuneforge.cli.train_commands.RunComplete",
 }
 

@@ -301,3 +301,58 @@ def test_a_template_without_tools_is_refused_with_400(tiny_model_dir):
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["param"] == "tools" and "does not render tools" in err["message"], err
+
+
+@pytest.mark.parametrize(
+    "tokenizer, template, call_text",
+    [
+        (
+            "qwen2.5",
+            "llamacpp-Qwen-Qwen2.5-7B-Instruct.jinja",
+            '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+        ),
+        (
+            "llama3",
+            "llamacpp-meta-llama-Llama-3.1-8B-Instruct.jinja",
+            '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", "parameters": {"city": "Paris"}}',
+        ),
+    ],
+)
+def test_real_templates_render_the_request_and_their_call_form_parses(tokenizer, template, call_text):
+    """A request with tools, an earlier call and its result, through the server's prompt path with real
+    tokenizers and community templates (../shared/data); the call as each template writes it parses back."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from tuneforge.serve.protocol import ChatCompletionRequest
+    from tuneforge.serve.server import _chat_ids
+
+    from ..conftest import shared_path
+
+    tok = AutoTokenizer.from_pretrained(shared_path(f"tokenizers/{tokenizer}"))
+    served = SimpleNamespace(
+        tokenizer=tok, chat_template=shared_path(f"chat_templates/{template}").read_text(), context_length=10**5
+    )
+    req = ChatCompletionRequest.model_validate(
+        {
+            "messages": ASK
+            + [
+                {"role": "assistant", "content": None, "tool_calls": [_openai_call("call_1", '{"city": "Paris"}')]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            ],
+            "tools": TOOLS[:1],
+        }
+    )
+    req.refuse_unsupported()
+    text = tok.decode(_chat_ids(served, [m.as_dict() for m in req.messages], None, req.offered_tools()))
+    assert call_text in text and '"description": "The weather in a city"' in text and "sunny" in text
+    reply = call_text.split("\n", 1)[1] if tokenizer == "qwen2.5" else call_text.split("\n\n", 1)[1]
+    content, calls = parse_output(reply, {"get_weather"})
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+
+
+def _openai_call(call_id: str, arguments: str) -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}

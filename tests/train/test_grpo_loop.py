@@ -60,8 +60,7 @@ def rollout(tr, step):
     batches = collate_step(tr.collate, micro)
     for b in batches:
         b.pop("num_tokens"), b.pop("num_attended")
-    tr.objective.current_step = step
-    tr.objective.begin_step(tr.model, batches)
+    tr.objective.begin_step(tr.model, batches, step=step)
     return batches
 
 

@@ -168,19 +168,15 @@ def grpo_token_losses(
 
 class GrpoObjective:
     """GRPO on the loop: `units` (completions), `begin_step` (rollouts, rewards, advantages), `loss_sum`,
-    `step_metrics`, `evaluate`; `use_data` gives it the tokenizer and stop tokens."""
+    `step_metrics`, `evaluate`; the prepared data gives it the tokenizer and stop tokens."""
 
-    current_step: int = 0  # set by the loop before begin_step: the rollouts' seed
-
-    def __init__(self, cfg: RunConfig, chunked: bool = False):
+    def __init__(self, cfg: RunConfig, data, chunked: bool = False):
         self.cfg, self.g = cfg, cfg.objective.grpo
         self.rewards = build_rewards(self.g.rewards, self.g.max_new_tokens)
         self.tokenizer = None
         self.stop_ids: list[int] = []
         self._extra: dict[str, float] = {}
         self._rollout_end = 0.0
-
-    def use_data(self, data) -> None:
         self.tokenizer = data.tokenizer
         stops = data.report.get("stop_token_ids") or [data.tokenizer.eos_token_id]
         self.stop_ids = [int(t) for t in stops if t is not None]
@@ -227,13 +223,16 @@ class GrpoObjective:
         batches: list[dict],
         autocast=contextlib.nullcontext,
         reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        step: int = 0,
     ) -> None:
+        """The step's rollouts (sampled with a seed of train.seed and `step`: a resumed run samples the same),
+        rewards and group advantages, put into the batches."""
         t0 = time.perf_counter()
         G = self.g.generations
         prompts = [p for b in batches for p in _unpadded(b["grpo_prompts"])]
         refs = [r for b in batches for r in _unpadded(b["grpo_references"])]
         params = SamplingParams(max_tokens=self.g.max_new_tokens, temperature=self.g.temperature, top_p=self.g.top_p)
-        seed = self.cfg.train.seed * SEED_STRIDE + self.current_step
+        seed = self.cfg.train.seed * SEED_STRIDE + step
         outs = self._generate(model, [p for p in prompts for _ in range(G)], params, seed)
         total, values, _, lengths = self._score(prompts, refs, outs, G)
         advantages = group_advantages(total, G, self.g.scale_rewards)
@@ -311,8 +310,9 @@ class GrpoObjective:
         out.update(self._extra, update_s=time.perf_counter() - self._rollout_end)
         return out
 
-    def prepare_run(self, model, data, run_dir, accelerator, precision: str) -> None:
-        self.use_data(data)
+    @staticmethod
+    def prepare_run(model, data, run_dir, accelerator, precision: str) -> None:
+        return None
 
     @staticmethod
     def final_model(model):

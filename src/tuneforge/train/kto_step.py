@@ -120,6 +120,7 @@ class KtoObjective:
         batches: list[dict],
         autocast=contextlib.nullcontext,
         reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        step: int = 0,
     ) -> None:
         """Before any loss of a step: sets `kl` (the step's z, over every process through `reduce_sum`) and
         `ref_logps` (the reference's log-probs of the matched sequences, unless the batch has them) in each batch."""

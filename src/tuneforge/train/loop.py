@@ -135,8 +135,7 @@ class Trainer:
         check_objective(cfg, prepared_kind(self.data.report))
         self.objective = None
         if cfg.objective.type != "sft":
-            pad = self.data.tokenizer.pad_token_id
-            self.objective, self.collate = build_objective(cfg, pad, flat, self.chunked_head)
+            self.objective, self.collate = build_objective(cfg, self.data, flat, self.chunked_head)
             note = self.objective.prepare_run(model, self.data, self.run_dir, self.accelerator, self.precision)
             if note:  # e.g. a full fine-tune's reference log-probs, cached with the data before any update
                 self.log(note)
@@ -214,10 +213,8 @@ class Trainer:
             counts = acc.reduce(torch.tensor(counts, dtype=torch.float64, device=acc.device), "sum").tolist()
         step_units, real_tokens, flops, step_tokens = counts[0], int(counts[1]), counts[2], counts[3]
         if obj is not None:  # what the step's losses share (KTO: its KL estimate over every micro-batch and rank)
-            obj.current_step = step  # what a step's sampling is seeded by (grpo's rollouts)
-            obj.begin_step(
-                self.model, micro, acc.autocast, lambda t: acc.reduce(t, "sum") if acc.num_processes > 1 else t
-            )
+            reduce = (lambda t: acc.reduce(t, "sum")) if acc.num_processes > 1 else None
+            obj.begin_step(self.model, micro, acc.autocast, reduce, step=step)  # grpo's rollouts seeded by step
         total_nll = 0.0
         metric_sums: dict[str, float] = {}
         for i, batch in enumerate(micro):

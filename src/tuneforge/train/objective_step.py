@@ -105,8 +105,10 @@ def writes_text(cfg: RunConfig) -> bool:
     return cfg.objective.type != "reward"
 
 
-def build_objective(cfg: RunConfig, pad_id: int, padding_free: bool, chunked: bool):
-    """(the objective the loop runs, the collator that builds its batches) for a non-sft objective.type."""
+def build_objective(cfg: RunConfig, data, padding_free: bool, chunked: bool):
+    """(the objective the loop runs, the collator that builds its batches) for a non-sft objective.type, on the
+    prepared `data` (its tokenizer; grpo also decodes and stops generations with it)."""
+    pad_id = data.tokenizer.pad_token_id
     if cfg.objective.type == "kto":
         from tuneforge.train.kto_step import KtoBatches, KtoObjective
 
@@ -114,7 +116,7 @@ def build_objective(cfg: RunConfig, pad_id: int, padding_free: bool, chunked: bo
     if cfg.objective.type == "grpo":
         from tuneforge.train.grpo_step import GrpoBatches, GrpoObjective
 
-        return GrpoObjective(cfg, chunked=chunked), GrpoBatches(pad_id)
+        return GrpoObjective(cfg, data, chunked=chunked), GrpoBatches(pad_id)
     return PairObjective(cfg, chunked=chunked), PairBatches(pad_id, padding_free=padding_free)
 
 
@@ -138,7 +140,9 @@ class PairObjective:
     def units(batch: dict) -> float:
         return float(batch["num_pairs"])
 
-    def begin_step(self, model, batches: list[dict], autocast=contextlib.nullcontext, reduce_sum=None) -> None:
+    def begin_step(
+        self, model, batches: list[dict], autocast=contextlib.nullcontext, reduce_sum=None, step: int = 0
+    ) -> None:
         """Each pair's loss is its own, except ORPO's NLL term: normalised by the chosen completion tokens per
         pair of the whole step (every micro-batch and process), as one large batch would be."""
         if self.cfg.objective.type != "orpo":

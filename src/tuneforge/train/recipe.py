@@ -189,9 +189,7 @@ def held_out_loss(cfg: RunConfig, data: PreparedData, evaluation: RunEvaluation)
     # the chunked head needs the head's weight whole on this rank: not with FSDP2 / ZeRO shards
     chunked = cfg.train.logits == "chunked" and cfg.dist.strategy in ("auto", "ddp")
     pad = data.tokenizer.pad_token_id
-    objective, _ = build_objective(cfg, pad, padding_free=True, chunked=chunked)
-    if hasattr(objective, "use_data"):  # an objective that generates (grpo): the tokenizer and stop tokens
-        objective.use_data(data)
+    objective, _ = build_objective(cfg, data, padding_free=True, chunked=chunked)
 
     def objective_eval(model, status=None) -> dict:
         return objective.evaluate(model, data.eval, cfg.eval.batch_size, pad, status)

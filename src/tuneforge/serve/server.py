@@ -48,7 +48,7 @@ from tuneforge.serve.limits import (
 from tuneforge.serve.loading import ServedModel, kv_bytes_per_token
 from tuneforge.serve.logprobs import chat_logprobs, completion_logprobs
 from tuneforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
-from tuneforge.serve.tool_parsing import ToolCallParser, parse_output
+from tuneforge.serve.tool_parsing import ToolCallParser, chat_choice, stream_deltas
 
 SHORT_PROMPT_CHARS = 8192  # tokenised in well under 10 ms
 
@@ -67,34 +67,6 @@ def _chat_ids(
         ) from None
     check_chars(len(text), served.context_length, per_token, "messages")
     return rendered_ids(served.tokenizer, text)
-
-
-def _chat_choice(text: str, reason: str, names: set[str] | None) -> dict:
-    """A finished chat choice's message and finish reason; its tool calls parsed when the request offered tools."""
-    if names is None:
-        return {"message": {"role": "assistant", "content": text}, "finish_reason": reason}
-    content, calls = parse_output(text, names)
-    if not calls:
-        return {"message": {"role": "assistant", "content": content}, "finish_reason": reason}
-    message = {"role": "assistant", "content": content, "tool_calls": [c.as_dict() for c in calls]}
-    return {"message": message, "finish_reason": "tool_calls" if reason == "stop" else reason}
-
-
-def _stream_delta(item: tuple[str, object], calls: list) -> list[dict]:
-    """The chunk deltas of one parser item: content, or a call as the openai client assembles it (its index, id
-    and name first, then its arguments)."""
-    kind, x = item
-    if kind == "content":
-        return [{"content": x}]
-    index = calls.index(x)  # its place among the choice's calls (ids are unique)
-    return [
-        {
-            "tool_calls": [
-                {"index": index, "id": x.id, "type": "function", "function": {"name": x.name, "arguments": ""}}
-            ]
-        },
-        {"tool_calls": [{"index": index, "function": {"arguments": x.arguments}}]},
-    ]
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -287,7 +259,7 @@ def create_app(
                 "created": int(time.time()),
                 "model": model,
                 "choices": [
-                    {"index": i, **_chat_choice(t, r, names), "logprobs": chat_lps(lps[i])}
+                    {"index": i, **chat_choice(t, r, names), "logprobs": chat_lps(lps[i])}
                     for i, (t, r) in enumerate(zip(texts, reasons))
                 ],
                 "usage": gen.usage(completion),
@@ -300,7 +272,7 @@ def create_app(
             if parsers is None:
                 return [{"content": text}] if text else []
             items = parsers[i].feed(text) + (parsers[i].finish() if final else [])
-            return [d for x in items for d in _stream_delta(x, parsers[i].calls)]
+            return [d for x in items for d in stream_deltas(x, parsers[i].calls)]
 
         async def stream() -> AsyncIterator[str]:
             completion = 0

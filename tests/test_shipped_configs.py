@@ -117,6 +117,8 @@ def tiny_version(example: Path, tmp: Path) -> Path:
         "grad_accum": min(cfg.get("train", {}).get("grad_accum", 1), 2),
     }
     cfg["eval"] = {**cfg.get("eval", {}), "generate_rows": 2, "max_new_tokens": 4, "show_samples": 0, "batch_size": 2}
+    if cfg.get("objective", {}).get("type") == "reward":  # a reward model scores pairs; it generates no text
+        cfg["eval"]["generate_rows"] = 0
     if cfg["eval"].get("general_text"):  # a file of ../shared/data/text
         cfg["eval"].update(general_text=str(shared_path(f"text/{Path(cfg['eval']['general_text']).name}")))
         cfg["eval"]["general_text_tokens"] = 256
@@ -139,7 +141,9 @@ def test_each_example_trains_one_step_as_shipped_with_a_tiny_model(example, tmp_
     assert summary["steps"] == 1
     final = tmp_path / "run" / "final"
     shipped = RunConfig.model_validate(read_config_dict(example)[0])
-    if shipped.adapter.type == "full":
+    if shipped.objective.type == "reward":  # the merged sequence-classification model, head included
+        assert json.loads((final / "config.json").read_text())["architectures"][0].endswith("ForSequenceClassification")
+    elif shipped.adapter.type == "full":
         assert (final / "model.safetensors").is_file()
     else:  # lora, dora, qlora: an adapter that names the run's base
         assert json.loads((final / "adapter_config.json").read_text())["peft_type"] == "LORA"

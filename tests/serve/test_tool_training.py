@@ -17,18 +17,10 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'tuneforge[serve]'")
 
+from tests.data.helpers import TOOLS  # noqa: E402  (get_weather(city))
+
 from .conftest import running_server  # noqa: E402
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    }
-]
 CITIES = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Quito", "Rome", "Delhi", "Perth", "Dakar", "Hanoi", "Sofia"]
 SKIES = ["sunny", "rainy", "cloudy", "windy"]
 PEOPLE = ["Ana", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kai", "Lu"]

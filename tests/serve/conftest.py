@@ -18,32 +18,37 @@ import torch
 CONTEXT = 128
 
 
+def save_tiny_llama(out: Path, tok, hidden: int = 64, intermediate: int = 256, positions: int = CONTEXT) -> Path:
+    """A 2-layer, 4-head Llama with random weights (seed 0) sized for `tok`, saved with it to `out`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=positions,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def build_tiny_model(out: Path) -> Path:
     """A 2-layer Llama (random weights, fixed seed) with a BPE tokenizer trained on the synthetic task and the
     ChatML template: a plain Hugging Face directory, like an export."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from tuneforge.data.synthetic import generate
     from tuneforge.data.tokenizer import train_bpe_tokenizer
 
     rows = generate("reverse_words", 200, seed=0)
     tok = train_bpe_tokenizer([f"{r['instruction']}\n\n{r['input']} {r['output']}" for r in rows], 400)
-    cfg = AutoConfig.for_model(
-        "llama",
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=CONTEXT,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    save_tiny_llama(out, tok)
     (out / "tuneforge.json").write_text(json.dumps({"stop_token_ids": [tok.eos_token_id]}))
     return out
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -19,7 +18,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 
 from tests.data.helpers import TOOLS  # noqa: E402  (get_weather(city))
 
-from .conftest import running_server  # noqa: E402
+from .conftest import running_server, save_tiny_llama  # noqa: E402
 
 CITIES = ["Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Quito", "Rome", "Delhi", "Perth", "Dakar", "Hanoi", "Sofia"]
 SKIES = ["sunny", "rainy", "cloudy", "windy"]
@@ -77,8 +76,6 @@ def template() -> str:
 
 def build_base(out, data: list[dict]):
     """A 2-layer Llama (random init) with a BPE tokenizer trained on the rows as the run's template renders them."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from tuneforge.data.tokenizer import train_bpe_tokenizer
 
     draft = train_bpe_tokenizer([m["content"] for r in data for m in r["messages"]], 300)
@@ -86,22 +83,7 @@ def build_base(out, data: list[dict]):
     rendered = [draft.apply_chat_template(r["messages"], tools=TOOLS, tokenize=False) for r in data]
     tok = train_bpe_tokenizer(rendered * 4, 700)
     tok.chat_template = template()
-    cfg = AutoConfig.for_model(
-        "llama",
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_llama(out, tok, hidden=128, intermediate=384, positions=256)
 
 
 @pytest.fixture(scope="module")

@@ -89,6 +89,9 @@ def data_file(shipped: str, tmp: Path) -> Path:
         lines = gzip.open(shared_path(f"preference/{name}"), "rt", encoding="utf-8").readlines()[:24]
         with gzip.open(out, "wt", encoding="utf-8") as f:
             f.writelines(lines)
+    elif name.startswith("glaive"):  # ShareGPT with function_call / observation turns and a tools column
+        convs = json.loads(shared_path(f"chat/{name}").read_text(encoding="utf-8"))[:24]
+        out.write_text(json.dumps(convs), encoding="utf-8")
     elif name.startswith("alpaca"):
         out.write_text(json.dumps(rows), encoding="utf-8")
     else:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tuneforge.cli import main
+
 pytestmark = pytest.mark.integration
 
 
@@ -20,7 +22,9 @@ def tuneforge(*args):
 
 
 @pytest.mark.parametrize("adapter", [{"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, {"type": "full"}])
-def test_eval_base_prints_both_columns_and_base_matches_the_before_training_eval(tmp_path, tiny_config_dict, adapter):
+def test_eval_base_prints_both_columns_and_base_matches_the_before_training_eval(
+    tmp_path, tiny_config_dict, adapter, capsys
+):
     cfg = dict(tiny_config_dict)
     cfg["adapter"] = adapter
     cfg["train"] = {**cfg["train"], "lr": 5e-3}
@@ -37,9 +41,9 @@ def test_eval_base_prints_both_columns_and_base_matches_the_before_training_eval
     )
     before = json.loads((run / "run_summary.json").read_text())["before"]
 
-    ev = tuneforge("eval", run, "--base", "--rows", "3", "--max-new-tokens", "6", "--progress", "none")
-    assert ev.returncode == 0, ev.stderr[-3000:]
-    lines = ev.stdout.splitlines()
+    # eval and report in this process (the train above is the CLI subprocess a user runs)
+    assert main(["eval", str(run), "--base", "--rows", "3", "--max-new-tokens", "6", "--progress", "none"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "held-out set: 8 rows (3 generated, max_new_tokens 6, temperature 0)"
     header = next(x for x in lines if x.startswith("metric"))
     assert header.split() == ["metric", "base", "tuned", "delta"]
@@ -63,7 +67,7 @@ def test_eval_base_prints_both_columns_and_base_matches_the_before_training_eval
     }
 
     # the report picks up the base/tuned table
-    assert tuneforge("report", run).returncode == 0
+    assert main(["report", str(run)]) == 0
     assert "| metric | base | tuned | delta |" in (run / "report.md").read_text()
 
 

@@ -19,8 +19,8 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'tuneforge[serve]'")
 
 from tuneforge.data.templates import BUILTIN_TEMPLATES  # noqa: E402
+from tuneforge.infer.tool_parsing import ToolCallParser, parse_output  # noqa: E402
 from tuneforge.serve.loading import load_served  # noqa: E402
-from tuneforge.serve.tool_parsing import ToolCallParser, parse_output  # noqa: E402
 
 from .conftest import live_server  # noqa: E402
 

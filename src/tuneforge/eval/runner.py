@@ -21,6 +21,7 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.eval.generation import generate
 from tuneforge.eval.perplexity import evaluate_loss
 from tuneforge.eval.tasks import task_metrics
+from tuneforge.eval.tool_call_eval import tool_call_prompts, tool_call_scores
 from tuneforge.progress import TaskProgress
 
 COUNTS = (
@@ -29,6 +30,7 @@ COUNTS = (
     "eval_rows",
     "generated_rows",
     "general_tokens",
+    "tool_call_rows",
 )  # sizes of the eval, not scores: printed above the table, not in it
 
 
@@ -106,7 +108,21 @@ def task_eval(
         on_batch=on_batch,
     )
     samples = [{"prompt": p[-1]["content"], "reference": r, "generated": g} for p, r, g in zip(prompts, refs, preds)]
-    return {"generated_rows": len(preds), **task_metrics(preds, refs)}, samples
+    metrics = {"generated_rows": len(preds), **task_metrics(preds, refs)}
+    calling, calls, offered = tool_call_prompts(eval_rows, rows)  # held-out turns that call tools, if any
+    if calling:
+        answers = generate(
+            model,
+            tokenizer,
+            calling,
+            cfg.max_new_tokens,
+            stop_ids,
+            batch_size=cfg.batch_size,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+        )
+        metrics.update(tool_call_scores(answers, calls, offered))
+    return metrics, samples
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ Requests are validated here (pydantic) so that every bad request becomes a 4xx w
 extra fields are ignored (clients send many optional ones); fields that would change the answer but are not
 implemented (echo) are refused rather than silently ignored. Tools follow OpenAI's function-calling
 form (`tools`, `tool_choice`, assistant `tool_calls`, `role: tool` results); what the server does with them is in
-tool_parsing.py and docs/deploy.md.
+infer/tool_parsing.py and docs/deploy.md.
 """
 
 from __future__ import annotations

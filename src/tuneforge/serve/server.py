@@ -7,7 +7,7 @@
 
 Both POST routes take max_tokens, temperature, top_p, stop, n, logprobs, stream (server-sent events ending with
 `data: [DONE]`, usage in a last chunk with stream_options.include_usage) and report usage counts; chat takes
-tools / tool_choice and answers parsed tool_calls (tool_parsing.py).
+tools / tool_choice and answers parsed tool_calls (infer/tool_parsing.py).
 Every bad request is answered 4xx with an OpenAI-style error body, never a 500. Request bodies and prompts x n
 are capped (`limits.RequestLimits`); prompts are rendered and tokenised on worker threads, so the event loop
 (and /health) keeps answering while a large prompt is tokenised. With an API key, /docs, /redoc and
@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tuneforge.data.masks import rendered_ids
 from tuneforge.data.templates import TemplateChoiceError, render
 from tuneforge.infer.engine import Engine, SamplingParams
+from tuneforge.infer.tool_parsing import ToolCallParser, chat_choice, stream_deltas
 from tuneforge.serve.generation import CancellingStream, Generation, chunker, collect, events_or_error, sse
 from tuneforge.serve.limits import (
     RequestLimits,
@@ -48,7 +49,6 @@ from tuneforge.serve.limits import (
 from tuneforge.serve.loading import ServedModel, kv_bytes_per_token
 from tuneforge.serve.logprobs import chat_logprobs, completion_logprobs
 from tuneforge.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
-from tuneforge.serve.tool_parsing import ToolCallParser, chat_choice, stream_deltas
 
 SHORT_PROMPT_CHARS = 8192  # tokenised in well under 10 ms
 

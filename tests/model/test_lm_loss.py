@@ -141,12 +141,12 @@ def test_packed_sdpa_attention_equals_running_each_sample_alone():
 
 # ---------------------------------------------------------------------------- padding-free rows, per-sample SDPA
 from tuneforge.data.collate import FlatCollator  # noqa: E402
-from tuneforge.model.attention import NAME, packed_calls, segments, use_packed_sdpa  # noqa: E402
+from tuneforge.model.attention import NAME, Segment, packed_calls, segments, use_packed_sdpa  # noqa: E402
 
 
 def test_segments_start_where_position_ids_restart():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
-    assert segments(pos) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
+    assert segments(pos) == [[Segment(0, 3), Segment(3, 5), Segment(5, 6)], [Segment(0, 6)]]
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -256,7 +256,7 @@ def test_cpu_flash_per_sample_function_equals_autograd_sdpa_on_each_slice():
     from tuneforge.model.attention import PackedFlashCPU
 
     g = torch.Generator().manual_seed(3)
-    bounds = [[(0, 5), (5, 17), (17, 20)], [(0, 20)]]  # two rows: three samples, then one
+    bounds = [[Segment(0, 5), Segment(5, 17), Segment(17, 20)], [Segment(0, 20)]]  # two rows: 3 samples, then 1
     # (batch, seq, heads, dim) storage seen as (batch, heads, seq, dim), as the Llama attention hands it over
     q, k, v = (torch.randn(2, 20, h, 8, generator=g, dtype=torch.float64).requires_grad_() for h in (4, 2, 2))
     out = PackedFlashCPU.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bounds, None)
@@ -269,7 +269,7 @@ def test_cpu_flash_per_sample_function_equals_autograd_sdpa_on_each_slice():
                 torch.nn.functional.scaled_dot_product_attention(
                     qt[b : b + 1, :, s:e], kt[b : b + 1, :, s:e], vt[b : b + 1, :, s:e], is_causal=True, enable_gqa=True
                 )
-                for s, e in row
+                for s, e, _, _ in row
             ],
             dim=2,
         )

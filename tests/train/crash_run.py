@@ -12,6 +12,7 @@ import sys
 import tuneforge.train.checkpoint as checkpoint
 import tuneforge.train.loop as loop
 from tuneforge.cli import main
+from tuneforge.train.objective_step import PairObjective
 
 
 def die() -> None:
@@ -19,16 +20,20 @@ def die() -> None:
 
 
 def kill_in_micro_batch(n: int) -> None:
+    """SIGKILL in the n-th micro-batch's loss: sft's (loop.trained_nll_sum) or a pair objective's (loss_sum)."""
     calls = {"n": 0}
-    real = loop.trained_nll_sum
 
-    def trained_nll_sum(model, batch, **kw):
-        calls["n"] += 1
-        if calls["n"] == n:
-            die()
-        return real(model, batch, **kw)
+    def counted(real):
+        def call(*args, **kw):
+            calls["n"] += 1
+            if calls["n"] == n:
+                die()
+            return real(*args, **kw)
 
-    loop.trained_nll_sum = trained_nll_sum
+        return call
+
+    loop.trained_nll_sum = counted(loop.trained_nll_sum)
+    PairObjective.loss_sum = counted(PairObjective.loss_sum)
 
 
 def kill_in_save(stage: str, n: int) -> None:

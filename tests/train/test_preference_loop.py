@@ -19,7 +19,7 @@ from tuneforge.config.schema import RunConfig
 from tuneforge.data.collate import rows_at
 from tuneforge.data.prepare import prepare
 from tuneforge.train.loop import Trainer
-from tuneforge.train.objective_step import PairBatches, PairObjective, peft_model
+from tuneforge.train.objective_step import PairObjective, peft_model
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron".split()
 
@@ -87,7 +87,11 @@ def test_the_loop_loss_equals_the_objective_on_plainly_computed_logps(objective,
     model = peft_model(tr.model)
     model.eval()
     rows = [tr.data.train[i] for i in range(4)]
-    batch = PairBatches(tr.data.tokenizer.pad_token_id, padding_free=True)(rows)
+    assert tr.collate.share_prompt  # the loop's batches compute each prompt once (tests/train/test_shared_prompt.py)
+    batch = tr.collate(rows)
+    assert batch["input_ids"].shape[1] == sum(
+        len(r["prompt_ids"]) + 1 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows
+    )
     batch.pop("num_tokens"), batch.pop("num_attended")
     with torch.no_grad():
         got, metrics = PairObjective(cfg).pair_losses(model, batch)

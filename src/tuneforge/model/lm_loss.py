@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.data.templates import IGNORE_INDEX
-from tuneforge.model.attention import rows_by_position
+from tuneforge.model.attention import rows_by_position, sequence_starts
 from tuneforge.model.linear_cross_entropy import TINY, chunk_rows, linear_cross_entropy_sum
 
 
@@ -158,8 +158,7 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], chunked: bool = False)
     targets_mask = labels[:, 1:] != IGNORE_INDEX
     device = batch["input_ids"].device
     if "position_ids" in batch:
-        starts = batch["position_ids"] == 0
-        starts[:, 0] = True  # each row starts a sequence, whatever its first position
+        starts = sequence_starts(batch["position_ids"])  # each row's first token, restarts and shared-prompt branches
         sequence_of = starts.flatten().cumsum(0).view(starts.shape) - 1  # row-major: sequence index per token
         n_seq = int(starts.sum())
     else:

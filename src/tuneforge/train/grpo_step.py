@@ -49,6 +49,7 @@ from tuneforge.data.collate import FlatCollator
 from tuneforge.data.templates import IGNORE_INDEX
 from tuneforge.eval.generation import context_length
 from tuneforge.infer.engine import Engine, SamplingParams
+from tuneforge.model.attention import sequence_starts
 from tuneforge.model.lm_loss import forward_logits
 from tuneforge.train.reference import peft_model
 from tuneforge.train.rewards import build_rewards, score
@@ -132,8 +133,7 @@ def completion_token_logps(model, batch: dict, autocast=contextlib.nullcontext) 
     """(log-prob of every trained token, the index of its sequence) of a padding-free batch (position_ids
     restarting at 0 for each sequence), in fp32 or better."""
     labels = batch["labels"]
-    starts = batch["position_ids"] == 0
-    starts[:, 0] = True
+    starts = sequence_starts(batch["position_ids"])
     sequence_of = starts.flatten().cumsum(0).view(starts.shape) - 1
     mask = labels[:, 1:] != IGNORE_INDEX
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "labels") if k in batch}

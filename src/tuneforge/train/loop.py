@@ -135,7 +135,9 @@ class Trainer:
         check_objective(cfg, prepared_kind(self.data.report))
         self.objective = None
         if cfg.objective.type != "sft":
-            self.objective, self.collate = build_objective(cfg, self.data, flat, self.chunked_head)
+            self.objective, self.collate = build_objective(
+                cfg, self.data, flat, self.chunked_head, share_prompt=self.per_sample_sdpa
+            )
             note = self.objective.prepare_run(model, self.data, self.run_dir, self.accelerator, self.precision)
             if note:  # e.g. a full fine-tune's reference log-probs, cached with the data before any update
                 self.log(note)

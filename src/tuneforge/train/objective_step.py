@@ -8,8 +8,9 @@ share, before any of them), `loss_sum(model, batch, autocast)` per micro-batch, 
   sft                     rows of input_ids + labels; units: trained tokens; loss: their summed NLL
   dpo, ipo, simpo, orpo   rows of prompt_ids + chosen_ids + rejected_ids: each pair becomes two sequences in the
                           same padding-free pass (prompt + chosen, prompt + rejected; only the completions are
-                          trained); units: pairs; loss: the objective's per-pair loss (train/objectives/) on the
-                          sequences' summed log-probs, computed only at the completion positions (sequence_logps).
+                          trained; with per-sample attention the prompt runs once per pair: pair_batches.py);
+                          units: pairs; loss: the objective's per-pair loss (train/objectives/) on the sequences'
+                          summed log-probs, computed only at the completion positions (sequence_logps).
                           dpo and ipo compare with the reference: the same weights with the LoRA adapter off,
                           or (full fine-tuning) log-probs cached before training (train/reference_cache.py)
   kto                     rows of prompt_ids + completion_ids + label (train/kto_step.py); units: rows; the KL
@@ -32,6 +33,7 @@ import torch
 
 from tuneforge.config.load import ConfigError
 from tuneforge.config.schema import RunConfig
+from tuneforge.model.attention import runs_per_sample
 from tuneforge.model.lm_loss import sequence_logps
 from tuneforge.train.grpo_step import grpo_setup_error
 from tuneforge.train.objectives import OBJECTIVES
@@ -105,9 +107,10 @@ def writes_text(cfg: RunConfig) -> bool:
     return cfg.objective.type != "reward"
 
 
-def build_objective(cfg: RunConfig, data, padding_free: bool, chunked: bool):
+def build_objective(cfg: RunConfig, data, padding_free: bool, chunked: bool, share_prompt: bool = False):
     """(the objective the loop runs, the collator that builds its batches) for a non-sft objective.type, on the
-    prepared `data` (its tokenizer; grpo also decodes and stops generations with it)."""
+    prepared `data` (its tokenizer; grpo also decodes and stops generations with it). share_prompt: a pair's
+    prompt runs once for both completions (the model runs tuneforge's per-sample attention: pair_batches.py)."""
     pad_id = data.tokenizer.pad_token_id
     if cfg.objective.type == "kto":
         from tuneforge.train.kto_step import KtoBatches, KtoObjective
@@ -117,7 +120,7 @@ def build_objective(cfg: RunConfig, data, padding_free: bool, chunked: bool):
         from tuneforge.train.grpo_step import GrpoBatches, GrpoObjective
 
         return GrpoObjective(cfg, data, chunked=chunked), GrpoBatches(pad_id)
-    return PairObjective(cfg, chunked=chunked), PairBatches(pad_id, padding_free=padding_free)
+    return PairObjective(cfg, chunked=chunked), PairBatches(pad_id, padding_free, share_prompt)
 
 
 def collate_step(collate, micro_rows: list[list[dict]]) -> list[dict]:
@@ -227,7 +230,7 @@ class PairObjective:
         reward model: its pairwise accuracy and mean reward margin)."""
         was_training = model.training
         model.eval()
-        collate = PairBatches(pad_id, padding_free=True)
+        collate = PairBatches(pad_id, padding_free=True, share_prompt=runs_per_sample(model))
         device = next(model.parameters()).device
         total = acc = margin = 0.0
         n = 0

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.collate import rows_at
+from tuneforge.model.attention import runs_per_sample
 from tuneforge.model.lm_loss import sequence_logps
 from tuneforge.train.pair_batches import PairBatches
 
@@ -56,7 +57,7 @@ def pair_reference_logps(
     model, rows, pad_id: int, batch_size: int, chunked: bool, autocast, status: Callable[[str], None] | None = None
 ) -> torch.Tensor:
     """(pairs, 2) float64: the summed log-probs of each pair's chosen and rejected completion under `model`."""
-    collate = PairBatches(pad_id, padding_free=True)
+    collate = PairBatches(pad_id, padding_free=True, share_prompt=runs_per_sample(model))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from tuneforge.model.attention import rows_by_position
+from tuneforge.model.attention import rows_by_position, sequence_starts
 
 
 def reward_loss(
@@ -110,8 +110,7 @@ def sequence_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         handle.remove()
     scores = seen[0][..., 0]  # (rows, length)
     if "position_ids" in batch:
-        starts = batch["position_ids"] == 0
-        starts[:, 0] = True
+        starts = sequence_starts(batch["position_ids"])
         ends = torch.zeros_like(starts)
         ends[:, :-1] = starts[:, 1:]
         ends[:, -1] = True  # a sequence ends where the next starts, or at the row's end

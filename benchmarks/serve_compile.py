@@ -2,8 +2,9 @@
 
 Two engines share one model: one decodes eagerly, the other through torch.compile (what `--compile` sets up,
 warmed up first). Each round submits B prompts of 10-17 tokens, greedy, 48 new tokens each, without stop
-tokens; rounds alternate between the engines and the best of 5 is reported, so background load hits both
-alike. Model: the random-init Llama of serve_throughput.py (hidden 256, 2 layers), or --model RUN_OR_DIR.
+tokens; rounds alternate between the engines (5 by default), so background load hits both alike, and the
+median with min-max is reported, of each engine's steps/s and of the per-round ratio. Model: the random-init
+Llama of serve_throughput.py (hidden 256, 2 layers), or --model RUN_OR_DIR.
 
   python benchmarks/serve_compile.py [--model runs/quickstart] [--batch 1 8] [--threads 1]
 """
@@ -11,6 +12,7 @@ alike. Model: the random-init Llama of serve_throughput.py (hidden 256, 2 layers
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import threading
@@ -35,6 +37,10 @@ def steps_per_s(engine, rows: int, new_tokens: int = 48) -> float:
     for _ in range(rows):
         assert done.acquire(timeout=600)
     return (engine.steps - start_steps) / (time.perf_counter() - start)
+
+
+def spread(values: list[float], fmt: str) -> str:
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
 def main() -> None:
@@ -69,8 +75,11 @@ def main() -> None:
             for rows in args.batch:
                 steps_per_s(eager, rows), steps_per_s(compiled, rows)  # first use of these shapes
                 runs = [(steps_per_s(eager, rows), steps_per_s(compiled, rows)) for _ in range(args.rounds)]
-                e, c = max(r[0] for r in runs), max(r[1] for r in runs)
-                print(f"batch {rows}: eager {e:.0f} steps/s, compiled {c:.0f} steps/s ({c / e:.2f}x)")
+                e, c, x = ([f(r) for r in runs] for f in (lambda r: r[0], lambda r: r[1], lambda r: r[1] / r[0]))
+                print(
+                    f"batch {rows}: eager {spread(e, '.0f')} steps/s, compiled {spread(c, '.0f')} steps/s, "
+                    f"ratio {spread(x, '.2f')}x (median (min-max) of {args.rounds} rounds)"
+                )
         finally:
             eager.stop()
             compiled.stop()

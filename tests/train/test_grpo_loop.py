@@ -135,6 +135,58 @@ def test_the_gradient_is_the_group_baseline_policy_gradient_for_each_normalisati
     tr.cleanup()
 
 
+@pytest.mark.integration
+def test_a_later_update_on_the_rollout_batch_clips_the_ratio_to_the_sampling_policy(tiny_config_dict, tmp_path):
+    """updates_per_batch 2: the second update's loss and gradient are the clipped surrogate with logp_old = the
+    first update's log-probs (the policy that sampled the batch), computed here one sequence at a time."""
+    cfg = config(
+        tiny_config_dict, tmp_path, updates_per_batch=2, epsilon_low=0.1, epsilon_high=0.1, loss_normalization="token"
+    )
+    tr = trainer_for(cfg, tmp_path)
+    m = tr._step(1)
+    assert tr.scheduler.scheduler.last_epoch == 2  # two optimizer updates in the step
+    assert 0 <= m["clip_fraction"] <= 1 and 0 < m["entropy"] < math.log(tr.model.config.vocab_size) + 1e-6
+    tr.model.double()
+    batches = rollout(tr, 2)
+    seqs = [s for b in batches for s in sequences(b)]
+    adv = torch.cat([b["advantages"] for b in batches])
+    T = sum(len(c) for _, c in seqs)
+
+    def plain_logps():
+        return [
+            tr.model(input_ids=torch.tensor([p + c]))
+            .logits[0, len(p) - 1 : -1]
+            .log_softmax(-1)
+            .gather(1, torch.tensor(c)[:, None])[:, 0]
+            for p, c in seqs
+        ]
+
+    with torch.no_grad():
+        old = plain_logps()
+    first, _ = loop_gradient(tr, batches)  # ratio 1: the loss is -sum A_i |o_i| / T
+    assert first == pytest.approx(float(sum(-adv[i] * len(c) for i, (_, c) in enumerate(seqs)) / T), abs=1e-10)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the policy after an update
+        for p in tr.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
+    sums = [tr.objective.loss_sum(tr.model, b)[1] for b in batches]
+    got_loss, got = loop_gradient(tr, batches)
+    want_loss, clipped = 0.0, 0
+    for i, new in enumerate(plain_logps()):
+        ratio = torch.exp(new - old[i])
+        loss = -torch.min(ratio * adv[i], ratio.clamp(0.9, 1.1) * adv[i]).sum() / T
+        loss.backward()
+        want_loss += float(loss)
+        clipped += int(((ratio < 0.9) & (adv[i] < 0) | (ratio > 1.1) & (adv[i] > 0)).sum())
+    want = {n: q.grad.clone() for n, q in tr.model.named_parameters() if q.requires_grad}
+    assert got_loss == pytest.approx(want_loss, abs=1e-10)
+    assert 0 < clipped < T and sum(s["clipped_tokens"] for s in sums) == clipped
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-9, atol=1e-12), name
+    tr.cleanup()
+
+
 def test_groups_with_all_equal_rewards_give_no_gradient_and_are_counted(tiny_config_dict, tmp_path):
     cfg = config(tiny_config_dict, tmp_path, rewards=[{"function": f"{__name__}:constant"}])
     tr = trainer_for(cfg, tmp_path)
@@ -164,9 +216,9 @@ def test_rewards_numeric_and_errors_name_the_function_and_the_row():
 
 
 def test_grpo_config_errors(tiny_config_dict, tmp_path):
-    with pytest.raises(ValueError, match="updates_per_batch 2: only 1"):
+    with pytest.raises(ValueError, match="updates_per_batch\n  Input should be less than or equal to 16"):
         ObjectiveConfig.model_validate(
-            {"type": "grpo", "grpo": {"rewards": [{"type": "numeric"}], "updates_per_batch": 2}}
+            {"type": "grpo", "grpo": {"rewards": [{"type": "numeric"}], "updates_per_batch": 17}}
         )
     with pytest.raises(ValueError, match="format reward needs pattern"):
         ObjectiveConfig.model_validate({"type": "grpo", "grpo": {"rewards": [{"type": "format"}]}})
@@ -185,7 +237,7 @@ def test_prompt_and_reference_is_the_last_trained_span():
 
 @pytest.mark.integration
 def test_same_seed_same_rollouts_and_a_resumed_run_equals_the_uninterrupted_one(tiny_config_dict, tmp_path):
-    cfg = config(tiny_config_dict, tmp_path, kl_coef=0.05, loss_normalization="token")
+    cfg = config(tiny_config_dict, tmp_path, kl_coef=0.05, loss_normalization="token", updates_per_batch=2)
     d = cfg.model_dump(mode="json")
     d["checkpoint"] = {**d.get("checkpoint", {}), "every_steps": 2, "save_total_limit": 3}
     cfg = RunConfig.model_validate(d)
@@ -204,7 +256,15 @@ def test_same_seed_same_rollouts_and_a_resumed_run_equals_the_uninterrupted_one(
     got = [r for r in got if r["type"] == "train" and r["step"] in (3, 4)][-2:]
     assert [r["step"] for r in got] == [3, 4]
     for r in got:
-        for key in ("loss", "grad_norm", "reward", "rewards/text_length_mod_3", "kl", "completion_len"):
+        for key in (
+            "loss",
+            "grad_norm",
+            "reward",
+            "rewards/text_length_mod_3",
+            "kl",
+            "completion_len",
+            "clip_fraction",
+        ):
             assert r[key] == want[r["step"]][key], key
     assert want[4]["kl"] > 0
     for n, p in peft_model(resumed.model).named_parameters():

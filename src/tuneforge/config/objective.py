@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from tuneforge.config.section import Section
 
@@ -81,9 +81,11 @@ class GrpoConfig(Section):
     updates_per_batch: int = Field(
         1,
         ge=1,
-        le=1,
-        description="Optimizer updates per rollout batch. Only 1 for now: the importance ratio is then exactly 1 "
-        "(on-policy); several updates per batch are not implemented yet.",
+        le=16,
+        description="Optimizer updates per rollout batch (TRL's num_iterations, PPO's epochs): 1 is on-policy "
+        "(the importance ratio is exactly 1); with more, the later updates clip the ratio to the policy that "
+        "sampled the batch. Each step of the run is one rollout batch; the learning-rate schedule and "
+        "train.warmup_steps count updates.",
     )
     epsilon_low: float = Field(0.2, ge=0, lt=1, description="Clipping: the ratio's lower bound is 1 - epsilon_low.")
     epsilon_high: float = Field(
@@ -110,16 +112,6 @@ class GrpoConfig(Section):
     eval_prompts: int = Field(
         64, ge=1, description="Held-out prompts scored (greedy) before and after training, at most."
     )
-
-    @field_validator("updates_per_batch", mode="before")
-    @classmethod
-    def _one_update(cls, v):
-        if isinstance(v, int) and v > 1:
-            raise ValueError(
-                f"updates_per_batch {v}: only 1 update per rollout batch is implemented (importance ratio 1, "
-                "on-policy); set objective.grpo.updates_per_batch: 1"
-            )
-        return v
 
     @model_validator(mode="after")
     def _some_reward(self) -> GrpoConfig:

@@ -16,8 +16,11 @@ Per optimizer step (the step's prompts are its rows: train.micro_batch_size x tr
   loss_sum      per completion token t of completion i: l_it = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high)
                 A_i) + kl_coef k3_it, rho = exp(logp - logp_old) with logp_old the rollout policy's log-prob (one
                 update per rollout batch: logp_old = logp detached, rho = 1, so the gradient is -A_i grad logp),
-                k3 = exp(ref - logp) - (ref - logp) - 1. The step's loss, over its S completions and T completion
-                tokens (every micro-batch and process):
+                k3 = exp(ref - logp) - (ref - logp) - 1. With updates_per_batch U > 1 the loop makes U optimizer
+                updates on the same rollout batch: the first has rho = 1 and keeps its log-probs (detached) as
+                logp_old of the later ones (the policy that sampled the rollouts, as TRL's num_iterations; with LoRA
+                dropout on, the first update's dropout mask is part of logp_old). The step's loss, over its S
+                completions and T completion tokens (every micro-batch and process):
                   sequence (GRPO)    1/S sum_i 1/|o_i| sum_t l_it
                   token (DAPO)       1/T sum_i sum_t l_it
                   constant (Dr GRPO) 1/(S max_new_tokens) sum_i sum_t l_it
@@ -26,14 +29,16 @@ Per optimizer step (the step's prompts are its rows: train.micro_batch_size x tr
   step_metrics  reward and reward_std (total), rewards/<name> and rewards/<name>_std per reward,
                 groups_all_equal (share of groups whose rewards are all equal: zero advantage, no gradient),
                 completion_len (mean) and completion_len_max, kl (mean per-completion token KL; with kl_coef 0,
-                0), rollout_s and update_s, trained_tokens (the completions')
+                0), clip_fraction (share of completion tokens whose ratio was clipped where that zeroes their
+                gradient: rho < 1 - eps_low with A < 0, rho > 1 + eps_high with A > 0; 0 with one update),
+                entropy (mean per completion token, nats), rollout_s and update_s, trained_tokens (the
+                completions'). loss, kl, clip_fraction and entropy are means over the step's U updates
 
 Held-out (`evaluate`): up to objective.grpo.eval_prompts held-out prompts, one greedy completion each:
 eval_reward (mean total reward), eval_rewards/<name>, eval_pass@1 (share whose completion scores at least 1 on
 every exact_match / numeric reward; absent without one), eval_completion_len, eval_prompts.
 
-Not yet: several updates per rollout batch (the clip fraction is then always 0 and not logged), entropy, the
-chunked LM head for the policy's log-probs (full logits at the completion positions), a full fine-tune with
+Not yet: the chunked LM head for the policy's log-probs (full logits at the completion positions), a full fine-tune with
 kl_coef > 0 (no reference copy), processes > 1 tested."""
 
 from __future__ import annotations
@@ -129,9 +134,12 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool) -> torch.Te
     return a.reshape(-1)
 
 
-def completion_token_logps(model, batch: dict, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_token_logps(
+    model, batch: dict, autocast=contextlib.nullcontext, entropy: bool = False
+) -> tuple[torch.Tensor, ...]:
     """(log-prob of every trained token, the index of its sequence) of a padding-free batch (position_ids
-    restarting at 0 for each sequence), in fp32 or better."""
+    restarting at 0 for each sequence), in fp32 or better; with entropy, also each trained position's entropy of
+    the next-token distribution (detached)."""
     labels = batch["labels"]
     starts = sequence_starts(batch["position_ids"])
     sequence_of = starts.flatten().cumsum(0).view(starts.shape) - 1
@@ -141,8 +149,14 @@ def completion_token_logps(model, batch: dict, autocast=contextlib.nullcontext) 
         logits = forward_logits(model, inputs)[:, :-1][mask]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    logps = logits.log_softmax(-1).gather(1, labels[:, 1:][mask][:, None])[:, 0]
-    return logps, sequence_of[:, 1:][mask].to(logps.device)
+    all_logps = logits.log_softmax(-1)
+    logps = all_logps.gather(1, labels[:, 1:][mask][:, None])[:, 0]
+    owner = sequence_of[:, 1:][mask].to(logps.device)
+    if not entropy:
+        return logps, owner
+    with torch.no_grad():
+        ent = -(all_logps.exp() * all_logps).sum(-1)
+    return logps, owner, ent
 
 
 def grpo_token_losses(
@@ -153,17 +167,21 @@ def grpo_token_losses(
     eps_high: float,
     kl_coef: float = 0.0,
     ref_logps: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token loss, per-token k3 KL) for tokens whose sequence's advantage is `advantages` (per token)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-token loss, per-token k3 KL, per-token clipped flag) for tokens whose sequence's advantage is
+    `advantages` (per token). A token is clipped where the clip zeroes its gradient: ratio < 1 - eps_low with a
+    negative advantage, ratio > 1 + eps_high with a positive one."""
     ratio = torch.exp(logps - old_logps)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     loss = -torch.min(ratio * advantages, clipped * advantages)
+    with torch.no_grad():
+        was_clipped = ((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
     kl = torch.zeros_like(logps)
     if ref_logps is not None:
         d = ref_logps - logps
         kl = torch.exp(d) - d - 1
         loss = loss + kl_coef * kl
-    return loss, kl
+    return loss, kl, was_clipped
 
 
 class GrpoObjective:
@@ -177,6 +195,8 @@ class GrpoObjective:
         self.stop_ids: list[int] = []
         self._extra: dict[str, float] = {}
         self._rollout_end = 0.0
+        self.updates_per_step = self.g.updates_per_batch  # the loop's optimizer updates per rollout batch
+        self._old_logps: dict[int, torch.Tensor] = {}  # micro-batch -> its first update's log-probs (logp_old)
         self.tokenizer = data.tokenizer
         stops = data.report.get("stop_token_ids") or [data.tokenizer.eos_token_id]
         self.stop_ids = [int(t) for t in stops if t is not None]
@@ -242,8 +262,10 @@ class GrpoObjective:
             counts = reduce_sum(counts)
         self._step_tokens, self._step_units = float(counts[0]), float(counts[1])
         collate = FlatCollator(self.tokenizer.pad_token_id)
+        self._old_logps = {}
         k = 0
-        for b in batches:
+        for index, b in enumerate(batches):
+            b["micro_index"] = torch.tensor(index)
             n = int(b["num_rows"]) * G
             seqs = []
             for j in range(k, k + n):
@@ -273,11 +295,17 @@ class GrpoObjective:
 
     # ---------------------------------------------------------------- the loss
     def loss_sum(self, model, batch: dict, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, float]]:
-        logps, owner = completion_token_logps(model, batch, autocast)
+        logps, owner, entropy = completion_token_logps(model, batch, autocast, entropy=True)
         adv = batch["advantages"].to(logps)[owner]
         ref = batch["ref_logps"].to(logps) if "ref_logps" in batch else None
-        loss, kl = grpo_token_losses(
-            logps, logps.detach(), adv, self.g.epsilon_low, self.g.epsilon_high, self.g.kl_coef, ref
+        index = int(batch["micro_index"])
+        old = self._old_logps.get(index)
+        if old is None:  # the first update on this rollout batch: the policy that sampled it, rho = 1
+            old = logps.detach()
+            if self.updates_per_step > 1:
+                self._old_logps[index] = old
+        loss, kl, clipped = grpo_token_losses(
+            logps, old, adv, self.g.epsilon_low, self.g.epsilon_high, self.g.kl_coef, ref
         )
         n = int(batch["num_rows"]) * self.g.generations
         lengths = torch.zeros(n, dtype=loss.dtype, device=loss.device).index_add(0, owner, torch.ones_like(loss))
@@ -293,6 +321,8 @@ class GrpoObjective:
         sums = dict(zip(self._metric_names, batch["metric_sums"].tolist()))
         sums["kl"] = float((per_seq_kl / lengths.clamp(min=1)).sum())
         sums["completion_tokens"] = float(lengths.sum())
+        sums["clipped_tokens"] = float(clipped.sum())
+        sums["entropy"] = float(entropy.sum())
         return total, sums
 
     def step_metrics(self, sums: dict[str, float], units: float) -> dict[str, float]:
@@ -306,7 +336,10 @@ class GrpoObjective:
         out["groups_all_equal"] = sums.get("groups_all_equal", 0.0) / max(n / self.g.generations, 1.0)
         out["completion_len"] = sums.get("completion_len", 0.0) / n
         out["kl"] = sums.get("kl", 0.0) / n
-        out["trained_tokens"] = int(sums.get("completion_tokens", 0.0))
+        tokens = sums.get("completion_tokens", 0.0)  # over the step's updates
+        out["clip_fraction"] = sums.get("clipped_tokens", 0.0) / max(tokens, 1.0)
+        out["entropy"] = sums.get("entropy", 0.0) / max(tokens, 1.0)
+        out["trained_tokens"] = int(round(tokens / self.updates_per_step))
         out.update(self._extra, update_s=time.perf_counter() - self._rollout_end)
         return out
 

@@ -142,6 +142,8 @@ class Trainer:
             if note:  # e.g. a full fine-tune's reference log-probs, cached with the data before any update
                 self.log(note)
         self._checked_per_sample = not (flat or packed)
+        # optimizer updates per step: grpo may update several times on one rollout batch (the schedule counts updates)
+        self.updates_per_step = getattr(self.objective, "updates_per_step", 1)
         # a step's micro-batches joined into larger passes (one process, not DeepSpeed: see train.pass_tokens)
         self.pass_positions, note = pass_budget(cfg, self.accelerator.num_processes, self.parallel.name)
         if note:
@@ -149,7 +151,9 @@ class Trainer:
 
         # ---- optimizer and schedule
         self.model, self.optimizer, self.scheduler = self.parallel.wrap(
-            model, lambda m: build_optimizer(m, cfg.train), lambda o: build_scheduler(o, cfg.train, self.total_steps)
+            model,
+            lambda m: build_optimizer(m, cfg.train),
+            lambda o: build_scheduler(o, cfg.train, self.total_steps * self.updates_per_step),
         )
         # what actually wraps the model (DistributedDataParallel, FSDP..., DeepSpeedEngine), recorded in the summary
         self.wrapper = self.parallel.wrapper
@@ -217,47 +221,54 @@ class Trainer:
         if obj is not None:  # what the step's losses share (KTO: its KL estimate over every micro-batch and rank)
             reduce = (lambda t: acc.reduce(t, "sum")) if acc.num_processes > 1 else None
             obj.begin_step(self.model, micro, acc.autocast, reduce, step=step)  # grpo's rollouts seeded by step
-        total_nll = 0.0
+        updates = self.updates_per_step  # grpo with updates_per_batch > 1: several updates on one rollout batch
+        total_nll, lr, skipped = 0.0, self.scheduler.get_last_lr()[0], False
         metric_sums: dict[str, float] = {}
-        for i, batch in enumerate(micro):
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
-            last = i == len(micro) - 1
-            with self.parallel.micro_batch(sync=last):
-                calls = packed_calls()
-                if obj is not None:
-                    nll, sums = obj.loss_sum(self.model, batch, acc.autocast)
-                    for k, v in sums.items():
-                        metric_sums[k] = metric_sums.get(k, 0.0) + v
-                elif cfg.logits != "full":  # in the model's autocast, so the chunked head computes as the model's would
-                    with acc.autocast():
-                        nll = trained_nll_sum(self.model, batch, chunked=self.chunked_head)
-                else:
-                    nll = nll_sum(forward_logits(self.model, batch), batch["labels"])
-                if not self._checked_per_sample and samples_share_rows(batch["position_ids"]):
-                    self._checked_per_sample = True  # the first row holding several samples: were they kept apart?
-                    if self.per_sample_sdpa:
-                        check_samples_kept_apart(type(self.parallel.module()).__name__, packed_calls() - calls)
-                # every strategy averages gradients over ranks; multiply back so the result is sum / step_units
-                self.parallel.backward(nll * acc.num_processes / max(step_units, 1.0), last)
-            total_nll += float(nll.detach())
-        lr = self.scheduler.get_last_lr()[0]
+        for _ in range(updates):
+            nll_here = 0.0
+            for i, batch in enumerate(micro):
+                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                last = i == len(micro) - 1
+                with self.parallel.micro_batch(sync=last):
+                    calls = packed_calls()
+                    if obj is not None:
+                        nll, sums = obj.loss_sum(self.model, batch, acc.autocast)
+                        for k, v in sums.items():
+                            metric_sums[k] = metric_sums.get(k, 0.0) + v
+                    elif cfg.logits != "full":  # in the model's autocast: the chunked head computes as the model's
+                        with acc.autocast():
+                            nll = trained_nll_sum(self.model, batch, chunked=self.chunked_head)
+                    else:
+                        nll = nll_sum(forward_logits(self.model, batch), batch["labels"])
+                    if not self._checked_per_sample and samples_share_rows(batch["position_ids"]):
+                        self._checked_per_sample = True  # the first row holding several samples: kept apart?
+                        if self.per_sample_sdpa:
+                            check_samples_kept_apart(type(self.parallel.module()).__name__, packed_calls() - calls)
+                    # every strategy averages gradients over ranks; multiply back so the result is sum / step_units
+                    self.parallel.backward(nll * acc.num_processes / max(step_units, 1.0), last)
+                nll_here += float(nll.detach())
+            if acc.num_processes > 1:
+                nll_here = float(acc.reduce(torch.tensor([nll_here], dtype=torch.float64, device=acc.device), "sum"))
+            total_nll += nll_here
+            # clip, step (unless the loss or gradient norm is not finite), advance the schedule, clear gradients
+            grad_norm, skipped_here = self.parallel.update(
+                cfg.max_grad_norm, math.isfinite(nll_here / max(step_units, 1.0))
+            )
+            skipped = skipped or skipped_here
         names = sorted(metric_sums)
-        if acc.num_processes > 1:
-            sums = torch.tensor([total_nll, *(metric_sums[k] for k in names)], dtype=torch.float64, device=acc.device)
-            total_nll, *rest = acc.reduce(sums, "sum").tolist()
-            metric_sums = dict(zip(names, rest))
-        loss = total_nll / max(step_units, 1.0)
-        # clip, step (unless the loss or gradient norm is not finite), advance the schedule, clear gradients
-        grad_norm, skipped = self.parallel.update(cfg.max_grad_norm, math.isfinite(loss))
+        if acc.num_processes > 1 and names:
+            sums = torch.tensor([metric_sums[k] for k in names], dtype=torch.float64, device=acc.device)
+            metric_sums = dict(zip(names, acc.reduce(sums, "sum").tolist()))
+        loss = total_nll / max(step_units * updates, 1.0)  # the mean over the step's updates
         return {
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "skipped": skipped,
             "trained_tokens": int(step_tokens),
-            **(obj.step_metrics(metric_sums, step_units) if obj is not None else {}),
+            **(obj.step_metrics(metric_sums, step_units * updates) if obj is not None else {}),
             "tokens": real_tokens,
-            "flops": flops,
+            "flops": flops * updates,
         }
 
     # ------------------------------------------------------------------------ the loop

@@ -96,32 +96,26 @@ def task_eval(
     prompts, refs = held_out_chats(eval_rows, rows)
     if not prompts:
         return {}, []
-    preds = generate(
-        model,
-        tokenizer,
-        prompts,
-        cfg.max_new_tokens,
-        stop_ids,
-        batch_size=cfg.batch_size,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        on_batch=on_batch,
-    )
-    samples = [{"prompt": p[-1]["content"], "reference": r, "generated": g} for p, r, g in zip(prompts, refs, preds)]
-    metrics = {"generated_rows": len(preds), **task_metrics(preds, refs)}
-    calling, calls, offered = tool_call_prompts(eval_rows, rows)  # held-out turns that call tools, if any
-    if calling:
-        answers = generate(
+
+    def answer(chats: list, on_batch=None) -> list[str]:
+        return generate(
             model,
             tokenizer,
-            calling,
+            chats,
             cfg.max_new_tokens,
             stop_ids,
             batch_size=cfg.batch_size,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
+            on_batch=on_batch,
         )
-        metrics.update(tool_call_scores(answers, calls, offered))
+
+    preds = answer(prompts, on_batch)
+    samples = [{"prompt": p[-1]["content"], "reference": r, "generated": g} for p, r, g in zip(prompts, refs, preds)]
+    metrics = {"generated_rows": len(preds), **task_metrics(preds, refs)}
+    calling, calls, offered = tool_call_prompts(eval_rows, rows)  # held-out turns that call tools, if any
+    if calling:
+        metrics.update(tool_call_scores(answer(calling), calls, offered))
     return metrics, samples
 
 

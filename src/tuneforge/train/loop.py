@@ -225,7 +225,7 @@ class Trainer:
         total_nll, lr, skipped = 0.0, self.scheduler.get_last_lr()[0], False
         metric_sums: dict[str, float] = {}
         for _ in range(updates):
-            nll_here = 0.0
+            nll_here, here = 0.0, {}  # this update's loss sum and objective metric sums
             for i, batch in enumerate(micro):
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 last = i == len(micro) - 1
@@ -234,7 +234,7 @@ class Trainer:
                     if obj is not None:
                         nll, sums = obj.loss_sum(self.model, batch, acc.autocast)
                         for k, v in sums.items():
-                            metric_sums[k] = metric_sums.get(k, 0.0) + v
+                            here[k] = here.get(k, 0.0) + v
                     elif cfg.logits != "full":  # in the model's autocast: the chunked head computes as the model's
                         with acc.autocast():
                             nll = trained_nll_sum(self.model, batch, chunked=self.chunked_head)
@@ -247,18 +247,19 @@ class Trainer:
                     # every strategy averages gradients over ranks; multiply back so the result is sum / step_units
                     self.parallel.backward(nll * acc.num_processes / max(step_units, 1.0), last)
                 nll_here += float(nll.detach())
-            if acc.num_processes > 1:
-                nll_here = float(acc.reduce(torch.tensor([nll_here], dtype=torch.float64, device=acc.device), "sum"))
+            names = sorted(here)
+            if acc.num_processes > 1:  # one all-reduce per update: its loss and metric sums over every rank
+                sums = torch.tensor([nll_here, *(here[k] for k in names)], dtype=torch.float64, device=acc.device)
+                nll_here, *rest = acc.reduce(sums, "sum").tolist()
+                here = dict(zip(names, rest))
             total_nll += nll_here
+            for k, v in here.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + v
             # clip, step (unless the loss or gradient norm is not finite), advance the schedule, clear gradients
             grad_norm, skipped_here = self.parallel.update(
                 cfg.max_grad_norm, math.isfinite(nll_here / max(step_units, 1.0))
             )
             skipped = skipped or skipped_here
-        names = sorted(metric_sums)
-        if acc.num_processes > 1 and names:
-            sums = torch.tensor([metric_sums[k] for k in names], dtype=torch.float64, device=acc.device)
-            metric_sums = dict(zip(names, acc.reduce(sums, "sum").tolist()))
         loss = total_nll / max(step_units * updates, 1.0)  # the mean over the step's updates
         return {
             "loss": loss,

@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tuneforge.data.collate import FlatCollator, PaddedCollator
 from tuneforge.model.attention import use_packed_sdpa
-from tuneforge.model.lm_loss import linear_token_logps, output_layer, sequence_logps
+from tuneforge.model.lm_loss import linear_token_logps, output_layer, sequence_logps, token_logps
 
 
 def tiny_llama(lora=False):
@@ -85,6 +85,20 @@ def test_sequence_logps_equal_full_logits_gather_padded_and_padding_free(lora, p
             torch.testing.assert_close(g[name], g_ref[name], rtol=1e-10, atol=1e-10)
 
 
+def test_token_logps_and_entropies_chunked_equal_unfused():
+    """GRPO's per-token view: each trained token's log-prob, its sequence and its entropy, the same both ways."""
+    model = tiny_llama(lora=True)
+    flat = FlatCollator(0)(pair_rows())
+    logps, owner, entropy, n_seq = token_logps(model, flat, chunked=False, entropy=True)
+    c_logps, c_owner, c_entropy, c_n = token_logps(model, flat, chunked=True, entropy=True)
+    assert n_seq == c_n == 8 and owner.tolist() == c_owner.tolist() == sorted(owner.tolist())
+    torch.testing.assert_close(c_logps, logps, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c_entropy, entropy, rtol=1e-12, atol=1e-12)
+    assert float(entropy.min()) > 0 and float(entropy.max()) < torch.log(torch.tensor(64.0))
+    ref_sum, _ = full_logits_reference(model, pair_rows())
+    torch.testing.assert_close(torch.zeros(8, dtype=torch.float64).index_add(0, c_owner, c_logps), ref_sum)
+
+
 def test_lm_head_sees_only_trained_positions():
     model = tiny_llama()
     rows = pair_rows()
@@ -121,6 +135,15 @@ def test_linear_token_logps_in_chunks_equal_log_softmax_gather(bias, frozen_head
         torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
         for got, want in zip(torch.autograd.grad((ours * upstream).sum(), leaves), ref_grads):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # with the entropies (GRPO's metric): the same log-probs and gradients, and -sum p log p per row, detached
+    logp_all = F.linear(hidden, weight, b).log_softmax(-1)
+    want_entropy = -(logp_all.exp() * logp_all).sum(-1).detach()
+    ours, entropy = linear_token_logps(hidden, weight, b, targets, rows=4, entropy=True)
+    assert not entropy.requires_grad and entropy.shape == (11,)
+    torch.testing.assert_close(entropy, want_entropy, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad((ours * upstream).sum(), leaves), ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_known_value_uniform_model():

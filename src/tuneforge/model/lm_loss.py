@@ -141,16 +141,20 @@ def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return _run(model, batch).logits
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor], chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sums of the trained tokens' log-probabilities, and how many tokens each sum holds.
+def token_logps(
+    model, batch: dict[str, torch.Tensor], chunked: bool = False, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """The trained tokens' log-probabilities, one per token in order: (token_logps, owner, entropies, n_seq).
 
-    logp_sum[s] = sum over positions t of sequence s with labels[t] != -100 of log softmax(z_{t-1})[labels[t]],
+    token_logps[j] = log softmax(z_{t-1})[labels[t]] for the j-th position t with labels[t] != -100 (row-major),
     where z_{t-1} is the LM head's output at the position before (its own head, so soft-capping or logit scaling
-    still applies); n_tokens[s] counts those t. Sequences, in order: the rows of a padded batch (attention_mask),
-    or, in a batch whose samples position_ids delimit (padding-free: all laid end to end in one row; or packed
-    rows), every place where position_ids restarts at 0, row by row (a packed row's padding tail is a sequence
-    of its own, with no trained tokens). The LM head runs only at trained positions (as `trained_nll_sum`:
-    no full-vocabulary logits for prompt or padding positions); differentiable, in fp32 or better.
+    still applies); owner[j] is the index of t's sequence. Sequences, in order: the rows of a padded batch
+    (attention_mask), or, in a batch whose samples position_ids delimit (padding-free: all laid end to end in one
+    row; or packed rows), every place where position_ids restarts at 0, row by row (a packed row's padding tail is
+    a sequence of its own, with no trained tokens); n_seq counts them. entropies (with `entropy`, else None): the
+    entropy in nats of each of those next-token distributions, detached. The LM head runs only at trained
+    positions (as `trained_nll_sum`: no full-vocabulary logits for prompt or padding positions); differentiable,
+    in fp32 or better.
     chunked: the LM head and the log-softmax together in row chunks (`linear_token_logps`), never holding the
     (trained positions x vocab) logits; as for `trained_nll_sum`, only for a plain linear head whose output the model
     returns unchanged (checked on one row on the first call), whole on this rank."""
@@ -167,19 +171,31 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], chunked: bool = False)
     owner = sequence_of[:, 1:][targets_mask].to(device)  # the sequence of each trained token (the label's own)
     run = _head_at_trained_positions(model, batch, targets_mask, chunked)
     if run is None:  # the model changes its head's output: its own head from now on
-        return sequence_logps(model, batch, chunked=False)
+        return token_logps(model, batch, chunked=False, entropy=entropy)
     logits, hidden, head, targets = run
+    ent = None
     if hidden is not None:
-        token_logps = linear_token_logps(hidden, head.weight, head.bias, targets)
+        if entropy:
+            logps, ent = linear_token_logps(hidden, head.weight, head.bias, targets, entropy=True)
+        else:
+            logps = linear_token_logps(hidden, head.weight, head.bias, targets)
     else:
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
-        token_logps = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
-    owner = owner.to(token_logps.device)
-    logp_sum = token_logps.new_zeros(n_seq).index_add(0, owner, token_logps)
-    n_tokens = torch.zeros(n_seq, dtype=torch.long, device=token_logps.device).index_add(
-        0, owner, torch.ones_like(owner)
-    )
+        all_logps = logits.log_softmax(-1)
+        logps = all_logps.gather(1, targets[:, None])[:, 0]
+        if entropy:
+            with torch.no_grad():
+                ent = -(all_logps.exp() * all_logps).sum(-1)
+    return logps, owner.to(logps.device), ent, n_seq
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor], chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of the trained tokens' log-probabilities (`token_logps`, summed per sequence), and how
+    many tokens each sum holds."""
+    logps, owner, _, n_seq = token_logps(model, batch, chunked)
+    logp_sum = logps.new_zeros(n_seq).index_add(0, owner, logps)
+    n_tokens = torch.zeros(n_seq, dtype=torch.long, device=logps.device).index_add(0, owner, torch.ones_like(owner))
     return logp_sum, n_tokens
 
 
@@ -190,7 +206,7 @@ class _LinearTokenLogps(torch.autograd.Function):
     they train, recompute each chunk's softmax in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows):  # noqa: D102 - see linear_token_logps
+    def forward(ctx, hidden, weight, bias, targets, rows, entropy):  # noqa: D102 - see linear_token_logps
         device = hidden.device.type
         compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         exact = torch.promote_types(compute, torch.float32)
@@ -198,6 +214,7 @@ class _LinearTokenLogps(torch.autograd.Function):
         b = bias.to(compute) if bias is not None else None
         out = torch.empty(hidden.shape[0], dtype=exact, device=hidden.device)
         lse = torch.empty_like(out)
+        ent = torch.empty_like(out) if entropy else None
         row_grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start : start + rows].to(compute), targets[start : start + rows, None]
@@ -212,15 +229,20 @@ class _LinearTokenLogps(torch.autograd.Function):
                 logp[rows_far] = logit_t[rows_far] - torch.logsumexp(logits[rows_far], -1, keepdim=True)
             out[start : start + rows] = logp[:, 0]
             lse[start : start + rows] = (logit_t - logp)[:, 0]
+            if ent is not None:  # H = lse - sum p z
+                ent[start : start + rows] = lse[start : start + rows] - (p * logits).sum(-1)
             if row_grad_h is not None:
                 p.neg_().scatter_add_(1, t, torch.ones_like(p_t))  # onehot - softmax = d log p_t / d logits
                 row_grad_h[start : start + rows] = p.to(compute) @ w
         ctx.save_for_backward(hidden, weight, bias, targets, lse, row_grad_h)
         ctx.rows, ctx.compute = rows, compute
-        return out
+        if ent is None:
+            return out
+        ctx.mark_non_differentiable(ent)
+        return out, ent
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
+    def backward(ctx, grad_out, grad_entropy=None):  # noqa: D102 - the entropies are not differentiable
         hidden, weight, bias, targets, lse, row_grad_h = ctx.saved_tensors
         grad_h = (row_grad_h * grad_out[:, None].to(row_grad_h.dtype)) if row_grad_h is not None else None
         want_w = ctx.needs_input_grad[1]
@@ -243,7 +265,7 @@ class _LinearTokenLogps(torch.autograd.Function):
                     grad_b += g.sum(0)
             grad_w = grad_w.to(weight.dtype) if want_w else None
             grad_b = grad_b.to(bias.dtype) if want_b else None
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def linear_token_logps(
@@ -252,13 +274,15 @@ def linear_token_logps(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     rows: int | None = None,
-) -> torch.Tensor:
+    entropy: bool = False,
+):
     """log softmax(hidden_i @ weight.T + bias)[targets_i] for each row i, in fp32 (fp64 for fp64 inputs), computed
     in chunks of `rows` rows (by default as `linear_cross_entropy_sum`'s), never holding (rows x vocab) logits;
     differentiable in hidden, weight and bias. Equal to
-    `F.linear(hidden, weight, bias).float().log_softmax(-1).gather(1, targets[:, None])[:, 0]`."""
+    `F.linear(hidden, weight, bias).float().log_softmax(-1).gather(1, targets[:, None])[:, 0]`. With entropy, returns
+    (those, each row's entropy in nats), the entropies not differentiable."""
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(
             f"hidden must be (rows, dim) and targets (rows,), got {tuple(hidden.shape)} and {tuple(targets.shape)}"
         )
-    return _LinearTokenLogps.apply(hidden, weight, bias, targets, rows or chunk_rows(weight.shape[0]))
+    return _LinearTokenLogps.apply(hidden, weight, bias, targets, rows or chunk_rows(weight.shape[0]), entropy)

@@ -38,8 +38,9 @@ Held-out (`evaluate`): up to objective.grpo.eval_prompts held-out prompts, one g
 eval_reward (mean total reward), eval_rewards/<name>, eval_pass@1 (share whose completion scores at least 1 on
 every exact_match / numeric reward; absent without one), eval_completion_len, eval_prompts.
 
-Not yet: the chunked LM head for the policy's log-probs (full logits at the completion positions), a full fine-tune with
-kl_coef > 0 (no reference copy), processes > 1 tested."""
+The log-probs (policy and reference) come from the LM head at completion positions only, in row chunks with
+train.logits: chunked (the default): no (completion tokens x vocab) logits. Not yet: a full fine-tune with kl_coef > 0
+(no reference copy)."""
 
 from __future__ import annotations
 
@@ -54,8 +55,7 @@ from tuneforge.data.collate import FlatCollator
 from tuneforge.data.templates import IGNORE_INDEX
 from tuneforge.eval.generation import context_length
 from tuneforge.infer.engine import Engine, SamplingParams
-from tuneforge.model.attention import sequence_starts
-from tuneforge.model.lm_loss import forward_logits
+from tuneforge.model.lm_loss import token_logps
 from tuneforge.train.reference import peft_model
 from tuneforge.train.rewards import build_rewards, score
 
@@ -135,28 +135,17 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool) -> torch.Te
 
 
 def completion_token_logps(
-    model, batch: dict, autocast=contextlib.nullcontext, entropy: bool = False
+    model, batch: dict, autocast=contextlib.nullcontext, entropy: bool = False, chunked: bool = False
 ) -> tuple[torch.Tensor, ...]:
     """(log-prob of every trained token, the index of its sequence) of a padding-free batch (position_ids
     restarting at 0 for each sequence), in fp32 or better; with entropy, also each trained position's entropy of
-    the next-token distribution (detached)."""
-    labels = batch["labels"]
-    starts = sequence_starts(batch["position_ids"])
-    sequence_of = starts.flatten().cumsum(0).view(starts.shape) - 1
-    mask = labels[:, 1:] != IGNORE_INDEX
+    the next-token distribution (detached). chunked: the LM head in row chunks (`model.lm_loss.token_logps`): no
+    (completion tokens x vocab) logits."""
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "labels") if k in batch}
     with autocast():
-        logits = forward_logits(model, inputs)[:, :-1][mask]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    all_logps = logits.log_softmax(-1)
-    logps = all_logps.gather(1, labels[:, 1:][mask][:, None])[:, 0]
-    owner = sequence_of[:, 1:][mask].to(logps.device)
-    if not entropy:
-        return logps, owner
-    with torch.no_grad():
-        ent = -(all_logps.exp() * all_logps).sum(-1)
-    return logps, owner, ent
+        logps, owner, ent, _ = token_logps(model, inputs, chunked=chunked, entropy=entropy)
+    logps = logps.float() if logps.dtype in (torch.float16, torch.bfloat16) else logps
+    return (logps, owner, ent) if entropy else (logps, owner)
 
 
 def grpo_token_losses(
@@ -189,7 +178,7 @@ class GrpoObjective:
     `step_metrics`, `evaluate`; the prepared data gives it the tokenizer and stop tokens."""
 
     def __init__(self, cfg: RunConfig, data, chunked: bool = False):
-        self.cfg, self.g = cfg, cfg.objective.grpo
+        self.cfg, self.g, self.chunked = cfg, cfg.objective.grpo, chunked
         self.rewards = build_rewards(self.g.rewards, self.g.max_new_tokens)
         self.tokenizer = None
         self.stop_ids: list[int] = []
@@ -288,14 +277,14 @@ class GrpoObjective:
             if self.g.kl_coef > 0:
                 on = {key: b[key].to(device) for key in ("input_ids", "labels", "position_ids")}
                 with peft_model(model).disable_adapter():
-                    b["ref_logps"] = completion_token_logps(model, on, autocast)[0].float().cpu()
+                    b["ref_logps"] = completion_token_logps(model, on, autocast, chunked=self.chunked)[0].float().cpu()
             k += n
         self._extra = {"completion_len_max": float(max(lengths, default=0)), "rollout_s": time.perf_counter() - t0}
         self._rollout_end = time.perf_counter()
 
     # ---------------------------------------------------------------- the loss
     def loss_sum(self, model, batch: dict, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, float]]:
-        logps, owner, entropy = completion_token_logps(model, batch, autocast, entropy=True)
+        logps, owner, entropy = completion_token_logps(model, batch, autocast, entropy=True, chunked=self.chunked)
         adv = batch["advantages"].to(logps)[owner]
         ref = batch["ref_logps"].to(logps) if "ref_logps" in batch else None
         index = int(batch["micro_index"])

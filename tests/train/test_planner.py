@@ -50,7 +50,7 @@ def test_plan_is_within_15_percent_of_measured_bytes(adapter, checkpointing):
 
     torch.manual_seed(0)
     model = load_model(cfg.model, _Tok(), torch.float32, "sdpa")
-    model = apply_adapter(model, cfg.adapter, checkpointing)
+    model = apply_adapter(model, cfg.adapter, checkpointing, mask_dropout=True, addmm=True)  # as a CPU run builds it
     model.train()
     ids = torch.randint(0, 512, (4, 128), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
@@ -163,7 +163,9 @@ def _smollm2_sized(checkpointing="auto", micro_batch: int = 4, seq: int = 512) -
 def test_auto_checkpointing_follows_the_share_of_free_memory_and_says_why():
     plain = plan_memory(_smollm2_sized(False), device="cpu", precision="fp32", device_bytes=64 * GIB)
     need = plain.total
-    assert plain.parts["activations (decoder)"] > 2 * GIB  # 30 layers x 2048 positions of LoRA'd projections
+    assert (
+        1.6 * GIB < plain.parts["activations (decoder)"] < 1.7 * GIB
+    )  # 30 layers x 2048 positions of LoRA'd projections
     # plenty of room: no recomputation, the plan is the plain one
     roomy = plan_memory(_smollm2_sized(), device="cpu", precision="fp32", device_bytes=4 * need)
     assert not roomy.checkpointing and roomy.total == need
@@ -185,11 +187,12 @@ def test_auto_checkpointing_follows_the_share_of_free_memory_and_says_why():
 
 def test_the_cpu_plan_counts_the_lora_dropout_the_run_uses():
     """On a CPU the run's LoRA dropout keeps one byte per element instead of an fp32 mask and dropout(x) (two
-    fp32 tensors per projection): the plan, measured on the real modules, counts a third less activation."""
+    fp32 tensors per projection), and with it the SwiGLU MLP keeps gate and up only (model/swiglu_lora.py): the
+    plan, measured on the real modules, counts 59% less activation."""
     cpu = plan_memory(_smollm2_sized(False), device="cpu", precision="fp32")
     cuda = plan_memory(_smollm2_sized(False), device="cuda", precision="fp32")
     ratio = cpu.parts["activations (decoder)"] / cuda.parts["activations (decoder)"]
-    assert 0.55 < ratio < 0.75
+    assert 0.38 < ratio < 0.45
 
 
 def test_train_logs_the_decision_the_plan_shows(tiny_config_dict, tmp_path, capsys):

@@ -19,8 +19,9 @@ def apply_adapter(
 ):
     """Return the model ready to train: a peft model for lora/dora, or the model itself for full.
     mask_dropout: LoRA dropout masks from 16 random bits per element instead of bernoulli_ (model/dropout.py,
-    for CPUs); addmm: plain LoRA products added inside the GEMM (model/addmm_lora.py) and SwiGLU MLPs keeping two
-    of their four activations (model/swiglu_lora.py), not on sharded models.
+    for CPUs); addmm: plain LoRA products added inside the GEMM (model/addmm_lora.py), SwiGLU MLPs keeping two
+    of their four activations (model/swiglu_lora.py) and RMSNorms keeping their output, not their input
+    (model/rms_norm.py); not on sharded models.
     task_type: peft's; None for a model that is not a causal LM (a reward model: a plain PeftModel).
     exclude_modules: modules LoRA leaves alone even under 'all-linear' (a reward model's `score` head)."""
     if gradient_checkpointing:
@@ -51,10 +52,12 @@ def apply_adapter(
         use_mask_dropout(model)
     if addmm:
         from tuneforge.model.addmm_lora import use_addmm_lora
+        from tuneforge.model.rms_norm import use_rms_norm_keeping_output
         from tuneforge.model.swiglu_lora import use_swiglu_mlp
 
         use_addmm_lora(model)
         use_swiglu_mlp(model)
+        use_rms_norm_keeping_output(model)
     return model
 
 

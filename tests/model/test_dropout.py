@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -74,8 +75,9 @@ def test_mask_is_exactly_the_threshold_comparison_of_the_drawn_bits():
     drop = MaskDropout(0.05)
     torch.manual_seed(11)
     mask = drop.keep_mask(torch.Size([37, 29]), torch.device("cpu"), torch.float32)
-    torch.manual_seed(11)
-    words = torch.empty((37 * 29 + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
-    bits = words.view(torch.int16)[: 37 * 29].view(37, 29)
+    torch.manual_seed(11)  # the bits: numpy's PCG64DXSM seeded by one draw from torch's generator
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    words = np.random.PCG64DXSM(seed).random_raw((37 * 29 + 3) // 4)
+    bits = torch.from_numpy(words.view(np.int16))[: 37 * 29].view(37, 29)
     assert torch.equal(mask, torch.where(bits >= drop.threshold, drop.scale, 0.0))
     assert torch.equal(torch.unique(mask), torch.tensor([0.0, drop.scale], dtype=torch.float32))

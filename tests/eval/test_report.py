@@ -187,3 +187,40 @@ def test_compare_names_a_directory_that_is_not_a_run(tmp_path, capsys):
     a = fake_run(tmp_path / "run-a", [2.0])
     assert main(["compare", str(a), str(tmp_path)]) == 2
     assert f"{tmp_path}: no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_a_grpo_runs_report_plots_rewards_lengths_policy_and_time(tmp_path):
+    from tuneforge.eval.plots import plot_run
+
+    records = [{"type": "eval", "step": 0, "eval_reward": 0.1, "eval_pass@1": 0.05}]
+    for step in range(1, 6):
+        records.append(
+            {
+                "type": "train",
+                "step": step,
+                "loss": 0.01,
+                "lr": 1e-5,
+                "reward": 0.1 * step,
+                "reward_std": 0.3,
+                "rewards/numeric": 0.1 * step,
+                "rewards/numeric_std": 0.3,
+                "rewards/length": -0.01,
+                "rewards/length_std": 0.0,
+                "completion_len": 12.0,
+                "completion_len_max": 32.0,
+                "kl": 0.0,
+                "clip_fraction": 0.01,
+                "entropy": 0.8,
+                "groups_all_equal": 0.5,
+                "rollout_s": 3.0,
+                "update_s": 1.0,
+            }
+        )
+    records.append({"type": "eval", "step": 5, "eval_reward": 0.6, "eval_pass@1": 0.55})
+    drawn = plot_run(records, tmp_path / "plots", "grpo")
+    grpo = ["rewards", "completion_length", "policy", "rollout_time"]
+    assert list(drawn)[-4:] == grpo
+    for name in grpo:
+        assert drawn[name].read_bytes()[:8] == PNG
+    # an SFT run draws none of them
+    assert not set(grpo) & set(plot_run([r for r in records if "reward" not in r], tmp_path / "sft"))

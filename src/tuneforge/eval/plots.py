@@ -1,4 +1,7 @@
-"""PNG plots of a run from its metrics.jsonl: loss vs step and vs tokens, learning rate, throughput, memory.
+"""PNG plots of a run from its metrics.jsonl: loss vs step and vs tokens, learning rate, throughput, memory; for
+GRPO runs also the rewards (each reward, the std band of the total, held-out reward and pass@1), completion
+lengths, the policy's statistics (KL, clip fraction, entropy, groups with all-equal rewards) and rollout vs
+update time.
 
 matplotlib runs headless (Agg). A plot whose metric was never logged is not drawn, so a CPU run
 without memory numbers simply has no memory plot.
@@ -104,6 +107,62 @@ def plot_run(records: list[dict], out_dir: str | Path, title: str = "") -> dict[
         ax.set(xlabel="optimizer step", ylabel=ylabel, title=f"{title} {name}".strip())
         if len(lines) > 1:
             ax.legend()
+        drawn[name] = _save(plt, fig, out_dir / f"{name}.png")
+    drawn.update(_grpo_plots(records, out_dir, title))
+    return drawn
+
+
+GRPO_PLOTS = [  # name, [(metric, label)], y label
+    ("completion_length", [("completion_len", "mean"), ("completion_len_max", "max")], "completion tokens"),
+    (
+        "policy",
+        [
+            ("kl", "KL to the reference"),
+            ("clip_fraction", "clip fraction"),
+            ("entropy", "entropy (nats/token)"),
+            ("groups_all_equal", "groups with all-equal rewards"),
+        ],
+        "",
+    ),
+    ("rollout_time", [("rollout_s", "rollouts"), ("update_s", "updates")], "seconds per step"),
+]
+
+
+def _grpo_plots(records: list[dict], out_dir: Path, title: str) -> dict[str, Path]:
+    """The GRPO plots, drawn only for a run that logged rewards."""
+    rx, ry = series(records, "train", "reward")
+    if not rx:
+        return {}
+    drawn: dict[str, Path] = {}
+    plt, fig, ax = _figure()
+    _, std = series(records, "train", "reward_std")
+    ax.plot(rx, ry, lw=1.4, color="C0", label="reward (total)")
+    if len(std) == len(ry):
+        ax.fill_between(rx, [y - s for y, s in zip(ry, std)], [y + s for y, s in zip(ry, std)], color="C0", alpha=0.15)
+    names = sorted({k for r in records if r.get("type") == "train" for k in r if k.startswith("rewards/")})
+    for i, key in enumerate(k for k in names if not k.endswith("_std")):
+        xs, ys = series(records, "train", key)
+        ax.plot(xs, ys, lw=1.0, color=f"C{i + 1}", label=key.split("/", 1)[1])
+    for key, label, marker in (
+        ("eval_reward", "held-out reward (greedy)", "o--"),
+        ("eval_pass@1", "held-out pass@1", "s--"),
+    ):
+        xs, ys = series(records, "eval", key)
+        if xs:
+            ax.plot(xs, ys, marker, ms=4, label=label)
+    ax.set(xlabel="optimizer step", ylabel="reward", title=f"{title} rewards".strip())
+    ax.legend(fontsize="small")
+    drawn["rewards"] = _save(plt, fig, out_dir / "rewards.png")
+    for name, keys, ylabel in GRPO_PLOTS:
+        lines = [(label, *series(records, "train", key)) for key, label in keys]
+        lines = [ln for ln in lines if ln[1]]
+        if not lines:
+            continue
+        plt, fig, ax = _figure()
+        for label, xs, ys in lines:
+            ax.plot(xs, ys, label=label, lw=1.2)
+        ax.set(xlabel="optimizer step", ylabel=ylabel, title=f"{title} {name.replace('_', ' ')}".strip())
+        ax.legend(fontsize="small")
         drawn[name] = _save(plt, fig, out_dir / f"{name}.png")
     return drawn
 

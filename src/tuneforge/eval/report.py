@@ -26,6 +26,10 @@ PLOT_TITLES = {
     "lr": "Learning rate",
     "throughput": "Throughput",
     "memory": "Peak memory",
+    "rewards": "GRPO rewards",
+    "completion_length": "GRPO completion length",
+    "policy": "GRPO policy: KL, clipping, entropy, all-equal groups",
+    "rollout_time": "GRPO rollout and update time",
 }
 
 

@@ -173,3 +173,32 @@ def test_not_while_the_serving_thread_runs(tiny):
             engine.run_to_completion(prompts, SamplingParams(4))
     finally:
         engine.stop()
+
+
+def test_a_seeded_sequence_samples_the_same_alone_or_beside_others(tiny):
+    """SamplingParams.seed: the row's own stream (GRPO's rollouts on several processes): the same tokens whatever
+    rows run beside it, in which order, and at which batch size; different seeds differ; unseeded rows still
+    follow the engine's seed."""
+    model, tok, prompts = tiny
+    hot = dict(max_tokens=NEW, temperature=1.0, top_p=0.9)
+
+    def run(ps, seeds, batch, engine_seed=0):
+        engine = Engine(model, tok, [tok.eos_token_id], 128, max_batch_size=batch, seed=engine_seed)
+        return engine.run_to_completion(ps, [SamplingParams(**hot, seed=s) for s in seeds])
+
+    alone = [run([prompts[i]], [100 + i], 1)[0] for i in (0, 2, 6)]
+    together = run([prompts[6], prompts[1], prompts[0], prompts[2]], [106, 7, 100, 102], 4, engine_seed=5)
+    assert [together[2], together[3], together[0]] == alone
+    assert run([prompts[0], prompts[2], prompts[6]], [100, 102, 106], 2, engine_seed=9) == alone
+    assert len({tuple(x) for x in alone}) == 3 and all(len(x) == NEW for x in alone)
+    assert run([prompts[0]], [101], 1)[0] != alone[0]
+    unseeded = [SamplingParams(**hot)] * 2
+    first = Engine(model, tok, [tok.eos_token_id], 128, max_batch_size=2, seed=3).run_to_completion(
+        prompts[:2], unseeded
+    )
+    again = Engine(model, tok, [tok.eos_token_id], 128, max_batch_size=2, seed=3).run_to_completion(
+        prompts[:2], unseeded
+    )
+    assert first == again
+    with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
+        Engine(model, tok, [], 128).run_to_completion(prompts[:1], unseeded)

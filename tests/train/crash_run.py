@@ -12,6 +12,7 @@ import sys
 import tuneforge.train.checkpoint as checkpoint
 import tuneforge.train.loop as loop
 from tuneforge.cli import main
+from tuneforge.train.grpo_step import GrpoObjective
 from tuneforge.train.objective_step import PairObjective
 
 
@@ -20,7 +21,7 @@ def die() -> None:
 
 
 def kill_in_micro_batch(n: int) -> None:
-    """SIGKILL in the n-th micro-batch's loss: sft's (loop.trained_nll_sum) or a pair objective's (loss_sum)."""
+    """SIGKILL in the n-th micro-batch's loss: sft's (loop.trained_nll_sum), a pair objective's or GRPO's (loss_sum)."""
     calls = {"n": 0}
 
     def counted(real):
@@ -34,6 +35,7 @@ def kill_in_micro_batch(n: int) -> None:
 
     loop.trained_nll_sum = counted(loop.trained_nll_sum)
     PairObjective.loss_sum = counted(PairObjective.loss_sum)
+    GrpoObjective.loss_sum = counted(GrpoObjective.loss_sum)
 
 
 def kill_in_save(stage: str, n: int) -> None:

@@ -160,11 +160,15 @@ class Engine:
         return min(len(seq.prompt_ids) + seq.params.max_tokens, self.context_length)
 
     def run_to_completion(
-        self, prompts: Seq[list[int]], params: SamplingParams, on_finished: Callable[[int], None] | None = None
+        self,
+        prompts: Seq[list[int]],
+        params: SamplingParams | Seq[SamplingParams],
+        on_finished: Callable[[int], None] | None = None,
     ) -> list[list[int]]:
         """Generate for every prompt in the calling thread and return each one's generated tokens (a final stop
-        token included). At most `max_batch_size` rows run at once; a finished row's slot goes to the next prompt
-        at the next step. `on_finished(n)` is called after each step in which n sequences finished (progress).
+        token included); `params` for all prompts, or one per prompt. At most `max_batch_size` rows run at once; a
+        finished row's slot goes to the next prompt at the next step. `on_finished(n)` is called after each step in
+        which n sequences finished (progress).
 
         Deterministic: the forward calls depend only on the prompts, the outputs and the seed, never on timing,
         so every rank of a sharded model (FSDP2, ZeRO-3: parameters gathered collectively) makes the same calls.
@@ -179,7 +183,10 @@ class Engine:
             finished[0] += 1
             self._count(reason)
 
-        seqs = [Sequence(p, params, _ignore) for p in prompts]
+        each = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(each) != len(prompts):
+            raise ValueError(f"run_to_completion: {len(each)} SamplingParams for {len(prompts)} prompts")
+        seqs = [Sequence(p, q, _ignore) for p, q in zip(prompts, each)]
         for s in seqs:
             s.on_finish = count
         pending = deque(seqs)
@@ -319,7 +326,11 @@ class Engine:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         temps = torch.tensor([s.params.temperature for s in seqs], device=logits.device)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=logits.device)
-        tokens = sample(logits, temps, top_p, self.generator)
+        for s in seqs:
+            if s.params.seed is not None and s.generator is None:
+                s.generator = torch.Generator(device=self.device).manual_seed(s.params.seed)
+        own = [s.generator for s in seqs] if any(s.generator is not None for s in seqs) else None
+        tokens = sample(logits, temps, top_p, self.generator, own)
         asked = [s.params.logprobs for s in seqs]
         if any(k is not None for k in asked):  # only then: the default path computes nothing more
             chosen, values, ids = token_logprobs(logits, tokens, max(k or 0 for k in asked))

@@ -7,9 +7,17 @@ import torch
 
 
 def sample(
-    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator: torch.Generator | None
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    generator: torch.Generator | None,
+    own: list[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
-    """One token per row: greedy where temperature is 0, else nucleus sampling at that row's temperature/top_p."""
+    """One token per row: greedy where temperature is 0, else nucleus sampling at that row's temperature/top_p.
+    own: per row, the row's own generator or None. A row with one draws a single uniform u from it and takes the
+    first token (in descending probability) whose cumulative kept probability exceeds u times the kept total: its
+    sample depends on its logits and its stream only, not on the rows sampled beside it (GRPO's rollouts on
+    several processes). The other rows share `generator` (torch.multinomial)."""
     logits = logits.float()
     greedy = logits.argmax(-1)
     hot = temperature > 0
@@ -20,7 +28,18 @@ def sample(
     sorted_p, order = probs.sort(dim=-1, descending=True)
     outside = (sorted_p.cumsum(-1) - sorted_p) > top_p[:, None]  # the first token is always kept
     sorted_p = sorted_p.masked_fill(outside, 0.0)
-    pick = torch.multinomial(sorted_p, 1, generator=generator).squeeze(-1)
+    seeded = [i for i, g in enumerate(own or []) if g is not None]
+    if not seeded:
+        pick = torch.multinomial(sorted_p, 1, generator=generator).squeeze(-1)
+    else:
+        pick = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        rest = [i for i in range(logits.shape[0]) if i not in set(seeded)]
+        if rest:
+            pick[rest] = torch.multinomial(sorted_p[rest], 1, generator=generator).squeeze(-1)
+        cums = sorted_p[seeded].cumsum(-1)
+        u = torch.stack([torch.rand((), generator=own[i], device=own[i].device) for i in seeded]).to(cums)
+        below = (cums < u[:, None] * cums[:, -1:]).sum(-1)  # kept tokens whose cumulative mass stays under u
+        pick[seeded] = below.clamp(max=logits.shape[-1] - 1)
     return torch.where(hot, order.gather(-1, pick[:, None]).squeeze(-1), greedy)
 
 

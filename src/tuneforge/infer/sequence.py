@@ -7,6 +7,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 
@@ -19,6 +20,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none computed; k >= 0: each token's log-probability and the top k
+    seed: int | None = None  # the sequence's own random stream: its samples do not depend on the rows beside it
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Sequence:
         self.on_finish: Callable[[str], None] | None = None  # set by the engine, to count finish reasons
         self.pending_logprob: tuple[float, tuple[tuple[int, float], ...]] | None = None  # set by the engine
         self.unreported: list[TokenLogprob] = []
+        self.generator: torch.Generator | None = None  # the engine's per-sequence stream, for params.seed
 
     def cancel(self) -> None:
         """Ask the engine to drop this sequence (thread-safe; takes effect before the next decode step)."""

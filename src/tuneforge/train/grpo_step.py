@@ -8,7 +8,9 @@ synthetic `add` task's sum, or GSM8K's answer whose last number is the reference
 Per optimizer step (the step's prompts are its rows: train.micro_batch_size x train.grad_accum per process):
 
   begin_step    rollouts: the model in eval mode, each prompt sampled G times (objective.grpo.generations) by the
-                engine, seeded by train.seed and the step number (a resumed run samples the same completions);
+                engine, every completion on its own random stream seeded by train.seed, the step, the prompt and
+                its index in the group (`rollout_seed`: a resumed run, or the same rows on 2 processes, samples
+                the same completions);
                 back in train mode. The rewards (train/rewards.py) score every completion; advantages
                 A_i = r_i - mean of its group (divided by the group's std + 1e-4 with scale_rewards, as TRL). Each
                 micro-batch becomes the padding-free sequences prompt + completion (only the completion trained),
@@ -45,6 +47,7 @@ train.logits: chunked (the default): no (completion tokens x vocab) logits. Not 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import Callable
 
@@ -59,7 +62,13 @@ from tuneforge.model.lm_loss import token_logps
 from tuneforge.train.reference import peft_model
 from tuneforge.train.rewards import build_rewards, score
 
-SEED_STRIDE = 1_000_003  # rollout seed of step s: train.seed * SEED_STRIDE + s
+
+def rollout_seed(seed: int, step: int, prompt: list[int], j: int) -> int:
+    """The random stream of completion j of `prompt` at `step`: a hash of the four, so a completion is the same
+    whichever process, micro-batch or engine batch samples it (2 processes sample what 1 does; a resumed run what
+    the uninterrupted one did). The same prompt twice in one step gets the same G completions."""
+    key = f"{seed}:{step}:{j}:" + ",".join(map(str, prompt))
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def grpo_setup_error(cfg: RunConfig) -> str | None:
@@ -194,7 +203,9 @@ class GrpoObjective:
         return float(batch["num_rows"]) * self.g.generations
 
     # ---------------------------------------------------------------- rollouts and rewards
-    def _generate(self, model, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[list[int]]:
+    def _generate(
+        self, model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], seed: int
+    ) -> list[list[int]]:
         module = peft_model(model)
         ctx = context_length(module, self.tokenizer)
         engine = Engine(module, self.tokenizer, self.stop_ids, ctx, max_batch_size=max(1, len(prompts)), seed=seed)
@@ -240,9 +251,17 @@ class GrpoObjective:
         G = self.g.generations
         prompts = [p for b in batches for p in _unpadded(b["grpo_prompts"])]
         refs = [r for b in batches for r in _unpadded(b["grpo_references"])]
-        params = SamplingParams(max_tokens=self.g.max_new_tokens, temperature=self.g.temperature, top_p=self.g.top_p)
-        seed = self.cfg.train.seed * SEED_STRIDE + step
-        outs = self._generate(model, [p for p in prompts for _ in range(G)], params, seed)
+        params = [
+            SamplingParams(
+                max_tokens=self.g.max_new_tokens,
+                temperature=self.g.temperature,
+                top_p=self.g.top_p,
+                seed=rollout_seed(self.cfg.train.seed, step, p, j),
+            )
+            for p in prompts
+            for j in range(G)
+        ]
+        outs = self._generate(model, [p for p in prompts for _ in range(G)], params, seed=step)
         total, values, _, lengths = self._score(prompts, refs, outs, G)
         advantages = group_advantages(total, G, self.g.scale_rewards)
         device = next(model.parameters()).device

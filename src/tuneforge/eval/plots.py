@@ -97,19 +97,24 @@ def plot_run(records: list[dict], out_dir: str | Path, title: str = "") -> dict[
         ("memory", [("peak_mem_gb", "peak memory")], "GB"),
     ]
     for name, keys, ylabel in single:
-        lines = [(label, *series(records, "train", key)) for key, label in keys]
-        lines = [ln for ln in lines if ln[1]]
-        if not lines:
-            continue
-        plt, fig, ax = _figure()
-        for label, xs, ys in lines:
-            ax.plot(xs, ys, label=label, lw=1.2)
-        ax.set(xlabel="optimizer step", ylabel=ylabel, title=f"{title} {name}".strip())
-        if len(lines) > 1:
-            ax.legend()
-        drawn[name] = _save(plt, fig, out_dir / f"{name}.png")
+        _train_metrics_plot(records, out_dir, title, name, keys, ylabel, drawn)
     drawn.update(_grpo_plots(records, out_dir, title))
     return drawn
+
+
+def _train_metrics_plot(records, out_dir: Path, title: str, name: str, keys, ylabel: str, drawn: dict) -> None:
+    """One PNG of train-record metrics against step (a line per logged key, [(key, label)]); none if none logged."""
+    lines = [(label, *series(records, "train", key)) for key, label in keys]
+    lines = [ln for ln in lines if ln[1]]
+    if not lines:
+        return
+    plt, fig, ax = _figure()
+    for label, xs, ys in lines:
+        ax.plot(xs, ys, label=label, lw=1.2)
+    ax.set(xlabel="optimizer step", ylabel=ylabel, title=f"{title} {name.replace('_', ' ')}".strip())
+    if len(lines) > 1:
+        ax.legend(fontsize="small")
+    drawn[name] = _save(plt, fig, out_dir / f"{name}.png")
 
 
 GRPO_PLOTS = [  # name, [(metric, label)], y label
@@ -154,16 +159,7 @@ def _grpo_plots(records: list[dict], out_dir: Path, title: str) -> dict[str, Pat
     ax.legend(fontsize="small")
     drawn["rewards"] = _save(plt, fig, out_dir / "rewards.png")
     for name, keys, ylabel in GRPO_PLOTS:
-        lines = [(label, *series(records, "train", key)) for key, label in keys]
-        lines = [ln for ln in lines if ln[1]]
-        if not lines:
-            continue
-        plt, fig, ax = _figure()
-        for label, xs, ys in lines:
-            ax.plot(xs, ys, label=label, lw=1.2)
-        ax.set(xlabel="optimizer step", ylabel=ylabel, title=f"{title} {name.replace('_', ' ')}".strip())
-        ax.legend(fontsize="small")
-        drawn[name] = _save(plt, fig, out_dir / f"{name}.png")
+        _train_metrics_plot(records, out_dir, title, name, keys, ylabel, drawn)
     return drawn
 
 

@@ -33,7 +33,8 @@ def sample(
         pick = torch.multinomial(sorted_p, 1, generator=generator).squeeze(-1)
     else:
         pick = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        rest = [i for i in range(logits.shape[0]) if i not in set(seeded)]
+        own_rows = set(seeded)
+        rest = [i for i in range(logits.shape[0]) if i not in own_rows]
         if rest:
             pick[rest] = torch.multinomial(sorted_p[rest], 1, generator=generator).squeeze(-1)
         cums = sorted_p[seeded].cumsum(-1)

@@ -150,7 +150,7 @@ class Script:
     def say(self, reply: str) -> None:
         self.ids = self.tokenizer(reply, add_special_tokens=False)["input_ids"]
 
-    def __call__(self, logits, temperature, top_p, generator):
+    def __call__(self, logits, temperature, top_p, generator, own=None):
         token = self.ids.pop(0) if self.ids else self.eos
         return torch.full((logits.shape[0],), token, dtype=torch.long, device=logits.device)
 

@@ -202,3 +202,33 @@ def test_a_seeded_sequence_samples_the_same_alone_or_beside_others(tiny):
     assert first == again
     with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
         Engine(model, tok, [], 128).run_to_completion(prompts[:1], unseeded)
+
+
+def test_a_prompt_admitted_several_times_is_prefilled_once(tiny, monkeypatch):
+    """GRPO's G completions of one prompt: the prefill runs each distinct prompt once and copies its cache row; each
+    copy samples what it samples alone, and greedy copies equal HF generate's tokens."""
+    model, tok, prompts = tiny
+    hot = dict(max_tokens=NEW, temperature=1.0, top_p=0.9)
+    rows = []
+    real = Engine._forward
+
+    def counting(self, ids, mask, positions, cache, model=None, **kw):
+        rows.append(tuple(ids.shape))
+        return real(self, ids, mask, positions, cache, model, **kw)
+
+    monkeypatch.setattr(Engine, "_forward", counting)
+    group = [prompts[0], prompts[6], prompts[0], prompts[0], prompts[6]]
+    seeds = [10, 11, 12, 13, 14]
+    together = Engine(model, tok, [tok.eos_token_id], 128, max_batch_size=5).run_to_completion(
+        group, [SamplingParams(**hot, seed=s) for s in seeds]
+    )
+    assert rows[0] == (2, max(len(prompts[0]), len(prompts[6])))  # two distinct prompts in the prefill
+    assert all(r[0] == 5 and r[1] == 1 for r in rows[1:])  # then five rows per decode step
+    alone = [
+        Engine(model, tok, [tok.eos_token_id], 128).run_to_completion([p], SamplingParams(**hot, seed=s))[0]
+        for p, s in zip(group, seeds)
+    ]
+    assert together == alone and len({tuple(x) for x in together}) == 5
+    greedy = Engine(model, tok, [], 128, max_batch_size=4).run_to_completion([prompts[2]] * 3, SamplingParams(NEW, 0.0))
+    want = model.generate(torch.tensor([prompts[2]]), max_new_tokens=NEW, do_sample=False)[0, len(prompts[2]) :]
+    assert greedy == [want.tolist()] * 3

@@ -286,6 +286,19 @@ def test_loss_spikes_are_logged(tiny_config_dict, tmp_path):
     assert spikes == [(14, 2.5)]
 
 
+def test_no_loss_spikes_for_a_surrogate_loss(tiny_config_dict, tmp_path):
+    """GRPO's loss sits around 0: the loop passes spikes=False and nothing is logged, the last loss still is."""
+    from tuneforge.train.step_records import track_loss
+
+    tr = trainer_for(tiny_config_dict, tmp_path, train={"loss_spike_factor": 2.0})
+    for step, loss in enumerate([0.001] * 12 + [0.05, -0.02], start=1):
+        track_loss(tr.state, tr.cfg.train, tr.monitor, step, loss, spikes=False)
+    tr.cleanup()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if r["type"] == "loss_spike"] == []
+    assert (tr.state.first_loss, tr.state.last_loss) == (0.001, -0.02)
+
+
 class _Payload:
     """What a hostile checkpoint file holds: unpickling it runs a command."""
 

@@ -65,14 +65,30 @@ def rollout(tr, step):
 
 
 def sequences(batch):
-    """(prompt ids, completion ids) of each sequence of a padding-free batch."""
+    """(prompt ids, completion ids) of each completion of a padding-free batch: a sequence of its own, or a branch
+    off a shared prompt (the prompt's last token again, positions going on from the prompt's, then the completion)."""
     ids, labels, pos = (batch[k][0].tolist() for k in ("input_ids", "labels", "position_ids"))
-    starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
-    out = []
+    starts = [i for i in range(len(pos)) if i == 0 or pos[i] != pos[i - 1] + 1] + [len(pos)]
+    out, prompt = [], None
     for a, b in zip(starts, starts[1:]):
-        n_prompt = next(i for i in range(a + 1, b) if labels[i] != -100) - a
-        out.append((ids[a : a + n_prompt], ids[a + n_prompt : b]))
+        if pos[a] == 0:
+            n_prompt = next(i for i in range(a + 1, b) if labels[i] != -100) - a
+            prompt = ids[a : a + n_prompt]
+            out.append((prompt, ids[a + n_prompt : b]))
+        else:
+            assert (ids[a], labels[a], pos[a]) == (prompt[-1], -100, len(prompt) - 1)
+            out.append((prompt, ids[a + 1 : b]))
     return out
+
+
+def assert_gradients_equal(got: dict, want: dict, shared_prompts: bool) -> None:
+    """To fp64 rounding; with shared prompts (the loop's layout) to fp32's relative to the largest gradient: Llama's
+    RMSNorm runs its backward in fp32 even in an fp64 model, once on a prompt's summed gradient where the separate
+    sequences run it on each copy (as tests/train/test_shared_prompt.py)."""
+    scale = max(float(g.abs().max()) for g in want.values())
+    rtol, atol = (1e-6, 1e-6 * scale) if shared_prompts else (1e-9, 1e-12)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=rtol, atol=atol, msg=name)
 
 
 def loop_gradient(tr, batches):
@@ -118,20 +134,27 @@ def test_the_gradient_is_the_group_baseline_policy_gradient_for_each_normalisati
     assert len(seqs) == 4 * G and len(set(rewards)) > 1
     # a random-init model never stops early: cut the completions to different lengths (the advantages stay)
     seqs = [(p, c[: 1 + i % 6]) for i, (p, c) in enumerate(seqs)]
+    prompts, outs = [p for p, _ in seqs[::G]], [c for _, c in seqs]
     collate = FlatCollator(tr.data.tokenizer.pad_token_id)
-    for k, b in enumerate(batches):
-        part = seqs[k * 2 * G : (k + 1) * 2 * G]
-        flat = collate([{"input_ids": p + c, "labels": [-100] * len(p) + c} for p, c in part])
-        b.update({n: flat[n] for n in ("input_ids", "labels", "position_ids")})
     tr.objective._step_tokens = float(sum(len(c) for _, c in seqs))
-    for how in ("sequence", "token", "constant"):
-        tr.objective.g = tr.objective.g.model_copy(update={"loss_normalization": how})
-        loss, got = loop_gradient(tr, batches)
-        want_loss, want = plain_gradient(tr, seqs, rewards, how)
-        assert loss == pytest.approx(want_loss, abs=1e-10), how
-        assert max(float(g.abs().max()) for g in want.values()) > 1e-6
-        for name, g in want.items():
-            torch.testing.assert_close(got[name], g, rtol=1e-9, atol=1e-12), (how, name)
+    # the loop's layout (each group's prompt once: tuneforge's per-sample attention) and one sequence per completion
+    assert tr.objective.share_prompt
+    for share in (True, False):
+        tr.objective.share_prompt = share
+        for k, b in enumerate(batches):
+            flat = collate(tr.objective._sequences(prompts, outs, k * 2 * G, 2 * G))
+            b.update({n: flat[n] for n in ("input_ids", "labels", "position_ids")})
+        assert [s for b in batches for s in sequences(b)] == seqs
+        tokens = sum(b["input_ids"].shape[1] for b in batches)
+        saved = sum((G - 1) * (len(p) - 1) for p in prompts) if share else 0  # G-1 copies of all but the last token
+        assert tokens == sum(len(p) + len(c) for p, c in seqs) - saved
+        for how in ("sequence", "token", "constant"):
+            tr.objective.g = tr.objective.g.model_copy(update={"loss_normalization": how})
+            loss, got = loop_gradient(tr, batches)
+            want_loss, want = plain_gradient(tr, seqs, rewards, how)
+            assert loss == pytest.approx(want_loss, abs=1e-10), (share, how)
+            assert max(float(g.abs().max()) for g in want.values()) > 1e-6
+            assert_gradients_equal(got, want, share)
     tr.cleanup()
 
 
@@ -182,8 +205,7 @@ def test_a_later_update_on_the_rollout_batch_clips_the_ratio_to_the_sampling_pol
     want = {n: q.grad.clone() for n, q in tr.model.named_parameters() if q.requires_grad}
     assert got_loss == pytest.approx(want_loss, abs=1e-10)
     assert 0 < clipped < T and sum(s["clipped_tokens"] for s in sums) == clipped
-    for name, g in want.items():
-        torch.testing.assert_close(got[name], g, rtol=1e-9, atol=1e-12), name
+    assert_gradients_equal(got, want, tr.objective.share_prompt)
     tr.cleanup()
 
 

@@ -227,7 +227,8 @@ class TrainConfig(Section):
     loss_spike_factor: float | None = Field(
         3.0,
         gt=1.0,
-        description="Log a loss spike when a step's loss exceeds this multiple of the recent average; null disables.",
+        description="Log a loss spike when a step's loss exceeds this multiple of the recent average; null disables. "
+        "Not for grpo (its loss is a policy-gradient surrogate around 0).",
     )
 
 

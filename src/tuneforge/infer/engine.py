@@ -284,17 +284,28 @@ class Engine:
         return out.logits[:, -1], cache
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        width = max(len(s.prompt_ids) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):  # left padding: every row's next token lands in the same column
-            ids[i, width - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
-            mask[i, width - len(s.prompt_ids) :] = 1
+        """Run the new prompts through the model as one left-padded batch and merge them into the running one. A
+        prompt admitted several times in the batch (GRPO's G completions of one prompt) runs once; its row of
+        the cache and its logits are then copied to each of its sequences."""
+        unique: dict[tuple[int, ...], int] = {}
+        row_of = [unique.setdefault(tuple(s.prompt_ids), len(unique)) for s in seqs]
+        prompts = list(unique)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every row's next token lands in the same column
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # the LM head on the last position only (a prompt's other logits are never used)
         logits, cache = self._forward(ids, mask, positions, DynamicCache(), **self._last_logits_only)
-        cache = contiguous(cache)
+        if len(prompts) < len(seqs):
+            rows = torch.tensor(row_of, device=self.device)
+            cache, mask = select_rows(cache, mask, rows)  # contiguous copies, one row per sequence
+            logits = logits[rows]
+        else:
+            cache = contiguous(cache)
         tokens = self._sample(logits, seqs)
         lengths = torch.tensor([len(s.prompt_ids) for s in seqs], device=self.device)
         if self.rows:

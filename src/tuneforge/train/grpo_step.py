@@ -186,8 +186,8 @@ class GrpoObjective:
     """GRPO on the loop: `units` (completions), `begin_step` (rollouts, rewards, advantages), `loss_sum`,
     `step_metrics`, `evaluate`; the prepared data gives it the tokenizer and stop tokens."""
 
-    def __init__(self, cfg: RunConfig, data, chunked: bool = False):
-        self.cfg, self.g, self.chunked = cfg, cfg.objective.grpo, chunked
+    def __init__(self, cfg: RunConfig, data, chunked: bool = False, share_prompt: bool = False):
+        self.cfg, self.g, self.chunked, self.share_prompt = cfg, cfg.objective.grpo, chunked, share_prompt
         self.rewards = build_rewards(self.g.rewards, self.g.max_new_tokens)
         self.tokenizer = None
         self.stop_ids: list[int] = []
@@ -236,6 +236,32 @@ class GrpoObjective:
             total += r.weight * torch.tensor(values[r.name], dtype=torch.float64)
         return total, values, completions, [len(o) for o in outs]
 
+    def _sequences(self, prompts: list[list[int]], outs: list[list[int]], k: int, n: int) -> list[dict]:
+        """Completions k..k+n-1 as padding-free sequences, in order (log-prob owners follow it). With share_prompt,
+        one sequence per prompt: prompt + its first completion, then for each further completion the prompt's last
+        token again + that completion, positions going on from the prompt's (model/attention.py Segment, as a
+        preference pair's prompt): the prompt runs through the model once per group, not G times."""
+        G = self.g.generations
+        if not self.share_prompt:
+            return [
+                {"input_ids": prompts[j // G] + outs[j], "labels": [IGNORE_INDEX] * len(prompts[j // G]) + outs[j]}
+                for j in range(k, k + n)
+            ]
+        seqs = []
+        for start in range(k, k + n, G):
+            p = prompts[start // G]
+            ids, labels, positions = list(p), [IGNORE_INDEX] * len(p), list(range(len(p)))
+            for i, o in enumerate(outs[start : start + G]):
+                if i:
+                    ids.append(p[-1])
+                    labels.append(IGNORE_INDEX)
+                    positions.append(len(p) - 1)
+                ids += o
+                labels += o
+                positions += range(len(p), len(p) + len(o))
+            seqs.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+        return seqs
+
     @torch.no_grad()
     def begin_step(
         self,
@@ -275,11 +301,7 @@ class GrpoObjective:
         for index, b in enumerate(batches):
             b["micro_index"] = torch.tensor(index)
             n = int(b["num_rows"]) * G
-            seqs = []
-            for j in range(k, k + n):
-                p, o = prompts[j // G], outs[j]
-                seqs.append({"input_ids": p + o, "labels": [IGNORE_INDEX] * len(p) + o})
-            flat = collate(seqs)
+            flat = collate(self._sequences(prompts, outs, k, n))
             for key in ("grpo_prompts", "grpo_references"):
                 b.pop(key)
             b.update({key: flat[key] for key in ("input_ids", "labels", "position_ids")})

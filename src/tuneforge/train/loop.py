@@ -307,7 +307,8 @@ class Trainer:
                     record_bad_step(self.state, self.cfg.train, self.monitor, step, m, self.ckpt_root)
                 else:
                     del m["skipped"]
-                    track_loss(self.state, self.cfg.train, self.monitor, step, m["loss"])
+                    spikes = self.cfg.objective.type != "grpo"  # its loss is a surrogate around 0
+                    track_loss(self.state, self.cfg.train, self.monitor, step, m["loss"], spikes)
                 self.monitor.step(step, m)
                 st.train_seconds = time.perf_counter() - t0
                 new_best = False

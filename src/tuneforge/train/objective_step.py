@@ -110,7 +110,8 @@ def writes_text(cfg: RunConfig) -> bool:
 def build_objective(cfg: RunConfig, data, padding_free: bool, chunked: bool, share_prompt: bool = False):
     """(the objective the loop runs, the collator that builds its batches) for a non-sft objective.type, on the
     prepared `data` (its tokenizer; grpo also decodes and stops generations with it). share_prompt: a pair's
-    prompt runs once for both completions (the model runs tuneforge's per-sample attention: pair_batches.py)."""
+    prompt runs once for both completions, a GRPO group's once for its G (the model runs tuneforge's per-sample
+    attention: pair_batches.py, grpo_step.py)."""
     pad_id = data.tokenizer.pad_token_id
     if cfg.objective.type == "kto":
         from tuneforge.train.kto_step import KtoBatches, KtoObjective
@@ -119,7 +120,7 @@ def build_objective(cfg: RunConfig, data, padding_free: bool, chunked: bool, sha
     if cfg.objective.type == "grpo":
         from tuneforge.train.grpo_step import GrpoBatches, GrpoObjective
 
-        return GrpoObjective(cfg, data, chunked=chunked), GrpoBatches(pad_id)
+        return GrpoObjective(cfg, data, chunked=chunked, share_prompt=share_prompt), GrpoBatches(pad_id)
     return PairObjective(cfg, chunked=chunked), PairBatches(pad_id, padding_free, share_prompt)
 
 

@@ -12,8 +12,11 @@ from tuneforge.train.monitor import Monitor
 from tuneforge.train.signals import BadStepsError
 
 
-def track_loss(st: TrainState, cfg: TrainConfig, monitor: Monitor, step: int, loss: float) -> None:
-    factor = cfg.loss_spike_factor
+def track_loss(st: TrainState, cfg: TrainConfig, monitor: Monitor, step: int, loss: float, spikes: bool = True) -> None:
+    """First and last loss; a spike (loss over train.loss_spike_factor x its recent average) is logged where
+    `spikes`: not for GRPO, whose loss is a policy-gradient surrogate around 0, so a ratio to its average says
+    nothing."""
+    factor = cfg.loss_spike_factor if spikes else None
     if st.first_loss is None:
         st.first_loss = loss
     st.last_loss = loss

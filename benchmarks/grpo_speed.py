@@ -147,8 +147,8 @@ def run_tuneforge(model_dir: Path, rows: list[dict], out: Path, a) -> dict:
         "train": {
             "lr": LR,
             "max_steps": a.steps,
-            "micro_batch_size": a.prompts,
-            "grad_accum": 1,
+            "micro_batch_size": 1,  # one prompt's group per forward/backward, as TRL's (rollouts: the whole step)
+            "grad_accum": a.prompts,
             "scheduler": "constant",
             "warmup_ratio": 0.0,
             "seed": SEED,

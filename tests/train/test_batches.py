@@ -88,12 +88,16 @@ def test_pass_budget_joins_only_in_one_process_without_deepspeed():
     from tuneforge.config.schema import RunConfig
     from tuneforge.train.batches import pass_budget
 
-    def cfg(**train):
+    def cfg(objective="sft", **train):
         return RunConfig.model_validate(
             {
                 "model": {"name_or_path": "x"},
                 "data": {"train": [{"path": "d.json"}], "max_seq_len": 512},
                 "train": {"micro_batch_size": 4, "grad_accum": 4, **train},
+                "objective": {
+                    "type": objective,
+                    **({"grpo": {"rewards": [{"type": "numeric"}]}} if objective == "grpo" else {}),
+                },
             }
         )
 
@@ -105,4 +109,11 @@ def test_pass_budget_joins_only_in_one_process_without_deepspeed():
     budget, note = pass_budget(cfg(pass_tokens=3000), 2, "ddp")
     assert budget is None and note == (
         "train.pass_tokens=3000 ignored: with 2 process(es) (ddp) every rank runs each micro-batch as its own pass"
+    )
+    # grpo: a micro-batch's prompts become G sequences each at the rollouts, after the joining would have counted them
+    assert pass_budget(cfg("grpo"), 1, "ddp") == (None, None)
+    assert pass_budget(cfg("grpo", pass_tokens=3000), 1, "ddp") == (
+        None,
+        "train.pass_tokens=3000 ignored: objective grpo runs each micro-batch (micro_batch_size prompts x their "
+        "generations) as its own pass",
     )

@@ -174,7 +174,8 @@ class TrainConfig(Section):
         "less per-operation overhead (1.1x on the CPU benchmark), the same gradient (the loss is normalised over the "
         "whole step; tested). auto = micro_batch_size x data.max_seq_len, the most one micro-batch can already "
         "hold, so a pass never needs more memory than the config allows; null = one micro-batch per pass. Only in "
-        "single-process runs without DeepSpeed (other strategies need the same number of passes on every rank).",
+        "single-process runs without DeepSpeed (other strategies need the same number of passes on every rank), "
+        "and not for grpo (a prompt becomes G sequences only at the rollouts).",
     )
     group_by_length: bool = Field(
         False,

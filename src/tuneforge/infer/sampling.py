@@ -15,7 +15,8 @@ def sample(
 ) -> torch.Tensor:
     """One token per row: greedy where temperature is 0, else nucleus sampling at that row's temperature/top_p.
     own: per row, the row's own generator or None. A row with one draws a single uniform u from it and takes the
-    first token (in descending probability) whose cumulative kept probability exceeds u times the kept total: its
+    first token (in descending probability where its top_p < 1; in vocabulary order where it is 1, which needs no
+    sort and samples the same distribution) whose cumulative kept probability exceeds u times the kept total: its
     sample depends on its logits and its stream only, not on the rows sampled beside it (GRPO's rollouts on
     several processes). The other rows share `generator` (torch.multinomial)."""
     logits = logits.float()
@@ -25,9 +26,15 @@ def sample(
         return greedy
     t = torch.where(hot, temperature, torch.ones_like(temperature))[:, None]
     probs = torch.softmax(logits / t, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    outside = (sorted_p.cumsum(-1) - sorted_p) > top_p[:, None]  # the first token is always kept
-    sorted_p = sorted_p.masked_fill(outside, 0.0)
+    # rows that cut with top_p < 1 sort their probabilities; the others need no sort (a 49k vocabulary's sort was a
+    # quarter of a GRPO rollout)
+    sorted_p, order = probs, None
+    cut = (hot & (top_p < 1)).nonzero().flatten()
+    if cut.numel():
+        kept, order = probs[cut].sort(dim=-1, descending=True)
+        outside = (kept.cumsum(-1) - kept) > top_p[cut, None]  # the first token is always kept
+        sorted_p = probs.clone()
+        sorted_p[cut] = kept.masked_fill(outside, 0.0)
     seeded = [i for i, g in enumerate(own or []) if g is not None]
     if not seeded:
         pick = torch.multinomial(sorted_p, 1, generator=generator).squeeze(-1)
@@ -39,9 +46,12 @@ def sample(
             pick[rest] = torch.multinomial(sorted_p[rest], 1, generator=generator).squeeze(-1)
         cums = sorted_p[seeded].cumsum(-1)
         u = torch.stack([torch.rand((), generator=own[i], device=own[i].device) for i in seeded]).to(cums)
-        below = (cums < u[:, None] * cums[:, -1:]).sum(-1)  # kept tokens whose cumulative mass stays under u
+        # the first token whose cumulative mass passes u (never a token of probability 0)
+        below = (cums <= u[:, None] * cums[:, -1:]).sum(-1)
         pick[seeded] = below.clamp(max=logits.shape[-1] - 1)
-    return torch.where(hot, order.gather(-1, pick[:, None]).squeeze(-1), greedy)
+    if order is not None:
+        pick[cut] = order.gather(-1, pick[cut, None]).squeeze(-1)
+    return torch.where(hot, pick, greedy)
 
 
 def token_logprobs(

@@ -130,6 +130,16 @@ def pass_budget(cfg, processes: int, strategy: str) -> tuple[int | None, str | N
     tokens = cfg.train.pass_tokens
     if tokens is None or cfg.train.grad_accum == 1:
         return None, None
+    if cfg.objective.type == "grpo":  # its rows are prompts until the rollouts make each one G sequences
+        note = (
+            None
+            if tokens == "auto"
+            else (
+                f"train.pass_tokens={tokens} ignored: objective grpo runs each micro-batch (micro_batch_size prompts x "
+                "their generations) as its own pass"
+            )
+        )
+        return None, note
     if processes == 1 and strategy != "deepspeed":
         return (cfg.train.micro_batch_size * cfg.data.max_seq_len if tokens == "auto" else tokens), None
     if tokens == "auto":

@@ -62,10 +62,10 @@ def test_grpo_on_two_processes_and_after_a_kill_equals_one_uninterrupted_process
         # per step whatever its sign, so rounding noise there shows up to ~1e-4 (1/100 of a step at lr 1e-2)
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=2e-4, msg=k)
 
-    # SIGKILL inside step 3's update, after its rollouts (the step's 4 short prompts fill one padding-free
-    # micro-batch: one loss_sum per step): resumes from the step-2 checkpoint
+    # SIGKILL inside step 3's first micro-batch update, after its rollouts (2 micro-batches of 2 prompts per step,
+    # one loss_sum each: GRPO does not join micro-batches into passes): resumes from the step-2 checkpoint
     cfg = write_config(tmp_path, tiny_config_dict, "killed", micro=2)
-    r = cli("micro", "3", str(cfg), script=[str(HERE / "crash_run.py")])
+    r = cli("micro", "5", str(cfg), script=[str(HERE / "crash_run.py")])
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     killed = tmp_path / "killed"
     assert sorted(p.name for p in (killed / "checkpoints").glob("step-*")) == ["step-000002"]

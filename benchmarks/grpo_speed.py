@@ -12,7 +12,10 @@ alpha=32, dropout 0 on all seven projections; AdamW lr 5e-5, constant; fp32, 2 t
 
   trl        GRPOTrainer (generation with transformers' `generate` on the policy, its default on a CPU without vLLM)
   tuneforge  `tuneforge train` with objective grpo (rollouts on tuneforge's KV-cached batched engine on the live
-             policy weights; log-probs from the LM head at completion tokens only, in row chunks)
+             policy weights; log-probs from the LM head at completion tokens only, in row chunks); completions
+             whose advantage is 0 (groups whose rewards are all equal) left out of the update, which gives them
+             exactly no gradient (skip_zero_advantage, the default)
+  tuneforge-all  the same with skip_zero_advantage: false (every completion through the update, as TRL)
 
 Each pipeline runs in its own process; time is training only (rollouts included, data preparation and model
 loading apart); completions/s = completions generated and trained / that time. Peak RSS is the process's when
@@ -38,7 +41,7 @@ from train_speed import _cell, peak_rss_gb, real_model  # the same SmolLM2 and m
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR, SEED = 5e-5, 0
-PIPELINES = ["trl", "tuneforge"]
+PIPELINES = ["trl", "tuneforge", "tuneforge-all"]
 
 
 def add_rows(n: int) -> list[dict]:
@@ -116,7 +119,7 @@ def run_trl(model_dir: Path, rows: list[dict], out: Path, a) -> dict:
     return {"train_s": train_s, "prep_s": prep, "rewards": rewards, "lengths": lengths, "peak_rss_gb": peak_rss_gb()}
 
 
-def run_tuneforge(model_dir: Path, rows: list[dict], out: Path, a) -> dict:
+def run_tuneforge(model_dir: Path, rows: list[dict], out: Path, a, skip: bool = True) -> dict:
     import yaml
 
     from tuneforge.cli import main
@@ -142,6 +145,7 @@ def run_tuneforge(model_dir: Path, rows: list[dict], out: Path, a) -> dict:
                 "scale_rewards": True,
                 "kl_coef": 0.0,
                 "rewards": [{"type": "numeric"}],
+                "skip_zero_advantage": skip,
             },
         },
         "train": {
@@ -172,6 +176,7 @@ def run_tuneforge(model_dir: Path, rows: list[dict], out: Path, a) -> dict:
         "prep_s": total - summary["wall_s"],
         "rewards": [r["reward"] for r in train],
         "lengths": [r["completion_len"] for r in train],
+        "groups_all_equal": [r["groups_all_equal"] for r in train],
         "peak_rss_gb": peak,
     }
 
@@ -182,7 +187,10 @@ def worker(name: str, model_dir: Path, out: Path, a) -> dict:
     torch.set_num_threads(2)
     torch.manual_seed(SEED)
     rows = add_rows(a.steps * a.prompts)
-    r = (run_tuneforge if name == "tuneforge" else run_trl)(model_dir, rows, out, a)
+    if name == "trl":
+        r = run_trl(model_dir, rows, out, a)
+    else:
+        r = run_tuneforge(model_dir, rows, out, a, skip=name == "tuneforge")
     r["completions"] = a.steps * a.prompts * a.generations
     return r
 
@@ -222,7 +230,8 @@ def main() -> None:
                 runs.setdefault(name, []).append(r)
                 print(
                     f"{name}: {r['train_s']:.1f}s, peak RSS {r['peak_rss_gb']:.2f} GB, rewards "
-                    f"{[round(x, 3) for x in r['rewards']]}, completion lengths {[round(x, 1) for x in r['lengths']]}",
+                    f"{[round(x, 3) for x in r['rewards']]}, completion lengths {[round(x, 1) for x in r['lengths']]}"
+                    + (f", groups all equal {r['groups_all_equal']}" if "groups_all_equal" in r else ""),
                     flush=True,
                 )
     print(

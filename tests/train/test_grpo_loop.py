@@ -123,7 +123,7 @@ def plain_gradient(tr, seqs, rewards, how, max_new=6):
 
 @pytest.mark.integration
 def test_the_gradient_is_the_group_baseline_policy_gradient_for_each_normalisation(tiny_config_dict, tmp_path):
-    tr = trainer_for(config(tiny_config_dict, tmp_path), tmp_path)
+    tr = trainer_for(config(tiny_config_dict, tmp_path, skip_zero_advantage=False), tmp_path)  # every completion
     tr._step(1)  # move the adapter off zero so every LoRA parameter has a gradient
     tr.model.double()
     batches = rollout(tr, 2)
@@ -173,7 +173,8 @@ def test_a_later_update_on_the_rollout_batch_clips_the_ratio_to_the_sampling_pol
     batches = rollout(tr, 2)
     seqs = [s for b in batches for s in sequences(b)]
     adv = torch.cat([b["advantages"] for b in batches])
-    T = sum(len(c) for _, c in seqs)
+    T = tr.objective._step_tokens  # every completion's tokens: those of zero advantage are counted, not run
+    assert T >= sum(len(c) for _, c in seqs)
 
     def plain_logps():
         return [
@@ -209,15 +210,64 @@ def test_a_later_update_on_the_rollout_batch_clips_the_ratio_to_the_sampling_pol
     tr.cleanup()
 
 
-def test_groups_with_all_equal_rewards_give_no_gradient_and_are_counted(tiny_config_dict, tmp_path):
-    cfg = config(tiny_config_dict, tmp_path, rewards=[{"function": f"{__name__}:constant"}])
+@pytest.mark.parametrize("skip", [True, False])
+def test_groups_with_all_equal_rewards_give_no_gradient_and_are_counted(tiny_config_dict, tmp_path, skip):
+    cfg = config(tiny_config_dict, tmp_path, rewards=[{"function": f"{__name__}:constant"}], skip_zero_advantage=skip)
     tr = trainer_for(cfg, tmp_path)
     m = tr._step(1)
     assert m["groups_all_equal"] == 1.0 and m["reward"] == 1.0 and m["reward_std"] == 0.0
     assert m["loss"] == 0.0 and m["grad_norm"] == 0.0
-    assert m["trained_tokens"] == pytest.approx(m["completion_len"] * 4 * G)
+    if skip:  # nothing ran through the update
+        assert m["trained_tokens"] == 0 and "entropy" not in m and "clip_fraction" not in m
+    else:
+        assert m["trained_tokens"] == pytest.approx(m["completion_len"] * 4 * G) and m["entropy"] > 0
     assert 1 <= m["completion_len_max"] <= 6 and m["rollout_s"] > 0 and m["update_s"] > 0
     tr.cleanup()
+
+
+REWARD_CALLS = [0]
+
+
+def equal_groups_by_step(prompts, completions, rows):
+    """Rollout 1: only the first group's rewards vary (the step's first micro-batch runs with one of its two groups,
+    the second runs no forward); rollout 2: every group's rewards are equal (no forward at all); then all vary."""
+    REWARD_CALLS[0] += 1
+    n = REWARD_CALLS[0]
+    return [float(len(c) % 3) if n > 2 or (n == 1 and i < G) else 1.0 for i, c in enumerate(completions)]
+
+
+@pytest.mark.integration
+def test_leaving_out_zero_advantage_completions_gives_the_same_run(tiny_config_dict, tmp_path):
+    """skip_zero_advantage (the default) against every completion through the update, fp64: the same losses,
+    gradient norms and weights after a step with some groups left out, one with all of them (Adam's moments still
+    move the weights) and one with one group left out."""
+    runs = {}
+    for skip in (True, False):
+        REWARD_CALLS[0] = 0
+        rewards = [{"function": f"{__name__}:equal_groups_by_step"}]
+        cfg = config(tiny_config_dict, tmp_path, f"skip-{skip}", rewards=rewards, skip_zero_advantage=skip)
+        tr = trainer_for(cfg, tmp_path, f"skip-{skip}")
+        tr.model.double()
+        steps, weights = [], []
+        for s in (1, 2, 3):
+            steps.append(tr._step(s))
+            weights.append({n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad})
+        runs[skip] = steps, weights
+        tr.cleanup()
+    (skipped, w_skipped), (full, w_full) = runs[True], runs[False]
+    assert [m["groups_all_equal"] for m in skipped] == [0.75, 1.0, 0.25]  # step 3: one group's lengths agree
+    assert skipped[1]["trained_tokens"] == 0 < skipped[0]["trained_tokens"] < full[0]["trained_tokens"]
+    assert 0 < skipped[2]["trained_tokens"] < full[2]["trained_tokens"]
+    for a, b in zip(skipped, full):
+        assert a["reward"] == b["reward"] and a["completion_len"] == b["completion_len"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-9, abs=1e-12)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-9, abs=1e-12)
+    assert full[1]["grad_norm"] == 0.0 and full[0]["grad_norm"] > 0
+    for step in range(3):
+        for n, w in w_full[step].items():
+            torch.testing.assert_close(w_skipped[step][n], w, rtol=1e-9, atol=1e-12, msg=f"step {step + 1}: {n}")
+    # step 2 had no gradient, yet Adam's momentum from step 1 moved the weights (in both runs)
+    assert any(not torch.equal(w_skipped[1][n], w_skipped[0][n]) for n in w_skipped[0])
 
 
 def test_rewards_numeric_and_errors_name_the_function_and_the_row():

@@ -106,6 +106,14 @@ class GrpoConfig(Section):
     scale_rewards: bool = Field(
         True, description="Divide each advantage by its group's reward std (+1e-4), as GRPO; false: Dr. GRPO."
     )
+    skip_zero_advantage: bool = Field(
+        True,
+        description="With kl_coef 0, completions whose advantage is 0 (every completion of a group whose rewards "
+        "are all equal) give exactly no gradient: they are left out of the update (counted in the loss "
+        "normalisation and the reward metrics all the same); a micro-batch left with none runs no forward. The "
+        "same update at less compute (early in training on a hard task, most groups); false: every completion "
+        "runs through the update.",
+    )
     rewards: list[RewardConfig] = Field(
         default_factory=list, description="The rewards (at least one), summed with their weights; each is logged."
     )

@@ -14,7 +14,10 @@ Per optimizer step (the step's prompts are its rows: train.micro_batch_size x tr
                 back in train mode. The rewards (train/rewards.py) score every completion; advantages
                 A_i = r_i - mean of its group (divided by the group's std + 1e-4 with scale_rewards, as TRL). Each
                 micro-batch becomes the padding-free sequences prompt + completion (only the completion trained),
-                with its advantages (and, with kl_coef > 0, the reference's per-token log-probs: adapter off)
+                with its advantages (and, with kl_coef > 0, the reference's per-token log-probs: adapter off).
+                With kl_coef 0 (and skip_zero_advantage, the default), completions whose advantage is 0 (all of a
+                group whose rewards are all equal) are left out: their loss is 0 at any ratio, so the update is
+                the same without them; a micro-batch left with none runs no forward (`_kept`)
   loss_sum      per completion token t of completion i: l_it = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high)
                 A_i) + kl_coef k3_it, rho = exp(logp - logp_old) with logp_old the rollout policy's log-prob (one
                 update per rollout batch: logp_old = logp detached, rho = 1, so the gradient is -A_i grad logp),
@@ -34,7 +37,9 @@ Per optimizer step (the step's prompts are its rows: train.micro_batch_size x tr
                 0), clip_fraction (share of completion tokens whose ratio was clipped where that zeroes their
                 gradient: rho < 1 - eps_low with A < 0, rho > 1 + eps_high with A > 0; 0 with one update),
                 entropy (mean per completion token, nats), rollout_s and update_s, trained_tokens (the
-                completions'). loss, kl, clip_fraction and entropy are means over the step's U updates
+                completions'). loss, kl, clip_fraction and entropy are means over the step's U updates; entropy,
+                clip_fraction and trained_tokens are over the completions that ran through the update (a step
+                whose every advantage is 0 logs no entropy or clip_fraction and 0 trained_tokens)
 
 Held-out (`evaluate`): up to objective.grpo.eval_prompts held-out prompts, one greedy completion each:
 eval_reward (mean total reward), eval_rewards/<name>, eval_pass@1 (share whose completion scores at least 1 on
@@ -236,22 +241,29 @@ class GrpoObjective:
             total += r.weight * torch.tensor(values[r.name], dtype=torch.float64)
         return total, values, completions, [len(o) for o in outs]
 
-    def _sequences(self, prompts: list[list[int]], outs: list[list[int]], k: int, n: int) -> list[dict]:
-        """Completions k..k+n-1 as padding-free sequences, in order (log-prob owners follow it). With share_prompt,
-        one sequence per prompt: prompt + its first completion, then for each further completion the prompt's last
-        token again + that completion, positions going on from the prompt's (model/attention.py Segment, as a
-        preference pair's prompt): the prompt runs through the model once per group, not G times."""
+    def _sequences(
+        self, prompts: list[list[int]], outs: list[list[int]], k: int, n: int, keep: list[bool] | None = None
+    ) -> list[dict]:
+        """Completions k..k+n-1 (those `keep` marks, if given) as padding-free sequences, in order (log-prob owners
+        follow it). With share_prompt, one sequence per prompt: prompt + its first completion, then for each further
+        completion the prompt's last token again + that completion, positions going on from the prompt's
+        (model/attention.py Segment, as a preference pair's prompt): the prompt runs through the model once per
+        group, not G times."""
         G = self.g.generations
+        chosen = [j for j in range(k, k + n) if keep is None or keep[j]]
         if not self.share_prompt:
             return [
                 {"input_ids": prompts[j // G] + outs[j], "labels": [IGNORE_INDEX] * len(prompts[j // G]) + outs[j]}
-                for j in range(k, k + n)
+                for j in chosen
             ]
         seqs = []
         for start in range(k, k + n, G):
+            members = [outs[j] for j in chosen if start <= j < start + G]
+            if not members:
+                continue
             p = prompts[start // G]
             ids, labels, positions = list(p), [IGNORE_INDEX] * len(p), list(range(len(p)))
-            for i, o in enumerate(outs[start : start + G]):
+            for i, o in enumerate(members):
                 if i:
                     ids.append(p[-1])
                     labels.append(IGNORE_INDEX)
@@ -295,17 +307,20 @@ class GrpoObjective:
         if reduce_sum is not None:  # the step's completion tokens and completions on every process
             counts = reduce_sum(counts)
         self._step_tokens, self._step_units = float(counts[0]), float(counts[1])
+        keep, trains = self._kept(advantages, batches, reduce_sum, device)
         collate = FlatCollator(self.tokenizer.pad_token_id)
         self._old_logps = {}
         k = 0
         for index, b in enumerate(batches):
             b["micro_index"] = torch.tensor(index)
             n = int(b["num_rows"]) * G
-            flat = collate(self._sequences(prompts, outs, k, n))
             for key in ("grpo_prompts", "grpo_references"):
                 b.pop(key)
-            b.update({key: flat[key] for key in ("input_ids", "labels", "position_ids")})
-            b["advantages"] = advantages[k : k + n]  # fp64, cast to the log-probs
+            b["trains"] = torch.tensor(trains[index])
+            if trains[index]:
+                flat = collate(self._sequences(prompts, outs, k, n, keep))
+                b.update({key: flat[key] for key in ("input_ids", "labels", "position_ids")})
+            b["advantages"] = advantages[k : k + n][torch.tensor(keep[k : k + n], dtype=torch.bool)]  # fp64
             sums = {"reward": total[k : k + n], "reward_sq": total[k : k + n] ** 2}
             for name, v in values.items():
                 v = torch.tensor(v[k : k + n], dtype=torch.float64)
@@ -323,7 +338,36 @@ class GrpoObjective:
         self._extra = {"completion_len_max": float(max(lengths, default=0)), "rollout_s": time.perf_counter() - t0}
         self._rollout_end = time.perf_counter()
 
+    def _kept(self, advantages: torch.Tensor, batches: list[dict], reduce_sum, device) -> tuple[list[bool], list[bool]]:
+        """(per completion: does it run through the update, per micro-batch: does it run at all). With kl_coef 0 and
+        skip_zero_advantage, a completion whose advantage is 0 has a loss of exactly 0 at every ratio (-min(rho 0,
+        clip(rho) 0)), hence no gradient: it is left out; a micro-batch left with none on every process runs no
+        forward (the loop steps on the others' gradients, or on zero gradients). A process whose micro-batch has
+        none while another's has some keeps its first completion (zero gradient) to join the backward's
+        all-reduce."""
+        keep = [True] * len(advantages)
+        if not self.g.skip_zero_advantage or self.g.kl_coef > 0:
+            return keep, [True] * len(batches)
+        keep = [bool(a != 0) for a in advantages.tolist()]
+        spans, k = [], 0
+        for b in batches:
+            n = int(b["num_rows"]) * self.g.generations
+            spans.append((k, n))
+            k += n
+        counts = torch.tensor([float(sum(keep[k : k + n])) for k, n in spans], dtype=torch.float64, device=device)
+        if reduce_sum is not None:
+            counts = reduce_sum(counts)
+        trains = [bool(c > 0) for c in counts.tolist()]
+        for (k, n), runs in zip(spans, trains):
+            if runs and n and not any(keep[k : k + n]):
+                keep[k] = True
+        return keep, trains
+
     # ---------------------------------------------------------------- the loss
+    def untrained_sums(self, batch: dict) -> dict[str, float]:
+        """The metric sums of a micro-batch that runs no forward (every advantage 0): its rewards and lengths."""
+        return dict(zip(self._metric_names, batch["metric_sums"].tolist()))
+
     def loss_sum(self, model, batch: dict, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, dict[str, float]]:
         logps, owner, entropy = completion_token_logps(model, batch, autocast, entropy=True, chunked=self.chunked)
         adv = batch["advantages"].to(logps)[owner]
@@ -337,7 +381,7 @@ class GrpoObjective:
         loss, kl, clipped = grpo_token_losses(
             logps, old, adv, self.g.epsilon_low, self.g.epsilon_high, self.g.kl_coef, ref
         )
-        n = int(batch["num_rows"]) * self.g.generations
+        n = len(batch["advantages"])  # the completions that run (see _kept)
         lengths = torch.zeros(n, dtype=loss.dtype, device=loss.device).index_add(0, owner, torch.ones_like(loss))
         per_seq = torch.zeros(n, dtype=loss.dtype, device=loss.device).index_add(0, owner, loss)
         per_seq_kl = torch.zeros(n, dtype=kl.dtype, device=kl.device).index_add(0, owner, kl.detach())
@@ -348,7 +392,7 @@ class GrpoObjective:
             total = per_seq.sum() * self._step_units / max(self._step_tokens, 1.0)
         else:
             total = per_seq.sum() / self.g.max_new_tokens
-        sums = dict(zip(self._metric_names, batch["metric_sums"].tolist()))
+        sums = self.untrained_sums(batch)
         sums["kl"] = float((per_seq_kl / lengths.clamp(min=1)).sum())
         sums["completion_tokens"] = float(lengths.sum())
         sums["clipped_tokens"] = float(clipped.sum())
@@ -366,9 +410,10 @@ class GrpoObjective:
         out["groups_all_equal"] = sums.get("groups_all_equal", 0.0) / max(n / self.g.generations, 1.0)
         out["completion_len"] = sums.get("completion_len", 0.0) / n
         out["kl"] = sums.get("kl", 0.0) / n
-        tokens = sums.get("completion_tokens", 0.0)  # over the step's updates
-        out["clip_fraction"] = sums.get("clipped_tokens", 0.0) / max(tokens, 1.0)
-        out["entropy"] = sums.get("entropy", 0.0) / max(tokens, 1.0)
+        tokens = sums.get("completion_tokens", 0.0)  # over the step's updates, of the completions that ran
+        if tokens:  # a step whose every advantage was 0 ran none (skip_zero_advantage): no entropy to report
+            out["clip_fraction"] = sums.get("clipped_tokens", 0.0) / tokens
+            out["entropy"] = sums.get("entropy", 0.0) / tokens
         out["trained_tokens"] = int(round(tokens / self.updates_per_step))
         out.update(self._extra, update_s=time.perf_counter() - self._rollout_end)
         return out

@@ -224,11 +224,18 @@ class Trainer:
         updates = self.updates_per_step  # grpo with updates_per_batch > 1: several updates on one rollout batch
         total_nll, lr, skipped = 0.0, self.scheduler.get_last_lr()[0], False
         metric_sums: dict[str, float] = {}
+        # an objective's micro-batch may carry no gradient on any rank (grpo: every advantage 0): no forward, only
+        # its metrics; the last micro-batch that runs communicates the gradients
+        runs = [i for i, b in enumerate(micro) if bool(b.get("trains", True))]
         for _ in range(updates):
             nll_here, here = 0.0, {}  # this update's loss sum and objective metric sums
             for i, batch in enumerate(micro):
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
-                last = i == len(micro) - 1
+                if obj is not None and not bool(batch.get("trains", True)):
+                    for k, v in obj.untrained_sums(batch).items():
+                        here[k] = here.get(k, 0.0) + v
+                    continue
+                last = i == runs[-1]
                 with self.parallel.micro_batch(sync=last):
                     calls = packed_calls()
                     if obj is not None:
@@ -255,6 +262,8 @@ class Trainer:
             total_nll += nll_here
             for k, v in here.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v
+            if not runs:  # no backward ran: the optimizer steps on zero gradients, as if every micro-batch had
+                self.parallel.zero_gradients()
             # clip, step (unless the loss or gradient norm is not finite), advance the schedule, clear gradients
             grad_norm, skipped_here = self.parallel.update(
                 cfg.max_grad_norm, math.isfinite(nll_here / max(step_units, 1.0))

@@ -103,6 +103,14 @@ class Replicated:
     def _params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def zero_gradients(self) -> None:
+        """Gradients of zero where none were computed: an update none of whose micro-batches ran a backward (GRPO
+        with every advantage 0) steps the optimizer as a zero gradient does (Adam's moments and weight decay go on),
+        not as no gradient (the parameter skipped)."""
+        for p in self._params():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
     def update(self, max_norm: float | None, loss_finite: bool) -> tuple[float, bool]:
         """Clip, step the optimizer (unless the loss or gradient is not finite) and the schedule; clear the
         gradients. Returns (gradient norm before clipping, skipped)."""

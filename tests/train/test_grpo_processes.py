@@ -6,6 +6,7 @@ included."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -76,3 +77,37 @@ def test_grpo_on_two_processes_and_after_a_kill_equals_one_uninterrupted_process
     resumed = adapter(killed)
     for k in one:
         assert torch.equal(resumed[k], one[k]), k
+
+
+def all_equal_on_rank_0(prompts, completions, rows):
+    """In a 2-process run: every group of process 0 has equal rewards (nothing of its to run), process 1's vary."""
+    if os.environ.get("WORLD_SIZE", "1") == "2" and os.environ.get("RANK") == "0":
+        return [1.0] * len(completions)
+    return [float(len(c) % 3) for c in completions]
+
+
+def test_a_process_with_nothing_to_run_joins_the_others_update(tmp_path, tiny_config_dict):
+    """skip_zero_advantage on 2 processes where one has only zero advantages and the other has gradients: the
+    processes agree on which micro-batches run, the idle one runs a zero-gradient completion to join the
+    all-reduce, and the run equals the one with every completion through the update (no hang, same weights)."""
+    runs = {}
+    for skip in (True, False):
+        path = write_config(tmp_path, tiny_config_dict, f"skip-{skip}", micro=1)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["objective"]["grpo"]["rewards"] = [{"function": f"{__name__}:all_equal_on_rank_0"}]
+        cfg["objective"]["grpo"]["skip_zero_advantage"] = skip
+        cfg["train"]["max_steps"] = 2
+        cfg["checkpoint"] = {"every_steps": None}
+        path.write_text(yaml.safe_dump(cfg))
+        r = cli(str(path), "--nproc", "2")
+        assert r.returncode == 0, r.stderr[-3000:]
+        lines = [json.loads(x) for x in (tmp_path / f"skip-{skip}" / "metrics.jsonl").read_text().splitlines()]
+        runs[skip] = [x for x in lines if x["type"] == "train"], adapter(tmp_path / f"skip-{skip}")
+    (skipped, a), (full, b) = runs[True], runs[False]
+    assert [m["groups_all_equal"] for m in skipped] == [m["groups_all_equal"] for m in full]
+    assert all(m["groups_all_equal"] >= 0.5 for m in skipped)  # process 0's half, at least
+    assert all(m["trained_tokens"] < f["trained_tokens"] for m, f in zip(skipped, full))
+    for m, f in zip(skipped, full):
+        assert m["reward"] == f["reward"] and m["loss"] == pytest.approx(f["loss"], rel=1e-5, abs=1e-6)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-4, msg=k)

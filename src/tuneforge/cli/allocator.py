@@ -3,11 +3,11 @@
 glibc's malloc fragments badly under training on a CPU: activations of a different size every pass, freed in
 a different order than allocated, leave holes its heap cannot reuse. On SmolLM2-135M (LoRA, 48 Alpaca rows,
 docs/real-model.md) its heap grew to 5.25 GB while at most 2.2 GB was in use. tcmalloc, preloaded, ran the same
-run at 3.1 GB instead of 5.9 GB peak RSS, and 5% faster; jemalloc at the same memory but 22% slower (it hands
+run at 3.1 GB instead of 5.9 GB peak RSS, and 5-9% faster; jemalloc at the same memory but 22% slower (it hands
 pages back and faults them in again).
 
 A library chosen at process start is chosen before the dynamic linker loads anything, so the command re-executes
-itself once (`os.execv`: same process id, same arguments) with the library in `LD_PRELOAD`. Only where it is
+itself once (`os.execve`: same process id, same arguments) with the library in `LD_PRELOAD`. Only where it is
 found (Debian/Ubuntu: `apt install libtcmalloc-minimal4`), only on Linux, never when `LD_PRELOAD` already names
 an allocator, and never with `TUNEFORGE_MALLOC=system`. Processes the command starts (the multi-process
 launcher's workers) inherit it. Library use (`tuneforge.cli.main`) is left as it is: nothing is re-executed

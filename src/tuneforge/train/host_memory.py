@@ -40,10 +40,9 @@ def preloaded_allocator(maps: str = "/proc/self/maps") -> str | None:
         lines = Path(maps).read_text().splitlines()
     except OSError:
         return None
-    for line in lines:
-        path = line.split()[-1] if len(line.split()) >= 6 else ""
-        if any(name in Path(path).name for name in ALLOCATORS):
-            return path
+    for fields in map(str.split, lines):  # address perms offset dev inode [path]
+        if len(fields) >= 6 and any(name in Path(fields[-1]).name for name in ALLOCATORS):
+            return fields[-1]
     return None
 
 
